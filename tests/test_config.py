@@ -1,0 +1,67 @@
+import pytest
+
+from slf_utils.config import ParamsError, atomic_write_text, load_params, params_hash, provenance, resolve
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "grid.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_overrides_and_paths(tmp_path):
+    cfg = load_params(
+        _write(tmp_path, "name: g\ntrain: {steps: 10}\nsystems: [full_input]\n"), {"train": {"lr": 0.001}}
+    )
+    assert cfg["train"]["steps"] == 10 and cfg["train"]["lr"] == 0.001 and cfg["train"]["batch_size"] == 16
+    assert cfg["results"] == str(resolve("results/g"))
+    assert cfg["layout"].endswith("params/layout.yaml") and cfg["layout"].startswith("/")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("train: {stepz: 10}\n", "unknown key 'train.stepz'"),
+        ("train: {steps: many}\n", "train.steps must be int"),
+        ("train: {lr: true}\n", "train.lr must be float"),
+        ("evaluate: 3\n", "evaluate must be a mapping"),
+        ("system_overrides: {full_input: {train: {stepz: 1}}}\n", "system_overrides.full_input.train.stepz"),
+        ("train: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_params_name_file_and_key(tmp_path, text, message):
+    p = _write(tmp_path, text)
+    with pytest.raises(ParamsError) as e:
+        load_params(p)
+    assert message in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml: file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_params_hash_is_stable_and_sensitive():
+    assert params_hash({"a": 1, "b": [1, 2]}) == params_hash({"b": [1, 2], "a": 1})
+    assert params_hash({"a": 1}) != params_hash({"a": 2})
+
+
+def test_provenance_has_versions_and_revision():
+    p = provenance({"seed": 3})
+    assert p["seed"] == 3 and p["packages"]["torch"].startswith("2.14") and p["packages"]["deepface"] == "0.0.103"
+    assert p["git_revision"]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    from slf_utils.config import atomic_write
+
+    f = tmp_path / "x.txt"
+    atomic_write_text(f, "old")
+
+    def boom(tmp):
+        open(tmp, "w").write("half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(f, boom)
+    assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]

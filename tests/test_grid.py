@@ -1,0 +1,133 @@
+"""The grid runner end to end on a tiny grid: report, resume, a failing system, and a Dask LocalCluster."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from slf_utils import grid
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_grid(tmp_path, manifest, name="tiny", **extra):
+    cfg = {
+        "name": name,
+        "results": str(tmp_path / "results" / name),
+        "data": {"kind": "manifest", "manifest": str(manifest), "root": str(Path(manifest).parent)},
+        "preprocess": {"audio_seconds": 3, "face_size": 32},
+        "systems": ["full_input", "speaker_embeddings_only"],
+        "model": {"preset": "tiny"},
+        "train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2},
+        "evaluate": {"scales": [0, 3], "sampling_steps": 3, "face_model": "eigenfaces", "bootstrap": 50},
+        "grid": {"scheduler": "sequential"},
+        **extra,
+    }
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def records(results: Path) -> dict:
+    return {
+        str(p.relative_to(results)): json.loads(p.read_text())
+        for p in results.rglob("runs/*.json")
+        if not p.name.endswith(".parameters.json")
+    }
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory, demo_corpus_small):
+    tmp = tmp_path_factory.mktemp("grid")
+    p = tiny_grid(tmp, demo_corpus_small)
+    # first run stops after one system (as if killed there): --only runs 01, 02 and that system
+    grid.run(p, only="full_input")
+    first = records(tmp / "results" / "tiny")
+    table = grid.run(p)
+    return tmp, p, first, table
+
+
+def test_tiny_grid_runs_end_to_end_and_writes_the_report(finished_grid):
+    tmp, p, _, table = finished_grid
+    assert (table["status"] == "done").all(), table
+    results = tmp / "results" / "tiny"
+    assert (results / "report" / "recall_vs_scale.png").stat().st_size > 0
+    m = pd.read_csv(results / "speaker_embeddings_only" / "eval" / "metrics.csv")
+    assert set(m["scale"]) == {0, 3} and "recall@1" in set(m["metric"])
+    for step in ("01_preprocess", "03_train", "04_evaluate"):
+        assert list(results.rglob(f"runs/{step}.ipynb")), step
+        assert list(results.rglob(f"runs/{step}.log")), step
+
+
+def test_rerun_skips_finished_steps(finished_grid):
+    tmp, p, first, _ = finished_grid
+    after = records(tmp / "results" / "tiny")
+    # the steps done by the interrupted first run were not run again by the second
+    for key, rec in first.items():
+        assert rec["status"] == "done"
+        assert after[key]["started"] == rec["started"], key
+    # and a third run changes nothing at all
+    grid.run(p)
+    assert records(tmp / "results" / "tiny") == after
+    st = grid.status(p)
+    assert (st["status"] == "done").all()
+
+
+def test_a_failing_system_is_reported_and_the_other_completes(tmp_path, finished_grid):
+    tmp, p, _, _ = finished_grid
+    # reuse the finished store (a resumed grid) and break one system's training
+    src = tmp / "results" / "tiny"
+    dst = tmp_path / "results" / "broken"
+    shutil.copytree(src / "store", dst / "store")
+    shutil.copytree(src / "runs", dst / "runs")
+    q = tiny_grid(
+        tmp_path,
+        yaml.safe_load(p.read_text())["data"]["manifest"],
+        name="broken",
+        system_overrides={"full_input": {"model": {"preset": "no_such_preset"}}},
+    )
+    table = grid.run(q).set_index(["step", "system"])
+    assert table.loc[("train", "full_input"), "status"] == "failed"
+    assert "no_such_preset" in table.loc[("train", "full_input"), "error"]
+    assert table.loc[("evaluate", "full_input"), "status"] == "skipped"
+    assert table.loc[("evaluate", "speaker_embeddings_only"), "status"] == "done"
+    assert table.loc[("report", ""), "status"] == "done"
+    assert (dst / "speaker_embeddings_only" / "eval" / "metrics.csv").exists()
+
+
+def test_local_cluster_gives_the_same_metrics_as_sequential(tmp_path, finished_grid):
+    from dask.distributed import Client, LocalCluster
+
+    tmp, p, _, _ = finished_grid
+    src = tmp / "results" / "tiny"
+    dst = tmp_path / "results" / "tiny"
+    shutil.copytree(src / "store", dst / "store")  # 01/02 resume from the finished store; 03-05 run on the cluster
+    shutil.copytree(src / "runs", dst / "runs")
+    q = tiny_grid(tmp_path, yaml.safe_load(p.read_text())["data"]["manifest"])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            table = grid.run(q, client=client)
+    assert (table["status"] == "done").all(), table
+    for system in ("full_input", "speaker_embeddings_only"):
+        a = pd.read_csv(src / system / "eval" / "metrics.csv").sort_values(["scale", "metric"])
+        b = pd.read_csv(dst / system / "eval" / "metrics.csv").sort_values(["scale", "metric"])
+        pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+
+
+def test_dry_run_and_set_overrides(finished_grid, capsys):
+    tmp, p, _, _ = finished_grid
+    assert grid.main(["run", str(p), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" skip") == 7 and " run" not in out  # 01, 02, 2 x (03, 04), 05: all done already
+    assert grid.parse_set(["train.steps=7", "evaluate.scales=[0,2]"]) == {
+        "train": {"steps": 7},
+        "evaluate": {"scales": [0, 2]},
+    }
+    # a changed training parameter makes train, evaluate and report stale, not preprocessing
+    st = grid.status(p, {"train": {"steps": 5}}).set_index(["step", "system"])["status"]
+    assert st[("preprocess", "")] == "done" and st[("train", "full_input")] == "stale"
+    with pytest.raises(SystemExit, match="--set steps: expected KEY=VALUE"):
+        grid.parse_set(["steps"])

