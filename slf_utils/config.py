@@ -263,6 +263,9 @@ def atomic_write(path, write_fn):
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give results the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
