@@ -21,14 +21,14 @@ import time
 import warnings
 from pathlib import Path
 
+import imagen_pytorch.imagen_pytorch as ip
 import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
+from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from tqdm.auto import tqdm
 
-import imagen_pytorch.imagen_pytorch as ip
-from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from slf_utils.config import (
     ParamsError,
     atomic_save_npz,
@@ -47,8 +47,19 @@ from slf_utils.store import open_store
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "slf-imagen/1"
-PRESET_KEYS = {"unets", "unet_common", "generation", "super_resolution", "text_embed_dim", "timesteps",
-               "resize_mode", "imagen", "trainer", "cond_drop_prob", "name"}
+PRESET_KEYS = {
+    "unets",
+    "unet_common",
+    "generation",
+    "super_resolution",
+    "text_embed_dim",
+    "timesteps",
+    "resize_mode",
+    "imagen",
+    "trainer",
+    "cond_drop_prob",
+    "name",
+}
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
 
 
@@ -70,8 +81,9 @@ def resolve_preset(model_cfg: dict) -> dict:
     preset["name"] = name
     unknown = set(preset) - PRESET_KEYS
     if unknown:
-        raise ParamsError(f"{path}: model/preset '{name}': unknown key(s) {sorted(unknown)} "
-                          f"(known: {', '.join(sorted(PRESET_KEYS))})")
+        raise ParamsError(
+            f"{path}: model/preset '{name}': unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(PRESET_KEYS))})"
+        )
     return preset
 
 
@@ -81,17 +93,27 @@ def build_imagen(mode: str, preset: dict) -> Imagen:
     if mode not in ("generation", "super_resolution"):
         raise ValueError(f"build_imagen: mode must be generation or super_resolution, got {mode!r}")
     sizes = tuple(preset[mode]["image_sizes"])
-    unets = [Unet(**{**preset.get("unet_common", {}), **u, "text_embed_dim": preset["text_embed_dim"]})
-             for u in preset["unets"]]
+    unets = [
+        Unet(**{**preset.get("unet_common", {}), **u, "text_embed_dim": preset["text_embed_dim"]})
+        for u in preset["unets"]
+    ]
     if mode == "super_resolution":
         unets = [NullUnet(), *unets]
     if len(unets) != len(sizes):
-        raise ValueError(f"preset '{preset.get('name')}': {mode} needs one image size per unet"
-                         f"{' (plus the guide size)' if mode == 'super_resolution' else ''}: {len(unets)} unet(s), "
-                         f"image_sizes {list(sizes)}")
-    return Imagen(unets=unets, image_sizes=sizes, text_embed_dim=preset["text_embed_dim"],
-                  timesteps=preset.get("timesteps", 1000), cond_drop_prob=preset.get("cond_drop_prob", 0.1),
-                  resize_mode=preset.get("resize_mode", "nearest"), **preset.get("imagen", {}))
+        raise ValueError(
+            f"preset '{preset.get('name')}': {mode} needs one image size per unet"
+            f"{' (plus the guide size)' if mode == 'super_resolution' else ''}: {len(unets)} unet(s), "
+            f"image_sizes {list(sizes)}"
+        )
+    return Imagen(
+        unets=unets,
+        image_sizes=sizes,
+        text_embed_dim=preset["text_embed_dim"],
+        timesteps=preset.get("timesteps", 1000),
+        cond_drop_prob=preset.get("cond_drop_prob", 0.1),
+        resize_mode=preset.get("resize_mode", "nearest"),
+        **preset.get("imagen", {}),
+    )
 
 
 def mode_of(imagen: Imagen) -> str:
@@ -135,14 +157,16 @@ class _Batches:
     """Training batches: precomputed blocks and faces when they fit in CACHE_BYTES (a batch is then an index
     operation), else one `load_stacked` per stage and batch."""
 
-    def __init__(self, store, layout, keep, stats, clip_ids, size):
+    def __init__(self, store, layout, keep, stats, clip_ids, size, cache=None):
         self.store, self.layout, self.keep, self.stats, self.ids, self.size = store, layout, keep, stats, clip_ids, size
-        per_clip = size * size * 3 + sum(4 * layout.constituents[n].n_rows * layout.constituents[n].width
-                                         for n in layout.expand(keep))
-        self.cached = per_clip * len(clip_ids) <= CACHE_BYTES
+        per_clip = size * size * 3 + sum(
+            4 * layout.constituents[n].n_rows * layout.constituents[n].width for n in layout.expand(keep)
+        )
+        self.cached = per_clip * len(clip_ids) <= CACHE_BYTES if cache is None else cache
         if self.cached:
             self.blocks = layout.precompute(store, clip_ids, keep, stats)
             self.faces = load_faces(store, clip_ids, size)
+            self.buffers = {}  # batch size -> two matrices, used in turn
         else:
             self.labels = store.clips().set_index("clip_id")
 
@@ -151,11 +175,18 @@ class _Batches:
 
     def get(self, index, drop=None):
         if self.cached:
-            X, faces = self.blocks.batch(index, drop), self.faces[index]
+            # Every batch writes the same blocks, so a buffer stays zero elsewhere and is reused without zeroing
+            # (the memset of 786 KB per sample dominated batch assembly). Two buffers in turn: a batch stays
+            # valid while the next one is assembled.
+            shape = (len(index), self.layout.rows, self.layout.cols)
+            bufs = self.buffers.setdefault(len(index), [np.zeros(shape, np.float32), np.zeros(shape, np.float32)])
+            bufs.reverse()
+            X, faces = self.blocks.batch(index, drop, out=bufs[0]), self.faces[index]
         else:
             ids = [self.ids[i] for i in index]
             blocks = self.layout.blocks(self.store, ids, self.keep, self.stats, labels=self.labels)
-            X, faces = self.layout.assemble(blocks, self.keep, drop=drop), load_faces(self.store, ids, self.size)
+            X = self.layout.assemble(blocks, self.keep, drop=drop, n=len(ids))
+            faces = load_faces(self.store, ids, self.size)
         images = torch.from_numpy(faces).permute(0, 3, 1, 2).float().div_(255.0)
         return images, torch.from_numpy(X)
 
@@ -201,8 +232,9 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
 
     ids = train_clip_ids(store, layout, system.keep)
     if not ids:
-        raise ValueError(f"{system_name}: no training clips with {['preprocess', *layout.stages(system.keep)]} done "
-                         f"in {store.root}")
+        raise ValueError(
+            f"{system_name}: no training clips with {['preprocess', *layout.stages(system.keep)]} done in {store.root}"
+        )
     stats_path = out / "norm_stats.npz"
     if ck is not None and stats_path.exists():  # a resumed model keeps the normalisation it was trained with
         with np.load(stats_path) as z:
@@ -211,6 +243,7 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         stats = layout.fit(store, ids, system.keep)
         atomic_save_npz(stats_path, **stats)
 
+    torch.manual_seed(int(t_cfg["seed"]))  # the initial weights too are a function of the seed
     imagen = build_imagen(system.mode, preset)
     if ck is not None:
         for k, sd in ck["unets"].items():
@@ -221,14 +254,26 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         raise ValueError(f"{system_name}: unet(s) {bad} cannot be trained (trainable: {trained_unets(imagen)})")
     if PartialState().num_processes > 1 and len(to_train) > 1:
         # ImagenTrainer allows a single trainer per process when distributed
-        raise RuntimeError(f"{system_name}: distributed training trains one unet per launch: "
-                           f"accelerate launch -m slf_utils.diffusion train PARAMS {system_name} --unet N "
-                           f"for N in {to_train}, one after the other")
+        raise RuntimeError(
+            f"{system_name}: distributed training trains one unet per launch: "
+            f"accelerate launch -m slf_utils.diffusion train PARAMS {system_name} --unet N "
+            f"for N in {to_train}, one after the other"
+        )
 
     batches = _Batches(store, layout, system.keep, stats, ids, max(preset[system.mode]["image_sizes"]))
-    state = ck or {"format": FORMAT, "system": system_name, "mode": system.mode, "keep": list(system.keep),
-                   "preset": preset, "layout_hash": layout.hash, "seed": int(t_cfg["seed"]), "steps": {},
-                   "unets": {}, "ema": {}, "optim": {}}
+    state = ck or {
+        "format": FORMAT,
+        "system": system_name,
+        "mode": system.mode,
+        "keep": list(system.keep),
+        "preset": preset,
+        "layout_hash": layout.hash,
+        "seed": int(t_cfg["seed"]),
+        "steps": {},
+        "unets": {},
+        "ema": {},
+        "optim": {},
+    }
     records = _read_losses(out, state["steps"])
     timing = {}
     for k in to_train:
@@ -236,33 +281,56 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     if PartialState().is_main_process:
         _write_losses(out, records)
     info = {
-        "system": system_name, "title": system.title, "mode": system.mode, "keep": list(system.keep),
-        "paper_no": system.paper_no, "preset_name": preset["name"], "preset": preset, "seed": int(t_cfg["seed"]),
-        "train": dict(t_cfg), "params_file": cfg.get("params_file"), "layout_hash": layout.hash,
+        "system": system_name,
+        "title": system.title,
+        "mode": system.mode,
+        "keep": list(system.keep),
+        "paper_no": system.paper_no,
+        "preset_name": preset["name"],
+        "preset": preset,
+        "seed": int(t_cfg["seed"]),
+        "train": dict(t_cfg),
+        "params_file": cfg.get("params_file"),
+        "layout_hash": layout.hash,
         "split": {"train_clips": len(ids), "train_ids_hash": params_hash(ids), "store": str(store.root)},
         "steps": {str(k): v for k, v in state["steps"].items()},
         "seconds_per_step": {str(k): t["seconds_per_step"] for k, t in timing.items()},
         "data_wait_share": {str(k): t["data_wait_share"] for k, t in timing.items()},
         "device": next((t["device"] for t in timing.values()), None),
+        "processes": PartialState().num_processes,  # the effective batch is batch_size x processes
         "batch_cache": "precomputed" if batches.cached else "per-step store reads",
     }
     if PartialState().is_main_process:
         atomic_write_json(out / "provenance.json", provenance(info))
         fig = plot_loss(out)
         atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    return {**info, "model_dir": str(out), "checkpoint_bytes": ck_path.stat().st_size if ck_path.exists() else 0,
-            "final_loss": _final_losses(records)}
+    return {
+        **info,
+        "model_dir": str(out),
+        "checkpoint_bytes": ck_path.stat().st_size if ck_path.exists() else 0,
+        "final_loss": _final_losses(records),
+    }
 
 
 def _check_resume(ck, system, preset, layout, path):
     if ck.get("format") != FORMAT:
         raise ValueError(f"{path}: not a checkpoint of this workbook (format {ck.get('format')!r})")
-    mismatch = [k for k, a, b in (("system", ck["system"], system.name), ("mode", ck["mode"], system.mode),
-                                  ("keep", list(ck["keep"]), list(system.keep)), ("preset", ck["preset"], preset),
-                                  ("layout", ck["layout_hash"], layout.hash)) if a != b]
+    mismatch = [
+        k
+        for k, a, b in (
+            ("system", ck["system"], system.name),
+            ("mode", ck["mode"], system.mode),
+            ("keep", list(ck["keep"]), list(system.keep)),
+            ("preset", ck["preset"], preset),
+            ("layout", ck["layout_hash"], layout.hash),
+        )
+        if a != b
+    ]
     if mismatch:
-        raise ValueError(f"{path}: the checkpoint was trained with a different {', '.join(mismatch)}; "
-                         "train into another results folder or delete this model folder to start over")
+        raise ValueError(
+            f"{path}: the checkpoint was trained with a different {', '.join(mismatch)}; "
+            "train into another results folder or delete this model folder to start over"
+        )
 
 
 def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out) -> dict:
@@ -270,8 +338,14 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
     p_drop = float(t_cfg["attribute_dropout"])
     droppable = [n for n in layout.dropout_constituents if n in system.keep] if p_drop > 0 else []
-    trainer = ImagenTrainer(imagen, only_train_unet_number=k, use_ema=bool(t_cfg["ema"]), lr=float(t_cfg["lr"]),
-                            verbose=False, **preset.get("trainer", {}))
+    trainer = ImagenTrainer(
+        imagen,
+        only_train_unet_number=k,
+        use_ema=bool(t_cfg["ema"]),
+        lr=float(t_cfg["lr"]),
+        verbose=False,
+        **preset.get("trainer", {}),
+    )
     key = str(k)
     start = int(state["steps"].get(key, 0))
     if key in state["optim"]:
@@ -279,14 +353,20 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
     if trainer.use_ema and key in state["ema"]:
         trainer.ema_unets[k - 1].load_state_dict(state["ema"][key])
     elif trainer.use_ema and start:
-        warnings.warn(f"unet {k}: resuming with EMA on but the checkpoint has no EMA weights: EMA restarts",
-                      stacklevel=2)
+        warnings.warn(
+            f"unet {k}: resuming with EMA on but the checkpoint has no EMA weights: EMA restarts", stacklevel=2
+        )
     rank = trainer.accelerator.process_index
     n = len(batches)
-    total_s = data_s = 0.0
+    times = []  # (step seconds, data seconds) of this run
     # only the main process shows a bar; elsewhere tqdm's own default (and TQDM_DISABLE) decides
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=f"{system.name} unet {k}",
-               **({} if trainer.is_main else {"disable": True}))
+    bar = tqdm(
+        range(start, steps),
+        initial=start,
+        total=steps,
+        desc=f"{system.name} unet {k}",
+        **({} if trainer.is_main else {"disable": True}),
+    )
     for step in bar:
         t0 = time.perf_counter()
         rng = np.random.default_rng([seed, k, step, rank])  # per-step seeds: a resumed run draws the same batches
@@ -298,22 +378,30 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         loss = _loss_step(trainer, images, X, k, bsz)
         if not math.isfinite(loss):
             _write_losses(out, records)
-            kept = (f"the last good checkpoint ({out / CHECKPOINT}, step {state['steps'][key]}) is kept"
-                    if key in state["steps"] else "no checkpoint was written")
-            raise FloatingPointError(f"{system.name}: unet {k} loss is {loss} at step {step + 1}; training stopped, "
-                                     f"{kept}. Lower train.lr, set model.trainer.max_grad_norm, or check the "
-                                     "features (norm_stats.npz).")
+            kept = (
+                f"the last good checkpoint ({out / CHECKPOINT}, step {state['steps'][key]}) is kept"
+                if key in state["steps"]
+                else "no checkpoint was written"
+            )
+            raise FloatingPointError(
+                f"{system.name}: unet {k} loss is {loss} at step {step + 1}; training stopped, "
+                f"{kept}. Lower train.lr, set model.trainer.max_grad_norm, or check the "
+                "features (norm_stats.npz)."
+            )
         trainer.update(unet_number=k)
         t2 = time.perf_counter()
-        total_s, data_s = total_s + (t2 - t0), data_s + (t1 - t0)
+        times.append((t2 - t0, t1 - t0))
         records.append({"unet": k, "step": step + 1, "loss": loss, "seconds": t2 - t0, "data_seconds": t1 - t0})
         bar.set_postfix(loss=f"{loss:.4f}")
         state["steps"][key] = step + 1
         if (step + 1) % every == 0 or step + 1 == steps:
             _checkpoint(trainer, imagen, k, state, out, records)
-    done = max(steps - start, 0)
-    return {"seconds_per_step": total_s / done if done else None,
-            "data_wait_share": data_s / total_s if total_s else None, "device": str(trainer.device)}
+    t = np.array(times[1:] or times).reshape(-1, 2)  # the first step warms up (allocations, Accelerate)
+    return {
+        "seconds_per_step": float(np.median(t[:, 0])) if len(t) else None,
+        "data_wait_share": float(t[:, 1].sum() / t[:, 0].sum()) if len(t) else None,
+        "device": str(trainer.device),
+    }
 
 
 def _loss_step(trainer, images, X, k, micro_batch) -> float:
@@ -373,6 +461,27 @@ def plot_loss(model_dir, smooth: int = 25):
     return fig
 
 
+@torch.no_grad()
+def evaluate_loss(imagen, images, text_embeds, unet_number, seeds=range(8)) -> float:
+    """Mean diffusion loss of a fixed batch over fixed noise draws (`seeds`): a deterministic validation loss,
+    comparable between checkpoints. images: (B, 3, S, S) float in [0, 1]."""
+    was_training = imagen.training
+    imagen.eval()
+    losses = []
+    with torch.random.fork_rng(devices=[]):
+        for s in seeds:
+            torch.manual_seed(s)
+            losses.append(
+                imagen(
+                    images.to(imagen.device),
+                    text_embeds=torch.as_tensor(text_embeds).to(imagen.device),
+                    unet_number=unet_number,
+                ).item()
+            )
+    imagen.train(was_training)
+    return float(np.mean(losses))
+
+
 # ---------------------------------------------------------------------- loading and sampling
 def load_model(model_dir, device=None):
     """(imagen, meta) from a model folder: weights_only checkpoint load; EMA weights (if trained with EMA) ride
@@ -391,9 +500,17 @@ def load_model(model_dir, device=None):
         with np.load(model_dir / "norm_stats.npz") as z:
             stats = {k: z[k] for k in z.files}
     prov = model_dir / "provenance.json"
-    meta = {"system": ck["system"], "mode": ck["mode"], "keep": list(ck["keep"]), "preset": ck["preset"],
-            "steps": {int(k): v for k, v in ck["steps"].items()}, "stats": stats, "model_dir": str(model_dir),
-            "has_ema": bool(imagen.ema_state), "provenance": json.loads(prov.read_text()) if prov.exists() else {}}
+    meta = {
+        "system": ck["system"],
+        "mode": ck["mode"],
+        "keep": list(ck["keep"]),
+        "preset": ck["preset"],
+        "steps": {int(k): v for k, v in ck["steps"].items()},
+        "stats": stats,
+        "model_dir": str(model_dir),
+        "has_ema": bool(imagen.ema_state),
+        "provenance": json.loads(prov.read_text()) if prov.exists() else {},
+    }
     return imagen, meta
 
 
@@ -410,8 +527,9 @@ def _prob_mask_like(shape, prob, device):
     return _PROB_MASK_LIKE(shape, prob, device)
 
 
-def _guided_forward(unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0,
-                    **kwargs):
+def _guided_forward(
+    unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0, **kwargs
+):
     """Classifier-free guidance null + (cond - null) * s with the conditional and null passes in one batch.
     s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly)."""
     if cond_scale == 1:
@@ -466,8 +584,17 @@ def _sampling(imagen, steps, use_ema, batched_cfg=True):
         ip.prob_mask_like = _PROB_MASK_LIKE
 
 
-def sample(imagen, text_embeds, cond_scale, guides=None, steps=50, seed=0, use_ema=False,
-           lowres_sample_noise_level=0.2, batch_size=64) -> np.ndarray:
+def sample(
+    imagen,
+    text_embeds,
+    cond_scale,
+    guides=None,
+    steps=50,
+    seed=0,
+    use_ema=False,
+    lowres_sample_noise_level=0.2,
+    batch_size=64,
+) -> np.ndarray:
     """Faces (B, S, S, 3) uint8 for feature matrices `text_embeds` (B, 256, 768). Super-resolution models start
     from `guides` (B, g, g, 3) uint8. `steps` sampling steps per unet (None: the preset's `timesteps`); guidance
     null + (cond - null) * cond_scale with both passes batched. Deterministic for (seed, batch_size)."""
@@ -486,8 +613,13 @@ def sample(imagen, text_embeds, cond_scale, guides=None, steps=50, seed=0, use_e
     with _sampling(imagen, steps, use_ema), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i in range(0, len(X), batch_size):
             torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-            kw = dict(text_embeds=X[i : i + batch_size].to(device), cond_scale=cond_scale, use_tqdm=False,
-                      lowres_sample_noise_level=lowres_sample_noise_level, cfg_remove_parallel_component=False)
+            kw = dict(
+                text_embeds=X[i : i + batch_size].to(device),
+                cond_scale=cond_scale,
+                use_tqdm=False,
+                lowres_sample_noise_level=lowres_sample_noise_level,
+                cfg_remove_parallel_component=False,
+            )
             if mode == "super_resolution":
                 kw.update(start_at_unet_number=2, start_image_or_video=guides[i : i + batch_size].to(device))
             img = imagen.sample(**kw)

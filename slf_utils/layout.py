@@ -21,8 +21,19 @@ from slf_utils.config import ParamsError, default, exists, params_hash, read_yam
 ENCODERS = ("age", "onehot", "array")
 NORMALISERS = ("none", "standard")
 MODES = ("generation", "super_resolution", "none")
-_CONSTITUENT_KEYS = {"rows", "col", "width", "encoder", "source", "classes", "aliases", "unknown", "normalise",
-                     "scale", "overflow"}
+_CONSTITUENT_KEYS = {
+    "rows",
+    "col",
+    "width",
+    "encoder",
+    "source",
+    "classes",
+    "aliases",
+    "unknown",
+    "normalise",
+    "scale",
+    "overflow",
+}
 _SYSTEM_KEYS = {"title", "mode", "keep", "drop", "paper_no"}
 _STD_FLOOR = 1e-6  # a constant column (std 0) stays at 0 instead of exploding
 
@@ -94,8 +105,17 @@ class System:
 
 
 class Layout:
-    def __init__(self, constituents: dict, groups: dict, rows=256, cols=768, clip=10.0,
-                 attribute_dropout="attributes", path=None, raw=None):
+    def __init__(
+        self,
+        constituents: dict,
+        groups: dict,
+        rows=256,
+        cols=768,
+        clip=10.0,
+        attribute_dropout="attributes",
+        path=None,
+        raw=None,
+    ):
         self.constituents = constituents
         self.groups = groups
         self.rows, self.cols, self.clip = rows, cols, clip
@@ -169,8 +189,9 @@ class Layout:
 
     def stages(self, keep) -> list[str]:
         """Store stages the kept constituents read (array constituents only; labels live in the clips table)."""
-        return list(dict.fromkeys(self.constituents[n].stage for n in self.expand(keep) if exists(
-            self.constituents[n].stage)))
+        return list(
+            dict.fromkeys(self.constituents[n].stage for n in self.expand(keep) if exists(self.constituents[n].stage))
+        )
 
     # ------------------------------------------------------------------ statistics
     def fit(self, store, clip_ids, keep=None, chunk: int = 2048) -> dict:
@@ -230,13 +251,14 @@ class Layout:
             out[n] = np.clip(block, -self.clip, self.clip, out=block)
         return out
 
-    def assemble(self, blocks: dict, keep, index=None, drop=None) -> np.ndarray:
-        """(B, rows, cols) float32 matrices from blocks (optionally rows `index` of them). `drop`: {name: (B,)
-        bool} zeroes that constituent in those samples (attribute dropout)."""
+    def assemble(self, blocks: dict, keep, index=None, drop=None, n=None, out=None) -> np.ndarray:
+        """(B, rows, cols) float32 matrices from blocks (optionally rows `index` of them; `n` = B when no
+        constituent is kept). `drop`: {name: (B,) bool} zeroes that constituent in those samples (attribute
+        dropout). `out`: a buffer that is zero outside the kept constituents' blocks (e.g. the previous batch of
+        the same system): only the blocks are written, which saves zeroing 786 KB per sample."""
         keep = self.expand(keep)
-        n = len(next(iter(blocks.values()))) if blocks else 0
-        b = n if index is None else len(index)
-        X = np.zeros((b, self.rows, self.cols), np.float32)
+        b = len(index) if index is not None else len(next(iter(blocks.values()))) if blocks else n
+        X = np.zeros((b, self.rows, self.cols), np.float32) if out is None else out
         for name in keep:
             c = self.constituents[name]
             blk = blocks[name] if index is None else blocks[name][index]
@@ -247,7 +269,8 @@ class Layout:
 
     def build(self, store, clip_ids, keep, stats) -> np.ndarray:
         """(B, rows, cols) float32 feature matrices of `clip_ids` with only the `keep` constituents filled."""
-        return self.assemble(self.blocks(store, clip_ids, keep, stats), keep)
+        clip_ids = list(clip_ids)
+        return self.assemble(self.blocks(store, clip_ids, keep, stats), keep, n=len(clip_ids))
 
     def precompute(self, store, clip_ids, keep, stats) -> Blocks:
         """All blocks of `clip_ids` once, so that training batches are index operations (`Blocks.batch`)."""
@@ -268,10 +291,18 @@ class Layout:
         rows = []
         for c in self.constituents.values():
             src = c.source.get("label") and f"label {c.source['label']}" or f"{c.stage}/{c.source.get('key')}"
-            rows.append({"constituent": c.name, "rows": f"{c.rows[0]}-{c.rows[1] - 1}",
-                         "columns": f"{c.col}-{c.col + c.width - 1}", "encoder": c.encoder, "source": src,
-                         "normalise": c.normalise, "scale": c.scale,
-                         "groups": ", ".join(g for g, m in self.groups.items() if c.name in m and g != "all")})
+            rows.append(
+                {
+                    "constituent": c.name,
+                    "rows": f"{c.rows[0]}-{c.rows[1] - 1}",
+                    "columns": f"{c.col}-{c.col + c.width - 1}",
+                    "encoder": c.encoder,
+                    "source": src,
+                    "normalise": c.normalise,
+                    "scale": c.scale,
+                    "groups": ", ".join(g for g, m in self.groups.items() if c.name in m and g != "all"),
+                }
+            )
         return pd.DataFrame(rows)
 
 
@@ -288,8 +319,8 @@ class Blocks:
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.blocks.values())
 
-    def batch(self, index, drop=None) -> np.ndarray:
-        return self.layout.assemble(self.blocks, self.keep, index=np.asarray(index), drop=drop)
+    def batch(self, index, drop=None, out=None) -> np.ndarray:
+        return self.layout.assemble(self.blocks, self.keep, index=np.asarray(index), drop=drop, out=out)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -302,15 +333,20 @@ def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True):
     if a.ndim != 3:
         raise ValueError(f"{c.name}: expected (N, frames, d) arrays from {c.stage}, got shape {a.shape}")
     if a.shape[2] > c.width:
-        raise ValueError(f"{c.name}: {c.stage}/{c.source['key']} has {a.shape[2]} columns, the layout reserves "
-                         f"{c.width} (params: width)")
+        raise ValueError(
+            f"{c.name}: {c.stage}/{c.source['key']} has {a.shape[2]} columns, the layout reserves "
+            f"{c.width} (params: width)"
+        )
     lengths = np.asarray(lengths)
     if a.shape[1] > c.n_rows:
         if c.overflow == "error":
             raise ValueError(f"{c.name}: {a.shape[1]} frames do not fit its {c.n_rows} rows (overflow: error)")
         if warn:
-            warnings.warn(f"{c.name}: {int((lengths > c.n_rows).sum())} clip(s) have more than {c.n_rows} frames; "
-                          f"the first {c.n_rows} are used", stacklevel=3)
+            warnings.warn(
+                f"{c.name}: {int((lengths > c.n_rows).sum())} clip(s) have more than {c.n_rows} frames; "
+                f"the first {c.n_rows} are used",
+                stacklevel=3,
+            )
         a = a[:, : c.n_rows]
     valid = np.arange(a.shape[1])[None, :] < lengths[:, None]
     return a, valid
@@ -394,8 +430,9 @@ def _constituent(name, spec, where, max_rows, max_cols) -> Constituent:
     overflow = spec.get("overflow", "error")
     if unknown not in ("error", "zero") or overflow not in ("error", "truncate"):
         raise ParamsError(f"{key}: unknown must be error|zero and overflow error|truncate")
-    return Constituent(name, (rows[0], rows[1]), col, width, enc, dict(source), norm, float(scale), classes,
-                       aliases, unknown, overflow)
+    return Constituent(
+        name, (rows[0], rows[1]), col, width, enc, dict(source), norm, float(scale), classes, aliases, unknown, overflow
+    )
 
 
 def _check_overlaps(cons: dict, where):
@@ -427,14 +464,16 @@ def load_systems(path, layout: Layout) -> dict[str, System]:
         mode = spec.get("mode")
         if mode not in MODES:
             raise ParamsError(f"{key}.mode must be one of {', '.join(MODES)}, got {mode!r}")
-        keep = set(layout.expand(spec.get("keep", ["all"] if "all" in layout.groups else layout.names),
-                                 where=f"{key}.keep"))
+        keep = set(
+            layout.expand(spec.get("keep", ["all"] if "all" in layout.groups else layout.names), where=f"{key}.keep")
+        )
         keep -= set(layout.expand(spec.get("drop", []), where=f"{key}.drop"))
         paper_no = spec.get("paper_no")
         if exists(paper_no) and not isinstance(paper_no, int):
             raise ParamsError(f"{key}.paper_no must be an int or null, got {paper_no!r}")
-        out[name] = System(name, str(spec.get("title", name)), mode, tuple(n for n in layout.names if n in keep),
-                           paper_no)
+        out[name] = System(
+            name, str(spec.get("title", name)), mode, tuple(n for n in layout.names if n in keep), paper_no
+        )
     return out
 
 
@@ -475,15 +514,26 @@ def plot_layout(layout: Layout, keep=None):
         axes[0].set_yticks(range(zoom))
         axes[0].set_title(f"rows 0-{zoom - 1} enlarged", fontsize=9)
     axes[1].set_xlabel("column")
-    fig.suptitle(f"Speech and additional attributes feature vector ({layout.rows} x {layout.cols}); "
-                 "blank = zero rows, masked to the null token")
+    fig.suptitle(
+        f"Speech and additional attributes feature vector ({layout.rows} x {layout.cols}); "
+        "blank = zero rows, masked to the null token"
+    )
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     return fig
 
 
 # ---------------------------------------------------------------------- synthetic data
-def synthetic_store(root, n_identities=4, clips_per_identity=4, layout: Layout | None = None, face_size=32,
-                    guide_size=8, speaker_dim=256, windows=5, frames=(79, 81), seed=0):
+def synthetic_store(
+    root,
+    n_identities=4,
+    clips_per_identity=4,
+    face_size=32,
+    guide_size=8,
+    speaker_dim=256,
+    windows=5,
+    frames=(79, 81),
+    seed=0,
+):
     """A Store filled with random arrays shaped like the layout's sources and faces whose colours depend on the
     identity: for tests, benchmarks and trying the pipeline without data. Half of each identity's clips are
     `test`. Returns the Store."""
@@ -499,10 +549,17 @@ def synthetic_store(root, n_identities=4, clips_per_identity=4, layout: Layout |
     rows = []
     for i in range(n_identities):
         for j in range(clips_per_identity):
-            rows.append({"clip_id": f"id{i:05d}/yt{j:03d}/{j:05d}", "identity": f"id{i:05d}",
-                         "split": "train" if j < max(1, clips_per_identity // 2) else "test",
-                         "gender": genders[i % 2], "age": float(20 + 7 * i) if i % 3 else None,
-                         "ethnicity": eths[i % len(eths)], "language": langs[i % len(langs)]})
+            rows.append(
+                {
+                    "clip_id": f"id{i:05d}/yt{j:03d}/{j:05d}",
+                    "identity": f"id{i:05d}",
+                    "split": "train" if j < max(1, clips_per_identity // 2) else "test",
+                    "gender": genders[i % 2],
+                    "age": float(20 + 7 * i) if i % 3 else None,
+                    "ethnicity": eths[i % len(eths)],
+                    "language": langs[i % len(langs)],
+                }
+            )
     store.add_clips(pd.DataFrame(rows))
     yy, xx = np.mgrid[0:face_size, 0:face_size] / face_size
     for r in rows:
@@ -512,11 +569,19 @@ def synthetic_store(root, n_identities=4, clips_per_identity=4, layout: Layout |
         blob = np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.08)[..., None]
         face = np.clip(blob * colour + (1 - blob) * 40 + rng.normal(0, 4, (face_size, face_size, 3)), 0, 255)
         face = face.astype(np.uint8)
-        store.put(r["clip_id"], "preprocess", {"face": face, "guide": guide_of(face, guide_size),
-                                               "audio": np.zeros(160, np.float32)}, "synthetic")
+        store.put(
+            r["clip_id"],
+            "preprocess",
+            {"face": face, "guide": guide_of(face, guide_size), "audio": np.zeros(160, np.float32)},
+            "synthetic",
+        )
         store.put(r["clip_id"], "speaker", {"embedding": voice}, "synthetic")
-        store.put(r["clip_id"], "speaker_windows",
-                  {"embedding": voice + rng.normal(0, 0.1, (windows, speaker_dim)).astype(np.float32)}, "synthetic")
+        store.put(
+            r["clip_id"],
+            "speaker_windows",
+            {"embedding": voice + rng.normal(0, 0.1, (windows, speaker_dim)).astype(np.float32)},
+            "synthetic",
+        )
         n = int(rng.integers(frames[0] - 3, frames[0] + 1))
         store.put(r["clip_id"], "pyaudio", {"frames": rng.normal(i, 1, (n, 68)).astype(np.float32)}, "synthetic")
         n = int(rng.integers(frames[1] - 3, frames[1] + 1))

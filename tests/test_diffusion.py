@@ -1,0 +1,342 @@
+"""Diffusion model: presets, both cascade modes, training (loss, resume, NaN), checkpoints, sampling, notebook 03."""
+
+import inspect
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from slf_utils import diffusion
+from slf_utils.config import ROOT, ParamsError, load_params
+from slf_utils.layout import Layout, load_systems, synthetic_store
+from slf_utils.store import open_store
+
+TINY_UNET = {
+    "dim": 8,
+    "cond_dim": 16,
+    "dim_mults": [1, 2],
+    "num_resnet_blocks": 1,
+    "layer_attns": [False, False],
+    "layer_cross_attns": [False, True],
+}
+# for 128 px: downsample to 16 px before any (cross-)attention, or a CPU step takes seconds
+CASCADE_UNET = {
+    "dim": 8,
+    "cond_dim": 16,
+    "dim_mults": [1, 2, 2, 2],
+    "num_resnet_blocks": 1,
+    "layer_attns": False,
+    "layer_cross_attns": [False, False, False, True],
+}
+
+
+def write_params(tmp_path, name="t", **train):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": name,
+                "results": str(tmp_path / "results"),
+                "model": {"preset": "tiny"},
+                "train": {
+                    "steps": 4,
+                    "batch_size": 4,
+                    "lr": 3e-3,
+                    "ema": True,
+                    "seed": 0,
+                    "checkpoint_every": 2,
+                    **train,
+                },
+            }
+        )
+    )
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A results folder with a synthetic store (4 identities x 4 clips, 32 px faces) and a params file."""
+    tmp = tmp_path_factory.mktemp("project")
+    synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def trained(project):
+    """Tiny full_input (super-resolution) and no_image_guide (generation) models, 4 steps each."""
+    cfg = load_params(write_params(project))
+    return cfg, {s: diffusion.train(cfg, s) for s in ("full_input", "no_image_guide")}
+
+
+def test_paper_preset_is_spec_section_6():
+    p = diffusion.resolve_preset({"preset": "paper"})
+    u1, u2 = p["unets"]
+    assert u1 == {
+        "dim": 192,
+        "cond_dim": 512,
+        "dim_mults": [1, 2, 4, 8],
+        "num_resnet_blocks": 3,
+        "layer_attns": [False, True, True, True],
+        "layer_cross_attns": [False, True, True, True],
+    }
+    assert u2 == {
+        "dim": 128,
+        "cond_dim": 512,
+        "dim_mults": [1, 2, 4, 8],
+        "num_resnet_blocks": [2, 4, 8, 8],
+        "layer_attns": [False, False, False, True],
+        "layer_cross_attns": [False, False, False, True],
+    }
+    assert p["generation"]["image_sizes"] == [32, 128] and p["super_resolution"]["image_sizes"] == [8, 32, 128]
+    assert p["text_embed_dim"] == 768 and p["timesteps"] == 1000
+
+
+def test_small_presets_keep_attention_at_the_lowest_resolution_and_overrides_apply():
+    for name in ("demo", "tiny"):
+        p = diffusion.resolve_preset({"preset": name})
+        for u in p["unets"]:
+            assert not any(u["layer_attns"][:-1]), f"{name}: self-attention above the lowest resolution"
+    p = diffusion.resolve_preset({"preset": "tiny", "timesteps": 3, "generation": {"image_sizes": [32]}})
+    assert p["timesteps"] == 3 and p["generation"]["image_sizes"] == [32] and p["name"] == "tiny"
+    with pytest.raises(ParamsError, match="unknown key"):
+        diffusion.resolve_preset({"preset": "tiny", "dimm": 3})
+    with pytest.raises(ParamsError, match="no preset 'huge'"):
+        diffusion.resolve_preset({"preset": "huge"})
+
+
+@pytest.mark.parametrize("mode, sizes", [("generation", [32, 128]), ("super_resolution", [8, 32, 128])])
+def test_tiny_cascade_trains_and_samples_with_guidance(mode, sizes):
+    """Issue 2: both cascade modes train on (B, 256, 768) feature matrices, one ImagenTrainer per unet, and sample
+    with cond_scale != 1."""
+    from imagen_pytorch import ImagenTrainer
+
+    preset = diffusion.resolve_preset({"preset": "tiny", "unets": [CASCADE_UNET] * 2, mode: {"image_sizes": sizes}})
+    torch.manual_seed(0)
+    imagen = diffusion.build_imagen(mode, preset)
+    assert imagen.image_sizes == tuple(sizes) and diffusion.trained_unets(imagen) == (
+        [1, 2] if mode == "generation" else [2, 3]
+    )
+    images = torch.rand(2, 3, 128, 128)
+    X = torch.zeros(2, 256, 768)
+    X[:, :40] = torch.randn(2, 40, 768)
+    for k in diffusion.trained_unets(imagen):
+        trainer = ImagenTrainer(imagen, only_train_unet_number=k, use_ema=False, lr=1e-3, verbose=False)
+        for _ in range(2):
+            loss = trainer(images, text_embeds=X, unet_number=k)
+            trainer.update(unet_number=k)
+        assert math.isfinite(loss)
+    guides = (np.random.default_rng(0).random((2, 8, 8, 3)) * 255).astype(np.uint8) if mode != "generation" else None
+    out = diffusion.sample(imagen, X, cond_scale=3.0, guides=guides, steps=2, seed=0)
+    assert out.shape == (2, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_batched_guidance_equals_two_passes():
+    from imagen_pytorch import Unet
+
+    torch.manual_seed(0)
+    unet = Unet(**TINY_UNET, text_embed_dim=768, attn_heads=2, attn_dim_head=8).eval()
+    for p in unet.parameters():  # zero-initialised output conv would make every prediction 0
+        p.data.normal_(0, 0.2)
+    x, t = torch.randn(3, 3, 16, 16), torch.rand(3)
+    X = torch.randn(3, 256, 768)
+    kw = {"text_embeds": X, "text_mask": X.abs().sum(-1) > 0}
+    with torch.no_grad():
+        cond = unet.forward(x, t, cond_drop_prob=0.0, **kw)
+        null = unet.forward(x, t, cond_drop_prob=1.0, **kw)
+        with diffusion._sampling(
+            diffusion.build_imagen("generation", diffusion.resolve_preset({"preset": "tiny"})), None, False
+        ):
+            guided = diffusion._guided_forward(unet, x, t, cond_scale=2.5, **kw)
+            zero = diffusion._guided_forward(unet, x, t, cond_scale=0.0, **kw)
+    assert torch.allclose(guided, null + (cond - null) * 2.5, atol=1e-4)
+    assert torch.equal(zero, null)
+
+
+def test_training_batches_reuse_buffers_correctly(project):
+    cfg = load_params(write_params(project))
+    store, layout = open_store(cfg), Layout.load(cfg["layout"])
+    keep = load_systems(cfg["systems_file"], layout)["full_input"].keep
+    ids = diffusion.train_clip_ids(store, layout, keep)
+    stats = layout.fit(store, ids, keep)
+    cached = diffusion._Batches(store, layout, keep, stats, ids, 16, cache=True)
+    fresh = diffusion._Batches(store, layout, keep, stats, ids, 16, cache=False)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        index = rng.choice(len(ids), 4, replace=False)
+        drop = {n: rng.random(4) < 0.5 for n in layout.dropout_constituents}
+        (a_img, a_x), (b_img, b_x) = cached.get(index, drop), fresh.get(index, drop)
+        assert torch.equal(a_x, b_x) and torch.equal(a_img, b_img)
+
+
+def test_training_lowers_the_loss(project, tmp_path):
+    cfg = load_params(write_params(project, name="lower", steps=10, ema=False, checkpoint_every=100))
+    result = diffusion.train(cfg, "no_image_guide", out_dir=tmp_path / "model")
+    store = open_store(cfg)
+    layout = Layout.load(cfg["layout"])
+    keep = load_systems(cfg["systems_file"], layout)["no_image_guide"].keep
+    ids = diffusion.train_clip_ids(store, layout, keep)
+    imagen, meta = diffusion.load_model(result["model_dir"])
+    X = layout.build(store, ids, keep, meta["stats"])
+    images = torch.from_numpy(diffusion.load_faces(store, ids, 16)).permute(0, 3, 1, 2).float() / 255
+    torch.manual_seed(0)  # train() seeds the initial weights with train.seed
+    initial = diffusion.build_imagen("generation", meta["preset"])
+    before = diffusion.evaluate_loss(initial, images, X, 1, seeds=range(4))
+    after = diffusion.evaluate_loss(imagen, images, X, 1, seeds=range(4))
+    assert after < 0.9 * before, (before, after)
+    assert result["steps"] == {"1": 10} and set(result["final_loss"]) == {"1"}
+
+
+def test_training_writes_the_model_folder(trained):
+    cfg, results = trained
+    for system, r in results.items():
+        d = ROOT / r["model_dir"]
+        assert {p.name for p in d.iterdir()} >= {
+            "checkpoint.pt",
+            "provenance.json",
+            "norm_stats.npz",
+            "loss.csv",
+            "loss.png",
+        }
+        ck = torch.load(d / "checkpoint.pt", weights_only=True)  # state dicts and plain data only
+        assert ck["system"] == system and ck["steps"] == ({"2": 4} if system == "full_input" else {"1": 4})
+        prov = json.loads((d / "provenance.json").read_text())
+        assert prov["system"] == system and prov["seed"] == 0 and prov["preset_name"] == "tiny"
+        assert prov["split"]["train_clips"] == 8 and "git_revision" in prov and "torch" in prov["packages"]
+        loss = pd.read_csv(d / "loss.csv")
+        assert loss["step"].tolist() == [1, 2, 3, 4] and np.isfinite(loss["loss"]).all()
+        assert 0 <= r["data_wait_share"][next(iter(r["data_wait_share"]))] < 1
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(project, tmp_path):
+    straight = diffusion.train(
+        load_params(write_params(project, name="a", steps=3)), "full_input", out_dir=tmp_path / "straight"
+    )
+    first = diffusion.train(
+        load_params(write_params(project, name="b", steps=2)), "full_input", out_dir=tmp_path / "resumed"
+    )
+    assert first["steps"] == {"2": 2}
+    resumed = diffusion.train(
+        load_params(write_params(project, name="b", steps=3)), "full_input", out_dir=tmp_path / "resumed"
+    )
+    assert resumed["steps"] == {"2": 3}
+    loss = pd.read_csv(tmp_path / "resumed" / "loss.csv")
+    assert loss["step"].tolist() == [1, 2, 3]
+    a = diffusion.load_checkpoint(straight["model_dir"])
+    b = diffusion.load_checkpoint(resumed["model_dir"])
+    for key, w in a["unets"]["2"].items():
+        assert torch.allclose(w, b["unets"]["2"][key], atol=1e-6), key
+    for key, w in a["ema"]["2"].items():
+        assert torch.allclose(w.float(), b["ema"]["2"][key].float(), atol=1e-6), key
+
+
+def test_resume_refuses_a_different_configuration(project, tmp_path):
+    diffusion.train(load_params(write_params(project, name="c", steps=1)), "full_input", out_dir=tmp_path / "m")
+    with pytest.raises(ValueError, match="different system"):
+        diffusion.train(load_params(write_params(project, name="c", steps=2)), "no_audio", out_dir=tmp_path / "m")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(project, tmp_path, monkeypatch):
+    real, calls = diffusion._loss_step, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion, "_loss_step", failing)
+    cfg = load_params(write_params(project, name="nan", steps=6))
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 3.*last good checkpoint.*step 2"):
+        diffusion.train(cfg, "full_input", out_dir=tmp_path / "m")
+    assert diffusion.load_checkpoint(tmp_path / "m")["steps"] == {"2": 2}
+    assert pd.read_csv(tmp_path / "m" / "loss.csv")["step"].tolist() == [1, 2]
+
+
+def test_random_selection_trains_nothing(project):
+    cfg = load_params(write_params(project))
+    assert diffusion.train(cfg, "random")["trained"] is False
+
+
+def test_cond_scale_zero_ignores_the_feature_rows(trained):
+    cfg, results = trained
+    store = open_store(cfg)
+    ids = store.clips(split="test")["clip_id"].tolist()[:3]
+    for system, r in results.items():
+        imagen, meta = diffusion.load_model(r["model_dir"])
+        guides = diffusion.load_guides(store, ids) if meta["mode"] == "super_resolution" else None
+        X1 = np.random.default_rng(1).normal(size=(3, 256, 768)).astype(np.float32)
+        X2 = np.zeros_like(X1)
+        X2[:, :5] = 3.0
+        same = [diffusion.sample(imagen, X, 0.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
+        assert np.array_equal(*same), system
+        guided = [diffusion.sample(imagen, X, 4.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
+        assert not np.array_equal(*guided), system
+        again = diffusion.sample(imagen, X1, 4.0, guides=guides, steps=3, seed=7)
+        assert np.array_equal(again, guided[0])  # deterministic for a seed
+
+
+def test_sampling_steps_and_ema_are_sampling_parameters(trained):
+    _, results = trained
+    imagen, meta = diffusion.load_model(results["no_image_guide"]["model_dir"])
+    assert meta["has_ema"] and meta["preset"]["timesteps"] == 8
+    unet = imagen.unets[0]
+    calls = []
+    original = unet.forward
+    unet.forward = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    X = np.ones((2, 256, 768), np.float32)
+    for steps in (2, 5):
+        calls.clear()
+        diffusion.sample(imagen, X, 2.0, steps=steps, seed=0)
+        assert len(calls) == steps  # one batched (cond + null) forward per step
+    del unet.forward
+    assert [s.num_timesteps for s in imagen.noise_schedulers] == [8]
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    a = diffusion.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=True)
+    b = diffusion.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=False)
+    assert not np.array_equal(a, b)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in weights.items())  # online weights restored
+
+
+def test_d_training_and_evaluation_use_the_stored_crop_and_guide(project):
+    """The stored face is only resized (never cropped again), and the low-resolution condition imagen-pytorch makes
+    from it in training ('area' resize) equals the stored 8x8 guide that sampling starts from."""
+    from slf_utils import evaluation, preprocessing
+
+    store = open_store({"results": str(project / "results")})
+    ids = store.clips(split="test")["clip_id"].tolist()
+    stored = store.load_stacked("preprocess", ids)
+    assert np.array_equal(diffusion.load_faces(store, ids, 32), stored["face"])
+    assert np.array_equal(diffusion.load_guides(store, ids), stored["guide"])
+    faces16 = diffusion.load_faces(store, ids, 16)
+    assert np.array_equal(faces16[0], preprocessing.resize(stored["face"][0], 16))
+    imagen = diffusion.build_imagen("super_resolution", diffusion.resolve_preset({"preset": "tiny"}))
+    x = torch.from_numpy(faces16).permute(0, 3, 1, 2).float() / 255
+    lowres = imagen.resize_to(x, 8) * 255
+    assert (lowres.permute(0, 2, 3, 1).numpy() - stored["guide"]).__abs__().max() <= 1.0
+    source = inspect.getsource(evaluation)
+    assert "crop_face" not in source and "face_and_guide" not in source  # evaluation never re-crops
+
+
+@pytest.mark.slow
+def test_notebook_03_runs_for_a_generation_and_a_super_resolution_system(project, tmp_path):
+    import papermill as pm
+
+    params = write_params(project, name="nb", steps=2)
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "store").symlink_to(project / "results" / "store")
+    for system in ("no_image_guide", "full_input"):
+        out = tmp_path / f"03_{system}.ipynb"
+        pm.execute_notebook(
+            str(ROOT / "notebooks" / "03_train.ipynb"),
+            str(out),
+            cwd=str(ROOT / "notebooks"),
+            parameters={"params_file": str(params), "system": system, "overrides": {"results": str(results)}},
+            kernel_name="python3",
+            progress_bar=False,
+        )
+        assert diffusion.load_checkpoint(results / system / "model")["steps"] in ({"1": 2}, {"2": 2})
+        text = out.read_text()
+        assert "image/png" in text  # layout figure and loss curve
