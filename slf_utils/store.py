@@ -46,6 +46,7 @@ _GENDERS = {
     "w": "woman",
 }
 
+SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clips (
     clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, face TEXT,
@@ -140,8 +141,10 @@ class Store:
         self.arrays.mkdir(parents=True, exist_ok=True)
         self._caches = {}  # stage -> (version, {key: memmap}, {clip_id: row}, {key: lengths})
         with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(_SCHEMA)
+            # user_version marks a created schema: opening an existing store (every Dask task does) only reads
+            if con.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
 
     def __repr__(self):
         return f"Store({str(self.root)!r})"
@@ -403,10 +406,16 @@ class Store:
         self._caches[stage] = cached
         return cached
 
-    def load_stacked(self, stage, clip_ids, with_lengths=False):
+    def load_stacked(self, stage, clip_ids, with_lengths=False, keys=None):
         """Arrays of `clip_ids` stacked (N, ...) in the given order; a variable first axis is zero-padded to the
-        longest of these clips. With `with_lengths=True` also returns {key: (N,) true lengths}."""
+        longest of these clips. With `with_lengths=True` also returns {key: (N,) true lengths}. `keys` picks
+        some arrays (e.g. ["face"]: the audio of the preprocess stage is then not read at all)."""
         _, arrays, rows, lengths, scalar = self._load_cache(stage)
+        if exists(keys):
+            unknown = set(keys) - set(arrays)
+            if unknown:
+                raise KeyError(f"{stage}: no array(s) {sorted(unknown)}; has {sorted(arrays)}")
+            arrays = {k: arrays[k] for k in keys}
         clip_ids = list(clip_ids)
         missing = [c for c in clip_ids if c not in rows]
         if missing:

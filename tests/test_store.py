@@ -105,6 +105,7 @@ def test_load_stacked_pads_orders_and_refreshes(tmp_path):
     assert lens["frames"].tolist() == [3, 5]
     assert out["embedding"].shape == (2, 4)
     assert store.load_stacked("mel", ["c2"])["frames"].shape == (1, 7, 4)
+    assert list(store.load_stacked("mel", ["c2"], keys=["embedding"])) == ["embedding"]
     cache_files = sorted(p.name for p in (tmp_path / "arrays" / "mel.cache").iterdir())
     # stale after a put: rebuilt once, old build files removed
     store.put("c0", "mel", {"frames": frames["c0"] * 0 + 1, "embedding": frames["c0"][0]}, "h2")
@@ -133,6 +134,16 @@ def test_load_stacked_does_not_query_per_sample(tmp_path, monkeypatch):
     batch = store.load_stacked("speaker", [f"c{i:02d}" for i in range(49, -1, -1)])
     assert batch["embedding"][:, 0].tolist() == list(range(49, -1, -1))
     assert len(calls) == 1  # one version check per batch
+
+
+def test_failed_is_retried_but_rejected_is_not(tmp_path):
+    store = Store(tmp_path)
+    store.reject("a", "mel", "silent audio", "h")
+    store.reject("b", "mel", "error: RuntimeError: boom", "h", retry=True)
+    assert store.finished("mel", "h") == {"a"}
+    assert set(store.rejects().clip_id) == {"a", "b"}
+    s = store.summary()
+    assert (s.loc["mel", "rejected"], s.loc["mel", "failed"], s.loc["mel", "done"]) == (1, 1, 0)
 
 
 def test_provenance_and_open_store(tmp_path):
