@@ -53,6 +53,7 @@ class Step:
     run_dir: Path
     deps: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)
+    priority: int = 0  # longest training first, so parallel workers finish together
 
     @property
     def name(self) -> str:
@@ -109,7 +110,15 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
     for s in systems:
         sys_over = deep_merge(overrides or {}, cfg["system_overrides"].get(s, {}))
         scfg = load_params(params_file, sys_over)
-        tr = Step("train", s, _step_hash("train", scfg, [feat.hash], s), results / s / "runs", [feat.name], sys_over)
+        tr = Step(
+            "train",
+            s,
+            _step_hash("train", scfg, [feat.hash], s),
+            results / s / "runs",
+            [feat.name],
+            sys_over,
+            priority=int(scfg["train"]["steps"]),
+        )
         ev = Step("evaluate", s, _step_hash("evaluate", scfg, [tr.hash], s), results / s / "runs", [tr.name], sys_over)
         steps += [tr, ev]
         evals.append(ev)
@@ -214,10 +223,6 @@ def run(
     threads = int(cfg["grid"]["threads_per_worker"])
     if dry_run:
         return status_table(steps)
-    if cfg["data"]["demo_corpus"]["build"]:
-        from slf_utils import demo_corpus
-
-        demo_corpus.build(cfg["data"]["root"], identities=cfg["data"]["demo_corpus"]["identities"])
     params_file = str(cfg["params_file"])
     if scheduler == "sequential" and client is None:
         ok = {}

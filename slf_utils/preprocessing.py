@@ -477,8 +477,8 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
 
 
 def ensure_demo_corpus(cfg) -> None:
-    """Build the demo corpus when the params ask for it and its manifest is missing (the grid does this before
-    notebook 01; this makes the notebook work on its own too)."""
+    """Build the demo corpus when the params ask for it and its manifest is missing: notebook 01 calls this, so
+    neither the grid nor a user needs a separate step (a build killed half-way resumes here)."""
     data = cfg["data"]
     if data["kind"] == "manifest" and data["demo_corpus"]["build"] and not Path(data["manifest"]).exists():
         from slf_utils import demo_corpus
