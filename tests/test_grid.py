@@ -56,7 +56,7 @@ def test_tiny_grid_runs_end_to_end_and_writes_the_report(finished_grid):
     results = tmp / "results" / "tiny"
     assert (results / "report" / "recall_vs_scale.png").stat().st_size > 0
     m = pd.read_csv(results / "speaker_embeddings_only" / "eval" / "metrics.csv")
-    assert set(m["scale"]) == {0, 3} and "recall@1" in set(m["metric"])
+    assert set(m["scale"].dropna()) == {0, 3} and "recall@1" in set(m["metric"])  # chance rows have no scale
     for step in ("01_preprocess", "03_train", "04_evaluate"):
         assert list(results.rglob(f"runs/{step}.ipynb")), step
         assert list(results.rglob(f"runs/{step}.log")), step
