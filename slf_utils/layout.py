@@ -533,11 +533,18 @@ def synthetic_store(
     windows=5,
     frames=(79, 81),
     seed=0,
+    layout: Layout | None = None,
 ):
     """A Store filled with random arrays shaped like the layout's sources and faces whose colours depend on the
     identity: for tests, benchmarks and trying the pipeline without data. Half of each identity's clips are
-    `test`. Returns the Store."""
+    `test`. With a `layout`, window and frame counts fill its speaker_windows, pyaudio and mel rows exactly.
+    Returns the Store."""
     import pandas as pd
+
+    if exists(layout):
+        c = layout.constituents
+        windows = c["speaker_windows"].n_rows if "speaker_windows" in c else windows
+        frames = tuple(c[n].n_rows if n in c else f for n, f in zip(("pyaudio", "mel"), frames))
 
     from slf_utils.preprocessing import guide_of
     from slf_utils.store import Store

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from slf_utils.config import atomic_write, atomic_write_text, default, exists
-from slf_utils.evaluation import KS, eval_dir, load_metrics, read_image
+from slf_utils.evaluation import KS, eval_dir, load_metrics
+from slf_utils.preprocessing import read_image
 
 # (key, title, system with all inputs, system without the input, the paper's S in %)
 INPUTS = (
@@ -133,7 +134,8 @@ def bootstrap_significance(
     s = s[~np.isnan(s)]
     if not len(s):
         return float("nan"), float("nan")
-    lo, hi = np.quantile(s, [alpha / 2, 1 - alpha / 2])
+    # inverted_cdf: an order statistic, no interpolation between a finite and an infinite resample
+    lo, hi = np.quantile(s, [alpha / 2, 1 - alpha / 2], method="inverted_cdf")
     return float(lo), float(hi)
 
 
@@ -359,40 +361,59 @@ def plot_recall_vs_scale(metrics: pd.DataFrame, titles: dict | None = None, ks=(
             ax.plot(r["scale"], r["value"], marker="o", color=color, label=label)
             ax.fill_between(r["scale"].astype(float), r["ci_low"], r["ci_high"], color=color, alpha=0.15)
         chance = metrics[metrics["metric"] == f"chance@{k}"]["value"].dropna().unique()
+        n = metrics.loc[metrics["metric"] == f"chance@{k}", "n"].max()
         for c in chance[:1]:
-            n = metrics.loc[metrics["metric"] == f"chance@{k}", "n"].iloc[0]
-            ax.axhline(c, color="k", ls="--", lw=1, label=f"chance k/N = {c:.3f}")
+            ax.axhline(c, color="k", ls="--", lw=1, label="chance k/N (exact)")
+            ax.annotate(
+                f"chance {c:.3f}", (xlim[1], c), xytext=(-2, 3), textcoords="offset points", ha="right", fontsize=7
+            )
         if len(chance) > 1:
             ax.text(0.01, 0.01, "systems differ in N: chance line of the first", transform=ax.transAxes, fontsize=7)
         ax.set_xlabel("conditional scale")
         ax.set_ylabel(name)
         ax.set_ylim(0, 1.02)
         ax.set_xticks(xs)
-        ax.set_title(
-            f"recall@{k} ({'a' if k == ks[0] else 'b'})" + (f", n = {int(n)} test clips" if len(chance) else "")
-        )
+        panel = f"({'abcdefgh'[list(ks).index(k)]}) " if len(ks) > 1 else ""
+        ax.set_title(f"{panel}recall@{k}" + (f", n = {int(n)} test clips" if len(chance) else ""))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=8, loc="best")
     return fig
 
 
-def _grid_figure(rows: list[list[np.ndarray]], col_titles: list[str], row_titles: list[str], title: str):
-    from matplotlib.figure import Figure
+def mosaic(rows: list[list], cell: int = 64, gap: int = 3) -> np.ndarray:
+    """One RGB canvas of equally sized cells (nearest-neighbour, so an 8x8 guide stays 8x8 blocks); missing
+    images are left light grey."""
+    from PIL import Image
 
-    nr, nc = len(rows), len(col_titles)
-    fig = Figure(figsize=(1.4 * nc + 0.8, 1.45 * nr + 0.6), layout="constrained")
-    axes = fig.subplots(nr, nc, squeeze=False)
+    nr, nc = len(rows), max(len(r) for r in rows)
+    canvas = np.full((nr * (cell + gap) - gap, nc * (cell + gap) - gap, 3), 255, np.uint8)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            ax = axes[i][j]
+            y, x = i * (cell + gap), j * (cell + gap)
             if exists(img):
-                ax.imshow(img, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col_titles[j], fontsize=8)
-            if j == 0:
-                ax.set_ylabel(row_titles[i], fontsize=7)
+                im = Image.fromarray(np.asarray(img, np.uint8)).resize((cell, cell), Image.Resampling.NEAREST)
+                canvas[y : y + cell, x : x + cell] = np.asarray(im.convert("RGB"))
+            else:
+                canvas[y : y + cell, x : x + cell] = 235
+    return canvas
+
+
+def _grid_figure(rows: list[list], col_titles: list[str], row_titles: list[str], title: str, cell: int = 64):
+    """A sample grid as one image (one Axes: fast to lay out and small as PDF), titled columns and rows."""
+    from matplotlib.figure import Figure
+
+    gap = 3
+    canvas = mosaic(rows, cell, gap)
+    nr, nc = len(rows), len(col_titles)
+    fig = Figure(figsize=(1.15 * nc + 1.6, 1.15 * nr + 0.9))
+    ax = fig.add_axes([0.14, 0.02, 0.84, 0.84])
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_xticks([j * (cell + gap) + cell / 2 for j in range(nc)], col_titles, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.set_yticks([i * (cell + gap) + cell / 2 for i in range(nr)], row_titles, fontsize=6)
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
     fig.suptitle(title, fontsize=10)
     return fig
 

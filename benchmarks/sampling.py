@@ -1,0 +1,191 @@
+"""Sampling speed benchmarks on one trained demo system.
+
+1. Steps: recall@1 and wall time of sampling every test clip at one conditional scale with 1000 sampling steps (the
+   reference code's setting) against fewer steps (250, 100, 50). imagen-pytorch trains in continuous time, so the
+   step count is free at evaluation; the question is whether recall@1 stays inside the 1000-step 95 % bootstrap CI.
+2. Guidance: the time of one guided denoising step of the system's last unet with the conditional and null passes
+   batched into one forward (what `diffusion.sample` does) against imagen-pytorch's two forwards one after the other.
+
+Needs a trained system (notebook 03) and its store:
+    python benchmarks/sampling.py --params params/demo.yaml --system full_input
+    python benchmarks/sampling.py --steps 1000,50 --max-clips 16        # quicker
+    python benchmarks/sampling.py --only guidance --batch 16 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
+    """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference."""
+    from slf_utils import diffusion, evaluation, layout
+    from slf_utils.store import open_store
+
+    ev = evaluation.eval_params(cfg)
+    store = open_store(cfg)
+    lay = layout.Layout.load(cfg["layout"])
+    system = layout.load_systems(cfg["systems_file"], lay)[system_name]
+    clips = evaluation.eval_clips(store, lay, system.keep)
+    if max_clips:
+        # one clip per identity first, so that a small run still has as many identities as it can; the gallery
+        # shrinks with it (chance = 1/N of these identities)
+        order = clips.groupby("identity").cumcount().sort_values(kind="stable").index
+        clips = clips.loc[order[:max_clips]].sort_values("clip_id").reset_index(drop=True)
+    ids = clips["clip_id"].tolist()
+    model_dir = Path(cfg["results"]) / system_name / "model"
+    imagen, meta = diffusion.load_model(model_dir)
+    x = lay.build(store, ids, system.keep, meta["stats"] or evaluation.load_norm_stats(model_dir))
+    guides = store.load_stacked("preprocess", ids)["guide"] if system.mode == "super_resolution" else None
+    embedder = evaluation.make_embedder(cfg, store)
+    gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
+    n_ids = len(set(gallery.identities))
+    log(
+        f"{system_name}: {len(ids)} test clips, {n_ids} identities (chance recall@1 {1 / n_ids:.3f}), scale {scale:g}, "
+        f"face model {ev['face_model']}"
+    )
+    rows = []
+    for steps in steps_list:
+        t = time.perf_counter()
+        images = diffusion.sample(
+            imagen,
+            x,
+            cond_scale=float(scale),
+            guides=guides,
+            steps=steps,
+            seed=ev["seed"],
+            use_ema=ev["use_ema"],
+            lowres_sample_noise_level=ev["lowres_sample_noise_level"],
+            batch_size=ev["batch_size"],
+        )
+        seconds = time.perf_counter() - t
+        emb, _ = embedder.embed(images)
+        hits = evaluation.retrieval_hits(
+            emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
+        )
+        value, lo, hi, n = evaluation.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
+        rows.append({"steps": steps, "seconds": seconds, "recall@1": value, "ci_low": lo, "ci_high": hi, "n": n})
+        log(f"  {steps:5d} steps: {seconds:8.1f} s  recall@1 {value:.3f} [{lo:.3f}, {hi:.3f}]")
+    ref = rows[0]
+    for r in rows:
+        r["speedup"] = ref["seconds"] / r["seconds"]
+        r["inside_reference_ci"] = bool(ref["ci_low"] <= r["recall@1"] <= ref["ci_high"])
+    return rows
+
+
+def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=print) -> dict:
+    """Seconds per guided denoising step of the last unet: both passes batched vs one after the other."""
+    import torch
+
+    from slf_utils import diffusion
+
+    model_dir = Path(cfg["results"]) / system_name / "model"
+    if (model_dir / "checkpoint.pt").exists():
+        imagen, _ = diffusion.load_model(model_dir)
+        source = str(model_dir)
+    else:  # no trained model: the preset's untrained unets cost the same per step
+        from slf_utils import layout
+
+        system = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))[system_name]
+        imagen = diffusion.build_imagen(system.mode, diffusion.resolve_preset(cfg["model"]))
+        imagen.eval()
+        source = "untrained preset " + str(cfg["model"].get("preset"))
+    k = diffusion.trained_unets(imagen)[-1]
+    unet = imagen.unets[k - 1]
+    size = imagen.image_sizes[k - 1]
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(batch, 256, 768, generator=g)
+    text[:, 200:] = 0  # zero rows are masked, as in the real feature matrices
+    kw = {"text_embeds": text, "text_mask": (text != 0).any(-1)}
+    if unet.lowres_cond:
+        kw |= {
+            "lowres_cond_img": torch.rand(batch, 3, size, size, generator=g) * 2 - 1,
+            "lowres_noise_times": torch.full((batch,), 0.2),
+        }
+    xt = torch.randn(batch, 3, size, size, generator=g)
+    t = torch.rand(batch, generator=g)
+
+    def sequential():  # imagen-pytorch's own method: conditional forward, then null forward
+        return type(unet).forward_with_cond_scale(unet, xt, t, cond_scale=scale, remove_parallel_component=False, **kw)
+
+    def batched():  # diffusion's patched method: one forward of the doubled batch
+        return unet.forward_with_cond_scale(xt, t, cond_scale=scale, **kw)
+
+    def timed(fn):
+        fn()  # warm-up
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    # diffusion._sampling installs the batched guidance exactly as diffusion.sample uses it (steps, EMA untouched)
+    with torch.inference_mode(), diffusion._sampling(imagen, None, False):
+        diff = (sequential() - batched()).abs().max().item()
+        seq, bat = timed(sequential), timed(batched)
+    res = {
+        "unet": k,
+        "image_size": size,
+        "batch": batch,
+        "threads": torch.get_num_threads(),
+        "source": source,
+        "sequential_s": seq,
+        "batched_s": bat,
+        "speedup": seq / bat,
+        "max_abs_diff": diff,
+    }
+    log(
+        f"guided step, unet {k} ({size} px, batch {batch}, {res['threads']} thread(s), {source}): "
+        f"sequential {seq * 1000:.1f} ms, batched {bat * 1000:.1f} ms -> x{seq / bat:.2f}; "
+        f"outputs differ by at most {diff:.2e}"
+    )
+    return res
+
+
+def main(argv=None):
+    import torch
+
+    from slf_utils.config import load_params
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params/demo.yaml")
+    ap.add_argument("--system", default="full_input")
+    ap.add_argument("--steps", type=_ints, default=[1000, 250, 100, 50], help="comma list; the first is the reference")
+    ap.add_argument("--scale", type=float, default=None, help="conditional scale (default report.chosen_scale)")
+    ap.add_argument("--max-clips", type=int, default=None, help="only the first N test clips (faster, noisier)")
+    ap.add_argument("--batch", type=int, default=16, help="batch of the guided-step benchmark")
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", choices=["steps", "guidance"], default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = load_params(args.params)
+    scale = args.scale if args.scale is not None else float(cfg["report"]["chosen_scale"])
+    if args.only != "guidance":
+        rows = steps_benchmark(cfg, args.system, args.steps, scale, args.max_clips)
+        ref = rows[0]
+        print(
+            f"\nreference: {ref['steps']} steps, recall@1 {ref['recall@1']:.3f} "
+            f"[{ref['ci_low']:.3f}, {ref['ci_high']:.3f}], {ref['seconds']:.1f} s"
+        )
+        print(f"{'steps':>6} {'seconds':>9} {'speedup':>8} {'recall@1':>9}  inside reference CI")
+        for r in rows:
+            print(
+                f"{r['steps']:6d} {r['seconds']:9.1f} {r['speedup']:7.1f}x {r['recall@1']:9.3f}  "
+                f"{'yes' if r['inside_reference_ci'] else 'NO'}"
+            )
+    if args.only != "steps":
+        guidance_benchmark(cfg, args.system, args.batch, scale, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Report: significance (Eq. 3/4) by hand, best scales, tables and figures from a synthetic set of results, and the
+notebooks 04/05 end to end on a tiny trained system."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from slf_utils import evaluation as ev
+from slf_utils import report
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------ significance
+def test_significance_hand_worked_example():
+    r_all = {1: 0.30, 3: 0.60, 5: 0.75, 10: 0.90}
+    r_without = {1: 0.15, 3: 0.40, 5: 0.60, 10: 0.90}
+    # increases 100, 50, 25, 0 %; weights 1, 1/3, 1/5, 1/10 -> (100 + 50/3 + 5) / (1 + 1/3 + 1/5 + 1/10)
+    w = report.k_weights("inverse", (1, 3, 5, 10))
+    assert sum(w.values()) == pytest.approx(1) and w[1] / w[3] == pytest.approx(3)
+    s = report.significance(r_all, r_without, w)
+    assert s == pytest.approx((100 + 50 / 3 + 5) / (1 + 1 / 3 + 1 / 5 + 1 / 10))  # 74.49
+    assert report.band(s) == "significant"
+    assert report.significance(r_all, r_without, report.k_weights("uniform")) == pytest.approx(43.75)
+    assert report.significance(r_all, r_without, report.k_weights([1, 0, 0, 0])) == pytest.approx(100)
+    assert report.recall_increase(0.2, 0.25) == pytest.approx(-20)
+
+
+def test_significance_when_recall_without_the_input_is_zero():
+    w = report.k_weights("inverse", (1, 3))
+    assert report.recall_increase(0.1, 0.0) == float("inf")
+    assert np.isnan(report.recall_increase(0.0, 0.0))
+    s = report.significance({1: 0.1, 3: 0.3}, {1: 0.0, 3: 0.2}, w)
+    assert s == float("inf") and report.fmt_s(s) == "inf" and "unbounded" in report.band(s)
+    # 0/0 at k=1 is undefined: left out, S is the k=3 increase alone
+    assert report.significance({1: 0.0, 3: 0.3}, {1: 0.0, 3: 0.2}, w) == pytest.approx(50)
+    assert np.isnan(report.significance({1: 0.0, 3: 0.0}, {1: 0.0, 3: 0.0}, w))
+    assert report.band(float("nan")) == "undefined" and report.fmt_s(float("nan")) == "undefined"
+
+
+def test_bands():
+    cases = {
+        0: "negligible",
+        0.5: "minor",
+        20: "minor",
+        31: "moderate",
+        40: "moderate",
+        55: "considerable",
+        75: "significant",
+        80: "significant",
+        98: "profound",
+    }
+    for s, name in cases.items():
+        assert report.band(s) == name, s
+    assert report.band(-5).startswith("negative")
+    with pytest.raises(ValueError):
+        report.k_weights("quadratic")
+
+
+def test_bootstrap_significance_is_paired_and_contains_estimate():
+    rng = np.random.default_rng(0)
+    clips = [f"c{i}" for i in range(200)]
+
+    def frame(p):
+        return pd.concat(
+            [pd.DataFrame({"clip_id": clips, "k": k, "hit": (rng.random(200) < p * k).astype(int)}) for k in (1, 3)]
+        )
+
+    a, b = frame(0.2), frame(0.1)
+    w = report.k_weights("inverse", (1, 3))
+    ra = a.groupby("k")["hit"].mean().to_dict()
+    rb = b.groupby("k")["hit"].mean().to_dict()
+    s = report.significance(ra, rb, w)
+    lo, hi = report.bootstrap_significance(a, b, w, n_boot=500, seed=0)
+    assert lo < s < hi and lo > 0
+
+
+# ------------------------------------------------------------------------------------------------ synthetic results
+SYSTEMS = ["full_input", "no_image_guide", "no_speaker_embeddings", "no_audio", "pure_sr", "random"]
+PEAK = {"full_input": 0.6, "no_image_guide": 0.35, "no_speaker_embeddings": 0.3, "no_audio": 0.0, "pure_sr": 0.15}
+
+
+def write_synthetic_results(cfg, store):
+    """metrics.csv, hits.csv, samples.csv and images for SYSTEMS, as evaluation.run would write them."""
+    clips = store.clips(split="test", stage="preprocess")
+    ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
+    n_ids = len(set(idents))
+    faces = store.load_stacked("preprocess", ids)["face"]
+    rng = np.random.default_rng(0)
+    for system in SYSTEMS:
+        out = ev.eval_dir(cfg, system)
+        out.mkdir(parents=True, exist_ok=True)
+        rows = ev.chance_rows(system, n_ids, len(ids))
+        hit_frames, samples = [], []
+        if system == "random":
+            hits = ev.random_selection_hits(idents, idents, seed=0)
+            rows += ev.recall_rows(system, np.nan, hits, 200)
+            hit_frames.append(ev.hit_frame(system, np.nan, ids, idents, hits))
+        else:
+            for scale in range(0, 9, 2):
+                p1 = PEAK[system] * np.exp(-((scale - 3) ** 2) / 8)
+                # exactly round(p n) hits: recall is known, so best scales and S are too
+                hits = {
+                    k: rng.permutation(np.arange(len(ids)) < round(min(1, p1 + (k - 1) * 0.08) * len(ids)))
+                    for k in ev.KS
+                }
+                rows += ev.recall_rows(system, scale, hits, 200)
+                rows.append(ev.metric_row(system, scale, "psnr", 20 + rng.normal(0, 1, len(ids)) - scale, 200))
+                rows.append(ev.metric_row(system, scale, "ssim", rng.random(len(ids)) / (1 + scale), 200))
+                rows.append(ev.metric_row(system, scale, "gender_acc", (rng.random(len(ids)) < 0.8) * 1.0, 200))
+                hit_frames.append(ev.hit_frame(system, scale, ids, idents, hits))
+                for cid, ident, face in zip(ids, idents, faces):
+                    rel = f"images/{ev.safe_name(cid)}_s{scale:g}.png"
+                    ev.write_image(out / rel, np.clip(face.astype(int) + 10 * scale, 0, 255).astype(np.uint8))
+                    samples.append(
+                        {"clip_id": cid, "identity": ident, "scale": scale, "image": rel, "sample_hash": "x"}
+                    )
+            pd.DataFrame(samples).to_csv(out / "samples.csv", index=False)
+        pd.DataFrame(rows, columns=ev.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
+        pd.concat(hit_frames).to_csv(out / "hits.csv", index=False)
+
+
+@pytest.fixture
+def synthetic_results(tmp_path):
+    from slf_utils.config import load_params
+    from slf_utils.layout import Layout, synthetic_store
+
+    grid = {
+        "name": "reporttest",
+        "results": str(tmp_path / "results"),
+        "systems": SYSTEMS + ["audio_only"],
+        "report": {"k_weights": "inverse", "chosen_scale": 2},
+    }
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    cfg = load_params(p)
+    store = synthetic_store(
+        Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
+    )
+    write_synthetic_results(cfg, store)
+    return cfg
+
+
+def test_report_from_synthetic_results(synthetic_results):
+    cfg = synthetic_results
+    logs = []
+    res = report.run(cfg, log=logs.append)
+    out = report.report_dir(cfg)
+    for stem in ("recall_vs_scale", "samples_best_scale", "samples_across_scales"):
+        for ext in ("png", "pdf"):
+            assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
+    for stem in ("table_best_scale", "table_scale_2", "significance_best_scale", "significance_scale_2"):
+        assert (out / f"{stem}.csv").exists() and (out / f"{stem}.md").exists(), stem
+    assert any("audio_only" in line for line in logs)  # not evaluated: skipped and said so
+
+    best = res["best"]
+    assert np.isnan(best["random"]) and best["no_audio"] == 0.0  # all-zero recall: the smallest scale
+    assert all(best[s] == 2.0 for s in PEAK if PEAK[s] > 0)  # 2 and 4 tie by construction: the smaller
+    table = pd.read_csv(out / "table_best_scale.csv")
+    assert set(table["system"]) == set(SYSTEMS)
+    assert (table["recall@1_lo"] <= table["recall@1"]).all()
+
+    sig = pd.read_csv(out / "significance_scale_2.csv")
+    # image guide, audio, speaker embeddings: their "without" systems ran; attributes' did not -> skipped
+    assert list(sig["key"]) == ["image_guide", "audio", "speaker_embeddings"]
+    assert list(sig["paper_S"]) == [75, 77, 98]
+    audio = sig.set_index("key").loc["audio"]
+    assert audio["S_text"] == "inf" and "unbounded" in audio["band"]  # no_audio recall is 0 everywhere
+    guide = sig.set_index("key").loc["image_guide"]
+    metrics = res["metrics"]
+    w = report.k_weights("inverse")
+    want = report.significance(
+        report.recall_at(metrics, "full_input", 2), report.recall_at(metrics, "no_image_guide", 2), w
+    )
+    assert guide["S"] == pytest.approx(want) and guide["S_ci_low"] <= want <= guide["S_ci_high"]
+
+    summary = (out / "summary.md").read_text()
+    assert "w@1 = 0.612" in summary and "inverse" in summary and "75 %" in summary
+    md = (out / "table_best_scale.md").read_text()
+    assert md.startswith("| system |") and "Full Input" in md
+
+
+def test_report_with_nothing_evaluated(tmp_path):
+    from slf_utils.config import load_params
+
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump({"name": "empty", "results": str(tmp_path / "r"), "systems": ["full_input"]}))
+    res = report.run(load_params(p), log=lambda *a: None)
+    assert "No evaluated system" in res["summary"].read_text()
+
+
+# ------------------------------------------------------------------------------------------------ notebooks
+@pytest.mark.slow
+def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
+    """papermill runs 03 (train, tiny preset), 04 and 05 on the synthetic store; the report figures appear."""
+    import papermill as pm
+
+    from slf_utils.config import load_params
+    from slf_utils.layout import Layout, synthetic_store
+
+    grid = {
+        "name": "nbtest",
+        "results": str(tmp_path / "results"),
+        "systems": ["full_input", "random"],
+        "model": {"preset": "tiny"},
+        "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2},
+        "evaluate": {
+            "scales": [0, 2],
+            "sampling_steps": 2,
+            "face_model": "eigenfaces",
+            "bootstrap": 50,
+            "attributes": "none",
+        },
+        "report": {"chosen_scale": 2},
+    }
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    cfg = load_params(p)
+    synthetic_store(
+        Path(cfg["results"]) / "store",
+        n_identities=4,
+        clips_per_identity=4,
+        layout=Layout.load(cfg["layout"]),
+        face_size=32,
+    )
+    from slf_utils import diffusion
+
+    diffusion.train(cfg, "full_input")
+    nb = ROOT / "notebooks"
+    for system in ("full_input", "random"):
+        pm.execute_notebook(
+            str(nb / "04_evaluate.ipynb"),
+            str(tmp_path / f"04_{system}.ipynb"),
+            cwd=str(nb),
+            parameters={"params_file": str(p), "system": system, "overrides": {}},
+            kernel_name="python3",
+            progress_bar=False,
+        )
+    pm.execute_notebook(
+        str(nb / "05_report.ipynb"),
+        str(tmp_path / "05.ipynb"),
+        cwd=str(ROOT),
+        parameters={"params_file": str(p), "overrides": {}},
+        kernel_name="python3",
+        progress_bar=False,
+    )
+    out = report.report_dir(cfg)
+    for stem in ("recall_vs_scale", "samples_best_scale", "samples_across_scales"):
+        assert (out / f"{stem}.png").exists() and (out / f"{stem}.pdf").exists()
+    m = pd.read_csv(ev.eval_dir(cfg, "full_input") / "metrics.csv")
+    assert set(m["scale"].dropna()) == {0, 2}
