@@ -138,13 +138,26 @@ DEFAULTS = {
         "seed": 0,
         "batch_size": 64,
         "attributes": "labels",
+        "upscale_to": 160,  # deepface: small generated faces are upscaled before detection
+        "eigenfaces_size": 32,
+        "eigenfaces_components": 80,
+        "eigenfaces_crop": 0.6,
     },
-    "report": {"k_weights": "inverse", "chosen_scale": 3},
+    "report": {
+        "k_weights": "inverse",
+        "chosen_scale": 3.0,
+        "n_examples": 6,
+        "scales_system": None,
+        "bootstrap": 1000,
+        "seed": 0,
+    },
     "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1},
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
     "system_overrides": {},
 }
 FREE_FORM = ("model", "system_overrides")  # checked by their own loaders / per system below
+ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
+ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
 PATH_KEYS = (
     "results",
     "data.manifest",
@@ -170,7 +183,7 @@ def _check_types(d: dict, ref: dict, where: str, prefix: str = ""):
                 raise ParamsError(f"{where}: {key} must be a mapping, got {v!r}")
             if key not in FREE_FORM:
                 _check_types(v, r, where, key + ".")
-        elif exists(r) and exists(v):
+        elif exists(r) and exists(v) and key not in ANY_TYPE:
             ok = (
                 isinstance(v, (int, float)) and not isinstance(v, bool)
                 if isinstance(r, float)
