@@ -157,7 +157,6 @@ DEFAULTS = {
 }
 FREE_FORM = ("model", "system_overrides")  # checked by their own loaders / per system below
 ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
-ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
 PATH_KEYS = (
     "results",
     "data.manifest",
