@@ -177,16 +177,32 @@ def test_deepface_dlib_embeds_orl_faces_and_separates_subjects():
 
 
 @functools.cache
-def orl_crop(subject, image, size=64):
-    """An ORL face as the pipeline stores it: detected, expanded, square-cropped, resized (preprocessing)."""
+def orl_crops(size=64) -> dict:
+    """Every ORL face as the pipeline stores it: detected, expanded, square-cropped, resized (preprocessing).
+    Detection costs ~20 s for the 400 images on one busy core, so the crops are kept in .cache/tests."""
     from slf_utils import preprocessing
 
-    img = orl(subject, image)
-    try:
-        box = preprocessing.largest_face(img, "opencv")
-    except preprocessing.Reject:  # a few ORL images defeat the Haar detector: the whole face-filling image
-        box = (0, 10, 92, 92)
-    return preprocessing.crop_face(img, box, size)[0]
+    path = ROOT / ".cache" / "tests" / f"orl_crops{size}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {tuple(int(v) for v in k.split("_")): z[k] for k in z.files}
+    crops = {}
+    for s in range(1, 41):
+        for i in range(1, 11):
+            img = orl(s, i)
+            try:
+                box = preprocessing.largest_face(img, "opencv")
+            except preprocessing.Reject:  # a few ORL images defeat the Haar detector: the face-filling image
+                box = (0, 10, 92, 92)
+            crops[(s, i)] = preprocessing.crop_face(img, box, size)[0]
+    from slf_utils.config import atomic_save_npz
+
+    atomic_save_npz(path, **{f"{s}_{i}": v for (s, i), v in crops.items()})
+    return crops
+
+
+def orl_crop(subject, image):
+    return orl_crops()[(subject, image)]
 
 
 def test_eigenfaces_identify_orl_faces_even_at_16_px():
