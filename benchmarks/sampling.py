@@ -44,7 +44,8 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
     model_dir = Path(cfg["results"]) / system_name / "model"
     imagen, meta = diffusion.load_model(model_dir)
     x = lay.build(store, ids, system.keep, meta["stats"] or evaluation.load_norm_stats(model_dir))
-    guides = store.load_stacked("preprocess", ids)["guide"] if system.mode == "super_resolution" else None
+    sr = system.mode == "super_resolution"
+    guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
     embedder = evaluation.make_embedder(cfg, store)
     gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
     n_ids = len(set(gallery.identities))

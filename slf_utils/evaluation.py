@@ -586,7 +586,7 @@ def make_embedder(cfg, store=None) -> FaceEmbedder:
     train_faces = None
     if ev["face_model"] == "eigenfaces":
         train_ids = store.clips(split="train", stage="preprocess")["clip_id"].tolist()
-        train_faces = store.load_stacked("preprocess", train_ids)["face"]
+        train_faces = store.load_stacked("preprocess", train_ids, keys=["face"])["face"]
     return face_embedder(
         ev["face_model"],
         ev["detector_backend"],
@@ -602,7 +602,7 @@ def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=No
     ev = eval_params(cfg)
     clips = eval_clips(store) if clips is None else clips
     ids = clips["clip_id"].tolist()
-    faces = store.load_stacked("preprocess", ids)["face"]
+    faces = store.load_stacked("preprocess", ids, keys=["face"])["face"]
     emb, det = embedder.embed(faces)
     backend = ev["attributes"]
     ref = _reference_attributes(clips, backend, estimator, faces, ev["upscale_to"])
@@ -657,7 +657,8 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
             )
         stats = meta.get("stats") or load_norm_stats(model_dir)
         x = layout.Layout.load(cfg["layout"]).build(store, ids, system.keep, stats)
-        guides = store.load_stacked("preprocess", ids)["guide"] if system.mode == "super_resolution" else None
+        sr = system.mode == "super_resolution"
+        guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
     for scale in todo:
         t = time.time()
         images = diffusion.sample(
