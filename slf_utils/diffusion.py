@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import threading
@@ -527,8 +528,28 @@ def _prob_mask_like(shape, prob, device):
     return _PROB_MASK_LIKE(shape, prob, device)
 
 
+def _memoised(fn, same):
+    """fn(x), recomputed only when x differs from the previous call's input (`same(last, x)` says when not)."""
+    last = {}
+
+    def call(x):
+        if "x" not in last or not same(last["x"], x):
+            last["x"], last["y"] = x, fn(x)
+        return last["y"]
+
+    return call
+
+
+def _same_tensor(a, b):
+    return a is b and a._version == b._version
+
+
+def _equal_tensor(a, b):
+    return a.shape == b.shape and (a is b or torch.equal(a, b))
+
+
 def _guided_forward(
-    unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0, **kwargs
+    unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0, _doubled=None, **kwargs
 ):
     """Classifier-free guidance null + (cond - null) * s with the conditional and null passes in one batch.
     s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly)."""
@@ -541,9 +562,16 @@ def _guided_forward(
     def twice(t):
         return torch.cat((t, t)) if torch.is_tensor(t) and t.ndim and t.shape[0] == b else t
 
+    def twice_kw(k, v):  # the feature rows, guide and noise level are the same tensors at every step: double once
+        if _doubled is None or not torch.is_tensor(v):
+            return twice(v)
+        if k not in _doubled or not _same_tensor(_doubled[k][0], v):
+            _doubled[k] = (v, twice(v))
+        return _doubled[k][1]
+
     _CFG_MASK.mask = torch.cat((torch.ones(b, dtype=torch.bool), torch.zeros(b, dtype=torch.bool)))
     try:
-        out = unet.forward(twice(x), twice(time_), cond_drop_prob=0.5, **{k: twice(v) for k, v in kwargs.items()})
+        out = unet.forward(twice(x), twice(time_), cond_drop_prob=0.5, **{k: twice_kw(k, v) for k, v in kwargs.items()})
     finally:
         _CFG_MASK.mask = None
     cond, null = out[:b], out[b:]
@@ -567,12 +595,20 @@ def _sampling(imagen, steps, use_ema, batched_cfg=True):
                 unet = imagen.unets[k - 1]
                 saved_weights[k] = _cpu_state(unet)
                 unet.load_state_dict(sd)
+        for unet in imagen.unets:
+            if not isinstance(unet, Unet):
+                continue
+            patched.append(unet)
+            # the feature-row path (projection, attention pooling over 256 rows) does not depend on the noisy
+            # image or the time: compute it once per batch instead of at every denoising step (~2x faster on CPU)
+            unet.text_to_cond.forward = _memoised(unet.text_to_cond.forward, _same_tensor)
+            if exists(unet.attn_pool):
+                unet.attn_pool.forward = _memoised(unet.attn_pool.forward, _equal_tensor)
+            if batched_cfg:
+                guided = functools.partial(_guided_forward, unet, _doubled={})
+                unet.forward_with_cond_scale = guided
         if batched_cfg:
             ip.prob_mask_like = _prob_mask_like
-            for unet in imagen.unets:
-                if isinstance(unet, Unet):
-                    unet.forward_with_cond_scale = lambda *a, _u=unet, **kw: _guided_forward(_u, *a, **kw)
-                    patched.append(unet)
         yield
     finally:
         for s, n in zip(imagen.noise_schedulers, saved_steps):
@@ -580,7 +616,10 @@ def _sampling(imagen, steps, use_ema, batched_cfg=True):
         for k, sd in saved_weights.items():
             imagen.unets[k - 1].load_state_dict(sd)
         for unet in patched:
-            del unet.forward_with_cond_scale
+            unet.__dict__.pop("forward_with_cond_scale", None)
+            unet.text_to_cond.__dict__.pop("forward", None)
+            if exists(unet.attn_pool):
+                unet.attn_pool.__dict__.pop("forward", None)
         ip.prob_mask_like = _PROB_MASK_LIKE
 
 

@@ -156,6 +156,30 @@ def test_batched_guidance_equals_two_passes():
     assert torch.equal(zero, null)
 
 
+def test_feature_row_path_is_computed_once_per_batch_with_the_same_faces(monkeypatch):
+    from imagen_pytorch.imagen_pytorch import PerceiverResampler
+
+    preset = diffusion.resolve_preset({"preset": "tiny", "unet_common": {"attn_pool_text": True}})
+    torch.manual_seed(0)
+    imagen = diffusion.build_imagen("generation", preset).eval()
+    for p in imagen.parameters():
+        p.data.normal_(0, 0.2)
+    X = torch.randn(3, 256, 768)
+    X[:, 40:] = 0  # masked rows, as in a system that keeps few constituents
+    unet = imagen.unets[0]
+    calls, pool = [], PerceiverResampler.forward
+    monkeypatch.setattr(PerceiverResampler, "forward", lambda self, *a, **k: calls.append(1) or pool(self, *a, **k))
+    # batch_size 2: the second batch has other rows, so a stale cache would show
+    memo = [diffusion.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
+    assert len(calls) == 3 * 2  # once per batch and scale, not once per step
+    assert "forward" not in vars(unet.text_to_cond) and "forward" not in vars(unet.attn_pool)
+    monkeypatch.setattr(diffusion, "_memoised", lambda fn, same: fn)
+    plain = [diffusion.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
+    for a, b in zip(memo, plain):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(memo[0], memo[2])
+
+
 def test_training_batches_reuse_buffers_correctly(project):
     cfg = load_params(write_params(project))
     store, layout = open_store(cfg), Layout.load(cfg["layout"])
