@@ -53,7 +53,8 @@ class Step:
     run_dir: Path
     deps: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)
-    priority: int = 0  # longest training first, so parallel workers finish together
+    priority: int = 0  # Dask runs ready steps with higher priority first: every training (longest first), then
+    # the evaluations, so the last steps to run are the short ones and the workers finish together
 
     @property
     def name(self) -> str:
@@ -245,6 +246,7 @@ def run(
                     *deps,
                     key=f"{s.name}-{s.hash}-{time.time_ns()}",
                     pure=False,
+                    priority=s.priority,
                 )
             for s in steps:
                 futures[s.name].result()
@@ -328,6 +330,7 @@ def main(argv=None):
     if a.cmd == "status":
         print(status(a.params_file, overrides).to_string(index=False))
         return 0
+    t0 = time.time()
     table = run(a.params_file, overrides, only=a.only, dry_run=a.dry_run, scheduler=a.scheduler, workers=a.workers)
     if a.dry_run:
         table["action"] = ["skip" if st == "done" else "run" for st in table["status"]]
@@ -335,7 +338,10 @@ def main(argv=None):
         return 0
     cfg = load_params(a.params_file, overrides)
     report = Path(cfg["results"]) / "report"
-    print(f"\nFigures and tables: {report}/ (summary: {report / 'summary.md'})")
+    checks = report / "learning_checks.md"
+    if checks.exists():
+        print(f"\nDoes each system learn? ({checks})\n{checks.read_text()}")
+    print(f"Figures and tables: {report}/ (summary: {report / 'summary.md'}). This run: {time.time() - t0:.0f} s.")
     return 0 if (table["status"] == "done").all() else 1
 
 

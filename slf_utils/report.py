@@ -253,6 +253,74 @@ def pretty_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def system_modes(cfg) -> dict:
+    from slf_utils import layout
+
+    systems = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))
+    return {k: v.mode for k, v in systems.items()}
+
+
+def learning_checks(metrics: pd.DataFrame, best: dict, modes: dict, titles: dict | None = None) -> pd.DataFrame:
+    """Does each system learn? recall@1 at its best scale against chance (ratio, CI lower end above chance) and at
+    scale 0, where the feature rows are ignored: a generation system must be at chance there (CI contains it)."""
+    rows = []
+    for system, scale in best.items():
+        if pd.isna(scale):
+            continue
+        m = metrics[metrics["system"] == system]
+        chance = float(m.loc[m["metric"] == "chance@1", "value"].iloc[0])
+
+        def r1(at, m=m):
+            r = m[(m["metric"] == "recall@1") & _scale_is(m["scale"], at)]
+            return tuple(float(r[c].iloc[0]) for c in ("value", "ci_low", "ci_high")) if len(r) else (np.nan,) * 3
+
+        v, lo, hi = r1(scale)
+        v0, lo0, hi0 = r1(0.0)
+        rows.append(
+            {
+                "system": system,
+                "title": (titles or {}).get(system, system),
+                "mode": modes.get(system, ""),
+                "chance@1": chance,
+                "best_scale": scale,
+                "recall@1": v,
+                "recall@1_lo": lo,
+                "recall@1_hi": hi,
+                "x_chance": v / chance,
+                "ci_above_chance": bool(lo > chance),
+                "scale0_recall@1": v0,
+                "scale0_lo": lo0,
+                "scale0_hi": hi0,
+                "scale0_at_chance": bool(lo0 <= chance <= hi0) if not np.isnan(v0) else None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def pretty_checks(checks: pd.DataFrame) -> pd.DataFrame:
+    def yes(b):
+        return "–" if b is None or (isinstance(b, float) and np.isnan(b)) else ("yes" if b else "**no**")
+
+    return pd.DataFrame(
+        {
+            "system": checks["title"],
+            "mode": checks["mode"],
+            "best scale": checks["best_scale"].map(lambda s: f"{s:g}"),
+            "recall@1 [95 % CI]": [
+                _cell(v, lo, hi, "recall@1")
+                for v, lo, hi in zip(checks["recall@1"], checks["recall@1_lo"], checks["recall@1_hi"])
+            ],
+            "× chance": checks["x_chance"].map(lambda x: f"{x:.1f}"),
+            "CI above chance": checks["ci_above_chance"].map(yes),
+            "scale 0 recall@1": [
+                _cell(v, lo, hi, "recall@1")
+                for v, lo, hi in zip(checks["scale0_recall@1"], checks["scale0_lo"], checks["scale0_hi"])
+            ],
+            "scale 0 at chance": checks["scale0_at_chance"].map(yes),
+        }
+    )
+
+
 def significance_table(cfg, metrics: pd.DataFrame, weights: dict, scales_by: str, scale_of: dict) -> pd.DataFrame:
     """S of every input whose two systems were both evaluated, at scale_of[system] for each system
     (`scales_by` says how these scales were chosen). Bootstrap CIs when hits.csv of both systems exist."""
@@ -497,8 +565,8 @@ def _write_table(out: Path, stem: str, table: pd.DataFrame, pretty: pd.DataFrame
 
 def run(cfg, log=print) -> dict:
     """Notebook 05: write `<results>/report/` from every evaluated system of cfg['systems']. Returns
-    {'metrics', 'best', 'tables': {name: (table, pretty)}, 'significance': {...}, 'figures': {name: [paths]},
-    'summary': path}."""
+    {'metrics', 'best', 'checks', 'tables': {name: (table, pretty)}, 'significance': {...},
+    'figures': {name: [paths]}, 'summary': path}."""
     rep = {**REPORT_EXTRAS, **cfg["report"]}
     out = report_dir(cfg)
     metrics = load_all(cfg)
@@ -522,6 +590,11 @@ def run(cfg, log=print) -> dict:
 
     fig = plot_recall_vs_scale(metrics, titles, ks=[k for k in (1, 3) if k in ks])
     result["figures"]["recall_vs_scale"] = save_figure(fig, out, "recall_vs_scale")
+
+    checks = learning_checks(metrics, best, system_modes(cfg), titles)
+    result["checks"] = checks
+    if not checks.empty:
+        _write_table(out, "learning_checks", checks, pretty_checks(checks))
 
     for stem, scales in (("table_best_scale", best), (f"table_scale_{chosen:g}", chosen_of)):
         table = metrics_table(metrics, scales, titles)
@@ -576,6 +649,17 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         f"at the chosen scale {chosen:g}: `table_scale_{chosen:g}.md`.",
         "",
     ]
+    if not result["checks"].empty:
+        lines += [
+            f"## Does each system learn? recall@1 against chance ({result['checks']['chance@1'].iloc[0]:.3f})",
+            "",
+            markdown_table(pretty_checks(result["checks"])),
+            "The best scale is picked on these same test clips, so its recall is slightly optimistic (the best of "
+            f"{metrics['scale'].dropna().nunique()} scales); the table at the chosen scale has no such selection. "
+            "At scale 0 the feature rows are ignored: a generation system should be at chance there, a "
+            "super-resolution system at what the 8x8 guide alone gives.",
+            "",
+        ]
     lines += [
         "## Significance of each input (paper Eq. 3/4)",
         "",

@@ -107,10 +107,15 @@ def test_local_cluster_gives_the_same_metrics_as_sequential(tmp_path, finished_g
     shutil.copytree(src / "store", dst / "store")  # 01/02 resume from the finished store; 03-05 run on the cluster
     shutil.copytree(src / "runs", dst / "runs")
     q = tiny_grid(tmp_path, yaml.safe_load(p.read_text())["data"]["manifest"])
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # one worker: the order the scheduler picks shows (every training first, then the evaluations)
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             table = grid.run(q, client=client)
     assert (table["status"] == "done").all(), table
+    started = {(r["step"], r["system"]): r["started"] for r in records(dst).values()}
+    assert max(t for (step, _), t in started.items() if step == "train") < min(
+        t for (step, _), t in started.items() if step == "evaluate"
+    )
     for system in ("full_input", "speaker_embeddings_only"):
         a = pd.read_csv(src / system / "eval" / "metrics.csv").sort_values(["scale", "metric"])
         b = pd.read_csv(dst / system / "eval" / "metrics.csv").sort_values(["scale", "metric"])

@@ -177,7 +177,15 @@ def test_report_from_synthetic_results(synthetic_results):
     )
     assert guide["S"] == pytest.approx(want) and guide["S_ci_low"] <= want <= guide["S_ci_high"]
 
+    checks = pd.read_csv(out / "learning_checks.csv").set_index("system")
+    assert "random" not in checks.index and checks.loc["no_image_guide", "mode"] == "generation"
+    fi, na = checks.loc["full_input"], checks.loc["no_audio"]
+    assert fi["x_chance"] == pytest.approx(fi["recall@1"] / fi["chance@1"]) and fi["chance@1"] == pytest.approx(1 / 6)
+    assert fi["ci_above_chance"] and fi["recall@1_lo"] > 1 / 6
+    assert not na["ci_above_chance"] and not na["scale0_at_chance"]  # recall 0 everywhere: CI [0, 0] excludes 1/6
+
     summary = (out / "summary.md").read_text()
+    assert "Does each system learn?" in summary and "× chance" in summary
     assert "w@1 = 0.612" in summary and "inverse" in summary and "75 %" in summary
     md = (out / "table_best_scale.md").read_text()
     assert md.startswith("| system |") and "Full Input" in md
