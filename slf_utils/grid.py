@@ -53,8 +53,8 @@ class Step:
     run_dir: Path
     deps: list[str] = field(default_factory=list)
     overrides: dict = field(default_factory=dict)
-    priority: int = 0  # Dask runs ready steps with higher priority first: every training (longest first), then
-    # the evaluations, so the last steps to run are the short ones and the workers finish together
+    priority: int = 0  # ready steps with higher priority go first: every training (longest first), then the
+    # evaluations, so the last steps to run are the short ones and the workers finish together
 
     @property
     def name(self) -> str:
@@ -220,6 +220,30 @@ def _client(scheduler: str | None, workers: int | None, threads: int):
         return Client(cluster)
 
 
+def _dispatch(client, steps: list[Step], params_file, overrides, threads):
+    """List scheduling: whenever a worker is free, submit the ready step with the highest priority. Submitting the
+    whole graph at once lets Dask queue a ready training behind another on a busy worker while a free one takes an
+    evaluation (measured: one core idle for the last 4.6 of 30 minutes)."""
+    from dask.distributed import wait
+
+    ok, pending, running = {}, list(steps), {}
+    while pending or running:
+        slots = max(1, sum(w["nthreads"] for w in client.scheduler_info()["workers"].values()))
+        ready = sorted((s for s in pending if all(d in ok for d in s.deps)), key=lambda s: -s.priority)
+        for s in ready[: max(0, slots - len(running))]:
+            fut = client.submit(
+                execute, s, params_file, overrides, threads, *[ok[d] for d in s.deps], key=f"{s.name}-{time.time_ns()}"
+            )
+            running[fut] = s
+            pending.remove(s)
+        done = wait(list(running), return_when="FIRST_COMPLETED").done
+        for fut in done:
+            s = running.pop(fut)
+            ok[s.name] = bool(fut.result())
+            print(f"[grid] {s.name}: {s.record().get('status')}", flush=True)
+    return ok
+
+
 def run(
     params_file,
     overrides: dict | None = None,
@@ -247,23 +271,7 @@ def run(
         own = client is None
         client = client or _client(scheduler, default(workers, cfg["grid"]["workers"]), threads)
         try:
-            futures = {}
-            for s in steps:
-                deps = [futures[d] for d in s.deps]
-                futures[s.name] = client.submit(
-                    execute,
-                    s,
-                    params_file,
-                    overrides,
-                    threads,
-                    *deps,
-                    key=f"{s.name}-{s.hash}-{time.time_ns()}",
-                    pure=False,
-                    priority=s.priority,
-                )
-            for s in steps:
-                futures[s.name].result()
-                print(f"[grid] {s.name}: {s.record().get('status')}", flush=True)
+            _dispatch(client, steps, params_file, overrides, threads)
         finally:
             if own:
                 cluster = client.cluster
