@@ -291,7 +291,10 @@ def learning_checks(metrics: pd.DataFrame, best: dict, modes: dict, titles: dict
                 "scale0_recall@1": v0,
                 "scale0_lo": lo0,
                 "scale0_hi": hi0,
-                "scale0_at_chance": bool(lo0 <= chance <= hi0) if not np.isnan(v0) else None,
+                # only a generation system should be at chance there; super-resolution keeps what the guide gives
+                "scale0_at_chance": bool(lo0 <= chance <= hi0)
+                if modes.get(system) == "generation" and not np.isnan(v0)
+                else None,
             }
         )
     return pd.DataFrame(rows)
