@@ -25,7 +25,7 @@ import torch
 
 from slf_utils import diffusion
 from slf_utils.config import load_params
-from slf_utils.layout import Layout, load_systems, synthetic_store
+from slf_utils.layout import Layout, load_layout, load_systems, synthetic_store
 from slf_utils.preprocessing import resize
 from slf_utils.store import open_store
 
@@ -85,7 +85,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     cfg = load_params(args.params) if args.params else None
-    layout = Layout.load(cfg["layout"] if cfg else "params/layout.yaml")
+    layout = load_layout(cfg) if cfg else Layout.load("params/layout.yaml")
     system = load_systems(cfg["systems_file"] if cfg else "params/systems.yaml", layout)[args.system]
     store = open_store(cfg) if cfg else None
     ids = diffusion.train_clip_ids(store, layout, system.keep) if store else []

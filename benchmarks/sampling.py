@@ -32,7 +32,7 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
 
     ev = evaluation.eval_params(cfg)
     store = open_store(cfg)
-    lay = layout.Layout.load(cfg["layout"])
+    lay = layout.load_layout(cfg)
     system = layout.load_systems(cfg["systems_file"], lay)[system_name]
     clips = evaluation.eval_clips(store, lay, system.keep)
     if max_clips:
@@ -95,7 +95,7 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
     else:  # no trained model: the preset's untrained unets cost the same per step
         from slf_utils import layout
 
-        system = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))[system_name]
+        system = layout.load_systems(cfg["systems_file"], layout.load_layout(cfg))[system_name]
         imagen = diffusion.build_imagen(system.mode, diffusion.resolve_preset(cfg["model"]))
         imagen.eval()
         source = "untrained preset " + str(cfg["model"].get("preset"))

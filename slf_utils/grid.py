@@ -38,7 +38,7 @@ NOTEBOOK = {
 READS = {
     "preprocess": ("data", "preprocess"),
     "features": ("features",),
-    "train": ("layout", "systems_file", "model", "train"),
+    "train": ("layout", "layout_drop", "systems_file", "model", "train"),
     "evaluate": ("evaluate",),
     "report": ("report", "systems"),
 }
@@ -105,6 +105,7 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         if only not in systems:
             raise SystemExit(f"--only {only}: not a system of {params_file} (systems: {', '.join(systems)})")
         systems = [only]
+    untrained = _untrained_systems(cfg)
     pre = Step("preprocess", None, _step_hash("preprocess", cfg, [], None), results / "runs")
     feat = Step("features", None, _step_hash("features", cfg, [pre.hash], None), results / "runs", [pre.name])
     steps, evals = [pre, feat], []
@@ -120,13 +121,26 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
             sys_over,
             priority=int(scfg["train"]["steps"]),
         )
-        ev = Step("evaluate", s, _step_hash("evaluate", scfg, [tr.hash], s), results / s / "runs", [tr.name], sys_over)
-        steps += [tr, ev]
+        # a reference row trains nothing: no notebook 03; the train hash still stands for what it reads (the
+        # systems file, the model preset's output size)
+        upstream = feat if s in untrained else tr
+        ev = Step(
+            "evaluate", s, _step_hash("evaluate", scfg, [tr.hash], s), results / s / "runs", [upstream.name], sys_over
+        )
+        steps += [ev] if s in untrained else [tr, ev]
         evals.append(ev)
     if not exists(only):
         rep_hash = _step_hash("report", cfg, [e.hash for e in evals], None)
         steps.append(Step("report", None, rep_hash, results / "runs", [e.name for e in evals]))
     return cfg, steps
+
+
+def _untrained_systems(cfg) -> set:
+    """Systems of the grid without a model (mode reference, or none in older systems files)."""
+    from slf_utils.layout import load_layout, load_systems
+
+    systems = load_systems(cfg["systems_file"], load_layout(cfg))
+    return {s for s in cfg["systems"] if s in systems and systems[s].mode in ("reference", "none")}
 
 
 def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstream_ok: bool) -> bool:
@@ -359,9 +373,12 @@ def main(argv=None):
         return 0
     cfg = load_params(a.params_file, overrides)
     report = Path(cfg["results"]) / "report"
-    checks = report / "learning_checks.md"
-    if checks.exists():
-        print(f"\nDoes each system learn? ({checks})\n{checks.read_text()}")
+    for title, path in (
+        ("Identity protocol, with the reference rows", report / "headline.md"),
+        ("Does each system learn?", report / "learning_checks.md"),
+    ):
+        if path.exists():
+            print(f"\n{title} ({path})\n{path.read_text()}")
     print(f"Figures and tables: {report}/ (summary: {report / 'summary.md'}). This run: {time.time() - t0:.0f} s.")
     return 0 if (table["status"] == "done").all() else 1
 

@@ -20,7 +20,7 @@ from slf_utils.config import ParamsError, default, exists, params_hash, read_yam
 
 ENCODERS = ("age", "onehot", "array")
 NORMALISERS = ("none", "standard")
-MODES = ("generation", "super_resolution", "none")
+MODES = ("generation", "super_resolution", "reference", "none")  # none: random selection, before `reference`
 _CONSTITUENT_KEYS = {
     "rows",
     "col",
@@ -136,10 +136,19 @@ class Layout:
 
     # ------------------------------------------------------------------ loading and validation
     @classmethod
-    def load(cls, path) -> Layout:
+    def load(cls, path, drop=()) -> Layout:
+        """The layout declared in `path`, less the constituents in `drop` (a grid's `layout_drop`: rows no system
+        of that grid may see; they stay zero, and the layout's hash changes with them)."""
         path = resolve(path)
         raw = read_yaml(path)
         where = str(path)
+        if drop:
+            unknown = sorted(set(drop) - set(raw.get("constituents") or {}))
+            if unknown:
+                raise ParamsError(f"layout_drop: unknown constituent(s) {unknown} of {where}")
+            raw = {**raw, "constituents": {k: v for k, v in raw["constituents"].items() if k not in drop}}
+            raw["groups"] = {g: [m for m in ms or [] if m not in drop] for g, ms in (raw.get("groups") or {}).items()}
+            raw["dropped"] = sorted(drop)
         rows, cols = int(raw.get("rows", 256)), int(raw.get("cols", 768))
         if rows > 256 or cols > 768 or rows < 1 or cols < 1:
             raise ParamsError(f"{where}: the matrix is at most 256 x 768, got rows={rows}, cols={cols}")
@@ -447,6 +456,11 @@ def _check_overlaps(cons: dict, where):
                     f"{a.col + a.width - 1}) and '{b.name}' (rows {b.rows[0]}-{b.rows[1] - 1}, cols {b.col}-"
                     f"{b.col + b.width - 1}) overlap"
                 )
+
+
+def load_layout(cfg) -> Layout:
+    """The layout of a grid: `cfg['layout']` less `cfg['layout_drop']`."""
+    return Layout.load(cfg["layout"], drop=tuple(cfg.get("layout_drop") or ()))
 
 
 def load_systems(path, layout: Layout) -> dict[str, System]:

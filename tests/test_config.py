@@ -27,6 +27,9 @@ def test_defaults_overrides_and_paths(tmp_path):
         ("evaluate: 3\n", "evaluate must be a mapping"),
         ("system_overrides: {full_input: {train: {stepz: 1}}}\n", "system_overrides.full_input.train.stepz"),
         ("train: [1, 2\n", "not valid YAML"),
+        ("report: {differences: [[full_input, pure_sr, bicubic]]}\n", "report.differences must be a list of"),
+        ("report: {differences: full_input}\n", "report.differences must be list"),
+        ("report: {guide_top1_min: 1.5}\n", "report.guide_top1_min must be in [0, 1]"),
     ],
 )
 def test_bad_params_name_file_and_key(tmp_path, text, message):

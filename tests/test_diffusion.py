@@ -257,6 +257,26 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(p
         assert torch.allclose(w.float(), b["ema"]["2"][key].float(), atol=1e-6), key
 
 
+def test_cosine_schedule_decays_to_zero_and_resumes_where_it_stopped(project, tmp_path):
+    kw = {"ema": False, "lr_schedule": "cosine", "warmup_steps": 0}
+    straight = diffusion.train(
+        load_params(write_params(project, name="cs", steps=4, **kw)), "full_input", tmp_path / "s"
+    )
+    ck = diffusion.load_checkpoint(straight["model_dir"])
+    sched = ck["schedulers"]["2"]["scheduler1"]
+    assert sched["last_epoch"] == 4 and sched["T_max"] == 4 and sched["_last_lr"][0] < 1e-9
+    diffusion.train(load_params(write_params(project, name="cr", steps=2, **kw)), "full_input", tmp_path / "r")
+    resumed = diffusion.train(
+        load_params(write_params(project, name="cr", steps=4, **kw)), "full_input", tmp_path / "r"
+    )
+    b = diffusion.load_checkpoint(resumed["model_dir"])
+    assert b["schedulers"]["2"]["scheduler1"]["last_epoch"] == 4
+    # the first run had decayed to 0 over its 2 steps: its weights differ from the straight run's
+    assert not torch.allclose(ck["unets"]["2"]["final_conv.weight"], b["unets"]["2"]["final_conv.weight"])
+    with pytest.raises(ParamsError, match="train.lr_schedule"):
+        load_params(write_params(project, name="bad", lr_schedule="linear"))
+
+
 def test_resume_refuses_a_different_configuration(project, tmp_path):
     diffusion.train(load_params(write_params(project, name="c", steps=1)), "full_input", out_dir=tmp_path / "m")
     with pytest.raises(ValueError, match="different system"):
@@ -364,3 +384,80 @@ def test_notebook_03_runs_for_a_generation_and_a_super_resolution_system(project
         assert diffusion.load_checkpoint(results / system / "model")["steps"] in ({"1": 2}, {"2": 2})
         text = out.read_text()
         assert "image/png" in text  # layout figure and loss curve
+
+
+def test_lowres_noise_options_are_validated_and_used():
+    p = diffusion.resolve_preset({"preset": "paper"})
+    assert p["lowres_aug_range"] == [0.0, 1.0] and p["lowres_sample_noise_level"] == 0.2  # imagen-pytorch's
+    for bad in ([0.5, 0.2], [0, 1.5], [0.1], "0,1"):
+        with pytest.raises(ParamsError, match="lowres_aug_range"):
+            diffusion.resolve_preset({"preset": "tiny", "lowres_aug_range": bad})
+    with pytest.raises(ParamsError, match="lowres_sample_noise_level"):
+        diffusion.resolve_preset({"preset": "tiny", "lowres_sample_noise_level": -0.1})
+    preset = diffusion.resolve_preset(
+        {"preset": "tiny", "lowres_aug_range": [0.1, 0.3], "lowres_sample_noise_level": 0}
+    )
+    imagen = diffusion.build_imagen("super_resolution", preset)
+    t = imagen.lowres_noise_schedule.sample_random_times(10000, device=torch.device("cpu"))
+    assert 0.1 <= t.min() and t.max() <= 0.3 and abs(t.mean().item() - 0.2) < 0.01
+    assert imagen.lowres_sample_noise_level == 0
+    paper_like = {"preset": "paper", "unets": [TINY_UNET], "super_resolution": {"image_sizes": [8, 16]}}
+    full = diffusion.build_imagen("super_resolution", diffusion.resolve_preset(paper_like))
+    assert type(full.lowres_noise_schedule).__name__ == "GaussianDiffusionContinuousTimes"  # untouched default
+
+
+@pytest.mark.slow
+def test_tiny_super_resolution_model_reproduces_its_guide(tmp_path):
+    """Issue 10: with the guide's training noise held to [0, 0.2] of the schedule and no noise at sampling, a tiny
+    super-resolution model trained on a handful of faces returns faces whose 8x8 area average is their own guide:
+    nearest among all guides, and within a few grey levels."""
+    import cv2
+
+    from slf_utils.preprocessing import guide_of
+
+    store = synthetic_store(tmp_path / "results" / "store", n_identities=6, clips_per_identity=2, face_size=16)
+    rng = np.random.default_rng(1)
+    ids = store.clips()["clip_id"].tolist()
+    for cid in ids:  # every clip its own face: smooth random patterns, so guides differ between clips
+        face = cv2.resize(rng.uniform(0, 255, (4, 4, 3)).astype(np.float32), (16, 16), interpolation=cv2.INTER_CUBIC)
+        face = np.clip(face, 0, 255).astype(np.uint8)
+        store.put(
+            cid, "preprocess", {"face": face, "guide": guide_of(face, 8), "audio": np.zeros(160, np.float32)}, "t"
+        )
+    p = tmp_path / "sr.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "sr",
+                "results": str(tmp_path / "results"),
+                "model": {
+                    "preset": "tiny",
+                    "lowres_aug_range": [0.0, 0.2],
+                    "lowres_sample_noise_level": 0.0,
+                    "imagen": {"pred_objectives": "v"},
+                },
+                "train": {"steps": 300, "batch_size": 8, "lr": 3e-3, "ema": False, "seed": 0, "checkpoint_every": 300},
+            }
+        )
+    )
+    cfg = load_params(p)
+    diffusion.train(cfg, "pure_sr")
+    imagen, _ = diffusion.load_model(tmp_path / "results" / "pure_sr" / "model")
+    guides = diffusion.load_guides(store, ids)
+    out = diffusion.sample(imagen, np.zeros((len(ids), 256, 768), np.float32), 1.0, guides=guides, steps=8, seed=0)
+    small = np.stack([cv2.resize(o, (8, 8), interpolation=cv2.INTER_AREA) for o in out]).astype(float)
+    d = ((small[:, None] - guides[None].astype(float)) ** 2).sum((2, 3, 4))
+    assert (d.argmin(1) == np.arange(len(ids))).all()
+    assert np.sqrt(((small - guides) ** 2).mean()) < 12
+
+
+def test_feature_noise_leaves_masked_rows_zero_and_the_batch_buffer_alone():
+    X = torch.zeros(4, 256, 768)
+    X[:, 4, :256] = torch.randn(4, 256)
+    X[:, 5:12, :256] = torch.randn(4, 7, 256)
+    before = X.clone()
+    noisy = diffusion._feature_noise(X, 0.5, np.random.default_rng(0))
+    assert torch.equal(X, before)  # the reused buffer is not touched
+    assert not noisy[:, 12:].any() and not noisy[:, :4].any() and not noisy[:, 4:12, 256:].any()
+    d = (noisy - X)[:, 4:12, :256]
+    assert abs(d.std().item() - 0.5) < 0.02 and abs(d.mean().item()) < 0.02

@@ -81,6 +81,31 @@ def test_own_images_give_recall_1_and_shuffled_queries_give_chance():
         assert abs(h.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(h)), (k, h.mean())
 
 
+def test_identity_protocol_never_ranks_the_query_own_gallery_entry():
+    """Queries are the gallery images themselves: under `paper` each finds itself (recall@1 = 1); under `identity`
+    its own entry is left out, so a single-clip identity never appears in its own ranking and never hits, and a
+    two-clip identity can only hit through its other clip."""
+    rng = np.random.default_rng(0)
+    ids = ["a", "a", "b", "b", "c", "d", "e"]  # c, d, e: one test clip each
+    g = rng.normal(size=(len(ids), 8)).astype(np.float32)
+    g[1] = g[0] + 0.01  # a's two images are close: a hits under identity; b's are far apart
+    own = np.arange(len(ids))
+    _, nn = ev.search(ev.build_index(g), g)
+    full = ev.distinct_identities(nn, ids, depth=len(ids), exclude=own)
+    for i, ranking in enumerate(full):
+        if ids.count(ids[i]) == 1:
+            assert ids[i] not in ranking and len(ranking) == len(set(ids)) - 1, (i, ranking)
+    hits = ev.protocol_hits(g, own, g, ids, ks=(1, 3, 10))
+    assert set(hits) == set(ev.PROTOCOLS)
+    assert hits["paper"][1].all()
+    np.testing.assert_array_equal(hits["identity"][10], [True, True, True, True, False, False, False])
+    np.testing.assert_array_equal(hits["identity"][1][:2], [True, True])
+    # a query for part of the gallery only: the other gallery clips are misses
+    part = ev.protocol_hits(g[[0, 4]], [0, 4], g, ids, ks=(1,))
+    np.testing.assert_array_equal(part["paper"][1], [1, 0, 0, 0, 1, 0, 0])
+    np.testing.assert_array_equal(part["identity"][1], [1, 0, 0, 0, 0, 0, 0])
+
+
 def test_chance_and_random_selection():
     assert ev.chance_recall(3, 40) == 3 / 40
     assert ev.chance_recall(10, 4) == 1.0
@@ -89,6 +114,12 @@ def test_chance_and_random_selection():
     assert abs(hits[1].mean() - 0.05) < 0.015 and abs(hits[5].mean() - 0.25) < 0.03
     again = ev.random_selection_hits(ids, ids, (1, 5), seed=0)
     np.testing.assert_array_equal(hits[1], again[1])
+    # identity protocol: a single-clip identity drops out of its own ranking, so it never hits; the rest as before
+    ids = ["a", "a", "b", "c"]
+    own = np.arange(4)
+    paper = ev.random_selection_hits(ids, ids, (1, 3), seed=1)
+    ident = ev.random_selection_hits(ids, ids, (1, 3), seed=1, exclude=own)
+    assert paper[3].all() and not ident[3][2:].any() and ident[3][:2].all()
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -108,6 +139,35 @@ def test_bootstrap_ci_contains_estimate_and_shrinks_with_more_clips():
     v, lo, hi, m = ev.bootstrap_ci([3.0, -4.0, np.nan], 500, stat="rmse")
     assert m == 2 and v == pytest.approx(np.sqrt(12.5)) and lo <= v <= hi
     assert np.isnan(ev.bootstrap_ci([np.nan])[0])
+
+
+def test_cluster_bootstrap_is_wider_when_an_identity_hits_or_misses_as_a_whole():
+    """20 identities x 10 clips, every clip of an identity a hit or every one a miss: there are 20 independent
+    outcomes, not 200, and only resampling identities gets the interval's width right."""
+    hits = np.repeat(np.arange(20) % 2, 10).astype(float)
+    idents = np.repeat([f"id{i}" for i in range(20)], 10)
+    v, lo, hi, n = ev.bootstrap_ci(hits, 2000, seed=0)
+    vc, loc, hic, nc = ev.bootstrap_ci(hits, 2000, seed=0, clusters=idents)
+    assert v == vc == 0.5 and n == nc == 200
+    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 200), rel=0.2)  # clips as if independent
+    assert hic - loc == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 20), rel=0.2)  # identities
+    assert hic - loc > 2.5 * (hi - lo)
+    # one clip per cluster is the clip-level bootstrap, draw for draw; NaN values leave with their labels
+    assert ev.bootstrap_ci(hits, 500, seed=3, clusters=np.arange(200)) == ev.bootstrap_ci(hits, 500, seed=3)
+    with_nan, labels = np.append(hits, np.nan), np.append(idents, "x")
+    assert ev.bootstrap_ci(with_nan, 500, clusters=labels) == ev.bootstrap_ci(hits, 500, clusters=idents)
+
+
+def test_paired_difference_of_a_system_with_itself_is_exactly_zero():
+    rng = np.random.default_rng(0)
+    a = (rng.random(60) < 0.4).astype(float)
+    idents = np.repeat([f"id{i}" for i in range(12)], 5)
+    assert ev.paired_difference(a, a, idents, 500) == (0.0, 0.0, 0.0, 60)
+    # a real difference on the same clips: b misses 12 of a's hits
+    b = a.copy()
+    b[np.flatnonzero(a)[:12]] = 0
+    d, lo, hi, n = ev.paired_difference(a, b, idents, 1000)
+    assert d == pytest.approx(12 / 60) and 0 < lo <= d <= hi
 
 
 # ------------------------------------------------------------------------------------------------ fidelity
@@ -137,6 +197,25 @@ def test_psnr_and_ssim_agree_with_scikit_image():
     assert ev.ssim(a, a) == pytest.approx(1.0) and ev.psnr(a, a) == float("inf")
     with pytest.raises(ValueError):
         ev.psnr(a, a[:32])
+
+
+def test_guide_consistency_of_bicubic_upscaling_and_of_shuffled_outputs():
+    from slf_utils import preprocessing
+
+    faces = [orl_crop(s, 1) for s in range(1, 21)]
+    guides = np.stack([preprocessing.guide_of(f) for f in faces])
+    up = ev.bicubic_images(guides, 32)
+    assert up.shape == (20, 32, 32, 3)
+    g = ev.guide_consistency(up, guides)
+    assert (g["guide_top1"] == 1).all() and g["guide_rmse"].max() < 8  # grey levels (measured 5-7)
+    # real faces keep their guides exactly; another clip's face does not
+    assert ev.guide_consistency(faces, guides)["guide_rmse"].max() == 0
+    shuffled = ev.guide_consistency(faces[1:] + faces[:1], guides)
+    assert shuffled["guide_top1"].sum() == 0 and shuffled["guide_rmse"].min() > 10
+    # `own`: outputs for some of the clips only
+    g = ev.guide_consistency(up[[3, 7]], guides, own=[3, 7])
+    assert (g["guide_top1"] == 1).all()
+    assert ev.guide_consistency(up[[3, 7]], guides, own=[7, 3])["guide_top1"].sum() == 0
 
 
 # ------------------------------------------------------------------------------------------------ attributes
@@ -295,11 +374,15 @@ def test_run_random_selection_writes_chance_rows_only(synthetic):
     out = ev.eval_dir(cfg, "random")
     assert (out / "metrics.csv").exists() and (out / "provenance.json").exists() and (out / "hits.csv").exists()
     assert not (out / "images").exists()
-    assert list(m.columns) == ev.METRIC_COLUMNS
+    assert list(m.columns) == ev.METRIC_COLUMNS and m["scale"].isna().all()
     chance = m[m["metric"] == "chance@1"]
-    assert chance["value"].iloc[0] == pytest.approx(1 / 6) and chance["scale"].isna().all()
-    r = m[m["metric"] == "recall@1"].iloc[0]
-    assert r["n"] == 12 and r["ci_low"] <= r["value"] <= r["ci_high"]
+    assert chance["value"].iloc[0] == pytest.approx(1 / 6) and list(chance["protocol"]) == ["both"]
+    r = m[m["metric"] == "recall@1"].set_index("protocol")
+    assert set(r.index) == {"paper", "identity"}
+    for p in r.index:
+        assert r.loc[p, "n"] == 12 and r.loc[p, "ci_low"] <= r.loc[p, "value"] <= r.loc[p, "ci_high"]
+    assert m.set_index("metric").loc["n_unsampled", "value"] == 0
+    assert set(ev.load_hits(out / "hits.csv")["protocol"]) == {"paper", "identity"}
 
 
 def fake_diffusion(calls):
@@ -327,7 +410,10 @@ def fake_diffusion(calls):
             faces = np.roll(faces, 2, axis=0)  # clips are ordered by identity, 2 test clips each
         return np.stack([ev.resize(f, 32) for f in faces])
 
-    mod.load_model, mod.sample = load_model, sample
+    def resolve_preset(model_cfg):  # the output size of the reference rows: the fake's 32 px
+        return {"super_resolution": {"image_sizes": [8, 32]}}
+
+    mod.load_model, mod.sample, mod.resolve_preset = load_model, sample, resolve_preset
     return mod
 
 
@@ -353,13 +439,16 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
     assert len(list((out / "images").glob("*.png"))) == 24
     samples = pd.read_csv(out / "samples.csv")
     assert len(samples) == 24 and set(samples["scale"]) == {0, 2}
-    r1 = m[m["metric"] == "recall@1"].set_index("scale")["value"]
+    r1 = m[(m["metric"] == "recall@1") & (m["protocol"] == "paper")].set_index("scale")["value"]
     assert r1[2] == 1.0 and r1[0] == 0.0  # perfect generator vs wrong identities
+    guide = m[m["metric"] == "guide_top1"].set_index("scale")["value"]
+    assert guide[2] == 1.0 and guide[0] < 0.5  # its own face keeps its guide; the next clip's does not
+    assert set(m.loc[~m["metric"].str.startswith("recall@"), "protocol"]) == {"both"}
     psnr = m[m["metric"] == "psnr"].set_index("scale")["value"]
     assert psnr[2] > psnr[0]
     assert {"recall@1", "recall@10", "chance@3", "psnr", "ssim"} <= set(m["metric"])
     hits = pd.read_csv(out / "hits.csv")
-    assert len(hits) == 2 * 12 * 4
+    assert len(hits) == 2 * 2 * 12 * 4  # scales x protocols x clips x k
     import json
 
     prov = json.loads((out / "provenance.json").read_text())
@@ -378,3 +467,108 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
     cfg["evaluate"]["sampling_steps"] = 3
     ev.run(cfg, "full_input", log=lambda *a: None)
     assert len(calls) == 3 and calls[0]["steps"] == 3
+
+
+def fake_model(cfg, store, monkeypatch, clip_ids):
+    """The fake diffusion module, returning the real faces of `clip_ids`, and the norm stats a model dir needs."""
+    import slf_utils
+    from slf_utils.config import atomic_save_npz
+    from slf_utils.layout import Layout
+
+    calls = []
+    fake = fake_diffusion(calls)
+    fake.faces = store.load_stacked("preprocess", clip_ids)["face"]
+    monkeypatch.setitem(sys.modules, "slf_utils.diffusion", fake)
+    monkeypatch.setattr(slf_utils, "diffusion", fake, raising=False)
+    model_dir = Path(cfg["results"]) / "full_input" / "model"
+    train_ids = store.clips(split="train")["clip_id"].tolist()
+    atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
+    return calls
+
+
+def test_bicubic_and_identity_mean_rows_on_a_synthetic_store(synthetic):
+    import cv2
+
+    cfg, store = synthetic
+    test = store.clips(split="test", stage="preprocess")
+    size = ev.output_size(cfg)
+    assert size == 16  # the demo preset's super-resolution output
+    for name in ("bicubic", "identity_mean"):
+        m = ev.run(cfg, name, log=lambda *a: None)
+        out = ev.eval_dir(cfg, name)
+        samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
+        assert list(samples["clip_id"]) == test["clip_id"].tolist() and samples["scale"].isna().all()
+        assert m["scale"].isna().all() and set(m["protocol"]) == {"paper", "identity", "both"}
+        assert (m.loc[m["metric"] == "recall@1", "n"] == 12).all()
+        images = {c: ev.read_image(out / p) for c, p in zip(samples["clip_id"], samples["image"])}
+        for cid, ident in zip(test["clip_id"], test["identity"]):
+            if name == "bicubic":
+                guide = store.get(cid, "preprocess")["guide"]
+                want = cv2.resize(guide, (size, size), interpolation=cv2.INTER_CUBIC)
+            else:
+                train = store.clips(split="train")
+                ids = train.loc[train["identity"] == ident, "clip_id"].tolist()
+                mean = np.mean([store.get(c, "preprocess")["face"].astype(float) for c in ids], axis=0)
+                want = cv2.resize(np.round(mean).astype(np.uint8), (size, size), interpolation=cv2.INTER_AREA)
+            np.testing.assert_array_equal(images[cid], want, err_msg=f"{name} {cid}")
+        at = m.set_index("metric")["value"]
+        if name == "bicubic":
+            assert at["guide_top1"] == 1.0 and at["guide_rmse"] < 3  # the floor keeps its guide
+        assert at["n_unsampled"] == 0
+
+
+def test_identity_mean_skips_test_identities_without_training_faces(synthetic):
+    """A test identity without training faces (VoxCeleb2's test set: all of them) cannot be sampled: a miss with a
+    note; when no test identity has one, the row is skipped with a note instead of failing."""
+    import json
+
+    cfg, store = synthetic
+    for c in store.clips(split="train").query("identity == 'id00005'")["clip_id"]:
+        store.update_labels(c, split="dev")  # id00005 keeps its test clips, loses its training faces
+    logs = []
+    m = ev.run(cfg, "identity_mean", log=logs.append)
+    at = m.set_index("metric")
+    assert at.loc["n_unsampled", "value"] == 2 and (m.loc[m["metric"] == "recall@1", "n"] == 12).all()
+    hits = ev.load_hits(ev.eval_dir(cfg, "identity_mean") / "hits.csv")
+    assert not hits.loc[hits["identity"] == "id00005", "hit"].any()
+    prov = json.loads((ev.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    assert prov["n_unsampled"] == 2 and any("without training faces" in n for n in prov["notes"])
+    assert any("without training faces" in line for line in logs)
+
+    gallery = ev.Gallery(["x"], ["nobody"], None, None, None)
+    assert ev.reference_images("identity_mean", store, gallery, 16) == ([], [])
+    for c in store.clips(split="train").query("identity >= 'id00003'")["clip_id"]:
+        store.update_labels(c, split="dev")
+    for c in store.clips(split="test").query("identity < 'id00003'")["clip_id"]:
+        store.update_labels(c, split="dev")  # test identities 3-5 are unseen, training faces of 0-2 remain
+    m = ev.run(cfg, "identity_mean", log=lambda *a: None)
+    assert "recall@1" not in set(m["metric"]) and m.set_index("metric").loc["n_unsampled", "value"] == 6
+    prov = json.loads((ev.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    assert any("skipped" in n for n in prov["notes"])
+
+
+def test_one_gallery_for_every_system_of_a_grid(synthetic, monkeypatch):
+    """A system that cannot sample a clip (its features are missing) still faces the whole gallery: that clip is a
+    miss, the same N and clips as every other system, and the count is reported."""
+    cfg, store = synthetic
+    test_ids = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
+    store.reject(test_ids[0], "speaker", "no voice", "x")
+    calls = fake_model(cfg, store, monkeypatch, test_ids[1:])
+    logs = []
+    metrics = {s: ev.run(cfg, s, log=logs.append) for s in ("full_input", "bicubic", "random")}
+    assert all(c["n"] == 11 for c in calls)
+    hit_clips = {}
+    for s, m in metrics.items():
+        r = m[m["metric"].str.startswith("recall@")]
+        assert (r["n"] == 12).all(), s
+        chance = m.loc[m["metric"] == "chance@1", ["value", "n"]].iloc[0]
+        assert chance["value"] == pytest.approx(1 / 6) and chance["n"] == 12
+        hits = ev.load_hits(ev.eval_dir(cfg, s) / "hits.csv")
+        hit_clips[s] = sorted(set(hits["clip_id"]))
+    assert hit_clips["full_input"] == hit_clips["bicubic"] == hit_clips["random"] == sorted(test_ids)
+    fi = metrics["full_input"]
+    assert fi.set_index("metric").loc["n_unsampled", "value"] == 1
+    paper = fi[(fi["metric"] == "recall@1") & (fi["protocol"] == "paper")].set_index("scale")["value"]
+    assert paper[2] == pytest.approx(11 / 12)  # perfect on the 11 it sampled, a miss on the 12th
+    assert fi.loc[(fi["metric"] == "psnr"), "n"].max() == 11
+    assert any("1 of 12 gallery clips not sampled" in line for line in logs)

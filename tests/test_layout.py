@@ -112,7 +112,9 @@ def test_systems_are_declared_with_modes_and_paper_numbers(systems, layout):
         "speaker_embeddings_only": ("generation", None),
         "pure_sr": ("super_resolution", None),
         "full_input_no_classical": ("super_resolution", None),
-        "random": ("none", None),
+        "random": ("reference", None),
+        "bicubic": ("reference", None),
+        "identity_mean": ("reference", None),
     }
     assert {n: (s.mode, s.paper_no) for n, s in systems.items()} == expected
     assert set(systems["full_input"].keep) == set(layout.names)
@@ -277,3 +279,25 @@ def test_layout_figure(layout, systems):
     assert len(labels) == len(layout.constituents)
     assert any("mel" in t and "dropped" in t for t in labels) and any(t.startswith("age") for t in labels)
     assert isinstance(layout.table(), pd.DataFrame)
+
+
+def test_layout_drop_removes_a_constituent_from_every_system(layout, store, train_ids):
+    """Issue 10: the demo grid drops the language label (it nearly names the speaker); its rows stay zero for every
+    system, the groups lose it, and the layout's hash (checked when a training resumes) changes."""
+    from slf_utils.config import load_params
+
+    cfg = load_params(ROOT / "params" / "demo.yaml")
+    assert cfg["layout_drop"] == ["language"]
+    from slf_utils.layout import load_layout
+
+    dropped = load_layout(cfg)
+    assert "language" not in dropped.names and "language" not in dropped.groups["speech"]
+    assert dropped.hash != layout.hash
+    systems = load_systems(SYSTEMS, dropped)
+    assert all("language" not in s.keep for s in systems.values())
+    assert "language" in load_systems(SYSTEMS, layout)["no_speaker_embeddings"].keep  # the paper grid keeps it
+    X = dropped.build(store, train_ids, systems["full_input"].keep, dropped.fit(store, train_ids))
+    row = layout.constituents["language"].rows[0]
+    assert not X[:, row].any()
+    with pytest.raises(ParamsError, match="layout_drop: unknown constituent"):
+        Layout.load(LAYOUT, drop=("langauge",))

@@ -79,8 +79,33 @@ def test_bootstrap_significance_is_paired_and_contains_estimate():
 
 
 # ------------------------------------------------------------------------------------------------ synthetic results
-SYSTEMS = ["full_input", "no_image_guide", "no_speaker_embeddings", "no_audio", "pure_sr", "random"]
-PEAK = {"full_input": 0.6, "no_image_guide": 0.35, "no_speaker_embeddings": 0.3, "no_audio": 0.0, "pure_sr": 0.15}
+SYSTEMS = [
+    "full_input",
+    "no_image_guide",
+    "no_speaker_embeddings",
+    "no_audio",
+    "pure_sr",
+    "bicubic",
+    "identity_mean",
+    "random",
+]
+PEAK = {"full_input": 0.9, "no_image_guide": 0.35, "no_speaker_embeddings": 0.3, "no_audio": 0.0, "pure_sr": 0.15}
+REFERENCE = {"bicubic": 0.3, "identity_mean": 0.5}  # recall@1 of the image reference rows (paper protocol)
+GUIDE_TOP1 = {"full_input": 0.95, "no_speaker_embeddings": 0.9, "no_audio": 0.95, "pure_sr": 0.5, "bicubic": 1.0}
+IDENTITY = 0.75  # the identity protocol keeps this share of the paper protocol's hits
+
+
+def keep_share(hits, share):
+    out = hits.copy()
+    out[np.flatnonzero(hits)[round(share * hits.sum()) :]] = False
+    return out
+
+
+def exact_hits(rng, n, p1):
+    """{protocol: {k: hits}} with exactly round(p n) hits (paper) and round(IDENTITY round(p n)) (identity): recall
+    is known, so best scales and S are too."""
+    paper = {k: rng.permutation(np.arange(n) < round(min(1, p1 + (k - 1) * 0.08) * n)) for k in ev.KS}
+    return {"paper": paper, "identity": {k: keep_share(h, IDENTITY) for k, h in paper.items()}}
 
 
 def write_synthetic_results(cfg, store):
@@ -93,31 +118,27 @@ def write_synthetic_results(cfg, store):
     for system in SYSTEMS:
         out = ev.eval_dir(cfg, system)
         out.mkdir(parents=True, exist_ok=True)
-        rows = ev.chance_rows(system, n_ids, len(ids))
+        rows = ev.chance_rows(system, n_ids, len(ids)) + [ev.constant_row(system, "n_unsampled", 0.0, len(ids))]
         hit_frames, samples = [], []
         if system == "random":
-            hits = ev.random_selection_hits(idents, idents, seed=0)
-            rows += ev.recall_rows(system, np.nan, hits, 200)
+            hits = {p: ev.random_selection_hits(idents, idents, seed=0) for p in ev.PROTOCOLS}
+            rows += ev.recall_rows(system, np.nan, hits, 200, clusters=idents)
             hit_frames.append(ev.hit_frame(system, np.nan, ids, idents, hits))
         else:
-            for scale in range(0, 9, 2):
-                p1 = PEAK[system] * np.exp(-((scale - 3) ** 2) / 8)
-                # exactly round(p n) hits: recall is known, so best scales and S are too
-                hits = {
-                    k: rng.permutation(np.arange(len(ids)) < round(min(1, p1 + (k - 1) * 0.08) * len(ids)))
-                    for k in ev.KS
-                }
-                rows += ev.recall_rows(system, scale, hits, 200)
+            scales = [np.nan] if system in REFERENCE else range(0, 9, 2)
+            for scale in scales:
+                p1 = REFERENCE[system] if system in REFERENCE else PEAK[system] * np.exp(-((scale - 3) ** 2) / 8)
+                hits = exact_hits(rng, len(ids), p1)
+                rows += ev.recall_rows(system, scale, hits, 200, clusters=idents)
                 rows.append(ev.metric_row(system, scale, "psnr", 20 + rng.normal(0, 1, len(ids)) - scale, 200))
                 rows.append(ev.metric_row(system, scale, "ssim", rng.random(len(ids)) / (1 + scale), 200))
                 rows.append(ev.metric_row(system, scale, "gender_acc", (rng.random(len(ids)) < 0.8) * 1.0, 200))
+                top1 = GUIDE_TOP1.get(system, 0.1)
+                rows.append(ev.metric_row(system, scale, "guide_top1", np.arange(len(ids)) < top1 * len(ids), 200))
                 hit_frames.append(ev.hit_frame(system, scale, ids, idents, hits))
-                for cid, ident, face in zip(ids, idents, faces):
-                    rel = f"images/{ev.safe_name(cid)}_s{scale:g}.png"
-                    ev.write_image(out / rel, np.clip(face.astype(int) + 10 * scale, 0, 255).astype(np.uint8))
-                    samples.append(
-                        {"clip_id": cid, "identity": ident, "scale": scale, "image": rel, "sample_hash": "x"}
-                    )
+                shift = 0 if np.isnan(scale) else 10 * scale
+                images = [np.clip(face.astype(int) + shift, 0, 255).astype(np.uint8) for face in faces]
+                samples += ev.write_samples(out, ids, idents, images, scale, "x")
             pd.DataFrame(samples).to_csv(out / "samples.csv", index=False)
         pd.DataFrame(rows, columns=ev.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
         pd.concat(hit_frames).to_csv(out / "hits.csv", index=False)
@@ -149,28 +170,35 @@ def test_report_from_synthetic_results(synthetic_results):
     logs = []
     res = report.run(cfg, log=logs.append)
     out = report.report_dir(cfg)
-    for stem in ("recall_vs_scale", "samples_best_scale", "samples_across_scales"):
+    for stem in ("recall_vs_scale", "samples_systems", "samples_scales"):
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
-    for stem in ("table_best_scale", "table_scale_2", "significance_best_scale", "significance_scale_2"):
+    for stem in ("headline", "differences", "table_best_scale", "table_scale_2", "significance_best_scale"):
         assert (out / f"{stem}.csv").exists() and (out / f"{stem}.md").exists(), stem
     assert any("audio_only" in line for line in logs)  # not evaluated: skipped and said so
 
     best = res["best"]
-    assert np.isnan(best["random"]) and best["no_audio"] == 0.0  # all-zero recall: the smallest scale
+    assert all(np.isnan(best[s]) for s in ("random", "bicubic", "identity_mean")) and best["no_audio"] == 0.0
     assert all(best[s] == 2.0 for s in PEAK if PEAK[s] > 0)  # 2 and 4 tie by construction: the smaller
+    assert res["best_by_protocol"]["paper"]["full_input"] == 2.0
     table = pd.read_csv(out / "table_best_scale.csv")
-    assert set(table["system"]) == set(SYSTEMS)
+    assert set(table["system"]) == set(SYSTEMS) and list(table["protocol"].unique()) == ["identity", "paper"]
     assert (table["recall@1_lo"] <= table["recall@1"]).all()
+    t = table.set_index(["protocol", "system"])
+    n = t.loc[("paper", "full_input"), "n"]
+    assert t.loc[("paper", "bicubic"), "recall@1"] == pytest.approx(round(0.3 * n) / n)
+    assert t.loc[("identity", "identity_mean"), "recall@1"] == pytest.approx(round(IDENTITY * round(0.5 * n)) / n)
+    assert t.loc[("paper", "bicubic"), "guide_top1"] == 1.0 and pd.isna(t.loc[("paper", "bicubic"), "scale"])
 
     sig = pd.read_csv(out / "significance_scale_2.csv")
+    sig = sig[sig["protocol"] == "paper"]
     # image guide, audio, speaker embeddings: their "without" systems ran; attributes' did not -> skipped
     assert list(sig["key"]) == ["image_guide", "audio", "speaker_embeddings"]
     assert list(sig["paper_S"]) == [75, 77, 98]
     audio = sig.set_index("key").loc["audio"]
     assert audio["S_text"] == "inf" and "unbounded" in audio["band"]  # no_audio recall is 0 everywhere
     guide = sig.set_index("key").loc["image_guide"]
-    metrics = res["metrics"]
+    metrics = ev.at_protocol(res["metrics"], "paper")
     w = report.k_weights("inverse")
     want = report.significance(
         report.recall_at(metrics, "full_input", 2), report.recall_at(metrics, "no_image_guide", 2), w
@@ -178,19 +206,74 @@ def test_report_from_synthetic_results(synthetic_results):
     assert guide["S"] == pytest.approx(want) and guide["S_ci_low"] <= want <= guide["S_ci_high"]
 
     checks = pd.read_csv(out / "learning_checks.csv").set_index("system")
-    assert "random" not in checks.index and checks.loc["no_image_guide", "mode"] == "generation"
-    fi, na = checks.loc["full_input"], checks.loc["no_audio"]
+    assert not {"random", "bicubic", "identity_mean"} & set(checks.index)
+    assert checks.loc["no_image_guide", "mode"] == "generation"
+    fi, na, ps = checks.loc["full_input"], checks.loc["no_audio"], checks.loc["pure_sr"]
     assert fi["x_chance"] == pytest.approx(fi["recall@1"] / fi["chance@1"]) and fi["chance@1"] == pytest.approx(1 / 6)
     assert fi["ci_above_chance"] and fi["recall@1_lo"] > 1 / 6
     assert not na["ci_above_chance"] and pd.isna(na["scale0_at_chance"])  # recall 0; at chance: generation only
     ng = checks.loc["no_image_guide"]
     assert ng["scale0_at_chance"] == (ng["scale0_lo"] <= 1 / 6 <= ng["scale0_hi"])
+    # the bicubic floor and the guide: super-resolution systems only
+    assert fi["above_floor"] and fi["guide_kept"] and not ps["above_floor"] and not ps["guide_kept"]
+    assert pd.isna(ng["above_floor"]) and pd.isna(ng["guide_kept"])
+    assert fi["of_ceiling"] == pytest.approx(fi["recall@1"] / fi["ceiling@1"])
+
+    diff = pd.read_csv(out / "differences.csv")
+    pairs = set(zip(diff["a"], diff["b"]))
+    # report.differences (full_input - pure_sr, full_input - no_speaker_embeddings) and each SR system - bicubic
+    assert pairs == {
+        ("full_input", "pure_sr"),
+        ("full_input", "no_speaker_embeddings"),
+        ("full_input", "bicubic"),
+        ("no_speaker_embeddings", "bicubic"),
+        ("no_audio", "bicubic"),
+        ("pure_sr", "bicubic"),
+    }
+    assert set(diff["protocol"]) == {"identity", "paper"} and set(diff["scales"]) == {"best", "chosen 2"}
+    d = diff.set_index(["scales", "protocol", "a", "b", "k"]).loc[("best", "paper", "full_input", "bicubic", 1)]
+    fi_paper = t.loc[("paper", "full_input"), "recall@1"]
+    assert d["difference"] == pytest.approx(fi_paper - t.loc[("paper", "bicubic"), "recall@1"])
+    assert d["ci_low"] <= d["difference"] <= d["ci_high"] and d["n_clips"] == n
 
     summary = (out / "summary.md").read_text()
-    assert "Does each system learn?" in summary and "× chance" in summary
+    first = summary.split("## ")[1]
+    assert first.startswith("Identity protocol") and "Bicubic upscaling" in first and "Identity mean face" in first
+    assert "vs identity_mean" in first and "Random selection" in first
+    assert "Does each system learn?" in summary and "× chance" in summary and "Paired differences" in summary
     assert "w@1 = 0.612" in summary and "inverse" in summary and "75 %" in summary
     md = (out / "table_best_scale.md").read_text()
-    assert md.startswith("| system |") and "Full Input" in md
+    assert md.startswith("| protocol | system |") and "Full Input" in md
+
+
+def test_recall_figure_has_a_row_of_panels_per_protocol_and_reference_lines(synthetic_results):
+    metrics = report.load_all(synthetic_results)
+    fig = report.plot_recall_vs_scale(metrics, report.system_titles(synthetic_results))
+    axes = fig.get_axes()
+    assert [ax.get_title().split(")")[1].split(",")[0].strip() for ax in axes] == [
+        "identity protocol",
+        "identity protocol",
+        "paper protocol",
+        "paper protocol",
+    ]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "Bicubic upscaling (reference)" in labels and "Identity mean face (reference)" in labels
+    # the reference rows are horizontal lines at their recall (identity protocol: IDENTITY x the paper's hits)
+    lines = [c for c in axes[0].collections if c.get_label() == "Identity mean face (reference)"]
+    y = lines[0].get_segments()[0][:, 1]
+    assert y[0] == y[1] == pytest.approx(round(IDENTITY * 6) / 12)
+
+
+def test_differences_table_of_a_system_with_itself_is_zero(synthetic_results):
+    cfg = synthetic_results
+    hits = {"full_input": report.load_hits(cfg, "full_input")}
+    diff = report.differences_table(
+        [("full_input", "full_input")], {("best", "identity"): {"full_input": 2.0}}, hits, ks=(1, 3)
+    )
+    assert list(diff["k"]) == [1, 3] and (diff[["difference", "ci_low", "ci_high"]] == 0).all().all()
+    assert (diff["n_clips"] == 12).all() and (diff["n_identities"] == 6).all()
+    # the report leaves such a pair out, and pairs with a system that was not evaluated
+    assert report.difference_pairs([["full_input", "full_input"], ["full_input", "nope"]], {}, ["full_input"]) == []
 
 
 def test_report_with_nothing_evaluated(tmp_path):
@@ -214,7 +297,7 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
     grid = {
         "name": "nbtest",
         "results": str(tmp_path / "results"),
-        "systems": ["full_input", "random"],
+        "systems": ["full_input", "bicubic", "random"],
         "model": {"preset": "tiny"},
         "train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2},
         "evaluate": {
@@ -240,7 +323,7 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
 
     diffusion.train(cfg, "full_input")
     nb = ROOT / "notebooks"
-    for system in ("full_input", "random"):
+    for system in ("full_input", "bicubic", "random"):
         pm.execute_notebook(
             str(nb / "04_evaluate.ipynb"),
             str(tmp_path / f"04_{system}.ipynb"),
@@ -258,7 +341,9 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
         progress_bar=False,
     )
     out = report.report_dir(cfg)
-    for stem in ("recall_vs_scale", "samples_best_scale", "samples_across_scales"):
+    for stem in ("recall_vs_scale", "samples_systems", "samples_scales"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.pdf").exists()
     m = pd.read_csv(ev.eval_dir(cfg, "full_input") / "metrics.csv")
-    assert set(m["scale"].dropna()) == {0, 2}
+    assert set(m["scale"].dropna()) == {0, 2} and {"guide_top1", "n_unsampled"} <= set(m["metric"])
+    headline = (out / "headline.md").read_text()
+    assert "Bicubic upscaling" in headline and "Random selection" in headline and "reference" in headline
