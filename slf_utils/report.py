@@ -226,18 +226,23 @@ def _at(metrics: pd.DataFrame, system, scale, metric) -> tuple:
     return tuple(float(r[c].iloc[0]) for c in ("value", "ci_low", "ci_high")) if len(r) else (np.nan,) * 3
 
 
-def best_scales(metrics: pd.DataFrame) -> dict:
+def best_scales(metrics: pd.DataFrame, guide_min: dict | None = None) -> dict:
     """{system: scale} maximising recall@1 in a protocol view, ties broken by recall@3 then the smaller scale.
-    Systems without a scale (the reference rows) map to NaN."""
+    `guide_min` {system: g}: for these (the super-resolution systems) only scales whose guide_top1 is at least g
+    compete, while any does: a scale at which the outputs no longer reproduce their guide is not a super-resolution
+    of that guide, however well it is recognised. Systems without a scale (the reference rows) map to NaN."""
     out = {}
     for system, m in metrics.groupby("system", sort=False):
-        r = m[m["metric"].isin(["recall@1", "recall@3"])].pivot_table(
+        r = m[m["metric"].isin(["recall@1", "recall@3", "guide_top1"])].pivot_table(
             index="scale", columns="metric", values="value", dropna=False
         )
         if r.empty or "recall@1" not in r:
             out[system] = np.nan
             continue
         r = r.reset_index().assign(r3=r.get("recall@3", pd.Series(0, index=r.index)).to_numpy())
+        g = (guide_min or {}).get(system)
+        if exists(g) and "guide_top1" in r and (r["guide_top1"] >= g).any():
+            r = r[r["guide_top1"] >= g]
         r = r.sort_values(["recall@1", "r3", "scale"], ascending=[False, False, True])
         out[system] = float(r["scale"].iloc[0])
     return out
@@ -803,7 +808,8 @@ def run(cfg, log=print) -> dict:
     modes = system_modes(cfg)
     hits = {s: load_hits(cfg, s) for s in found}
     main = at_protocol(metrics, PROTOCOLS[0])  # the identity protocol: the headline, checks and sample grids
-    best_by = {p: best_scales(at_protocol(metrics, p)) for p in PROTOCOLS}
+    keep_guide = {s: float(rep["guide_top1_min"]) for s, m in modes.items() if m == "super_resolution"}
+    best_by = {p: best_scales(at_protocol(metrics, p), keep_guide) for p in PROTOCOLS}
     best = best_by[PROTOCOLS[0]]
     chosen = float(rep["chosen_scale"])
     chosen_of = {s: (chosen if not pd.isna(best[s]) else np.nan) for s in found}

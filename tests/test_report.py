@@ -165,6 +165,17 @@ def synthetic_results(tmp_path):
     return cfg
 
 
+def test_best_scale_of_a_super_resolution_system_keeps_its_guide():
+    rows = [("sr", sc, "identity", "recall@1", r1) for sc, r1 in ((1, 0.50), (3, 0.63), (5, 0.63), (8, 0.70))] + [
+        ("sr", sc, "identity", "recall@3", r3) for sc, r3 in ((1, 0.6), (3, 0.70), (5, 0.73), (8, 0.8))
+    ]
+    rows += [("sr", sc, "both", "guide_top1", g) for sc, g in ((1, 1.0), (3, 0.97), (5, 0.88), (8, 0.7))]
+    m = pd.DataFrame(rows, columns=["system", "scale", "protocol", "metric", "value"])
+    assert report.best_scales(m) == {"sr": 8.0}  # recall alone
+    assert report.best_scales(m, {"sr": 0.9}) == {"sr": 3.0}  # 5 ties on recall@1 but loses its guide
+    assert report.best_scales(m, {"sr": 1.01}) == {"sr": 8.0}  # no scale qualifies: recall alone (the check fails)
+
+
 def test_report_from_synthetic_results(synthetic_results):
     cfg = synthetic_results
     logs = []
