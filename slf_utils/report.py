@@ -19,6 +19,7 @@ w_k proportional to 1/k) and every output says which were used. R_k^without = 0 
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -695,6 +696,8 @@ def _grid_figure(rows: list[list], col_titles: list[str], row_titles: list[str],
     fig = Figure(figsize=(1.15 * nc + 1.6, 1.15 * nr + 0.9))
     ax = fig.add_axes([0.14, 0.02, 0.84, 0.84])
     ax.imshow(canvas, interpolation="nearest")
+    # long system names wrap instead of running into the next column's
+    col_titles = [textwrap.fill(t, 14, break_long_words=False) for t in col_titles]
     ax.set_xticks([j * (cell + gap) + cell / 2 for j in range(nc)], col_titles, fontsize=7)
     ax.xaxis.tick_top()
     ax.set_yticks([i * (cell + gap) + cell / 2 for i in range(nr)], row_titles, fontsize=6)
@@ -908,7 +911,9 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
             ]
         ),
         "Best scale = the scale with the highest recall@1 under that protocol (ties: recall@3, then the smaller "
-        f"scale). Tables at the chosen scale {chosen:g}: `table_scale_{chosen:g}.md`.",
+        "scale); for a super-resolution system only scales that keep its guide (guide_top1 ≥ "
+        f"{float(cfg['report']['guide_top1_min']):g}) compete, where any does. Tables at the chosen scale "
+        f"{chosen:g}: `table_scale_{chosen:g}.md`.",
         "",
         "## Paired differences of recall (a − b on the same clips, 95 % bootstrap over identities)",
         "",
