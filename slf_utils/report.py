@@ -320,10 +320,13 @@ def pretty_table(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def headline_table(metrics: pd.DataFrame, best: dict, titles: dict | None = None) -> pd.DataFrame:
+def headline_table(
+    metrics: pd.DataFrame, best: dict, titles: dict | None = None, modes: dict | None = None
+) -> pd.DataFrame:
     """The summary's first table, of one protocol view (the report passes the identity protocol's): each system at
-    its best scale, the reference rows with them; recall@1 with its interval, recall@3, guide_top1, recall@1 as a
-    multiple of chance and as a share of identity_mean's (the closed-set ceiling)."""
+    its best scale, the reference rows with them; recall@1 with its interval, recall@3, guide_top1 (of systems that
+    are given the guide: super-resolution and bicubic), recall@1 as a multiple of chance and as a share of
+    identity_mean's (the closed-set ceiling)."""
     ceiling = _at(metrics, CEILING, np.nan, "recall@1")[0]
     rows = []
     for system, scale in best.items():
@@ -338,7 +341,9 @@ def headline_table(metrics: pd.DataFrame, best: dict, titles: dict | None = None
                 "recall@1_lo": lo,
                 "recall@1_hi": hi,
                 "recall@3": _at(metrics, system, scale, "recall@3")[0],
-                "guide_top1": _at(metrics, system, scale, "guide_top1")[0],
+                "guide_top1": _at(metrics, system, scale, "guide_top1")[0]
+                if modes is None or modes.get(system) == "super_resolution" or system == FLOOR
+                else np.nan,
                 "chance@1": chance,
                 "x_chance": v / chance,
                 "of_identity_mean": v / ceiling if ceiling > 0 else np.nan,
@@ -822,7 +827,7 @@ def run(cfg, log=print) -> dict:
     fig = plot_recall_vs_scale(metrics, titles, ks=[k for k in (1, 3) if k in ks])
     result["figures"]["recall_vs_scale"] = save_figure(fig, out, "recall_vs_scale")
 
-    result["headline"] = headline_table(main, best, titles)
+    result["headline"] = headline_table(main, best, titles, modes)
     _write_table(out, "headline", result["headline"], pretty_headline(result["headline"]))
     checks = learning_checks(main, best, modes, titles, float(rep["guide_top1_min"]))
     result["checks"] = checks

@@ -358,3 +358,13 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
     assert set(m["scale"].dropna()) == {0, 2} and {"guide_top1", "n_unsampled"} <= set(m["metric"])
     headline = (out / "headline.md").read_text()
     assert "Bicubic upscaling" in headline and "Random selection" in headline and "reference" in headline
+
+
+def test_headline_shows_guide_consistency_only_for_systems_given_the_guide():
+    rows = [(s, 1.0, "identity", "recall@1", 0.5) for s in ("sr", "gen")]
+    rows += [(s, 1.0, "both", "guide_top1", 0.9) for s in ("sr", "gen")]
+    rows += [(s, np.nan, "both", "chance@1", 0.025) for s in ("sr", "gen")]
+    m = pd.DataFrame(rows, columns=["system", "scale", "protocol", "metric", "value"]).assign(ci_low=0.4, ci_high=0.6)
+    t = report.headline_table(m, {"sr": 1.0, "gen": 1.0}, modes={"sr": "super_resolution", "gen": "generation"})
+    assert t.set_index("system")["guide_top1"].to_dict() == pytest.approx({"sr": 0.9, "gen": np.nan}, nan_ok=True)
+    assert t["x_chance"].tolist() == pytest.approx([20.0, 20.0])
