@@ -37,7 +37,6 @@ from slf_utils.config import (
     atomic_write_json,
     atomic_write_text,
     deep_merge,
-    default,
     exists,
     params_hash,
     provenance,
@@ -401,10 +400,9 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         if exists(getattr(trainer, name, None)) and name in state.get("schedulers", {}).get(key, {}):
             getattr(trainer, name).load_state_dict(state["schedulers"][key][name])
     if schedule:
-        trainer_scheduler = getattr(trainer, f"scheduler{k - 1}")
         # a run resumed with more steps goes on from the rate it had reached and ends at 0 at its new last step
         # (one that had already decayed to 0 stays there: extend a cosine run before it ends, or start anew)
-        trainer_scheduler.T_max = steps
+        getattr(trainer, f"scheduler{k - 1}").T_max = steps
     if trainer.use_ema and key in state["ema"]:
         trainer.ema_unets[k - 1].load_state_dict(state["ema"][key])
     elif trainer.use_ema and start:
@@ -733,7 +731,7 @@ def sample(
                 text_embeds=X[i : i + batch_size].to(device),
                 cond_scale=cond_scale,
                 use_tqdm=False,
-                lowres_sample_noise_level=default(lowres_sample_noise_level, imagen.lowres_sample_noise_level),
+                lowres_sample_noise_level=lowres_sample_noise_level,  # None: Imagen's own (the preset's)
                 cfg_remove_parallel_component=False,
             )
             if mode == "super_resolution":

@@ -410,11 +410,12 @@ def identity_means(store, identities, size: int) -> dict:
     """The `identity_mean` reference: {identity: pixel mean of its real training faces at size x size} for those of
     `identities` that have training faces (none, where test identities are unseen, as in VoxCeleb2's test set)."""
     train = store.clips(split="train", stage="preprocess")
-    out = {}
-    for ident, group in train[train["identity"].isin(set(identities))].groupby("identity"):
-        faces = store.load_stacked("preprocess", group["clip_id"].tolist(), keys=["face"])["face"]
-        out[ident] = resize(np.round(faces.astype(np.float64).mean(0)).astype(np.uint8), size)
-    return out
+    train = train[train["identity"].isin(set(identities))]
+    faces = store.load_stacked("preprocess", train["clip_id"].tolist(), keys=["face"])["face"]  # one read for all
+    return {
+        ident: resize(np.round(faces[idx].astype(np.float64).mean(0)).astype(np.uint8), size)
+        for ident, idx in train.reset_index(drop=True).groupby("identity").indices.items()
+    }
 
 
 def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import atomic_write, atomic_write_text, default, exists
+from slf_utils.config import DEFAULTS, atomic_write, atomic_write_text, default, exists
 from slf_utils.evaluation import (
     KS,
     METRIC_COLUMNS,
@@ -64,14 +64,7 @@ TABLE_METRICS = (
     "ssim",
 )
 # Keys read with .get() so a params file without them still works.
-REPORT_EXTRAS = {
-    "n_examples": 6,
-    "scales_system": None,
-    "bootstrap": 1000,
-    "seed": 0,
-    "differences": [["full_input", "pure_sr"], ["full_input", "no_speaker_embeddings"]],
-    "guide_top1_min": 0.9,
-}
+REPORT_EXTRAS = DEFAULTS["report"]  # for a cfg built by hand; load_params merges the same defaults
 FLOOR, CEILING = "bicubic", "identity_mean"
 
 
