@@ -10,6 +10,7 @@ Needs a trained system (notebook 03) and its store:
     python benchmarks/sampling.py --params params/demo.yaml --system full_input
     python benchmarks/sampling.py --steps 1000,50 --max-clips 16        # quicker
     python benchmarks/sampling.py --only guidance --batch 16 --repeats 20
+    python benchmarks/sampling.py --quick    # smoke run: steps 8,4 on 8 clips, batch 2, 2 repeats (any model)
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ import numpy as np
 
 def _ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x.strip()]
+
+
+# (full run, --quick): what an option is when it is not given. Quick mode checks that the benchmark runs (tests,
+# a new machine); its numbers say nothing about the trade-off.
+DEFAULTS = {
+    "steps": ([1000, 250, 100, 50], [8, 4]),
+    "max_clips": (None, 8),
+    "batch": (16, 2),
+    "repeats": (10, 2),
+}
 
 
 def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
@@ -152,7 +163,9 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
     return res
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Run the benchmarks; returns {"steps": steps_benchmark rows, "guidance": guidance_benchmark dict} (the ones
+    run)."""
     import torch
 
     from slf_utils.config import load_params
@@ -160,19 +173,28 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params/demo.yaml")
     ap.add_argument("--system", default="full_input")
-    ap.add_argument("--steps", type=_ints, default=[1000, 250, 100, 50], help="comma list; the first is the reference")
+    ap.add_argument("--steps", type=_ints, help="comma list; the first is the reference (default 1000,250,100,50)")
     ap.add_argument("--scale", type=float, default=None, help="conditional scale (default report.chosen_scale)")
-    ap.add_argument("--max-clips", type=int, default=None, help="only the first N test clips (faster, noisier)")
-    ap.add_argument("--batch", type=int, default=16, help="batch of the guided-step benchmark")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--max-clips", type=int, help="only the first N test clips (faster, noisier; default all)")
+    ap.add_argument("--batch", type=int, help="batch of the guided-step benchmark (default 16)")
+    ap.add_argument("--repeats", type=int, help="timed repeats of the guided step (default 10)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--only", choices=["steps", "guidance"], default=None)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: steps 8,4, 8 clips, guided-step batch 2 and 2 repeats unless given (numbers meaningless)",
+    )
     args = ap.parse_args(argv)
+    for key, (full, quick) in DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, quick if args.quick else full)
     torch.set_num_threads(args.threads)
     cfg = load_params(args.params)
     scale = args.scale if args.scale is not None else float(cfg["report"]["chosen_scale"])
+    out = {}
     if args.only != "guidance":
-        rows = steps_benchmark(cfg, args.system, args.steps, scale, args.max_clips)
+        rows = out["steps"] = steps_benchmark(cfg, args.system, args.steps, scale, args.max_clips)
         ref = rows[0]
         print(
             f"\nreference: {ref['steps']} steps, recall@1 {ref['recall@1']:.3f} "
@@ -185,7 +207,8 @@ def main(argv=None):
                 f"{'yes' if r['inside_reference_ci'] else 'NO'}"
             )
     if args.only != "steps":
-        guidance_benchmark(cfg, args.system, args.batch, scale, args.repeats)
+        out["guidance"] = guidance_benchmark(cfg, args.system, args.batch, scale, args.repeats)
+    return out
 
 
 if __name__ == "__main__":

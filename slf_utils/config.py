@@ -159,7 +159,80 @@ DEFAULTS = {
         "differences": [["full_input", "pure_sr"], ["full_input", "no_speaker_embeddings"]],
         "guide_top1_min": 0.9,  # learning check: a super-resolution system keeps its guide at least this often
     },
-    "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1},
+    # reuse: results folders of other grids (e.g. [results/demo]); a step not done here whose record there is done with
+    # the same hash (same parameters, upstream steps and notebook) is copied instead of run (slf_utils.grid)
+    "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1, "reuse": []},
+    # wal: readers and one writer at once on one host; delete: a store on a network filesystem shared by nodes
+    "store": {"journal_mode": "wal"},
+    # Speech2Face (Oh et al. 2019) on the same bench: a voice encoder predicts the face recogniser's embedding of the
+    # speaker's face (slf_utils.voice_encoder, notebook 06); store stages `face_embedding` and `voice_face_embedding`
+    "speech2face": {
+        "face_model": "Dlib",  # recogniser of the face_embedding stage: Dlib 128-d offline; the paper: VGG-Face 4096-d
+        "voice_encoder": {
+            "backend": "mlp",  # mlp (stored speaker embeddings), ve_conv (the paper's CNN on a spectrogram), ast
+            "inputs": ["speaker"],  # mlp: speaker and/or speaker_windows (mean over windows), concatenated
+            "hidden": 512,  # width of the fully connected layers (the paper: 4096)
+            "dropout": 0.0,
+            "channels": [16, 16, 32, 32, 32, 64, 128, 128],  # ve_conv widths (the paper: 64 64 128 128 128 256 512 512)
+            "spectrogram": "power_law",  # ve_conv: power_law (the paper: complex STFT, sgn|S|^0.3) or log_mel
+            "n_mels": 64,  # ve_conv with log_mel
+            "seconds": 6.0,  # ve_conv/ast: audio window (random in training, the clip's start for predictions)
+            "ast_source": None,  # hub id or local folder (None: MIT/ast-finetuned-audioset-10-10-0.4593)
+            "ast_freeze": False,  # ast: train the regression head only
+            "steps": 2000,
+            "batch_size": 32,
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "seed": 0,
+            "checkpoint_every": 500,  # an interrupted training resumes from its last checkpoint
+            "metric": "cosine",  # retrieval in embedding space: the loss fixes only the prediction's direction
+            # the paper's loss: weights of |p - t|_1, |p - t|^2 and 1 - cos of the L2-normalised prediction p and
+            # target t; `decoder` (L1 of the face decoder's first-layer activations) and `classifier` (softmax
+            # distillation at `temperature`) need those networks, which the encoder's training does not have: 0
+            "loss": {"l1": 0.0, "l2": 1.0, "cosine": 0.0, "decoder": 0.0, "classifier": 0.0, "temperature": 2.0},
+        },
+    },
+    # The direct face decoder (slf_utils.face_decoder; systems with `decoder: direct`): an MLP from the embedding to a
+    # base x base feature map, then upsampling conv blocks to the preset's output size; trained with L1 (+ an optional
+    # perceptual term) on the training split's real faces. Diffusion systems read `train`, direct ones this.
+    "face_decoder": {
+        "hidden": 512,  # MLP width
+        "base": 4,  # side of the MLP's feature map (doubled by each upsampling block)
+        "channels": 128,  # channels of the feature map, halved by each block (at least 16)
+        "steps": 2000,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "lr_schedule": "cosine",  # or constant
+        "weight_decay": 0.0,
+        "seed": 0,
+        "checkpoint_every": 500,  # an interrupted training resumes from its last checkpoint
+        "perceptual": 0.0,  # weight of the VGG-16 perceptual loss (L1 of relu1_2, relu2_2, relu3_3 features): off
+        "perceptual_source": None,  # None: torchvision's ImageNet weights (downloaded); or a local state_dict file
+    },
+    # SCLDM-style contrastive pre-training (slf_utils.contrastive, notebook 07): a speech encoder and a face encoder
+    # trained with CLIP's symmetric InfoNCE and a learnable temperature; store stage `contrastive_speech` (the aligned
+    # speech embedding of every clip), read by the constituent and the system of that name
+    "contrastive": {
+        "speech_encoder": "mlp",  # mlp (stored speaker embeddings) or mel_conv (temporal conv + pooling on mel frames)
+        "speech_inputs": ["speaker"],  # mlp: speaker and/or speaker_windows (mean over windows), concatenated
+        "mel_channels": [128, 128],  # mel_conv: widths of the 1-d convolutions in time (kernel 3)
+        "face_encoder": "cnn",  # cnn (from scratch on the stored face) or recogniser (frozen face_embedding + head)
+        "face_px": 32,  # cnn: the stored face is downsized to face_px x face_px
+        "channels": [32, 64, 128],  # cnn: conv3x3-BN-ReLU-maxpool2 block widths
+        "augment": True,  # cnn: training faces flipped left-right at random and shifted by up to 2 px
+        "dim": 128,  # D of the shared space: the stored embedding's size
+        "hidden": 256,  # width of the heads' hidden layer
+        "dropout": 0.1,
+        "positives": "identity",  # identity (every face of the speaker in the batch) or clip (the clip's own face)
+        "temperature": 0.07,  # initial; the logit scale ln(1/T) is learnt (CLIP)
+        "max_logit_scale": 100.0,  # exp(logit scale) is clamped to at most this (CLIP: 100)
+        "steps": 500,  # measured on the demo corpus: test recall@1 the same at 500 and 1500 steps
+        "batch_size": 64,
+        "lr": 1e-3,
+        "weight_decay": 1e-4,
+        "seed": 0,
+        "checkpoint_every": 500,  # an interrupted training resumes from its last checkpoint
+    },
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
     "system_overrides": {},
 }
@@ -174,9 +247,10 @@ PATH_KEYS = (
     "data.test_list",
     "layout",
     "systems_file",
-    "features.speaker_source",
-    "features.language_source",
 )
+# a model source is a local folder or a hub id ("speechbrain/spkrec-ecapa-voxceleb"): resolved only when it names
+# an existing folder or is written as a path (./x, ../x, /x, ~/x)
+SOURCE_KEYS = ("features.speaker_source", "features.language_source", "face_decoder.perceptual_source")
 
 
 def _check_types(d: dict, ref: dict, where: str, prefix: str = ""):
@@ -188,7 +262,9 @@ def _check_types(d: dict, ref: dict, where: str, prefix: str = ""):
         if isinstance(r, dict):
             if not isinstance(v, dict):
                 raise ParamsError(f"{where}: {key} must be a mapping, got {v!r}")
-            if key not in FREE_FORM:
+            # a system's model options (system_overrides.<system>.model) are checked like `model`, by its loader
+            per_system_model = key.startswith("system_overrides.") and key.endswith(".model") and key.count(".") == 2
+            if key not in FREE_FORM and not per_system_model:
                 _check_types(v, r, where, key + ".")
         elif exists(r) and exists(v) and key not in ANY_TYPE:
             ok = (
@@ -225,21 +301,105 @@ def load_params(path, overrides: dict | None = None) -> dict:
     for key in PATH_KEYS:
         if exists(_get(cfg, key)):
             _set(cfg, key, str(resolve(_get(cfg, key))))
+    for key in SOURCE_KEYS:
+        src = _get(cfg, key)
+        if exists(src) and (str(src).startswith((".", "/", "~")) or resolve(src).is_dir()):
+            _set(cfg, key, str(resolve(src)))
     if not isinstance(cfg["systems"], list):
         raise ParamsError(f"{path}: systems must be a list of system names")
     if cfg["train"]["lr_schedule"] not in ("constant", "cosine"):
         raise ParamsError(f"{path}: train.lr_schedule must be constant or cosine, got {cfg['train']['lr_schedule']!r}")
+    if cfg["store"]["journal_mode"] not in ("wal", "delete", "truncate", "persist"):
+        raise ParamsError(
+            f"{path}: store.journal_mode must be wal, delete, truncate or persist, got {cfg['store']['journal_mode']!r}"
+        )
     for pair in cfg["report"]["differences"]:
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
             raise ParamsError(f"{path}: report.differences must be a list of [system, system] pairs, got {pair!r}")
     if not 0 <= cfg["report"]["guide_top1_min"] <= 1:
         raise ParamsError(f"{path}: report.guide_top1_min must be in [0, 1], got {cfg['report']['guide_top1_min']!r}")
+    _check_speech2face(cfg["speech2face"], str(path))
+    _check_face_decoder(cfg["face_decoder"], str(path))
+    _check_contrastive(cfg["contrastive"], str(path))
+    cfg["grid"]["reuse"] = [str(resolve(p)) for p in cfg["grid"]["reuse"] or []]
     for name, over in cfg["system_overrides"].items():
         if not isinstance(over, dict):
             raise ParamsError(f"{path}: system_overrides.{name} must be a mapping, got {over!r}")
         _check_types(over, DEFAULTS, str(path), f"system_overrides.{name}.")
     cfg["params_file"] = str(path)
     return cfg
+
+
+def _check_speech2face(s2f: dict, where: str):
+    ve = s2f["voice_encoder"]
+    key = "speech2face.voice_encoder"
+    choices = {
+        "backend": ("mlp", "ve_conv", "ast"),
+        "spectrogram": ("power_law", "log_mel"),
+        "metric": ("cosine", "l2"),
+    }
+    for name, ok in choices.items():
+        if ve[name] not in ok:
+            raise ParamsError(f"{where}: {key}.{name} must be one of {', '.join(ok)}, got {ve[name]!r}")
+    if not ve["inputs"] or not set(ve["inputs"]) <= {"speaker", "speaker_windows"}:
+        raise ParamsError(f"{where}: {key}.inputs must list speaker and/or speaker_windows, got {ve['inputs']!r}")
+    if not ve["channels"] or not all(isinstance(c, int) and c > 0 for c in ve["channels"]):
+        raise ParamsError(f"{where}: {key}.channels must be a list of positive integers, got {ve['channels']!r}")
+    for name in ("hidden", "n_mels", "steps", "batch_size", "checkpoint_every"):
+        if ve[name] < 1:
+            raise ParamsError(f"{where}: {key}.{name} must be at least 1, got {ve[name]!r}")
+    if not (ve["seconds"] > 0 and ve["lr"] > 0 and ve["weight_decay"] >= 0 and 0 <= ve["dropout"] < 1):
+        raise ParamsError(f"{where}: {key}: seconds and lr must be > 0, weight_decay >= 0, dropout in [0, 1)")
+    loss = ve["loss"]
+    if any(w < 0 for w in loss.values()) or loss["temperature"] == 0:
+        raise ParamsError(f"{where}: {key}.loss: weights must be >= 0 and temperature > 0, got {loss!r}")
+    if loss["l1"] + loss["l2"] + loss["cosine"] <= 0:
+        raise ParamsError(f"{where}: {key}.loss: one of l1, l2, cosine must be > 0 (the embedding loss), got {loss!r}")
+
+
+def _check_face_decoder(fd: dict, where: str):
+    for name in ("hidden", "base", "channels", "steps", "batch_size", "checkpoint_every"):
+        if fd[name] < 1:
+            raise ParamsError(f"{where}: face_decoder.{name} must be at least 1, got {fd[name]!r}")
+    if fd["lr_schedule"] not in ("constant", "cosine"):
+        raise ParamsError(f"{where}: face_decoder.lr_schedule must be constant or cosine, got {fd['lr_schedule']!r}")
+    if not (fd["lr"] > 0 and fd["weight_decay"] >= 0 and fd["perceptual"] >= 0):
+        raise ParamsError(f"{where}: face_decoder: lr must be > 0, weight_decay and perceptual >= 0")
+
+
+def _check_contrastive(ct: dict, where: str):
+    choices = {
+        "speech_encoder": ("mlp", "mel_conv"),
+        "face_encoder": ("cnn", "recogniser"),
+        "positives": ("identity", "clip"),
+    }
+    for name, ok in choices.items():
+        if ct[name] not in ok:
+            raise ParamsError(f"{where}: contrastive.{name} must be one of {', '.join(ok)}, got {ct[name]!r}")
+    if not ct["speech_inputs"] or not set(ct["speech_inputs"]) <= {"speaker", "speaker_windows"}:
+        raise ParamsError(
+            f"{where}: contrastive.speech_inputs must list speaker and/or speaker_windows, got {ct['speech_inputs']!r}"
+        )
+    for name in ("channels", "mel_channels"):
+        if not ct[name] or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ct[name]):
+            raise ParamsError(f"{where}: contrastive.{name} must be a list of positive integers, got {ct[name]!r}")
+    for name in ("face_px", "dim", "hidden", "steps", "batch_size", "checkpoint_every"):
+        if ct[name] < 1:
+            raise ParamsError(f"{where}: contrastive.{name} must be at least 1, got {ct[name]!r}")
+    if ct["face_px"] >> len(ct["channels"]) < 1:
+        raise ParamsError(
+            f"{where}: contrastive.face_px {ct['face_px']} is too small for {len(ct['channels'])} pooling blocks "
+            f"(at least {2 ** len(ct['channels'])})"
+        )
+    if ct["batch_size"] < 2:
+        raise ParamsError(f"{where}: contrastive.batch_size must be at least 2 (InfoNCE needs negatives)")
+    if not (ct["lr"] > 0 and ct["weight_decay"] >= 0 and 0 <= ct["dropout"] < 1):
+        raise ParamsError(f"{where}: contrastive: lr must be > 0, weight_decay >= 0, dropout in [0, 1)")
+    if not (0 < ct["temperature"] and 1 <= ct["max_logit_scale"] and 1 / ct["temperature"] <= ct["max_logit_scale"]):
+        raise ParamsError(
+            f"{where}: contrastive: temperature must be > 0, max_logit_scale >= 1 and 1 / temperature <= "
+            f"max_logit_scale, got {ct['temperature']!r}, {ct['max_logit_scale']!r}"
+        )
 
 
 def params_hash(d) -> str:

@@ -7,7 +7,12 @@
 * Checkpoints hold state dicts and plain Python data only (`torch.load(weights_only=True)` reads them).
 * Multi-GPU: ImagenTrainer is built on Accelerate, so `accelerate launch -m slf_utils.diffusion train PARAMS SYSTEM
   --unet N` runs the same code on every GPU (one unet per launch: ImagenTrainer allows one trainer per process when
-  distributed). Each process draws its own batches, so the effective batch is batch_size x processes.
+  distributed). Each process draws its own batches, so the effective batch is batch_size x processes. Processes on
+  CPUs (gloo): `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (`--cpu --num_processes N`
+  starts a single process unless given an mpirun hostfile); tests/test_distributed.py checks the all-reduce.
+* Model options (preset keys, overridable per grid, per system in systems.yaml and per grid system_overrides):
+  `face_prior` (the model learns the residual from a mean face: FacePrior) and `latent` (the unets run on the latents
+  of a small autoencoder, slf_utils.autoencoder; generation only).
 """
 
 from __future__ import annotations
@@ -27,9 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from tqdm.auto import tqdm
 
+from slf_utils import autoencoder
 from slf_utils.config import (
     ParamsError,
     atomic_save_npz,
@@ -61,8 +68,13 @@ PRESET_KEYS = {
     "cond_drop_prob",
     "lowres_aug_range",
     "lowres_sample_noise_level",
+    "face_prior",
+    "face_prior_attributes",
+    "latent",
     "name",
 }
+FACE_PRIORS = ("none", "mean", "attribute_mean")
+PRIOR_ATTRIBUTES = ("gender", "ethnicity", "age", "language")  # clip labels; age in decades
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
 
 
@@ -103,7 +115,42 @@ def resolve_preset(model_cfg: dict) -> dict:
         raise ParamsError(
             f"{path}: model/preset '{name}': lowres_sample_noise_level must be a number in [0, 1], got {level!r}"
         )
+    _check_model_options(preset, f"{path}: model/preset '{name}'")
     return preset
+
+
+def _check_model_options(preset: dict, where: str):
+    """face_prior, face_prior_attributes and latent (absent keys mean none / pixel diffusion: presets and checkpoints
+    written before these options existed stay valid and resumable)."""
+    prior = preset.get("face_prior", "none")
+    if prior not in FACE_PRIORS:
+        raise ParamsError(f"{where}: model.face_prior must be one of {', '.join(FACE_PRIORS)}, got {prior!r}")
+    attrs = preset.get("face_prior_attributes", ["gender", "ethnicity"])
+    if not (
+        isinstance(attrs, list)
+        and attrs
+        and len(set(attrs)) == len(attrs)
+        and all(a in PRIOR_ATTRIBUTES for a in attrs)
+    ):
+        raise ParamsError(
+            f"{where}: model.face_prior_attributes must be a non-empty list of distinct clip labels among "
+            f"{', '.join(PRIOR_ATTRIBUTES)}, got {attrs!r}"
+        )
+    if preset.get("latent") is None:
+        return
+    preset["latent"] = latent = autoencoder.check_config(preset["latent"], f"{where}: model.latent")
+    if prior != "none":
+        raise ParamsError(
+            f"{where}: model.face_prior {prior!r} with model.latent: the face prior is a pixel-space residual; "
+            "use one or the other"
+        )
+    sizes = preset.get("generation", {}).get("image_sizes", [])
+    bad = [s for s in sizes if s % latent["downsample"] or s // latent["downsample"] < 4]
+    if bad:
+        raise ParamsError(
+            f"{where}: model.latent.downsample {latent['downsample']} must divide every generation image size into "
+            f"latents of at least 4 x 4, got image_sizes {sizes}"
+        )
 
 
 class _RangedTimes(ip.GaussianDiffusionContinuousTimes):
@@ -126,6 +173,16 @@ def build_imagen(mode: str, preset: dict) -> Imagen:
     if mode not in ("generation", "super_resolution"):
         raise ValueError(f"build_imagen: mode must be generation or super_resolution, got {mode!r}")
     sizes = tuple(preset[mode]["image_sizes"])
+    latent, channels = preset.get("latent"), {}
+    if latent:
+        # the unets run on latents: image sizes / downsample, latent channels; sample() decodes the output
+        if mode != "generation":
+            raise ParamsError(
+                f"preset '{preset.get('name')}': model.latent: latent diffusion is generation only (a super-resolution "
+                f"system's guide conditioning in latent space is out of scope), got a {mode} system"
+            )
+        sizes = tuple(s // latent["downsample"] for s in sizes)
+        channels = {"channels": latent["channels"]}
     unets = [
         Unet(**{**preset.get("unet_common", {}), **u, "text_embed_dim": preset["text_embed_dim"]})
         for u in preset["unets"]
@@ -146,6 +203,7 @@ def build_imagen(mode: str, preset: dict) -> Imagen:
         cond_drop_prob=preset.get("cond_drop_prob", 0.1),
         resize_mode=preset.get("resize_mode", "nearest"),
         lowres_sample_noise_level=float(preset.get("lowres_sample_noise_level", 0.2)),
+        **channels,
         **preset.get("imagen", {}),
     )
     low, high = preset.get("lowres_aug_range", (0.0, 1.0))
@@ -174,7 +232,7 @@ def load_faces(store, clip_ids, size: int, chunk: int = 1024) -> np.ndarray:
     clip_ids = list(clip_ids)
     out = np.zeros((len(clip_ids), size, size, 3), np.uint8)
     for i in range(0, len(clip_ids), chunk):
-        faces = store.load_stacked("preprocess", clip_ids[i : i + chunk])["face"]
+        faces = store.load_stacked("preprocess", clip_ids[i : i + chunk], keys=["face"])["face"]
         for j, f in enumerate(faces):
             out[i + j] = f if f.shape[0] == size else resize(f, size)
     return out
@@ -182,7 +240,7 @@ def load_faces(store, clip_ids, size: int, chunk: int = 1024) -> np.ndarray:
 
 def load_guides(store, clip_ids) -> np.ndarray:
     """(N, g, g, 3) uint8 stored 8x8 image guides (made from the same crop as the faces)."""
-    return store.load_stacked("preprocess", list(clip_ids))["guide"]
+    return store.load_stacked("preprocess", list(clip_ids), keys=["guide"])["guide"]
 
 
 def train_clip_ids(store, layout: Layout, keep) -> list[str]:
@@ -231,6 +289,126 @@ class _Batches:
         return images, torch.from_numpy(X)
 
 
+# ---------------------------------------------------------------------- face prior
+class FacePrior:
+    """`model.face_prior` (SCLDM's statistical face prior, seeds/scldm-abstract.txt): the diffusion model learns the
+    residual x - mu instead of the face x, and sampling adds mu back, so the component every face shares is not
+    generated and the condition only has to explain the differences.
+
+    * `mean`: mu is the pixel mean of the system's training faces. `attribute_mean`: mu is the mean of the training
+      faces whose clips share the sample's labels (`face_prior_attributes`, default gender x ethnicity; age in
+      decades; a missing label is a value of its own); at sampling the TEST clip's labels pick mu, and a combination
+      no training clip has falls back to the global mean. It uses labels: compare it only with systems that see the
+      attributes too (e.g. Full Input), never with speech-only ones.
+    * Computed once when training starts, from the training faces at the largest image size of the cascade, and
+      saved in the checkpoint (`face_prior`); sampling uses that mu. A smaller unet's mu is the area resize of it
+      (imagen resizes its training images the same way, and an area resize is linear: the resize of a residual is
+      the residual of the resized face from the resized mu).
+    * Into imagen's [0, 1]: m = (x - mu) / 2 + 1/2, which is in [0, 1] for any x, mu in [0, 1] (no clipping); imagen
+      works on 2m - 1 = x - mu. Back: x = mu + 2m - 1, clipped to [0, 1] (only sampled residuals can leave it). A model
+      that predicts a zero residual samples mu itself.
+    * Cascades and guides, consistently in residual space: every image imagen sees is a residual, its low-resolution
+      conditions included. In training imagen derives the low-res condition from the residual image it is given,
+      i.e. the guide's residual from mu at the guide size; so super-resolution sampling starts from the stored guide
+      mapped the same way, (guide - area(mu, 8)) / 2 + 1/2 (same information as the guide: mu is known), and a
+      generation cascade's second unet is conditioned on the first unet's residual output, as in training. The price:
+      the guide enters the unet at half the amplitude of a plain image (x - mu instead of 2x - 1), so the same
+      low-res noise augmentation level hides it a little more.
+    """
+
+    def __init__(self, kind: str, attributes, means: torch.Tensor, keys, counts):
+        self.kind, self.attributes = kind, list(attributes)
+        self.means = means.float()  # (1 + groups, 3, S, S) in [0, 1]; row 0: the global mean
+        self.keys = list(keys)  # group keys of rows 1..
+        self.counts = [int(c) for c in counts]  # training faces per row
+        self._index = {k: i + 1 for i, k in enumerate(self.keys)}
+
+    @property
+    def size(self) -> int:
+        return int(self.means.shape[-1])
+
+    def key_of(self, labels) -> str:
+        """A clip's group key from its labels (a mapping or a row)."""
+        parts = []
+        for a in self.attributes:
+            v = labels.get(a) if hasattr(labels, "get") else None
+            if v is None or (not isinstance(v, str) and pd.isna(v)):
+                v = "?"
+            elif a == "age":
+                v = f"{int(float(v) // 10 * 10)}s"
+            parts.append(f"{a}={str(v).strip().lower()}")
+        return "|".join(parts)
+
+    def groups_of(self, labels=None, n=None) -> np.ndarray:
+        """Row of `means` per sample: 0 (global) under `mean` or for an unseen combination; labels: a DataFrame (or
+        list of mappings) with the attribute columns, one row per sample."""
+        if self.kind == "mean":
+            return np.zeros(len(labels) if labels is not None else int(n), np.int64)
+        if labels is None:
+            raise ValueError(
+                "model.face_prior attribute_mean picks each sample's mean face from its clip's labels "
+                f"({', '.join(self.attributes)}): pass labels= (one row per feature matrix)"
+            )
+        rows = labels.to_dict("records") if isinstance(labels, pd.DataFrame) else list(labels)
+        missing = [a for a in self.attributes if rows and a not in rows[0]]
+        if missing:
+            raise ValueError(f"face prior: labels have no column(s) {missing}")
+        return np.array([self._index.get(self.key_of(r), 0) for r in rows], np.int64)
+
+    @classmethod
+    def fit(cls, kind, attributes, store, clip_ids, size: int, chunk: int = 1024) -> FacePrior:
+        """Means of the training faces (the store's crops resized to `size`, as training loads them), read in
+        chunks: global and, under attribute_mean, per label combination."""
+        clip_ids = list(clip_ids)
+        prior = cls(kind, attributes, torch.zeros(1, 3, size, size), [], [0])
+        labels = store.clips().set_index("clip_id").loc[clip_ids].reset_index()
+        keys = [prior.key_of(r) for r in labels.to_dict("records")] if kind == "attribute_mean" else [""] * len(labels)
+        names = sorted(set(keys)) if kind == "attribute_mean" else []
+        index = {k: i + 1 for i, k in enumerate(names)}
+        group = np.array([index.get(k, 0) for k in keys], np.int64)
+        sums = np.zeros((1 + len(names), size, size, 3))
+        counts = np.bincount(group, minlength=1 + len(names))
+        counts[0] = len(clip_ids)
+        for i in range(0, len(clip_ids), chunk):
+            faces = load_faces(store, clip_ids[i : i + chunk], size).astype(np.float64)
+            sums[0] += faces.sum(0)
+            if names:
+                np.add.at(sums, group[i : i + chunk], faces)
+        means = sums / np.maximum(counts, 1)[:, None, None, None] / 255.0
+        return cls(kind, attributes, torch.from_numpy(means).float().permute(0, 3, 1, 2), names, counts)
+
+    def mu(self, groups, size=None, resize=None) -> torch.Tensor:
+        """(B, 3, s, s) mean faces of rows `groups`; at another size through `resize` (imagen.resize_to)."""
+        m = self.means[torch.as_tensor(np.asarray(groups), dtype=torch.long)]
+        if exists(size) and size != self.size:
+            m = resize(m, size)
+        return m
+
+    def to_model(self, images, groups, resize=None) -> torch.Tensor:
+        """Faces (B, 3, s, s) in [0, 1] -> imagen's [0, 1]: (x - mu) / 2 + 1/2."""
+        mu = self.mu(groups, images.shape[-1], resize).to(images.device)
+        return (images - mu) / 2 + 0.5
+
+    def from_model(self, m, groups, resize=None) -> torch.Tensor:
+        """imagen's output (B, 3, s, s) in [0, 1] -> faces: mu + 2m - 1, clipped to [0, 1]."""
+        mu = self.mu(groups, m.shape[-1], resize).to(m.device)
+        return (mu + 2 * m - 1).clamp(0, 1)
+
+    def state(self) -> dict:
+        """Plain data and tensors for the checkpoint (torch.load(weights_only=True) reads it)."""
+        return {
+            "kind": self.kind,
+            "attributes": self.attributes,
+            "means": self.means.clone(),
+            "keys": self.keys,
+            "counts": self.counts,
+        }
+
+    @classmethod
+    def from_state(cls, d: dict) -> FacePrior:
+        return cls(d["kind"], d["attributes"], d["means"], d["keys"], d["counts"])
+
+
 # ---------------------------------------------------------------------- checkpoints
 def _save(path, obj):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
@@ -249,7 +427,26 @@ def _ema_weights(ema_state: dict) -> dict:
     return {k.removeprefix("ema_model."): v for k, v in ema_state.items() if k.startswith("ema_model.")}
 
 
+def _processes() -> PartialState:
+    """This process's place among the launched ones. `accelerate launch` marks CPU processes with ACCELERATE_USE_CPU,
+    which only `Accelerator` reads: a bare `PartialState()` made first (as train() does, before ImagenTrainer) fixes
+    the shared state without it, and on a machine without GPUs every process then trains alone as rank 0 of 1,
+    ungrouped, all writing the same checkpoint. Passing the flag on makes them join one gloo process group."""
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 # ---------------------------------------------------------------------- training
+def system_model(cfg, system) -> dict:
+    """The `model` section a system trains with: the grid's `model`, then the system's own `model` options in
+    systems.yaml (e.g. face_prior: mean for full_input_prior), then the grid's system_overrides.<system>.model:
+    the most specific wins."""
+    return deep_merge(deep_merge(cfg["model"], getattr(system, "model", None) or {}), _override_model(cfg, system))
+
+
+def _override_model(cfg, system) -> dict:
+    return ((cfg.get("system_overrides") or {}).get(system.name) or {}).get("model") or {}
+
+
 def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     """Train one system (notebook 03) into `out_dir` (default results/<name>/<system>/model): one ImagenTrainer
     per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all)."""
@@ -262,8 +459,23 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     if system.mode in ("none", "reference"):
         return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
     t_cfg = cfg["train"]
-    preset = resolve_preset(cfg["model"])
+    preset = resolve_preset(system_model(cfg, system))
     preset["cond_drop_prob"] = float(t_cfg["cond_drop_prob"])
+    if preset.get("latent") and system.mode != "generation":
+        raise ParamsError(
+            f"{system_name}: model.latent: latent diffusion is generation only (a super-resolution system's guide "
+            f"conditioning in latent space is out of scope), and {system_name} is a {system.mode} system"
+        )
+    # e.g. a demo-scale model option of systems.yaml in a 128 px grid: its faces would not match the gallery's
+    grid_model = deep_merge(cfg["model"], _override_model(cfg, system))
+    out_size, grid_size = (
+        resolve_preset(m)[system.mode]["image_sizes"][-1] for m in (system_model(cfg, system), grid_model)
+    )
+    if out_size != grid_size:
+        raise ParamsError(
+            f"{system_name}: its model options ({cfg['systems_file']}: model {system.model}) make {out_size} px faces, "
+            f"the grid's model {grid_size} px: set system_overrides.{system_name}.model in the grid file"
+        )
     store = open_store(cfg)
     ck_path = out / CHECKPOINT
     ck = load_checkpoint(out) if ck_path.exists() else None
@@ -283,6 +495,44 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         stats = layout.fit(store, ids, system.keep)
         atomic_save_npz(stats_path, **stats)
 
+    # model options that change what the unets see: a face prior (residuals) or latents (before the seed below:
+    # the autoencoder seeds its own training)
+    prior, encode, latent_info = None, None, None
+    size = max(preset[system.mode]["image_sizes"])
+    if preset.get("face_prior", "none") != "none":
+        if ck is not None and "face_prior" in ck:  # a resumed model keeps its mean faces
+            prior = FacePrior.from_state(ck["face_prior"])
+        else:
+            attrs = preset.get("face_prior_attributes", ["gender", "ethnicity"])
+            prior = FacePrior.fit(preset["face_prior"], attrs, store, ids, size)
+        groups = prior.groups_of(store.clips().set_index("clip_id").loc[ids].reset_index())
+
+        def encode(images, index):
+            return prior.to_model(images, groups[index])
+
+    if preset.get("latent"):
+        ae_path = out / autoencoder.FILE
+        if ck is not None and ck["steps"] and not ae_path.exists():
+            raise FileNotFoundError(f"{ae_path}: the unets of {ck_path} were trained on its latents, and it is gone")
+        if _processes().num_processes > 1 and not autoencoder.is_finished(ae_path):
+            raise RuntimeError(
+                f"{system_name}: train the autoencoder in one process first: python -m slf_utils.diffusion train "
+                f"PARAMS {system_name} --autoencoder-only"
+            )
+        faces = load_faces(store, ids, size)
+        codec, latent_info = autoencoder.train(
+            faces,
+            preset["latent"],
+            ae_path,
+            data_key=params_hash({"clips": ids, "size": size}),
+            checkpoint_every=int(t_cfg["checkpoint_every"]),
+        )
+        latents = codec.encode_faces(faces)  # posterior means of every training face, once
+        del faces
+
+        def encode(images, index):
+            return latents[torch.as_tensor(index)]
+
     torch.manual_seed(int(t_cfg["seed"]))  # the initial weights too are a function of the seed
     imagen = build_imagen(system.mode, preset)
     if ck is not None:
@@ -292,7 +542,7 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     bad = [k for k in to_train if k not in trained_unets(imagen)]
     if bad:
         raise ValueError(f"{system_name}: unet(s) {bad} cannot be trained (trainable: {trained_unets(imagen)})")
-    if PartialState().num_processes > 1 and len(to_train) > 1:
+    if _processes().num_processes > 1 and len(to_train) > 1:
         # ImagenTrainer allows a single trainer per process when distributed
         raise RuntimeError(
             f"{system_name}: distributed training trains one unet per launch: "
@@ -314,11 +564,13 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         "ema": {},
         "optim": {},
     }
+    if prior is not None:
+        state.setdefault("face_prior", prior.state())
     records = _read_losses(out, state["steps"])
     timing = {}
     for k in to_train:
-        timing[k] = _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out)
-    if PartialState().is_main_process:
+        timing[k] = _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, encode)
+    if _processes().is_main_process:
         _write_losses(out, records)
     info = {
         "system": system_name,
@@ -337,10 +589,14 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         "seconds_per_step": {str(k): t["seconds_per_step"] for k, t in timing.items()},
         "data_wait_share": {str(k): t["data_wait_share"] for k, t in timing.items()},
         "device": next((t["device"] for t in timing.values()), None),
-        "processes": PartialState().num_processes,  # the effective batch is batch_size x processes
+        "processes": _processes().num_processes,  # the effective batch is batch_size x processes
         "batch_cache": "precomputed" if batches.cached else "per-step store reads",
+        "face_prior": None
+        if prior is None
+        else {"kind": prior.kind, "attributes": prior.attributes, "groups": dict(zip(prior.keys, prior.counts[1:]))},
+        "latent": latent_info,
     }
-    if PartialState().is_main_process:
+    if _processes().is_main_process:
         atomic_write_json(out / "provenance.json", provenance(info))
         fig = plot_loss(out)
         atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
@@ -373,7 +629,9 @@ def _check_resume(ck, system, preset, layout, path):
         )
 
 
-def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out) -> dict:
+def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, encode=None) -> dict:
+    """Train unet k. `encode(images, index)`: what the unet learns instead of the batch's faces (face-prior
+    residuals, latents), from the faces and their rows of the training clips."""
     steps, bsz = int(t_cfg["steps"]), int(t_cfg["batch_size"])
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
     p_drop, noise_sd = float(t_cfg["attribute_dropout"]), float(t_cfg["feature_noise"])
@@ -426,6 +684,8 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         index = rng.choice(n, size=bsz * accum, replace=n < bsz * accum)
         drop = {name: rng.random(len(index)) < p_drop for name in droppable}
         images, X = batches.get(index, drop)
+        if encode is not None:
+            images = encode(images, index)
         if noise_sd > 0:
             X = _feature_noise(X, noise_sd, rng)
         torch.manual_seed(int(np.random.SeedSequence([seed, k, step, rank]).generate_state(1)[0]))
@@ -559,15 +819,19 @@ def evaluate_loss(imagen, images, text_embeds, unet_number, seeds=range(8)) -> f
 # ---------------------------------------------------------------------- loading and sampling
 def load_model(model_dir, device=None):
     """(imagen, meta) from a model folder: weights_only checkpoint load; EMA weights (if trained with EMA) ride
-    along as `imagen.ema_state` for `sample(use_ema=True)`. meta: system, mode, keep, preset, steps, stats
-    (normalisation statistics for `Layout.build`), provenance."""
+    along as `imagen.ema_state` for `sample(use_ema=True)`, a face prior as `imagen.face_prior` and a latent
+    autoencoder as `imagen.latent_codec` (both used by `sample`). meta: system, mode, keep, preset, steps, stats
+    (normalisation statistics for `Layout.build`), face_prior (none, mean, attribute_mean), latent, provenance."""
     model_dir = Path(model_dir)
     ck = load_checkpoint(model_dir)
     imagen = build_imagen(ck["mode"], ck["preset"])
     for k, sd in ck["unets"].items():
         imagen.unets[int(k) - 1].load_state_dict(sd)
     imagen.ema_state = {int(k): _ema_weights(sd) for k, sd in ck.get("ema", {}).items()}
+    imagen.face_prior = FacePrior.from_state(ck["face_prior"]) if ck.get("face_prior") else None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    latent = ck["preset"].get("latent")
+    imagen.latent_codec = autoencoder.load(model_dir / autoencoder.FILE, device) if latent else None
     imagen.to(device).eval()
     stats = {}
     if (model_dir / "norm_stats.npz").exists():
@@ -583,6 +847,8 @@ def load_model(model_dir, device=None):
         "stats": stats,
         "model_dir": str(model_dir),
         "has_ema": bool(imagen.ema_state),
+        "face_prior": ck["preset"].get("face_prior", "none"),
+        "latent": latent,
         "provenance": json.loads(prov.read_text()) if prov.exists() else {},
     }
     return imagen, meta
@@ -707,11 +973,15 @@ def sample(
     use_ema=False,
     lowres_sample_noise_level=None,
     batch_size=64,
+    labels=None,
 ) -> np.ndarray:
     """Faces (B, S, S, 3) uint8 for feature matrices `text_embeds` (B, 256, 768). Super-resolution models start
     from `guides` (B, g, g, 3) uint8, noised to `lowres_sample_noise_level` (None: the preset's). `steps` sampling
     steps per unet (None: the preset's `timesteps`); guidance null + (cond - null) * cond_scale with both passes
-    batched. Deterministic for (seed, batch_size)."""
+    batched. Deterministic for (seed, batch_size). A model with a face prior (`imagen.face_prior`) samples residuals
+    and adds the mean face back; under attribute_mean, `labels` (a DataFrame, one row per sample, with the prior's
+    attribute columns) pick each sample's mean face. A latent model (`imagen.latent_codec`) samples latents and
+    decodes them."""
     mode = mode_of(imagen)
     if mode == "super_resolution" and guides is None:
         raise ValueError("a super-resolution model samples from image guides: pass guides (B, 8, 8, 3) uint8")
@@ -723,6 +993,10 @@ def sample(
         if len(guides) != len(X):
             raise ValueError(f"{len(guides)} guides for {len(X)} feature matrices")
     device = imagen.device
+    prior, codec = getattr(imagen, "face_prior", None), getattr(imagen, "latent_codec", None)
+    groups = prior.groups_of(labels, n=len(X)) if prior is not None else None
+    if groups is not None and len(groups) != len(X):
+        raise ValueError(f"{len(groups)} label rows for {len(X)} feature matrices")
     outs = []
     with _sampling(imagen, steps, use_ema), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for i in range(0, len(X), batch_size):
@@ -734,11 +1008,19 @@ def sample(
                 lowres_sample_noise_level=lowres_sample_noise_level,  # None: Imagen's own (the preset's)
                 cfg_remove_parallel_component=False,
             )
+            g = groups[i : i + batch_size] if groups is not None else None
             if mode == "super_resolution":
-                kw.update(start_at_unet_number=2, start_image_or_video=guides[i : i + batch_size].to(device))
+                start = guides[i : i + batch_size].to(device)
+                if prior is not None:  # in residual space, as imagen made the low-res condition in training
+                    start = prior.to_model(start, g, resize=imagen.resize_to)
+                kw.update(start_at_unet_number=2, start_image_or_video=start)
             img = imagen.sample(**kw)
+            if prior is not None:
+                img = prior.from_model(img, g, resize=imagen.resize_to)
+            if codec is not None:
+                img = codec.from_model(img)
             outs.append((img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    size = imagen.image_sizes[-1]
+    size = codec.image_size if codec is not None else imagen.image_sizes[-1]
     return np.concatenate(outs) if outs else np.zeros((0, size, size, 3), np.uint8)
 
 
@@ -753,9 +1035,12 @@ def main(argv=None):
     t.add_argument("system")
     t.add_argument("--unet", type=int, action="append", help="unet number to train (repeatable; default all)")
     t.add_argument("--out", default=None)
+    t.add_argument(
+        "--autoencoder-only", action="store_true", help="latent models: train the autoencoder only (before a launch)"
+    )
     args = ap.parse_args(argv)
     cfg = load_params(args.params)
-    result = train(cfg, args.system, out_dir=args.out, unets=args.unet)
+    result = train(cfg, args.system, out_dir=args.out, unets=[] if args.autoencoder_only else args.unet)
     print(json.dumps({k: result[k] for k in ("system", "model_dir", "steps", "seconds_per_step")}, default=str))
 
 

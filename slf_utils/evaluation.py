@@ -21,6 +21,9 @@ table: system x scale x protocol x metric (`metrics.csv`), with the per-clip hit
   `identity_mean` (the pixel mean of the identity's real training faces: the closed-set ceiling of knowing who
   speaks), `random` (a seeded random ranking per query; mode `none` in older systems files). No model, a single
   scale (NaN), the same gallery, protocols and statistics as the learned systems.
+* A system with `decoder: direct` (slf_utils.face_decoder, Speech2Face's feed-forward decoder) has no conditional
+  scale either: one face per test clip, stored and scored with scale NaN like a reference row (the report draws it
+  as a horizontal line and gives it a row in every table), through the same scoring code.
 * Every per-clip value is kept, so every mean comes with a seeded 95 % percentile-bootstrap interval that resamples
   identities, all clips of a drawn identity together (the clips of one person are not independent), and the report
   bootstraps paired differences between systems on the same clips.
@@ -870,6 +873,7 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
             use_ema=ev["use_ema"],
             lowres_sample_noise_level=ev["lowres_sample_noise_level"],
             batch_size=ev["batch_size"],
+            labels=clips,  # a face prior under attribute_mean picks each clip's mean face from its labels
         )
         rows = write_samples(out, ids, clips["identity"], images, scale, sample_hash)
         samples = pd.concat(
@@ -890,8 +894,9 @@ def write_samples(out: Path, ids, identities, images, scale, sample_hash) -> lis
     return rows
 
 
-def scale_label(scale) -> str:
-    return "reference" if pd.isna(scale) else f"scale {float(scale):g}"
+def scale_label(scale, none: str = "reference") -> str:
+    """'scale 3'; a row without a scale is named `none` ('reference', or 'no scale' for a direct decoder)."""
+    return none if pd.isna(scale) else f"scale {float(scale):g}"
 
 
 def safe_name(clip_id) -> str:
@@ -932,6 +937,19 @@ def _reference_scale(cfg, kind: str, store, gallery: Gallery, out: Path) -> tupl
     rows = write_samples(out, ids, [ident[c] for c in ids], images, np.nan, key)
     _write_csv(out / "samples.csv", pd.DataFrame(rows, columns=SAMPLE_COLUMNS))
     return ids, ([(np.nan, images, key)] if ids else [])
+
+
+def _direct_scale(cfg, system_name, store, clips: pd.DataFrame, out: Path) -> list:
+    """[(NaN, images, embedding-cache key)] of a direct-decoder system (one deterministic forward pass per clip: cheap,
+    so always redone), its images and samples.csv written like every system's."""
+    from slf_utils import face_decoder
+
+    ids = clips["clip_id"].tolist()
+    images = list(face_decoder.decode(cfg, system_name, ids, store))
+    key = hashlib.sha1(np.stack(images).tobytes()).hexdigest()[:12] if ids else None
+    rows = write_samples(out, ids, clips["identity"].tolist(), images, np.nan, key)
+    _write_csv(out / "samples.csv", pd.DataFrame(rows, columns=SAMPLE_COLUMNS))
+    return [(np.nan, images, key)] if ids else []
 
 
 def _fmt_ci(row) -> str:
@@ -1009,6 +1027,13 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             prov["output_size"] = output_size(cfg)
             if not sampled:
                 note(f"no test identity has training faces: the {kind} row is skipped")
+        elif system.decoder == "direct":
+            sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
+            scales = _direct_scale(cfg, system_name, store, clips[clips["clip_id"].isin(sampled)], out)
+            prov["decoder"] = "direct: one face per clip, no conditional scale (scale NaN)"
+            prov["sample_hash"] = [scales[0][2]]
+            meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
+            prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
         else:
             sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
             samples = generate(cfg, system_name, clips[clips["clip_id"].isin(sampled)], store, log=log)
@@ -1036,8 +1061,9 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             rows += r
             hit_frames.append(h)
             r1 = {x["protocol"]: x for x in r if x["metric"] == "recall@1"}
+            at = scale_label(scale, "reference" if kind else "no scale")
             log(
-                f"{system_name}: {scale_label(scale)}: recall@1 identity {_fmt_ci(r1['identity'])}, paper "
+                f"{system_name}: {at}: recall@1 identity {_fmt_ci(r1['identity'])}, paper "
                 f"{_fmt_ci(r1['paper'])} (chance {chance_recall(1, n_ids):.3f}) scored in {time.time() - t:.1f} s"
             )
         prov["embedder"] = embedder.describe()

@@ -1,8 +1,16 @@
 """The ablation-grid runner: papermill-executes 01 -> 02 once, 03 -> 04 for every system, then 05.
 
+A grid with a system that reads a Speech2Face stage (`face_embedding`, `voice_face_embedding`: a kept constituent's
+or a direct decoder's `train_on` source stage) also runs the voice encoder (notebook 06) once after 02; the trainings
+of those systems wait for it (and rerun when it changes), the others do not. In the same way a grid with a system
+that reads the `contrastive_speech` stage runs the contrastive pre-training (notebook 07) once after 02 (after the
+voice encoder too where both run and its face encoder is the recogniser, whose face_embedding stage notebook 06 also
+writes), and the trainings of those systems wait for it.
+
 Each step is a notebook run with the papermill parameters (params_file, system, overrides). Its executed notebook,
 log and run record (status, hash of the parameters it depends on, timings, error) are saved beside its outputs, so
 an interrupted grid resumes where it stopped and a changed parameter reruns only the steps that depend on it.
+`grid.reuse` lists other grids' results folders: a step done there with the same hash is copied, not run (`reused`).
 Steps run on a Dask distributed client: a local cluster by default, or a scheduler address (a SLURM cluster through
 dask-jobqueue, one GPU per worker); `sequential` runs them in this process, in order.
 
@@ -16,6 +24,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from slf_utils.config import ROOT, atomic_write_json, deep_merge, default, exists, load_params, params_hash
+from slf_utils.config import ROOT, _get, atomic_write_json, deep_merge, default, exists, load_params, params_hash
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = {
@@ -33,6 +42,8 @@ NOTEBOOK = {
     "train": "03_train.ipynb",
     "evaluate": "04_evaluate.ipynb",
     "report": "05_report.ipynb",
+    "voice_encoder": "06_voice_encoder.ipynb",
+    "contrastive": "07_contrastive.ipynb",
 }
 # The parameter sections each step reads; with its upstream steps' hashes they decide whether it must rerun.
 READS = {
@@ -41,8 +52,28 @@ READS = {
     "train": ("layout", "layout_drop", "systems_file", "model", "train"),
     "evaluate": ("evaluate",),
     "report": ("report", "systems"),
+    # the stages it writes depend on the recogniser's detection settings (and eigenfaces' fit), not on the sweep
+    "voice_encoder": (
+        "speech2face",
+        "evaluate.detector_backend",
+        "evaluate.upscale_to",
+        "evaluate.eigenfaces_size",
+        "evaluate.eigenfaces_components",
+        "evaluate.eigenfaces_crop",
+    ),
 }
+# the contrastive pre-training (notebook 07) reads its section; with `face_encoder: recogniser` also what the
+# face_embedding stage depends on (READS["voice_encoder"] less the voice encoder's own settings): contrastive_reads
+READS["contrastive"] = ("contrastive",)
+# a direct decoder's training (slf_utils.face_decoder) reads its own section instead of `train`
+READS_DIRECT_TRAIN = ("layout", "layout_drop", "systems_file", "model", "face_decoder")
 FILE_KEYS = ("layout", "systems_file")  # hash the contents of these files, not only their paths
+# store stages notebook 06 writes (slf_utils.voice_encoder.FACE_STAGE, VOICE_STAGE)
+VOICE_ENCODER_STAGES = ("face_embedding", "voice_face_embedding")
+VOICE_ENCODER_PRIORITY = 10**9  # four trainings may wait for it: it goes first
+# store stages notebook 07 writes (slf_utils.contrastive.STAGE)
+CONTRASTIVE_STAGES = ("contrastive_speech",)
+STORE_STEPS = ("preprocess", "features", "voice_encoder", "contrastive")  # steps whose output is the store
 
 
 @dataclass
@@ -55,6 +86,8 @@ class Step:
     overrides: dict = field(default_factory=dict)
     priority: int = 0  # ready steps with higher priority go first: every training (longest first), then the
     # evaluations, so the last steps to run are the short ones and the workers finish together
+    results: Path | None = None  # the grid's results folder
+    reuse: tuple = ()  # other grids' results folders (grid.reuse) to copy this step from when it is done there
 
     @property
     def name(self) -> str:
@@ -82,8 +115,8 @@ def _file_digest(path) -> str:
         return "missing"
 
 
-def _step_hash(kind: str, cfg: dict, upstream: list[str], system: str | None) -> str:
-    part = {k: cfg.get(k) for k in READS[kind]}
+def _step_hash(kind: str, cfg: dict, upstream: list[str], system: str | None, reads=None) -> str:
+    part = {k: _get(cfg, k) for k in default(reads, READS[kind])}
     part.update({f"{k}_content": _file_digest(cfg[k]) for k in FILE_KEYS if k in part})
     return params_hash(
         {
@@ -105,22 +138,46 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         if only not in systems:
             raise SystemExit(f"--only {only}: not a system of {params_file} (systems: {', '.join(systems)})")
         systems = [only]
-    untrained = _untrained_systems(cfg)
+    specs = _system_specs(cfg)
+    untrained = _untrained_systems(cfg, specs)
+    speech2face = voice_encoder_systems(cfg, specs, systems)
     pre = Step("preprocess", None, _step_hash("preprocess", cfg, [], None), results / "runs")
     feat = Step("features", None, _step_hash("features", cfg, [pre.hash], None), results / "runs", [pre.name])
     steps, evals = [pre, feat], []
+    if speech2face:
+        ve_hash = _step_hash("voice_encoder", cfg, [feat.hash], None)
+        ve = Step("voice_encoder", None, ve_hash, results / "voice_encoder" / "runs", [feat.name])
+        ve.priority = VOICE_ENCODER_PRIORITY
+        steps.append(ve)
+    contrastive = contrastive_systems(cfg, specs, systems)
+    if contrastive:
+        # the recogniser face encoder reads the face_embedding stage: after notebook 06 where it runs too
+        ct_up = [feat, ve] if speech2face and cfg["contrastive"]["face_encoder"] == "recogniser" else [feat]
+        ct_hash = _step_hash("contrastive", cfg, [u.hash for u in ct_up], None, contrastive_reads(cfg))
+        ct = Step("contrastive", None, ct_hash, results / "contrastive" / "runs", [u.name for u in ct_up])
+        ct.priority = VOICE_ENCODER_PRIORITY
+        steps.append(ct)
+    decoders = {}  # (train_on, face_decoder section) -> the train step of the first direct system with them
     for s in systems:
         sys_over = deep_merge(overrides or {}, cfg["system_overrides"].get(s, {}))
         scfg = load_params(params_file, sys_over)
+        up = [feat, *([ve] if s in speech2face else []), *([ct] if s in contrastive else [])]
+        direct = s in specs and specs[s].decoder == "direct"
         tr = Step(
             "train",
             s,
-            _step_hash("train", scfg, [feat.hash], s),
+            _step_hash("train", scfg, [u.hash for u in up], s, READS_DIRECT_TRAIN if direct else None),
             results / s / "runs",
-            [feat.name],
+            [u.name for u in up],
             sys_over,
-            priority=int(scfg["train"]["steps"]),
+            # a direct decoder trains in seconds to minutes: after the diffusion trainings
+            priority=int(scfg["face_decoder"]["steps"] if direct else scfg["train"]["steps"]) // (100 if direct else 1),
         )
+        if direct:  # two direct systems with the same training train one decoder: the second copies the first's
+            key = (specs[s].train_on, params_hash(scfg["face_decoder"]))
+            if key in decoders:
+                tr.deps.append(decoders[key])
+            decoders.setdefault(key, tr.name)
         # a reference row trains nothing: no notebook 03; the train hash still stands for what it reads (the
         # systems file, the model preset's output size)
         upstream = feat if s in untrained else tr
@@ -132,15 +189,58 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
     if not exists(only):
         rep_hash = _step_hash("report", cfg, [e.hash for e in evals], None)
         steps.append(Step("report", None, rep_hash, results / "runs", [e.name for e in evals]))
+    for st in steps:
+        st.results, st.reuse = results, tuple(cfg["grid"]["reuse"])
     return cfg, steps
 
 
-def _untrained_systems(cfg) -> set:
-    """Systems of the grid without a model (mode reference, or none in older systems files)."""
+def _system_specs(cfg) -> dict:
     from slf_utils.layout import load_layout, load_systems
 
-    systems = load_systems(cfg["systems_file"], load_layout(cfg))
+    return load_systems(cfg["systems_file"], load_layout(cfg))
+
+
+def _untrained_systems(cfg, specs=None) -> set:
+    """Systems of the grid without a model (mode reference, or none in older systems files)."""
+    systems = specs if exists(specs) else _system_specs(cfg)
     return {s for s in cfg["systems"] if s in systems and systems[s].mode in ("reference", "none")}
+
+
+def voice_encoder_systems(cfg, specs=None, systems=None) -> set:
+    """Systems of `systems` (default the grid's) that read a stage the voice encoder (notebook 06) writes: through
+    a kept constituent's source stage or a direct decoder's `train_on`."""
+    from slf_utils.layout import load_layout
+
+    specs = specs if exists(specs) else _system_specs(cfg)
+    layout = load_layout(cfg)
+    return {
+        s
+        for s in default(systems, cfg["systems"])
+        if s in specs and set(layout.system_stages(specs[s])) & set(VOICE_ENCODER_STAGES)
+    }
+
+
+def contrastive_systems(cfg, specs=None, systems=None) -> set:
+    """Systems of `systems` (default the grid's) that read a stage the contrastive pre-training (notebook 07)
+    writes: through a kept constituent's source stage or a direct decoder's `train_on`."""
+    from slf_utils.layout import load_layout
+
+    specs = specs if exists(specs) else _system_specs(cfg)
+    layout = load_layout(cfg)
+    return {
+        s
+        for s in default(systems, cfg["systems"])
+        if s in specs and set(layout.system_stages(specs[s])) & set(CONTRASTIVE_STAGES)
+    }
+
+
+def contrastive_reads(cfg) -> tuple:
+    """What notebook 07's outputs depend on: its section and, with the recogniser face encoder, the face_embedding
+    stage's settings."""
+    if cfg["contrastive"]["face_encoder"] != "recogniser":
+        return READS["contrastive"]
+    face = ("speech2face.face_model", *(k for k in READS["voice_encoder"] if k.startswith("evaluate.")))
+    return (*READS["contrastive"], *face)
 
 
 def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstream_ok: bool) -> bool:
@@ -152,6 +252,8 @@ def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstre
     if step.kind != "report" and not all(upstream_ok):
         _write_record(step, "skipped", error={"ename": "UpstreamFailed", "evalue": "a step it needs failed"})
         return False
+    if reused(step):
+        return True
     # The kernel inherits this environment: one BLAS/torch thread per worker, so parallel steps don't fight.
     os.environ.update(
         {
@@ -173,17 +275,7 @@ def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstre
     _write_record(step, "running", started=started)
     try:
         with open(log, "w") as log_file:
-            pm.execute_notebook(
-                str(nb),
-                str(out),
-                parameters=parameters,
-                cwd=str(ROOT),
-                kernel_name="python3",
-                progress_bar=False,
-                log_output=True,
-                stdout_file=log_file,
-                stderr_file=log_file,
-            )
+            run_notebook(nb, out, parameters, log_file)
     except pm.PapermillExecutionError as e:
         err = {"cell": e.exec_count, "ename": e.ename, "evalue": str(e.evalue)[:2000]}
         _write_record(step, "failed", started=started, error=err)
@@ -193,6 +285,131 @@ def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstre
         return False
     _write_record(step, "done", started=started)
     return True
+
+
+def _outputs(step: Step) -> list[str]:
+    """What a step writes besides its run records, relative to the results folder."""
+    return {
+        "preprocess": ["store"],
+        "features": [],  # into the store, which came with preprocess
+        "voice_encoder": [f"voice_encoder/{n}" for n in ("model", "metrics.csv", "hits.csv", "provenance.json")],
+        "contrastive": [f"contrastive/{n}" for n in ("model", "metrics.csv", "hits.csv", "provenance.json")],
+        "train": [f"{step.system}/model"],
+        "evaluate": [f"{step.system}/eval"],
+    }[step.kind]
+
+
+def _link_tree(src: Path, dst: Path):
+    """Copy a file or folder, hard-linking files (every writer of the workbook replaces a file by renaming a new one
+    over it, so a link is never written through), the SQLite index copied (it is written in place)."""
+
+    def link(a, b):
+        if Path(a).name.startswith("store.sqlite"):
+            return shutil.copy2(a, b)
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem
+            shutil.copy2(a, b)
+        return b
+
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns("*-shm"))
+    elif src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        link(src, dst)
+
+
+def reused(step: Step) -> bool:
+    """grid.reuse: copy `step` from another grid's results folder where the same step (same relative place) is done
+    with the same hash, i.e. the same parameters, upstream steps and notebook. The store travels with preprocessing
+    (only into a grid without a store yet), so the steps that write into the store (features, voice encoder) are
+    reused only from the folder the store came from. The report is always made here. Returns whether it was."""
+    if step.kind == "report" or not step.reuse or not exists(step.results):
+        return False
+    results = Path(step.results)
+    stem = Path(NOTEBOOK[step.kind]).stem
+    rel = step.run_dir.relative_to(results)
+    for root in map(Path, step.reuse):
+        if root.resolve() == results.resolve():
+            continue
+        try:
+            rec = json.loads((root / rel / f"{stem}.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("status") != "done" or rec.get("hash") != step.hash:
+            continue
+        if step.kind == "preprocess" and (results / "store").exists():
+            continue
+        if step.kind in STORE_STEPS[1:]:
+            pre = Step("preprocess", None, "", results / "runs").record()
+            if pre.get("reused_from") != str(root):
+                continue
+        for out in _outputs(step):
+            if (results / out).is_dir():
+                shutil.rmtree(results / out)  # not done here: partial or stale
+            _link_tree(root / out, results / out)
+        step.run_dir.mkdir(parents=True, exist_ok=True)
+        for suffix in (".ipynb", ".log", ".parameters.json"):
+            if (root / rel / f"{stem}{suffix}").exists():
+                shutil.copy2(root / rel / f"{stem}{suffix}", step.run_dir / f"{stem}{suffix}")
+        atomic_write_json(step.record_path, {**rec, "reused_from": str(root), "reused_at": time.time()})
+        return True
+    return False
+
+
+def run_notebook(nb, out, parameters: dict, log_file, cwd=ROOT):
+    """papermill-execute `nb` into `out` with `parameters`, its outputs logged to `log_file` (an open file). The
+    kernel is shut down without the interrupt jupyter_client sends first (see `kernel_manager_class`)."""
+    import papermill as pm
+
+    return pm.execute_notebook(
+        str(nb),
+        str(out),
+        parameters=parameters,
+        cwd=str(cwd),
+        kernel_name="python3",
+        progress_bar=False,
+        log_output=True,
+        stdout_file=log_file,
+        stderr_file=log_file,
+        kernel_manager_class=kernel_manager_class(),
+    )
+
+
+_KERNEL_MANAGER = None
+
+
+def kernel_manager_class():
+    """jupyter_client's AsyncKernelManager whose graceful shutdown does not interrupt the kernel first.
+
+    jupyter_client always sends SIGINT before the shutdown request. papermill's last request (kernel_info, right
+    after the last cell) is answered before its handler returns, so on a loaded machine the interrupt can land in
+    that handler: ipykernel catches the KeyboardInterrupt and prints `[IPKernelApp] ERROR | KeyboardInterrupt caught
+    in kernel.` in a run where nothing failed. When papermill shuts a kernel down it has finished with it, so there
+    is nothing to interrupt: the shutdown request ends the kernel (ipykernel then stops its own subprocesses), and
+    a kernel that does not end (a cell still running because the client was stopped) is still terminated (SIGTERM,
+    then SIGKILL, within `shutdown_wait_time`). Restarts and `now=True` shutdowns keep the interrupt. The kernel's
+    log level is untouched: real kernel errors still print."""
+    global _KERNEL_MANAGER
+    if _KERNEL_MANAGER is None:
+        from jupyter_client import AsyncKernelManager
+
+        class NoInterruptShutdownKernelManager(AsyncKernelManager):
+            _skip_interrupt = False
+
+            async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+                self._skip_interrupt = not now and not restart
+                try:
+                    await super().shutdown_kernel(now=now, restart=restart)
+                finally:
+                    self._skip_interrupt = False
+
+            async def _async_interrupt_kernel(self) -> None:
+                if not self._skip_interrupt:
+                    await super()._async_interrupt_kernel()
+
+        _KERNEL_MANAGER = NoInterruptShutdownKernelManager
+    return _KERNEL_MANAGER
 
 
 def _write_record(step: Step, status: str, started: float | None = None, error: dict | None = None):

@@ -19,8 +19,17 @@ import numpy as np
 from slf_utils.config import ParamsError, default, exists, params_hash, read_yaml, resolve
 
 ENCODERS = ("age", "onehot", "array")
+# Which frames of an array fill a constituent's rows (`select:`): `first` in stored order; for sliding windows
+# (`source.bounds` names the stage's (W, 2) [start, length] array) `longest_first` (the longest windows first, then
+# shorter ones, each length in time order) or `pool_per_length` (one row per window length, the mean of its windows,
+# longest first).
+SELECTIONS = ("first", "longest_first", "pool_per_length")
 NORMALISERS = ("none", "standard")
 MODES = ("generation", "super_resolution", "reference", "none")  # none: random selection, before `reference`
+# How a trained system turns its feature rows into a face (`decoder:` in systems.yaml): `diffusion` (the imagen model
+# of the grid's preset, slf_utils.diffusion) or `direct` (a feed-forward embedding -> face network trained with an L1
+# loss, slf_utils.face_decoder: Speech2Face's face decoder; no conditional scale).
+DECODERS = ("diffusion", "direct")
 _CONSTITUENT_KEYS = {
     "rows",
     "col",
@@ -33,8 +42,10 @@ _CONSTITUENT_KEYS = {
     "normalise",
     "scale",
     "overflow",
+    "select",
+    "wrap",
 }
-_SYSTEM_KEYS = {"title", "mode", "keep", "drop", "paper_no"}
+_SYSTEM_KEYS = {"title", "mode", "keep", "drop", "paper_no", "decoder", "train_on", "note", "model"}
 _STD_FLOOR = 1e-6  # a constant column (std 0) stays at 0 instead of exploding
 
 
@@ -62,6 +73,8 @@ class Constituent:
     aliases: dict = field(default_factory=dict)
     unknown: str = "error"
     overflow: str = "error"
+    select: str = "first"
+    wrap: bool = False  # one vector per clip spread over consecutive rows, `width` columns each
 
     @property
     def n_rows(self) -> int:
@@ -102,6 +115,12 @@ class System:
     mode: str
     keep: tuple
     paper_no: int | None = None
+    decoder: str = "diffusion"
+    # direct decoder: the constituent its decoder is trained from (default: the one it keeps, which it is fed at test)
+    train_on: str | None = None
+    note: str | None = None  # a caveat the report prints beside the system (e.g. that it sees the answer)
+    # model options of this system (diffusion.system_model merges them over the grid's `model`), e.g. face_prior
+    model: dict = field(default_factory=dict, hash=False)
 
 
 class Layout:
@@ -188,6 +207,10 @@ class Layout:
     def dropout_constituents(self) -> tuple:
         return self.expand(self.attribute_dropout or [])
 
+    def system_stages(self, system) -> list[str]:
+        """Store stages a system reads: its kept constituents' and, for a direct decoder, its `train_on`'s."""
+        return self.stages([*system.keep, *([system.train_on] if exists(system.train_on) else [])])
+
     def row_mask(self, keep) -> np.ndarray:
         """(rows,) bool: the rows a system with `keep` may fill."""
         m = np.zeros(self.rows, bool)
@@ -217,8 +240,13 @@ class Layout:
             count = 0
             for i in range(0, len(clip_ids), chunk):
                 arrays, lengths = store.load_stacked(c.stage, clip_ids[i : i + chunk], with_lengths=True)
-                a, valid = _frames(c, arrays[c.source["key"]], lengths[c.source["key"]], warn=False)
-                x = a[valid].astype(np.float64)  # (frames, d)
+                if c.wrap:  # statistics per entry of the vector, before it is spread over rows
+                    x = _vectors(c, arrays[c.source["key"]]).astype(np.float64)  # (clips, D)
+                else:
+                    a, valid = _frames(
+                        c, arrays[c.source["key"]], lengths[c.source["key"]], warn=False, bounds=_bounds(c, arrays)
+                    )
+                    x = a[valid].astype(np.float64)  # (frames, d)
                 s = x.sum(0) if s is None else s + x.sum(0)
                 ss = (x**2).sum(0) if ss is None else ss + (x**2).sum(0)
                 count += x.shape[0]
@@ -246,9 +274,15 @@ class Layout:
             loaded[stage] = store.load_stacked(stage, clip_ids, with_lengths=True)
         for n in keep:
             c = self.constituents[n]
-            if c.encoder == "array":
+            if c.encoder == "array" and c.wrap:
+                arrays, _ = loaded[c.stage]
+                v = _vectors(c, arrays[c.source["key"]])
+                if c.normalise == "standard":
+                    v = (v - stats[f"{n}.mean"]) / stats[f"{n}.std"]
+                block = _wrap(c, v * np.float32(c.scale))
+            elif c.encoder == "array":
                 arrays, lengths = loaded[c.stage]
-                a, valid = _frames(c, arrays[c.source["key"]], lengths[c.source["key"]])
+                a, valid = _frames(c, arrays[c.source["key"]], lengths[c.source["key"]], bounds=_bounds(c, arrays))
                 if c.normalise == "standard":
                     a = (a - stats[f"{n}.mean"]) / stats[f"{n}.std"]
                 a = np.where(valid[..., None], a * np.float32(c.scale), 0.0)
@@ -305,7 +339,7 @@ class Layout:
                     "constituent": c.name,
                     "rows": f"{c.rows[0]}-{c.rows[1] - 1}",
                     "columns": f"{c.col}-{c.col + c.width - 1}",
-                    "encoder": c.encoder,
+                    "encoder": c.encoder + (" (wrap)" if c.wrap else ""),
                     "source": src,
                     "normalise": c.normalise,
                     "scale": c.scale,
@@ -333,8 +367,49 @@ class Blocks:
 
 
 # ---------------------------------------------------------------------- helpers
-def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True):
-    """A stacked array as (N, frames, d) float32 limited to the constituent's rows, and (N, frames) validity."""
+def _bounds(c: Constituent, arrays: dict):
+    """The stacked window bounds (N, W, 2) a `select` other than `first` needs, from the same stage's arrays."""
+    if c.select == "first":
+        return None
+    key = c.source["bounds"]
+    if key not in arrays:
+        raise KeyError(
+            f"{c.name}: select: {c.select} needs the window bounds array '{key}' (source.bounds) in store stage "
+            f"'{c.stage}', which has {sorted(arrays)}"
+        )
+    return arrays[key]
+
+
+def _select_windows(c: Constituent, a: np.ndarray, lengths: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """Window embeddings (N, W, d) reordered (`longest_first`) or pooled per window length (`pool_per_length`),
+    with their new lengths. `bounds` (N, W, 2) = [start, length] per window (seconds); padding windows go last."""
+    bounds = np.asarray(bounds, np.float64)
+    if bounds.ndim != 3 or bounds.shape[:2] != a.shape[:2] or bounds.shape[2] < 2:
+        raise ValueError(
+            f"{c.name}: window bounds '{c.source['bounds']}' have shape {bounds.shape}, expected "
+            f"({a.shape[0]}, {a.shape[1]}, 2) for {c.stage}/{c.source['key']} {a.shape}"
+        )
+    valid = np.arange(a.shape[1])[None, :] < lengths[:, None]
+    size = np.round(bounds[..., 1], 6)  # seconds stored as float32: equal lengths compare equal after rounding
+    if c.select == "longest_first":
+        # sort by (padding last, longest first, earliest start first); keep only what can fill rows when the
+        # rest would be truncated anyway (overflow: error still sees every window and refuses)
+        order = np.lexsort((bounds[..., 0], -size, ~valid), axis=-1)
+        if c.overflow == "truncate":
+            order = order[:, : c.n_rows]
+        return np.take_along_axis(a, order[..., None], axis=1), lengths
+    # pool_per_length: every distinct length of the batch, longest first; a clip's rows are its own lengths
+    sizes = np.unique(size[valid])[::-1]
+    member = (size[..., None] == sizes) & valid[..., None]  # (N, W, L)
+    count = member.sum(1)  # (N, L)
+    pooled = np.einsum("nwd,nwl->nld", a, member.astype(np.float32)) / np.maximum(count, 1)[..., None]
+    order = np.argsort(count == 0, axis=1, kind="stable")  # the clip's present lengths first, still longest first
+    return np.take_along_axis(pooled, order[..., None], axis=1).astype(np.float32), (count > 0).sum(1)
+
+
+def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True, bounds=None):
+    """A stacked array as (N, frames, d) float32 limited to the constituent's rows, and (N, frames) validity.
+    A constituent with `select` other than `first` chooses its frames among windows with `bounds` (N, W, 2)."""
     a = np.asarray(a, np.float32)
     if a.ndim == 2:  # one vector per clip, e.g. a whole-clip embedding -> one row
         a = a[:, None, :]
@@ -347,10 +422,12 @@ def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True):
             f"{c.width} (params: width)"
         )
     lengths = np.asarray(lengths)
+    if c.select != "first":
+        a, lengths = _select_windows(c, a, lengths, bounds)
     if a.shape[1] > c.n_rows:
         if c.overflow == "error":
             raise ValueError(f"{c.name}: {a.shape[1]} frames do not fit its {c.n_rows} rows (overflow: error)")
-        if warn:
+        if warn and c.select == "first":  # another `select` declares which frames it keeps: nothing to warn about
             warnings.warn(
                 f"{c.name}: {int((lengths > c.n_rows).sum())} clip(s) have more than {c.n_rows} frames; "
                 f"the first {c.n_rows} are used",
@@ -359,6 +436,39 @@ def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True):
         a = a[:, : c.n_rows]
     valid = np.arange(a.shape[1])[None, :] < lengths[:, None]
     return a, valid
+
+
+def _vectors(c: Constituent, a) -> np.ndarray:
+    """(N, D) float32: the one vector per clip a `wrap` constituent reads (a stored (D,) array, or (1, D))."""
+    a = np.asarray(a, np.float32)
+    if a.ndim == 3 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.ndim != 2:
+        raise ValueError(
+            f"{c.name}: wrap spreads one vector per clip over rows; {c.stage}/{c.source['key']} has shape "
+            f"{a.shape[1:]} per clip (params: wrap)"
+        )
+    return a
+
+
+def _wrap(c: Constituent, v: np.ndarray) -> np.ndarray:
+    """(N, n_rows, width) block of vectors (N, D): entries [r*width, (r+1)*width) fill row r, the last row's tail
+    and any rows after it stay zero. More entries than n_rows*width: `overflow: error` refuses, `truncate` keeps the
+    first ones with a warning."""
+    n, d = v.shape
+    room = c.n_rows * c.width
+    if d > room:
+        need = -(-d // c.width)
+        if c.overflow == "error":
+            raise ValueError(
+                f"{c.name}: a {d}-d vector needs {need} rows of {c.width} columns, the layout reserves {c.n_rows} "
+                f"(rows {c.rows[0]}-{c.rows[1] - 1}; overflow: error)"
+            )
+        warnings.warn(f"{c.name}: {d}-d vectors truncated to the {room} entries of {c.n_rows} rows", stacklevel=3)
+        v, d = v[:, :room], room
+    flat = np.zeros((n, room), np.float32)
+    flat[:, :d] = v
+    return flat.reshape(n, c.n_rows, c.width)
 
 
 def _encode_labels(c: Constituent, values) -> np.ndarray:
@@ -439,8 +549,36 @@ def _constituent(name, spec, where, max_rows, max_cols) -> Constituent:
     overflow = spec.get("overflow", "error")
     if unknown not in ("error", "zero") or overflow not in ("error", "truncate"):
         raise ParamsError(f"{key}: unknown must be error|zero and overflow error|truncate")
+    select = spec.get("select", "first")
+    if select not in SELECTIONS:
+        raise ParamsError(f"{key}.select must be one of {', '.join(SELECTIONS)}, got {select!r}")
+    if select != "first" and enc != "array":
+        raise ParamsError(f"{key}.select: {select} applies to array constituents only")
+    wrap = spec.get("wrap", False)
+    if not isinstance(wrap, bool):
+        raise ParamsError(f"{key}.wrap must be true or false, got {wrap!r}")
+    if wrap and (enc != "array" or select != "first"):
+        raise ParamsError(f"{key}.wrap: spreads one stored vector over rows: encoder array with select first only")
+    if select != "first" and not isinstance(source.get("bounds"), str):
+        raise ParamsError(
+            f"{key}.source.bounds: select: {select} needs the stage's window bounds array ([start, length] per "
+            f"window, e.g. bounds: window), got {source.get('bounds')!r}"
+        )
     return Constituent(
-        name, (rows[0], rows[1]), col, width, enc, dict(source), norm, float(scale), classes, aliases, unknown, overflow
+        name,
+        (rows[0], rows[1]),
+        col,
+        width,
+        enc,
+        dict(source),
+        norm,
+        float(scale),
+        classes,
+        aliases,
+        unknown,
+        overflow,
+        select,
+        wrap,
     )
 
 
@@ -485,10 +623,56 @@ def load_systems(path, layout: Layout) -> dict[str, System]:
         paper_no = spec.get("paper_no")
         if exists(paper_no) and not isinstance(paper_no, int):
             raise ParamsError(f"{key}.paper_no must be an int or null, got {paper_no!r}")
-        out[name] = System(
-            name, str(spec.get("title", name)), mode, tuple(n for n in layout.names if n in keep), paper_no
-        )
+        keep = tuple(n for n in layout.names if n in keep)
+        decoder, train_on = _decoder(spec, mode, keep, layout, key)
+        note = spec.get("note")
+        if exists(note) and not isinstance(note, str):
+            raise ParamsError(f"{key}.note must be a string, got {note!r}")
+        model = spec.get("model") or {}
+        if not isinstance(model, dict) or (
+            model and (mode not in ("generation", "super_resolution") or decoder != "diffusion")
+        ):
+            raise ParamsError(
+                f"{key}.model: a mapping of model preset options, for diffusion systems only; got {model!r}"
+            )
+        out[name] = System(name, str(spec.get("title", name)), mode, keep, paper_no, decoder, train_on, note, model)
     return out
+
+
+def _decoder(spec: dict, mode: str, keep: tuple, layout: Layout, key: str) -> tuple[str, str | None]:
+    """(decoder, train_on) of a system entry. `decoder: direct` (slf_utils.face_decoder) maps one stored vector to a
+    face: mode generation, exactly one kept array constituent (the vector it is fed), and `train_on`, the constituent
+    it is trained from (default: the same), laid out in the same rows x columns shape."""
+    decoder = spec.get("decoder", "diffusion")
+    if decoder not in DECODERS:
+        raise ParamsError(f"{key}.decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
+    train_on = spec.get("train_on")
+    if decoder != "direct":
+        if exists(train_on):
+            raise ParamsError(f"{key}.train_on: only a direct decoder is trained on another constituent")
+        return decoder, None
+    if mode != "generation":
+        raise ParamsError(
+            f"{key}.mode: a direct decoder draws a face from its input alone: mode generation, got {mode}"
+        )
+    vectors = [n for n in keep if layout.constituents[n].encoder == "array"]
+    if len(keep) != 1 or len(vectors) != 1:
+        raise ParamsError(
+            f"{key}.keep: a direct decoder is fed exactly one array constituent (a stored vector), got {list(keep)}"
+        )
+    c = layout.constituents[keep[0]]
+    if not (c.wrap or c.n_rows == 1):
+        raise ParamsError(f"{key}.keep: a direct decoder reads one vector: '{keep[0]}' must be wrap or a single row")
+    train_on = default(train_on, keep[0])
+    if train_on not in layout.constituents:
+        raise ParamsError(f"{key}.train_on: unknown constituent '{train_on}' (known: {', '.join(layout.names)})")
+    a, b = layout.constituents[keep[0]], layout.constituents[train_on]
+    if b.encoder != "array" or (a.n_rows, a.width, a.wrap) != (b.n_rows, b.width, b.wrap):
+        raise ParamsError(
+            f"{key}.train_on: '{train_on}' must be an array constituent laid out like '{keep[0]}' "
+            f"({a.n_rows} rows x {a.width} columns, wrap {a.wrap})"
+        )
+    return decoder, train_on
 
 
 # ---------------------------------------------------------------------- figure
@@ -512,11 +696,14 @@ def plot_layout(layout: Layout, keep=None):
             if ax is not None:
                 ax.add_patch(Rectangle((c.col, c.rows[0]), c.width, c.n_rows, alpha=0.85, lw=1, **style))
         rows = f"row {c.rows[0]}" if c.n_rows == 1 else f"rows {c.rows[0]}-{c.rows[1] - 1}"
-        label = f"{name}: {rows}, cols {c.col}-{c.col + c.width - 1} ({c.encoder}, {c.normalise})"
+        enc = c.encoder + (", wrap" if c.wrap else "")
+        label = f"{name}: {rows}, cols {c.col}-{c.col + c.width - 1} ({enc}, {c.normalise})"
         handles.append(Patch(label=label + ("" if on else " - dropped"), **style))
         if c.n_rows >= 8:
             axes[1].text(c.col + c.width / 2, (c.rows[0] + c.rows[1]) / 2, name, ha="center", va="center")
-        elif axes[0] is not None:
+        elif c.n_rows >= 4 or axes[0] is None:  # a few rows below the enlarged panel (e.g. a wrapped embedding)
+            axes[1].text(c.col + c.width / 2, (c.rows[0] + c.rows[1]) / 2, name, ha="center", va="center", fontsize=6)
+        else:
             axes[0].text(c.col + c.width + 6, (c.rows[0] + c.rows[1]) / 2, name, va="center", fontsize=8)
     for ax, top in zip(axes, (zoom, layout.rows)):
         if ax is None:
@@ -548,11 +735,22 @@ def synthetic_store(
     frames=(79, 81),
     seed=0,
     layout: Layout | None = None,
+    audio_seconds=24.0,
+    face_dim=128,
+    voice_noise=1.0,
+    contrastive_dim=128,
 ):
     """A Store filled with random arrays shaped like the layout's sources and faces whose colours depend on the
     identity: for tests, benchmarks and trying the pipeline without data. Half of each identity's clips are
     `test`. With a `layout`, window and frame counts fill its speaker_windows, pyaudio and mel rows exactly.
-    Returns the Store."""
+    `windows`: a count (3 s windows at 1 s steps) or the (size, hop) pairs of `features.windows`, cut from a clip
+    of `audio_seconds` as notebook 02 does; `speaker_windows/window` holds their [start, length] in seconds.
+    With `face_dim` (0: none), the Speech2Face stages: `face_embedding` (the identity's own unit vector x 10 plus a
+    little noise: the true embedding determines the face's identity) and `voice_face_embedding` (the same plus noise
+    of sd `voice_noise` per entry: a voice encoder's imperfect prediction), drawn from a generator of their own so the
+    other arrays are the same with or without them. With `contrastive_dim` (0: none), the `contrastive_speech` stage
+    (slf_utils.contrastive): a unit vector near the identity's own, from a generator of its own too. Returns the
+    Store."""
     import pandas as pd
 
     if exists(layout):
@@ -560,8 +758,14 @@ def synthetic_store(
         windows = c["speaker_windows"].n_rows if "speaker_windows" in c else windows
         frames = tuple(c[n].n_rows if n in c else f for n, f in zip(("pyaudio", "mel"), frames))
 
-    from slf_utils.preprocessing import guide_of
+    from slf_utils.features import window_bounds
+    from slf_utils.preprocessing import SAMPLE_RATE, guide_of
     from slf_utils.store import Store
+
+    if isinstance(windows, (int, np.integer)):
+        bounds = np.stack([np.arange(windows), np.full(windows, 3.0)], 1).astype(np.float32)
+    else:
+        bounds = (window_bounds(int(round(audio_seconds * SAMPLE_RATE)), windows) / SAMPLE_RATE).astype(np.float32)
 
     store = Store(Path(root))
     rng = np.random.default_rng(seed)
@@ -590,21 +794,33 @@ def synthetic_store(
         blob = np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.08)[..., None]
         face = np.clip(blob * colour + (1 - blob) * 40 + rng.normal(0, 4, (face_size, face_size, 3)), 0, 255)
         face = face.astype(np.uint8)
-        store.put(
-            r["clip_id"],
-            "preprocess",
-            {"face": face, "guide": guide_of(face, guide_size), "audio": np.zeros(160, np.float32)},
-            "synthetic",
-        )
+        store.put(r["clip_id"], "preprocess", {"face": face, "guide": guide_of(face, guide_size)}, "synthetic")
+        store.put(r["clip_id"], "audio", {"audio": np.zeros(160, np.float32)}, "synthetic")  # its own stage
         store.put(r["clip_id"], "speaker", {"embedding": voice}, "synthetic")
         store.put(
             r["clip_id"],
             "speaker_windows",
-            {"embedding": voice + rng.normal(0, 0.1, (windows, speaker_dim)).astype(np.float32)},
+            {"embedding": voice + rng.normal(0, 0.1, (len(bounds), speaker_dim)).astype(np.float32), "window": bounds},
             "synthetic",
         )
         n = int(rng.integers(frames[0] - 3, frames[0] + 1))
         store.put(r["clip_id"], "pyaudio", {"frames": rng.normal(i, 1, (n, 68)).astype(np.float32)}, "synthetic")
         n = int(rng.integers(frames[1] - 3, frames[1] + 1))
         store.put(r["clip_id"], "mel", {"frames": rng.normal(-20 + i, 3, (n, 128)).astype(np.float32)}, "synthetic")
+    if face_dim:
+        s2f = np.random.default_rng(seed + 7919)
+        axes = s2f.normal(size=(n_identities, face_dim))
+        axes = 10 * axes / np.linalg.norm(axes, axis=1, keepdims=True)
+        for r in rows:
+            true = axes[int(r["identity"][2:])] + s2f.normal(0, 0.1, face_dim)
+            pred = true + s2f.normal(0, voice_noise, face_dim)
+            store.put(r["clip_id"], "face_embedding", {"embedding": true.astype(np.float32)}, "synthetic")
+            store.put(r["clip_id"], "voice_face_embedding", {"embedding": pred.astype(np.float32)}, "synthetic")
+    if contrastive_dim:
+        ct = np.random.default_rng(seed + 104729)
+        axes = ct.normal(size=(n_identities, contrastive_dim))
+        for r in rows:
+            e = axes[int(r["identity"][2:])] + ct.normal(0, 0.3, contrastive_dim)
+            e = (e / np.linalg.norm(e)).astype(np.float32)
+            store.put(r["clip_id"], "contrastive_speech", {"embedding": e}, "synthetic")
     return store

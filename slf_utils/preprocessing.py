@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from slf_utils.config import default, exists, params_hash, provenance, resolve
-from slf_utils.store import Store, normalise_gender, open_store
+from slf_utils.store import AUDIO_STAGE, Store, normalise_gender, open_store
 
 SAMPLE_RATE = 16000
 STAGE = "preprocess"
@@ -459,7 +459,10 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
         if "arrays" in res:
             if res["labels"]:
                 store.update_labels(res["clip_id"], **res["labels"])
-            store.put(res["clip_id"], STAGE, res["arrays"], h)
+            arrays = dict(res["arrays"])
+            # audio first, in its own stage (never part of a training cache): `preprocess` done implies both
+            store.put(res["clip_id"], AUDIO_STAGE, {"audio": arrays.pop("audio")}, h)
+            store.put(res["clip_id"], STAGE, arrays, h)
         else:
             store.reject(res["clip_id"], STAGE, res["reason"], h, retry=res.get("retry", False))
         n += 1
@@ -473,6 +476,7 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
         }
     )
     store.set_provenance(STAGE, prov)
+    store.set_provenance(AUDIO_STAGE, prov)
     return store.summary()
 
 

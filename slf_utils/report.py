@@ -6,6 +6,10 @@ the paper's values, and sample grids (Fig. 6, 7).
 Everything is shown under both recall protocols (evaluation: `identity` first, the main one, then `paper`); each
 protocol picks its own best scales. Reference rows (bicubic, identity_mean, random: mode `reference`) have no scale:
 they are horizontal lines in the figure and rows in every table. Intervals resample identities (evaluation).
+A system with a direct decoder (slf_utils.face_decoder) has no conditional scale either (scale NaN): one point, drawn
+as a dash-dotted horizontal line ("no scale") and a row in every table, judged by the learning checks like any
+trained system. A system's `note` (systems.yaml; e.g. face_to_face: it is fed its own real face's embedding, so it
+sees the answer) marks its title with a dagger and is printed under the headline in headline.md and summary.md.
 
 Paired differences (`differences.*`): recall@k of system a minus system b on the same gallery clips, with a 95 %
 paired bootstrap interval over identities, for the pairs of `report.differences` and every super-resolution system
@@ -352,7 +356,10 @@ def pretty_headline(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(
         {
             "system": table["title"],
-            "scale": table["scale"].map(lambda s: "reference" if pd.isna(s) else f"{s:g}"),
+            "scale": [
+                ("reference" if sys_ in REFERENCES else "no scale") if pd.isna(s) else f"{s:g}"
+                for sys_, s in zip(table["system"], table["scale"])
+            ],
             "recall@1 [95 % CI]": [
                 _cell(v, lo, hi, "recall@1")
                 for v, lo, hi in zip(table["recall@1"], table["recall@1_lo"], table["recall@1_hi"])
@@ -369,6 +376,22 @@ def system_modes(cfg) -> dict:
     return {k: v.mode for k, v in _systems(cfg).items()}
 
 
+def system_notes(cfg) -> dict:
+    """{system: note} of the systems whose systems.yaml entry has a `note` (a caveat the report must print)."""
+    try:
+        return {k: v.note for k, v in _systems(cfg).items() if v.note}
+    except Exception:  # noqa: BLE001  (notes, like titles, need the systems file; a report from metrics alone works)
+        return {}
+
+
+NOTE_MARK = " †"
+
+
+def note_lines(notes: dict, titles: dict, systems) -> list[str]:
+    """Footnotes ('† Title: note') of the systems in `systems` that have a note."""
+    return [f"† {titles.get(s, s)}: {' '.join(notes[s].split())}" for s in dict.fromkeys(systems) if s in notes]
+
+
 def learning_checks(
     metrics: pd.DataFrame, best: dict, modes: dict, titles: dict | None = None, guide_min: float = 0.9
 ) -> pd.DataFrame:
@@ -381,9 +404,11 @@ def learning_checks(
     ceiling = _at(metrics, CEILING, np.nan, "recall@1")[0]
     rows = []
     for system, scale in best.items():
-        if pd.isna(scale):
+        if system in REFERENCES or modes.get(system) in ("reference", "none"):
             continue
         chance = _at(metrics, system, np.nan, "chance@1")[0]
+        if pd.isna(scale) and np.isnan(_at(metrics, system, scale, "recall@1")[0]):
+            continue  # nothing scored
         sr = modes.get(system) == "super_resolution"
         v, lo, hi = _at(metrics, system, scale, "recall@1")
         v0, lo0, hi0 = _at(metrics, system, 0.0, "recall@1")
@@ -426,7 +451,7 @@ def pretty_checks(checks: pd.DataFrame, guide_min: float = 0.9) -> pd.DataFrame:
         {
             "system": checks["title"],
             "mode": checks["mode"],
-            "best scale": checks["best_scale"].map(lambda s: f"{s:g}"),
+            "best scale": checks["best_scale"].map(lambda s: "no scale" if pd.isna(s) else f"{s:g}"),
             "recall@1 [95 % CI]": [
                 _cell(v, lo, hi, "recall@1")
                 for v, lo, hi in zip(checks["recall@1"], checks["recall@1_lo"], checks["recall@1_hi"])
@@ -606,10 +631,13 @@ def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
-def plot_recall_vs_scale(metrics: pd.DataFrame, titles: dict | None = None, ks=(1, 3), protocols=PROTOCOLS):
+def plot_recall_vs_scale(
+    metrics: pd.DataFrame, titles: dict | None = None, ks=(1, 3), protocols=PROTOCOLS, references=REFERENCES
+):
     """Fig. 8, one row of panels per protocol (identity first), one column per k: recall@k vs conditional scale for
     every system with its 95 % band, the reference rows (no scale) as dotted horizontal lines with their bands
-    across the sweep, exact chance k/N dashed."""
+    across the sweep, other systems without a scale (direct decoders) as dash-dotted ones, exact chance k/N
+    dashed."""
     from matplotlib.figure import Figure
 
     titles = titles or {}
@@ -628,9 +656,11 @@ def plot_recall_vs_scale(metrics: pd.DataFrame, titles: dict | None = None, ks=(
                 if r.empty:
                     continue
                 label, c = titles.get(system, system), colour[system]
-                if r["scale"].isna().all():  # a reference row: the same at every scale
+                if r["scale"].isna().all():  # a reference row or a direct decoder: the same at every scale
                     v, lo, hi = r[["value", "ci_low", "ci_high"]].iloc[0]
-                    ax.hlines(v, *xlim, colors=c, linestyles=":", lw=1.6, label=f"{label} (reference)")
+                    ref = system in references
+                    style, tag = (":", "reference") if ref else ("-.", "no scale")
+                    ax.hlines(v, *xlim, colors=c, linestyles=style, lw=1.6, label=f"{label} ({tag})")
                     if not np.isnan(lo):
                         ax.fill_between(xlim, lo, hi, color=c, alpha=0.1)
                     continue
@@ -756,7 +786,9 @@ def plot_sample_grid(cfg, best: dict, titles: dict | None = None, n: int = 6):
     rows = [
         [r, g] + [_image_at(cfg, s, samples[s], c, best[s]) for s in samples] for c, r, g in zip(clips, real, guides)
     ]
-    cols = ["real", "8x8 guide"] + [f"{titles.get(s, s)}\n({scale_label(best[s])})" for s in samples]
+    cols = ["real", "8x8 guide"] + [
+        f"{titles.get(s, s)}\n({scale_label(best[s], 'reference' if s in REFERENCES else 'no scale')})" for s in samples
+    ]
     return _grid_figure(rows, cols, clips, "Faces of each system at its best conditional scale, and the references")
 
 
@@ -820,8 +852,14 @@ def run(cfg, log=print) -> dict:
     fig = plot_recall_vs_scale(metrics, titles, ks=[k for k in (1, 3) if k in ks])
     result["figures"]["recall_vs_scale"] = save_figure(fig, out, "recall_vs_scale")
 
-    result["headline"] = headline_table(main, best, titles, modes)
+    notes = {s: n for s, n in system_notes(cfg).items() if s in found}
+    marked = {s: t + NOTE_MARK if s in notes else t for s, t in {**{s: s for s in found}, **titles}.items()}
+    result["headline"] = headline_table(main, best, marked, modes)
+    result["notes"] = note_lines(notes, titles, found)
     _write_table(out, "headline", result["headline"], pretty_headline(result["headline"]))
+    if result["notes"]:  # under the table, where it is read (make demo and the grid runner print headline.md)
+        text = markdown_table(pretty_headline(result["headline"])) + "\n" + "\n\n".join(result["notes"]) + "\n"
+        atomic_write_text(out / "headline.md", text)
     checks = learning_checks(main, best, modes, titles, float(rep["guide_top1_min"]))
     result["checks"] = checks
     if not checks.empty:
@@ -873,6 +911,7 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         "## Identity protocol: each system at its best conditional scale, with the reference rows",
         "",
         markdown_table(pretty_headline(result["headline"])),
+        *[line + "\n" for line in result.get("notes", [])],
         "Identity protocol: the query's own real image is left out of its ranking, so a hit is another image of the "
         "same person. 95 % intervals resample identities. Reference rows: bicubic = the 8x8 guide upscaled (the "
         "floor of super-resolution), identity_mean = the mean training face of the speaker (the closed-set "
@@ -881,6 +920,12 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         "",
         f"Systems evaluated: {', '.join(dict.fromkeys(best_table['system']))}.",
     ]
+    unscaled = [s for s, v in result["best"].items() if pd.isna(v) and s not in REFERENCES]
+    if unscaled:
+        lines += [
+            f"No conditional scale (`no scale`: a direct decoder draws one face per clip): {', '.join(unscaled)}; "
+            "one point, a dash-dotted horizontal line in the figure."
+        ]
     if missing:
         lines += [f"Not evaluated yet (skipped): {', '.join(missing)}."]
     if not result["checks"].empty:

@@ -68,3 +68,33 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(f, boom)
     assert f.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["x.txt"]
+
+
+def test_paper_grid_reads_the_118_clip_evaluation_list_from_the_repository():
+    """Issue 11: params/paper.yaml points at data/slf_eval_set.txt inside the repository (tracked despite data/ being
+    ignored), resolved against the project root: the authors' 118 clips, one `id/ytid/clip` a line."""
+    import re
+    import subprocess
+
+    from slf_utils.config import ROOT
+
+    cfg = load_params(ROOT / "params" / "paper.yaml")
+    path = resolve(cfg["data"]["test_list"])
+    assert path == ROOT / "data" / "slf_eval_set.txt" and path.is_file()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 118 and len(set(lines)) == 118
+    bad = [ln for ln in lines if not re.fullmatch(r"id\d{5}/[A-Za-z0-9_-]{11}/\d{5}", ln)]
+    assert not bad, bad[:3]
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT, capture_output=True)
+    assert ignored.returncode != 0, "data/slf_eval_set.txt is git-ignored: it must be tracked"
+
+
+def test_model_sources_are_hub_ids_unless_they_name_a_folder(tmp_path):
+    (tmp_path / "ecapa").mkdir()
+    grid = tmp_path / "g.yaml"
+    grid.write_text(
+        f"features: {{speaker_source: speechbrain/spkrec-ecapa-voxceleb, language_source: {tmp_path / 'ecapa'}}}\n"
+    )
+    cfg = load_params(grid)
+    assert cfg["features"]["speaker_source"] == "speechbrain/spkrec-ecapa-voxceleb"  # a hub id stays one
+    assert cfg["features"]["language_source"] == str(tmp_path / "ecapa")

@@ -421,9 +421,7 @@ def test_tiny_super_resolution_model_reproduces_its_guide(tmp_path):
     for cid in ids:  # every clip its own face: smooth random patterns, so guides differ between clips
         face = cv2.resize(rng.uniform(0, 255, (4, 4, 3)).astype(np.float32), (16, 16), interpolation=cv2.INTER_CUBIC)
         face = np.clip(face, 0, 255).astype(np.uint8)
-        store.put(
-            cid, "preprocess", {"face": face, "guide": guide_of(face, 8), "audio": np.zeros(160, np.float32)}, "t"
-        )
+        store.put(cid, "preprocess", {"face": face, "guide": guide_of(face, 8)}, "t")
     p = tmp_path / "sr.yaml"
     p.write_text(
         yaml.safe_dump(

@@ -403,7 +403,9 @@ def fake_diffusion(calls):
         use_ema=False,
         lowres_sample_noise_level=0.2,
         batch_size=64,
+        labels=None,
     ):
+        assert labels is None or len(labels) == len(text_embeds)  # one label row per sample (face prior)
         calls.append({"n": len(text_embeds), "scale": cond_scale, "steps": steps, "guides": guides is not None})
         faces = mod.faces
         if cond_scale == 0:

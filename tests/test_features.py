@@ -266,6 +266,61 @@ def test_pyaudio_and_mel_share_frames():
     assert (np.abs(m.argmax(axis=1) - band) <= 1).all()
 
 
+def _pyaudioanalysis(audio, window, step):
+    """pyAudioAnalysis itself: (F, 68) float64 and the feature names."""
+    from pyAudioAnalysis import ShortTermFeatures
+
+    feats, names = ShortTermFeatures.feature_extraction(np.asarray(audio, np.float64), SR, window, step, deltas=True)
+    return feats.T, names
+
+
+def _assert_same_as_pyaudioanalysis(audio, window=8000, step=4800):
+    ref, names = _pyaudioanalysis(audio, window, step)
+    ours = F.short_term_features(audio, SR, window, step)
+    assert ours.shape == ref.shape == (F.frame_count(len(audio), window / SR, step / SR), 68)
+    for j, name in enumerate(names):  # every column, float64: equal to rounding (MFCCs: sum order of the filterbank)
+        np.testing.assert_allclose(ours[:, j], ref[:, j], rtol=1e-7, atol=1e-10, err_msg=name)
+    return ours, ref
+
+
+def test_short_term_features_equal_pyaudioanalysis_on_demo_speech(demo_corpus_small):
+    """The vectorised short-term features against pyAudioAnalysis' per-frame loop on real speech (demo corpus clips,
+    as decoded and as looped to 6 s and 24 s), every column; the stored float32 frames are the same numbers."""
+    clips = P.read_manifest(demo_corpus_small)
+    for row in clips.groupby("identity").head(1).head(3).itertuples():
+        audio, _ = P.decode(row.video, frame=False)
+        for a in (audio, P.fit_length(audio, 6), P.fit_length(audio, 24)):
+            _assert_same_as_pyaudioanalysis(a)
+            ours, ref = F.pyaudio_features(a), F.pyaudio_features_reference(a)
+            assert ours.dtype == ref.dtype == np.float32 and ours.shape == ref.shape
+            np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-12)
+    ours, _ = _assert_same_as_pyaudioanalysis(P.fit_length(audio, 24))
+    assert (ours[0, 34:] == 0).all() and ours[:, 6].min() >= 0  # first delta and first flux 0, as the library's
+
+
+def test_short_term_features_equal_pyaudioanalysis_with_silence_and_other_frames():
+    """Exact-zero silence (after the library's DC removal a constant: frames with only a DC bin), a tone, a DC
+    offset and a loud click (its max scaling), under several window/step settings (odd window, step > window, one
+    frame); an all-zero signal (zero spectra: the library's eps branches); a signal shorter than one window fails
+    in both."""
+    rng = np.random.default_rng(4)
+    t = np.arange(10 * SR) / SR
+    audio = (0.05 * rng.normal(size=len(t)) + 0.2 * np.sin(2 * np.pi * 440 * t) + 0.3).astype(np.float32)
+    audio[: SR // 2] = 0
+    audio[3 * SR : 5 * SR] = 0
+    audio[-SR:] = 0
+    audio[7 * SR] = 0.99
+    ours, _ = _assert_same_as_pyaudioanalysis(audio)
+    gap = [k for k in range(len(ours)) if 3 * SR <= k * 4800 <= 5 * SR - 8000]  # frames wholly in the 3-5 s gap
+    assert len(gap) == 6 and (ours[gap, 0] == 0).all() and (ours[gap, 7] == 0).all()  # DC only: no zcr, rolloff 0
+    for window, step in [(800, 400), (801, 333), (1024, 2048), (10 * SR, 1)]:
+        _assert_same_as_pyaudioanalysis(audio, window, step)
+    _assert_same_as_pyaudioanalysis(np.zeros(SR, np.float32))
+    for extract in (lambda a: _pyaudioanalysis(a, 8000, 4800), lambda a: F.short_term_features(a, SR, 8000, 4800)):
+        with pytest.raises(ValueError):
+            extract(np.ones(7999, np.float32))
+
+
 def test_resemblyzer_batched_equals_embed_utterance():
     backend = F.speaker_backend("resemblyzer")
     rng = np.random.default_rng(1)
@@ -342,7 +397,7 @@ def test_speechbrain_speaker_and_language_through_the_store(ecapa_folders, featu
     }
     cid = "id00001/ytA/00001"
     F.run(cfg2, clip_ids=[cid])
-    audio = store.get(cid, "preprocess")["audio"]
+    audio = store.get(cid, "audio")["audio"]
     assert np.allclose(store.get(cid, "speaker")["embedding"], _direct_ecapa(spk, audio)[0], atol=1e-4)
     assert store.get(cid, "speaker_windows")["embedding"].shape == (8, 192)
     assert store.provenance("speaker")["model"]["backend"] == "speechbrain"

@@ -136,3 +136,42 @@ def test_dry_run_and_set_overrides(finished_grid, capsys):
     assert st[("preprocess", "")] == "done" and st[("train", "full_input")] == "stale"
     with pytest.raises(SystemExit, match="--set steps: expected KEY=VALUE"):
         grid.parse_set(["steps"])
+
+
+# a kernel on a loaded machine: still inside papermill's last request (kernel_info) after sending its reply
+SLOW_KERNEL_INFO = """k = get_ipython().kernel
+_info = k.shell_handlers["kernel_info_request"]
+async def slow_info(*args):
+    await _info(*args)
+    __import__("time").sleep(1.0)
+k.shell_handlers["kernel_info_request"] = slow_info"""
+
+
+def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_path, capfd):
+    """Issue 11: jupyter_client interrupts a kernel before shutting it down; when the kernel was still in a handler
+    (papermill's final kernel_info, on a loaded machine) ipykernel printed `[IPKernelApp] ERROR | KeyboardInterrupt
+    caught in kernel.` although nothing failed. The grid's notebook runs do not interrupt a finished kernel: same
+    notebook, plain papermill prints the line, grid.run_notebook does not; a cell error is still reported."""
+    import nbformat
+    import papermill as pm
+
+    spec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": spec})
+    nb.cells = [nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["parameters"]})]
+    nb.cells.append(nbformat.v4.new_code_cell(SLOW_KERNEL_INFO))
+    path = tmp_path / "slow.ipynb"
+    nbformat.write(nb, path)
+
+    pm.execute_notebook(str(path), str(tmp_path / "plain.ipynb"), kernel_name="python3", progress_bar=False)
+    assert "KeyboardInterrupt caught in kernel" in capfd.readouterr().err  # the test reproduces the symptom
+
+    with open(tmp_path / "log.txt", "w") as log:
+        grid.run_notebook(path, tmp_path / "grid.ipynb", {"x": 2}, log, cwd=tmp_path)
+    err = capfd.readouterr().err
+    assert "ERROR" not in err and "KeyboardInterrupt" not in err, err
+    assert "x = 2" in (tmp_path / "grid.ipynb").read_text()  # parameters injected, notebook saved
+
+    nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('real failure')"))
+    nbformat.write(nb, path)
+    with open(tmp_path / "log.txt", "w") as log, pytest.raises(pm.PapermillExecutionError, match="real failure"):
+        grid.run_notebook(path, tmp_path / "fail.ipynb", {}, log, cwd=tmp_path)

@@ -68,6 +68,9 @@ def test_layout_fits_the_matrix_and_has_the_reference_rows(layout):
         "speaker_windows": (5, 33),
         "pyaudio": (33, 112),
         "mel": (112, 223),
+        "face_embedding": (224, 230),  # Speech2Face (issue 12): a 4096-d VGG-Face vector wrapped over 6 rows
+        "voice_face_embedding": (230, 236),
+        "contrastive_speech": (240, 241),  # SCLDM's contrastive speech embedding (tests/test_contrastive.py)
     }
     for c in layout.constituents.values():
         assert 0 <= c.rows[0] < c.rows[1] <= 256 and c.col + c.width <= 768
@@ -94,6 +97,9 @@ def test_overlapping_declarations_are_rejected_with_both_names(tmp_path):
         (lambda r: r["constituents"]["age"].update(encoder="magic"), r"age\.encoder"),
         (lambda r: r["groups"].update(speech=["speaker", "voice"]), r"groups\.speech: unknown constituent 'voice'"),
         (lambda r: r["constituents"]["language"]["classes"].append("PT"), "duplicate classes"),
+        (lambda r: r["constituents"]["speaker_windows"].update(select="longest"), r"speaker_windows\.select"),
+        (lambda r: r["constituents"]["speaker_windows"]["source"].pop("bounds"), r"speaker_windows\.source\.bounds"),
+        (lambda r: r["constituents"]["age"].update(select="pool_per_length"), r"age\.select"),
     ],
 )
 def test_invalid_layouts_fail_naming_the_key(tmp_path, change, match):
@@ -115,9 +121,20 @@ def test_systems_are_declared_with_modes_and_paper_numbers(systems, layout):
         "random": ("reference", None),
         "bicubic": ("reference", None),
         "identity_mean": ("reference", None),
+        "face_to_face": ("generation", None),  # Speech2Face (issue 12, tests/test_speech2face.py)
+        "speech_to_face": ("generation", None),
+        "face_to_face_direct": ("generation", None),
+        "speech_to_face_direct": ("generation", None),
+        "full_input_prior": ("super_resolution", None),  # face prior, latent: tests/test_face_prior_latent.py
+        "full_input_attribute_prior": ("super_resolution", None),
+        "speaker_embeddings_only_prior": ("generation", None),
+        "speaker_embeddings_only_latent": ("generation", None),
+        "contrastive_speech": ("generation", None),  # SCLDM's contrastive pre-training: tests/test_contrastive.py
     }
     assert {n: (s.mode, s.paper_no) for n, s in systems.items()} == expected
-    assert set(systems["full_input"].keep) == set(layout.names)
+    # everything but the Speech2Face embeddings (the true one is the answer): they are not in the group `all`
+    named_only = {"face_embedding", "voice_face_embedding", "contrastive_speech"}
+    assert set(systems["full_input"].keep) == set(layout.names) - named_only
     assert systems["no_audio"].keep == ("age", "ethnicity", "gender")  # language is speech-derived: dropped
     assert "language" in systems["no_additional_attributes"].keep
     assert not {"age", "gender", "ethnicity"} & set(systems["no_additional_attributes"].keep)
@@ -265,7 +282,7 @@ def test_age_missing_flag_keeps_the_row(layout, store, train_ids, stats):
 
 
 def test_overflowing_frames_are_truncated_with_a_warning(tmp_path, store, train_ids):
-    p = write_layout(tmp_path, lambda r: r["constituents"]["speaker_windows"].update(rows=[5, 8]))
+    p = write_layout(tmp_path, lambda r: r["constituents"]["speaker_windows"].update(rows=[5, 8], select="first"))
     lay = Layout.load(p)
     stats = lay.fit(store, train_ids, ["speaker_windows"])
     with pytest.warns(UserWarning, match="first 3 are used"):
@@ -301,3 +318,63 @@ def test_layout_drop_removes_a_constituent_from_every_system(layout, store, trai
     assert not X[:, row].any()
     with pytest.raises(ParamsError, match="layout_drop: unknown constituent"):
         Layout.load(LAYOUT, drop=("langauge",))
+
+
+# ---------------------------------------------------------------------- sliding windows (issue 11)
+PAPER_WINDOWS = [[3, 1], [6, 2], [12, 4], [24, 8]]
+
+
+@pytest.fixture(scope="module")
+def window_store(tmp_path_factory):
+    """Two clips of 24 s cut into the paper's 37 windows: 22 x 3 s, 10 x 6 s, 4 x 12 s, 1 x 24 s."""
+    return synthetic_store(
+        tmp_path_factory.mktemp("windows"), n_identities=1, clips_per_identity=2, face_size=16, windows=PAPER_WINDOWS
+    )
+
+
+def window_rows(tmp_path, store, select):
+    """(clip ids, stored windows (N, 37, 2) and embeddings, the built rows 5-32 of speaker_windows) with `select`,
+    no normalisation so that a row can be matched to the window it holds."""
+    p = write_layout(tmp_path, lambda r: r["constituents"]["speaker_windows"].update(select=select, normalise="none"))
+    lay = Layout.load(p)
+    ids = store.clips()["clip_id"].tolist()
+    stored = store.load_stacked("speaker_windows", ids)
+    X = lay.build(store, ids, ["speaker_windows"], {})
+    return stored["window"], stored["embedding"], X[:, 5:33, :256]
+
+
+def test_paper_windows_fill_28_rows_longest_first(tmp_path, window_store):
+    """The paper layout (select: longest_first): of a 24 s clip's 37 windows, row 5 holds the 24 s window, rows 6-9
+    the four 12 s windows, rows 10-19 the ten 6 s windows and rows 20-32 the first 13 of the 22 3 s windows, each
+    length in time order; no warning (the choice is declared)."""
+    assert Layout.load(LAYOUT).constituents["speaker_windows"].select == "longest_first"
+    bounds, emb, rows = window_rows(tmp_path, window_store, "longest_first")
+    assert bounds.shape == (2, 37, 2) and emb.shape[:2] == (2, 37)
+    expected = (  # (length s, start s) of rows 5..32
+        [(24, 0)] + [(12, s) for s in range(0, 13, 4)] + [(6, s) for s in range(0, 19, 2)] + [(3, s) for s in range(13)]
+    )
+    assert len(expected) == 28
+    for clip in range(2):
+        held = []
+        for r in range(28):
+            (w,) = np.flatnonzero(np.all(np.isclose(emb[clip], rows[clip, r]), axis=1))
+            held.append((int(bounds[clip, w, 1]), int(bounds[clip, w, 0])))
+        assert held == expected
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        window_rows(tmp_path, window_store, "longest_first")
+
+
+def test_paper_windows_first_and_pooled(tmp_path, window_store):
+    """`first` keeps the 22 3 s and the first six 6 s windows (stored order) and warns; `pool_per_length` gives four
+    rows, the mean of each length's windows, longest first, and leaves rows 9-32 zero (masked)."""
+    with pytest.warns(UserWarning, match="first 28 are used"):
+        bounds, emb, rows = window_rows(tmp_path, window_store, "first")
+    assert np.allclose(rows, emb[:, :28]) and (bounds[:, :28, 1] <= 6).all()
+    bounds, emb, rows = window_rows(tmp_path, window_store, "pool_per_length")
+    for j, length in enumerate((24, 12, 6, 3)):
+        m = bounds[0, :, 1] == length
+        assert np.allclose(rows[:, j], emb[:, m].mean(1), atol=1e-5)
+    assert not rows[:, 4:].any()

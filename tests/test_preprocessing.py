@@ -186,12 +186,14 @@ def test_shapes_dtypes_and_labels(done_run):
         a = store.get(cid, "preprocess")
         assert a["face"].shape == (32, 32, 3) and a["face"].dtype == np.uint8
         assert a["guide"].shape == (8, 8, 3) and a["guide"].dtype == np.uint8
-        assert a["audio"].shape == (3 * SR,) and a["audio"].dtype == np.float32
+        assert "audio" not in a  # its own stage: never part of a training cache
+        audio = store.get(cid, "audio")["audio"]
+        assert audio.shape == (3 * SR,) and audio.dtype == np.float32
     # grayscale in, three equal channels out
     g = store.get("bad/gray/00001", "preprocess")["face"].astype(int)
     assert np.array_equal(g[..., 0], g[..., 1]) and np.array_equal(g[..., 1], g[..., 2])
     # 2 s of audio looped to 3 s: the third second replays the first
-    audio = store.get("id00001/ytA/00001", "preprocess")["audio"]
+    audio = store.get("id00001/ytA/00001", "audio")["audio"]
     assert np.allclose(audio[2 * SR : 3 * SR], audio[:SR])
     clips = store.clips().set_index("clip_id")
     assert clips.loc["id00002/ytC/00001", "gender"] == "woman" and clips.loc["id00001/ytA/00001", "age"] == 35.0

@@ -1,12 +1,14 @@
 import multiprocessing as mp
 import pickle
 import sqlite3
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from slf_utils.store import Store, normalise_gender, open_store, safe_key
+from slf_utils import store as store_module
+from slf_utils.store import Store, StoreFormatError, normalise_gender, open_store, safe_key
 
 
 def _clips(n=3):
@@ -66,11 +68,14 @@ def test_put_get_reject_done(tmp_path):
     store.add_clips(_clips())
     ids = list(store.clips().clip_id)
     face = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
-    store.put(ids[0], "preprocess", {"face": face, "audio": np.zeros(10, np.float32)}, "h1")
+    store.put(ids[0], "preprocess", {"face": face}, "h1")
+    store.put(ids[0], "audio", {"audio": np.zeros(10, np.float32)}, "h1")
     store.reject(ids[1], "preprocess", "no face found", "h1")
     got = store.get(ids[0], "preprocess")
     assert got["face"].dtype == np.uint8 and np.array_equal(got["face"], face)
-    assert got["audio"].dtype == np.float32
+    assert store.get(ids[0], "audio")["audio"].dtype == np.float32
+    with pytest.raises(ValueError, match="audio goes to its own stage"):
+        store.put(ids[0], "preprocess", {"face": face, "audio": np.zeros(10, np.float32)}, "h1")
     assert store.done("preprocess", "h1") == {ids[0]}
     assert store.done("preprocess", "h2") == set()
     assert store.finished("preprocess", "h1") == {ids[0], ids[1]}
@@ -81,13 +86,14 @@ def test_put_get_reject_done(tmp_path):
     with pytest.raises(KeyError):
         store.get(ids[1], "preprocess")
     # a later success replaces the reject; a later reject removes the stale array
-    store.put(ids[1], "preprocess", {"face": face, "audio": np.zeros(3, np.float32)}, "h1")
+    store.put(ids[1], "preprocess", {"face": face}, "h1")
     assert store.rejects().empty
     store.reject(ids[0], "preprocess", "silent", "h1")
     assert not store.path(ids[0], "preprocess").exists()
     assert store.check() == []
     s = store.summary()
     assert s.loc["preprocess", "done"] == 1 and s.loc["preprocess", "rejected"] == 1
+    assert s.loc["audio", "done"] == 1
     # no temporary files left behind by atomic writes
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
 
@@ -106,12 +112,11 @@ def test_load_stacked_pads_orders_and_refreshes(tmp_path):
     assert out["embedding"].shape == (2, 4)
     assert store.load_stacked("mel", ["c2"])["frames"].shape == (1, 7, 4)
     assert list(store.load_stacked("mel", ["c2"], keys=["embedding"])) == ["embedding"]
-    cache_files = sorted(p.name for p in (tmp_path / "arrays" / "mel.cache").iterdir())
-    # stale after a put: rebuilt once, old build files removed
+    # a re-written clip: its new arrays win, from a new segment of each key
     store.put("c0", "mel", {"frames": frames["c0"] * 0 + 1, "embedding": frames["c0"][0]}, "h2")
     assert (store.load_stacked("mel", ["c0"])["frames"] == 1).all()
-    assert sorted(p.name for p in (tmp_path / "arrays" / "mel.cache").iterdir()) != cache_files
-    assert len(list((tmp_path / "arrays" / "mel.cache").glob("*.npy"))) == 2
+    assert np.array_equal(store.load_stacked("mel", ["c1"])["frames"][0], frames["c1"])
+    assert len(list((tmp_path / "arrays" / "mel.cache" / "frames").glob("*.npy"))) == 2
     with pytest.raises(KeyError, match="not done"):
         store.load_stacked("mel", ["c0", "zzz"])
 
@@ -120,7 +125,7 @@ def test_load_stacked_does_not_query_per_sample(tmp_path, monkeypatch):
     store = Store(tmp_path)
     for i in range(50):
         store.put(f"c{i:02d}", "speaker", {"embedding": np.full(8, i, np.float32)}, "h")
-    store.load_stacked("speaker", ["c00"])  # build the cache
+    store.load_stacked("speaker", ["c00"])  # build the cache (and read the stage's keys once)
     calls = []
     real = Store._connect
 
@@ -179,3 +184,151 @@ def test_concurrent_writer_processes(tmp_path):
     assert len(store.done("speaker", "h")) == 75
     assert store.check() == []
     assert store.version("speaker") == 75
+
+
+def _segment_files(root, stage, key):
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (root / "arrays" / f"{stage}.cache" / key).iterdir()
+    }
+
+
+def test_cache_appends_segments_without_rewriting_them(tmp_path):
+    store = Store(tmp_path)
+    for i in range(10):
+        store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((3, 2), i, np.float32)}, "h")
+    store.load_stacked("pyaudio", ["c00"])
+    first = _segment_files(tmp_path, "pyaudio", "frames")
+    assert sorted(first) == ["000000000000-000000000010.json", "000000000000-000000000010.npy"]
+    for i in range(10, 15):  # appends: a new segment with only these clips
+        store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((4, 2), i, np.float32)}, "h")
+    store.reject("c03", "pyaudio", "silent audio", "h")
+    out, lens = store.load_stacked("pyaudio", ["c14", "c01", "c12"], with_lengths=True)
+    assert out["frames"][:, 0, 0].tolist() == [14, 1, 12] and lens["frames"].tolist() == [4, 3, 4]
+    assert out["frames"].shape == (3, 4, 2) and not out["frames"][1, 3:].any()
+    after = _segment_files(tmp_path, "pyaudio", "frames")
+    assert {k: after[k] for k in first} == first  # the first segment's files were not touched
+    assert len(after) == 4
+    new = np.load(tmp_path / "arrays" / "pyaudio.cache" / "frames" / "000000000010-000000000016.npy")
+    assert new.shape == (5, 4, 2)  # the new clips only; the reject is listed as removed
+    with pytest.raises(KeyError, match="not done"):
+        store.load_stacked("pyaudio", ["c03"])
+    # another process (a fresh Store) reads the same segments without building anything
+    fresh = Store(tmp_path)
+    assert fresh.load_stacked("pyaudio", ["c09"])["frames"][0, 0, 0] == 9
+    assert _segment_files(tmp_path, "pyaudio", "frames") == after
+
+
+def test_batch_reads_never_touch_audio(tmp_path, monkeypatch):
+    store = Store(tmp_path)
+    for i in range(4):
+        store.put(f"c{i}", "audio", {"audio": np.full(16000 * 24, i, np.float32)}, "h")
+        store.put(f"c{i}", "preprocess", {"face": np.full((8, 8, 3), i, np.uint8), "guide": np.zeros((2, 2, 3))}, "h")
+    real_load = np.load
+
+    def load(path, *a, **k):
+        assert "audio" not in str(path), f"batch read opened {path}"
+        return real_load(path, *a, **k)
+
+    monkeypatch.setattr(np, "load", load)
+    batch = store.load_stacked("preprocess", ["c3", "c0"])
+    assert sorted(batch) == ["face", "guide"] and batch["face"][:, 0, 0, 0].tolist() == [3, 0]
+    with pytest.raises(ValueError, match="one clip at a time"):
+        store.load_stacked("audio", ["c0"])
+    assert not (tmp_path / "arrays" / "audio.cache").exists()
+    # only the keys asked for are cached
+    store.load_stacked("preprocess", ["c1"], keys=["face"])
+    assert sorted(p.name for p in (tmp_path / "arrays" / "preprocess.cache").iterdir()) == ["face", "guide"]
+
+
+def _read_loop(root, n, seconds, queue):
+    store, t0, reads = Store(root), time.time(), 0
+    try:
+        while time.time() - t0 < seconds:
+            ids = [f"base{i}" for i in np.random.default_rng(reads).choice(n, 8)]
+            got = store.load_stacked("speaker", ids)["embedding"][:, 0]
+            assert got.tolist() == [float(c[4:]) for c in ids], got
+            reads += 1
+        queue.put(("ok", reads))
+    except Exception as e:  # reported to the test, which fails with it
+        queue.put(("error", repr(e)))
+
+
+def _write_loop(root, n):
+    store = Store(root)
+    for i in range(n):
+        store.put(f"new{i}", "speaker", {"embedding": np.full(4, -i, np.float32)}, "h")
+
+
+def test_two_readers_while_a_third_process_writes(tmp_path):
+    store = Store(tmp_path)
+    store.put_many("speaker", [(f"base{i}", {"embedding": np.full(4, i, np.float32)}) for i in range(20)], "h")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    readers = [ctx.Process(target=_read_loop, args=(tmp_path, 20, 4.0, queue)) for _ in range(2)]
+    writer = ctx.Process(target=_write_loop, args=(tmp_path, 60))
+    for p in (*readers, writer):
+        p.start()
+    results = [queue.get(timeout=120) for _ in readers]
+    for p in (*readers, writer):
+        p.join(120)
+    assert [p.exitcode for p in (*readers, writer)] == [0, 0, 0]
+    assert all(status == "ok" and reads > 0 for status, reads in results), results
+    assert len(Store(tmp_path).done("speaker", "h")) == 80
+    assert Store(tmp_path).load_stacked("speaker", ["new59"])["embedding"][0, 0] == -59
+
+
+def _format1_store(root):
+    """A store as the previous workbook wrote it: audio inside preprocess, no seq column, a whole-stage cache."""
+    (root / "arrays" / "preprocess").mkdir(parents=True)
+    (root / "arrays" / "preprocess.cache").mkdir()
+    (root / "arrays" / "preprocess.cache" / "index.json").write_text('{"version": 2}')
+    with sqlite3.connect(root / "store.sqlite") as con:
+        con.executescript(
+            "CREATE TABLE clips (clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, "
+            "face TEXT, gender TEXT, age REAL, ethnicity TEXT, language TEXT, extra TEXT NOT NULL DEFAULT '{}');"
+            "CREATE TABLE stages (clip_id TEXT NOT NULL, stage TEXT NOT NULL, params_hash TEXT NOT NULL, "
+            "status TEXT NOT NULL, reason TEXT, updated REAL NOT NULL, PRIMARY KEY (clip_id, stage));"
+            "CREATE TABLE provenance (stage TEXT PRIMARY KEY, json TEXT NOT NULL);"
+            "CREATE TABLE versions (stage TEXT PRIMARY KEY, version INTEGER NOT NULL);"
+            "INSERT INTO provenance VALUES ('preprocess', '{\"face_size\": 8}');"
+            "INSERT INTO versions VALUES ('preprocess', 2);"
+            "PRAGMA user_version=1;"
+        )
+        for i in range(2):
+            con.execute("INSERT INTO clips (clip_id, split) VALUES (?, 'train')", (f"c{i}",))
+            con.execute("INSERT INTO stages VALUES (?, 'preprocess', 'h', 'done', NULL, 0)", (f"c{i}",))
+            np.savez(
+                root / "arrays" / "preprocess" / f"c{i}.npz",
+                face=np.full((8, 8, 3), i, np.uint8),
+                guide=np.zeros((2, 2, 3), np.uint8),
+                audio=np.full(100, i, np.float32),
+            )
+
+
+def test_old_store_is_refused_then_migrated(tmp_path, capsys):
+    _format1_store(tmp_path)
+    with pytest.raises(StoreFormatError, match=r"python -m slf_utils.store migrate .*"):
+        Store(tmp_path).clips()
+    assert Store(tmp_path).get("c1", "preprocess")["audio"][0] == 1  # reading one file needs no database
+    store_module.main(["migrate", str(tmp_path)])
+    store = Store(tmp_path)
+    assert sorted(store.get("c1", "preprocess")) == ["face", "guide"]
+    assert store.get("c1", "audio")["audio"].tolist() == [1.0] * 100
+    assert store.done("audio", "h") == {"c0", "c1"} and store.provenance("audio") == {"face_size": 8}
+    assert not (tmp_path / "arrays" / "preprocess.cache" / "index.json").exists()
+    assert store.load_stacked("preprocess", ["c1", "c0"])["face"][:, 0, 0, 0].tolist() == [1, 0]
+    store_module.main(["migrate", str(tmp_path)])
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_get_opens_no_database_and_journal_mode_is_a_parameter(tmp_path, monkeypatch):
+    Store(tmp_path).put("a", "mel", {"frames": np.ones((2, 3))}, "h")
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: pytest.fail("get opened the database"))
+    assert Store(tmp_path).get("a", "mel")["frames"].shape == (2, 3)
+    monkeypatch.undo()
+    Store(tmp_path, journal_mode="delete").done("mel", "h")
+    with sqlite3.connect(tmp_path / "store.sqlite") as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert open_store({"results": str(tmp_path), "store": {"journal_mode": "delete"}}).journal_mode == "delete"
+    with pytest.raises(ValueError, match="journal_mode"):
+        Store(tmp_path, journal_mode="wall")

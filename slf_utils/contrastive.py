@@ -1,0 +1,727 @@
+"""SCLDM-style contrastive pre-training of a speech encoder and a face encoder (notebook 07), and the aligned speech
+embedding as a store stage.
+
+SCLDM (seeds/scldm-abstract.txt) pre-trains its speech encoder and its face encoder contrastively, so that what a
+voice says about a face (age, gender, identity) lies in a space shared with the face, and conditions its diffusion
+model on the speech side. Here the pair is trained on the training split with CLIP's loss, the aligned speech
+embedding of every clip becomes a store stage, and a layout constituent puts it in the feature matrix (system
+`contrastive_speech`), comparable with `speaker_embeddings_only` (the raw speaker embedding in the same model).
+
+Encoders (`contrastive.*`):
+* speech (`speech_encoder`): `mlp`, the stored speaker embeddings (`speech_inputs`: `speaker` and/or the mean of
+  `speaker_windows`), standardised on the training clips, through Linear-ReLU-Dropout-Linear (the voice encoder's
+  MLPEncoder); or `mel_conv`, the stored log-mel frames (`mel`/`frames`, standardised per bin) through 1-d
+  convolutions in time (`mel_channels`, kernel 3, ReLU), a mean over the clip's valid frames and the same head.
+* face (`face_encoder`): `cnn`, a small CNN trained from scratch on the stored face (`preprocess`/`face`) downsized
+  to `face_px` (conv3x3-BN-ReLU-maxpool blocks of `channels` widths, flattened, Linear-ReLU-Dropout-Linear; training
+  faces flipped and shifted by up to 2 px when `augment`); or `recogniser`, the frozen recogniser embedding of the
+  face (stage `face_embedding`, `speech2face.face_model`, computed with voice_encoder.run_face_embeddings) through a
+  trainable projection head (the MLP above).
+Both end in `dim` entries and are compared by cosine.
+
+Loss (`info_nce`): CLIP's symmetric InfoNCE, logits = exp(s) * cos(speech_i, face_j) with a learnable logit scale
+s = ln(1/temperature), initialised from `temperature`, clamped after every step to exp(s) <= `max_logit_scale` (CLIP:
+100), the mean of the speech->face and face->speech cross-entropies. Positives (`positives`): `clip`, a clip's speech
+and the same clip's face only (CLIP); `identity` (default), every face of the same identity in the batch, the target
+spread evenly over them (a multi-positive InfoNCE, as supervised contrastive learning). The default is `identity`
+because the bench asks whether a voice finds its speaker's face, and a clip has several siblings: with clip
+positives, another clip of the same person in the batch is a negative, and the loss pushes apart the faces of one
+person that retrieval should bring together (on the demo corpus, 7 training clips per identity over 40 identities:
+a batch of 64 holds a sibling for most clips).
+
+Store stage `contrastive_speech`, key `embedding` (D,) float32: the L2-normalised speech embedding of every clip
+with the speech inputs, train and test. Its parameter hash includes the model's hash (and the inputs' hashes), so a
+retrained model rewrites it and a reused one writes nothing. `run_speech_stage`.
+
+Evaluation on its own (`evaluate`), as the voice encoder's (slf_utils.voice_encoder.evaluate): for each split, the
+queries are the speech embeddings of its clips (read back from the stage), the gallery the face encoder's embeddings
+of every clip of the split with a face; recall@k of the speaker's identity under the bench's two protocols (`paper`,
+`identity`: the query's own face left out), identity-cluster bootstrap intervals, chance k/N, the mean cosine of a
+speech embedding to its own face's. Ceiling rows (system `contrastive_face`): each face's own embedding as the
+query. `results/<grid>/contrastive/metrics.csv` (evaluation's columns plus `split`), `hits.csv`,
+`provenance.json`; the model, its loss curve and provenance in `contrastive/model/`. `recall_table` puts these rows
+beside the voice encoder's (`voice_encoder/metrics.csv`, notebook 06) in one tidy table with a `method` column. The
+galleries differ (the contrastive face encoder's space, the recogniser's space): both rank the same test clips'
+faces, so chance and N are the same, but each method is scored in its own space.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slf_utils import evaluation
+from slf_utils import voice_encoder as V
+from slf_utils.config import atomic_write_json, atomic_write_text, exists, params_hash, provenance
+from slf_utils.store import Store, open_store
+
+STAGE = "contrastive_speech"
+SYSTEM = "contrastive"
+CEILING = "contrastive_face"  # each face's own face-encoder embedding as the query
+FACE_IMAGE_STAGE = "preprocess"
+MEL_STAGE = "mel"
+SPEECH_ENCODERS = ("mlp", "mel_conv")
+FACE_ENCODERS = ("cnn", "recogniser")
+POSITIVES = ("identity", "clip")
+SPLITS = V.SPLITS
+CHUNK = V.CHUNK
+METRICS_COLUMNS = V.METRICS_COLUMNS
+# the parameters the model depends on: only these enter its hash (checkpoint_every does not)
+COMMON_KEYS = (
+    "speech_encoder",
+    "face_encoder",
+    "dim",
+    "hidden",
+    "dropout",
+    "positives",
+    "temperature",
+    "max_logit_scale",
+    "steps",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "seed",
+)
+ENCODER_KEYS = {"mlp": ("speech_inputs",), "mel_conv": ("mel_channels",), "cnn": ("face_px", "channels", "augment")}
+TABLE_COLUMNS = ["method", "role", "embedding_space", "split", "protocol", "metric", "value", "ci_low", "ci_high", "n"]
+
+
+def out_dir(cfg) -> Path:
+    return Path(cfg["results"]) / SYSTEM
+
+
+def model_dir(cfg) -> Path:
+    return out_dir(cfg) / "model"
+
+
+def hashed_params(ct: dict) -> dict:
+    keys = (*COMMON_KEYS, *ENCODER_KEYS.get(ct["speech_encoder"], ()), *ENCODER_KEYS.get(ct["face_encoder"], ()))
+    return {k: ct[k] for k in keys}
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def info_nce(speech, face, logit_scale, identities=None) -> tuple[torch.Tensor, dict]:
+    """CLIP's symmetric InfoNCE of a batch of B speech embeddings (B, D) and the B faces of the same clips (B, D).
+
+    logits[i, j] = exp(logit_scale) * cos(speech_i, face_j). Without `identities` the positive of speech i is face i
+    (and of face j speech j): the loss is the mean over both directions of the cross-entropy with the diagonal as
+    target. With `identities` (B labels) every pair of the same identity is positive and a row's target is spread
+    evenly over its positives (the matrix is symmetric, so the same holds for the columns). Returns (loss,
+    {speech_to_face, face_to_speech, temperature}), the two directions' losses and 1 / exp(logit_scale)."""
+    s, f = F.normalize(speech, dim=1), F.normalize(face, dim=1)
+    logits = logit_scale.exp() * s @ f.T
+    if exists(identities):
+        ids = torch.as_tensor(np.unique(np.asarray(identities), return_inverse=True)[1].ravel(), device=logits.device)
+        pos = (ids[:, None] == ids[None, :]).to(logits.dtype)
+    else:
+        pos = torch.eye(len(s), dtype=logits.dtype, device=logits.device)
+    target = pos / pos.sum(1, keepdim=True)
+    s2f = -(target * F.log_softmax(logits, dim=1)).sum(1).mean()
+    f2s = -(target.T * F.log_softmax(logits.T, dim=1)).sum(1).mean()
+    parts = {"speech_to_face": s2f, "face_to_speech": f2s, "temperature": 1 / logit_scale.detach().exp()}
+    return (s2f + f2s) / 2, parts
+
+
+# ---------------------------------------------------------------------------------------------- models
+class MelConv(nn.Module):
+    """Log-mel frames (B, T, F) with their valid lengths (B,) -> (B, out_dim): per-bin standardisation (training
+    statistics, buffers), 1-d convolutions in time (kernel 3, ReLU), the mean over the valid frames, then
+    Linear-ReLU-Dropout-Linear. Padded frames are zeroed before each convolution, so a clip's embedding does not
+    depend on the padding of the batch it is in."""
+
+    def __init__(self, n_mels: int, out_dim: int, channels, hidden: int = 256, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_mels))
+        self.register_buffer("std", torch.ones(n_mels))
+        convs, prev = [], n_mels
+        for c in channels:
+            convs.append(nn.Conv1d(prev, c, 3, padding=1))
+            prev = c
+        self.convs = nn.ModuleList(convs)
+        self.head = nn.Sequential(nn.Linear(prev, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, out_dim))
+
+    def forward(self, frames, lengths):
+        mask = (torch.arange(frames.shape[1], device=frames.device)[None] < lengths[:, None]).to(frames.dtype)
+        h = ((frames - self.mean) / self.std * mask[..., None]).transpose(1, 2)  # (B, F, T)
+        for conv in self.convs:
+            h = torch.relu(conv(h)) * mask[:, None]
+        pooled = h.sum(2) / lengths.clamp(min=1)[:, None].to(h.dtype)
+        return self.head(pooled)
+
+
+class FaceCNN(nn.Module):
+    """Faces (B, 3, px, px) in [0, 1] -> (B, out_dim): per-channel standardisation (training statistics, buffers),
+    conv3x3-BN-ReLU-maxpool2 blocks, flattened (the layout of a small face matters), Linear-ReLU-Dropout-Linear."""
+
+    def __init__(self, out_dim: int, channels, px: int = 32, hidden: int = 256, dropout: float = 0.0):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(3, 1, 1))
+        self.register_buffer("std", torch.ones(3, 1, 1))
+        layers, prev, side = [], 3, px
+        for c in channels:
+            layers += [nn.Conv2d(prev, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(), nn.MaxPool2d(2)]
+            prev, side = c, side // 2
+        self.conv = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(prev * side * side, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, out_dim),
+        )
+
+    def forward(self, faces):
+        return self.head(self.conv((faces - self.mean) / self.std))
+
+
+class ContrastivePair(nn.Module):
+    """The speech encoder, the face encoder and CLIP's learnable logit scale, ln(1/temperature)."""
+
+    def __init__(self, speech: nn.Module, face: nn.Module, temperature: float = 0.07):
+        super().__init__()
+        self.speech, self.face = speech, face
+        self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / temperature))))
+
+
+def build_pair(meta: dict) -> ContrastivePair:
+    """A randomly initialised pair from a model's meta (load its state dict next)."""
+    d, hidden, dropout = meta["dim"], meta["hidden"], meta["dropout"]
+    if meta["speech_encoder"] == "mlp":
+        speech = V.MLPEncoder(meta["n_speech_in"], d, hidden, dropout)
+    elif meta["speech_encoder"] == "mel_conv":
+        speech = MelConv(meta["n_speech_in"], d, meta["mel_channels"], hidden, dropout)
+    else:
+        raise ValueError(f"contrastive.speech_encoder must be one of {', '.join(SPEECH_ENCODERS)}")
+    if meta["face_encoder"] == "cnn":
+        face = FaceCNN(d, meta["channels"], meta["face_px"], hidden, dropout)
+    elif meta["face_encoder"] == "recogniser":
+        face = V.MLPEncoder(meta["n_face_in"], d, hidden, dropout)  # the projection head of the frozen embedding
+    else:
+        raise ValueError(f"contrastive.face_encoder must be one of {', '.join(FACE_ENCODERS)}")
+    return ContrastivePair(speech, face, meta["temperature"])
+
+
+def load_model(directory) -> tuple[ContrastivePair, dict]:
+    """(pair in eval mode, meta) of a trained model folder (`contrastive/model`)."""
+    directory = Path(directory)
+    meta = json.loads((directory / "meta.json").read_text())
+    model = build_pair(meta)
+    model.load_state_dict(torch.load(directory / "pair.pt", weights_only=True))
+    return model.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def speech_stages(ct: dict) -> list[str]:
+    return list(ct["speech_inputs"]) if ct["speech_encoder"] == "mlp" else [MEL_STAGE]
+
+
+def face_stage(ct: dict) -> str:
+    return V.FACE_STAGE if ct["face_encoder"] == "recogniser" else FACE_IMAGE_STAGE
+
+
+class MelInputs:
+    """Stored log-mel frames of some clips, zero-padded (N, T, F), with their lengths."""
+
+    def __init__(self, frames: np.ndarray, lengths: np.ndarray):
+        self.x = torch.from_numpy(np.ascontiguousarray(frames, np.float32))
+        self.n = torch.from_numpy(np.asarray(lengths, np.int64))
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx, rng=None):
+        idx = np.asarray(idx)
+        return self.x[idx], self.n[idx]
+
+
+class VectorInputs(V.VectorInputs):
+    def batch(self, idx, rng=None):
+        return (super().batch(idx, rng),)
+
+
+class FaceImages:
+    """Stored faces downsized to `px` (uint8 in memory, 3 px^2 bytes a clip). In training (an rng given, `augment`)
+    each face is flipped left-right with probability 1/2 and shifted by up to 2 px (edge-padded)."""
+
+    def __init__(self, faces: np.ndarray, augment: bool = False):
+        self.x = torch.from_numpy(np.ascontiguousarray(faces)).permute(0, 3, 1, 2).contiguous()  # (N, 3, px, px)
+        self.augment = augment
+
+    def __len__(self):
+        return len(self.x)
+
+    def batch(self, idx, rng=None):
+        x = self.x[np.asarray(idx)].float() / 255
+        if rng is None or not self.augment:
+            return (x,)
+        flip = rng.random(len(x)) < 0.5
+        x[flip] = x[flip].flip(-1)
+        px, pad = x.shape[-1], 2
+        padded = F.pad(x, (pad,) * 4, mode="replicate")
+        out = torch.empty_like(x)
+        for i, (dy, dx) in enumerate(rng.integers(0, 2 * pad + 1, (len(x), 2))):
+            out[i] = padded[i, :, dy : dy + px, dx : dx + px]
+        return (out,)
+
+
+def load_faces(store: Store, clip_ids, px: int) -> np.ndarray:
+    """(N, px, px, 3) uint8: the stored faces area-averaged (antialiased bilinear) to px, CHUNK clips at a time."""
+    out = np.zeros((len(clip_ids), px, px, 3), np.uint8)
+    for start in range(0, len(clip_ids), CHUNK):
+        ids = list(clip_ids[start : start + CHUNK])
+        x = torch.from_numpy(store.load_stacked(FACE_IMAGE_STAGE, ids, keys=["face"])["face"]).permute(0, 3, 1, 2)
+        if x.shape[-1] != px:
+            x = F.interpolate(x.float(), size=(px, px), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + len(ids)] = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+def speech_inputs(store: Store, clip_ids, ct: dict):
+    if ct["speech_encoder"] == "mlp":
+        return VectorInputs(V.vector_inputs(store, list(clip_ids), ct["speech_inputs"]))
+    arr, lens = store.load_stacked(MEL_STAGE, list(clip_ids), with_lengths=True, keys=["frames"])
+    return MelInputs(arr["frames"], lens["frames"])
+
+
+def face_inputs(store: Store, clip_ids, ct: dict, augment: bool = False):
+    if ct["face_encoder"] == "recogniser":
+        return VectorInputs(store.load_stacked(V.FACE_STAGE, list(clip_ids), keys=["embedding"])["embedding"])
+    return FaceImages(load_faces(store, list(clip_ids), ct["face_px"]), augment)
+
+
+def _standardise(module: nn.Module, inputs):
+    """Set a fresh encoder's input statistics (buffers `mean`, `std`) from its training inputs."""
+    if isinstance(inputs, FaceImages):
+        x = inputs.x.float() / 255
+        mean, std = x.mean((0, 2, 3)).view(3, 1, 1), x.std((0, 2, 3)).view(3, 1, 1)
+    elif isinstance(inputs, MelInputs):
+        valid = torch.arange(inputs.x.shape[1])[None] < inputs.n[:, None]
+        frames = inputs.x[valid]
+        mean, std = frames.mean(0), frames.std(0)
+    else:
+        mean, std = inputs.x.mean(0), inputs.x.std(0)
+    module.mean.copy_(mean)
+    module.std.copy_(std + 1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_pair(model: ContrastivePair, speech, faces, identities, ct, log=print, checkpoint=None, key=None):
+    """Adam on `info_nce` for `ct['steps']` steps of `ct['batch_size']` training clips (seeded epochs of shuffled
+    clips), the logit scale clamped to [0, ln max_logit_scale] after each step (CLIP). With `checkpoint` (a path)
+    the state is saved every `checkpoint_every` steps and a checkpoint of the same `key` is resumed from. Returns
+    the loss per step (step, loss, speech_to_face, face_to_speech, temperature)."""
+    torch.manual_seed(ct["seed"])
+    rng = np.random.default_rng(ct["seed"])
+    opt = torch.optim.Adam(model.parameters(), lr=ct["lr"], weight_decay=ct["weight_decay"])
+    identities = np.asarray(identities)
+    by_identity = ct["positives"] == "identity"
+    n, bs, steps = len(identities), min(ct["batch_size"], len(identities)), ct["steps"]
+    max_scale = float(np.log(ct["max_logit_scale"]))
+    order, pos, start, history = rng.permutation(n), 0, 0, []
+    if exists(checkpoint) and Path(checkpoint).exists():
+        ck = torch.load(checkpoint, weights_only=False)
+        if ck.get("key") == key:
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            rng.bit_generator.state = ck["rng"]
+            torch.set_rng_state(ck["torch_rng"])
+            order, pos, start, history = ck["order"], ck["pos"], ck["step"], ck["history"]
+            log(f"{SYSTEM}: resuming training at step {start} of {steps}")
+    model.train()
+    every, t0 = max(1, steps // 10), time.time()
+    for step in range(start, steps):
+        if pos + bs > n:
+            order, pos = rng.permutation(n), 0
+        idx = order[pos : pos + bs]
+        pos += bs
+        s = model.speech(*speech.batch(idx, rng))
+        f = model.face(*faces.batch(idx, rng))
+        loss, parts = info_nce(s, f, model.logit_scale, identities[idx] if by_identity else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, max_scale)
+        history.append({"step": step + 1, "loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}})
+        if (step + 1) % every == 0 or step + 1 == steps:
+            h = history[-1]
+            took = time.time() - t0
+            log(f"{SYSTEM}: step {step + 1}/{steps} loss {h['loss']:.4f} T {h['temperature']:.4f} ({took:.1f} s)")
+        if exists(checkpoint) and (step + 1) % ct["checkpoint_every"] == 0 and step + 1 < steps:
+            state = {
+                "key": key,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "rng": rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state(),
+                "order": order,
+                "pos": pos,
+                "step": step + 1,
+                "history": history,
+            }
+            V._save_torch(Path(checkpoint), state)
+    model.eval()
+    return pd.DataFrame(history)
+
+
+@torch.no_grad()
+def embed(encoder: nn.Module, inputs, batch_size: int = 256) -> np.ndarray:
+    """(N, D) L2-normalised embeddings of every item of `inputs`, in order."""
+    encoder.eval()
+    out = [
+        F.normalize(encoder(*inputs.batch(np.arange(i, min(i + batch_size, len(inputs))))), dim=1)
+        for i in range(0, len(inputs), batch_size)
+    ]
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def training_clips(cfg, store: Store, face_hash: str | None = None) -> tuple[list, list]:
+    """(clip ids, identities) of the training split with both the speech inputs and the face input (of
+    `face_hash`, the face_embedding stage's parameter hash, for the recogniser)."""
+    ct = cfg["contrastive"]
+    usable = V.clips_with(store, speech_stages(ct))
+    faces = (
+        store.done(V.FACE_STAGE, face_hash)
+        if ct["face_encoder"] == "recogniser"
+        else V.clips_with(store, [FACE_IMAGE_STAGE])
+    )
+    train = store.clips(split="train")
+    train = train[train["clip_id"].isin(usable & faces)]
+    return train["clip_id"].tolist(), train["identity"].tolist()
+
+
+def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print):
+    """Train the pair on the training split's clips with both inputs, unless `contrastive/model/` holds one trained
+    with the same parameters on the same arrays. Returns (model, meta, loss per step, trained now)."""
+    ct = cfg["contrastive"]
+    ids, idents = training_clips(cfg, store, face_hash)
+    if len(ids) < 2:
+        raise RuntimeError(
+            f"{store}: {len(ids)} training clip(s) have both the speech inputs {speech_stages(ct)} and the face input "
+            f"({face_stage(ct)}); contrastive training needs at least 2 (run notebooks 01 and 02 first)"
+        )
+    stages = [*speech_stages(ct), face_stage(ct)]
+    key = params_hash({"pair": hashed_params(ct), "data": V.data_fingerprint(store, stages, ids)})
+    mdir = model_dir(cfg)
+    if (mdir / "meta.json").exists() and (mdir / "pair.pt").exists():
+        meta = json.loads((mdir / "meta.json").read_text())
+        if meta.get("train_hash") == key:
+            model, meta = load_model(mdir)
+            log(f"{SYSTEM}: model {meta['model_hash']} already trained with these parameters: reused")
+            return model, meta, pd.read_csv(mdir / "loss.csv"), False
+    t0 = time.time()
+    (mdir / "meta.json").unlink(missing_ok=True)  # the old model is gone once training starts
+    speech = speech_inputs(store, ids, ct)
+    faces = face_inputs(store, ids, ct, augment=ct["augment"])
+    meta = {k: ct[k] for k in ("speech_encoder", "face_encoder", "dim", "hidden", "dropout", "temperature")}
+    meta.update({k: ct[k] for k in ("speech_inputs", "mel_channels", "face_px", "channels")})
+    meta["n_speech_in"] = int(speech.x.shape[-1])
+    meta["n_face_in"] = int(faces.x.shape[-1]) if ct["face_encoder"] == "recogniser" else None
+    torch.manual_seed(ct["seed"])  # the initial weights too
+    model = build_pair(meta)
+    with torch.no_grad():
+        _standardise(model.speech, speech)
+        _standardise(model.face, faces)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(
+        f"{SYSTEM}: training {ct['speech_encoder']} speech + {ct['face_encoder']} face encoders ({n_params:,} "
+        f"parameters) on {len(ids)} clips of {len(set(idents))} identities for {ct['steps']} steps"
+    )
+    history = train_pair(model, speech, faces, idents, ct, log, mdir / "checkpoint.pt", key)
+    seconds = round(time.time() - t0, 1)
+    V._save_torch(mdir / "pair.pt", model.state_dict())
+    meta.update(
+        {
+            "train_hash": key,
+            "model_hash": V._file_hash(mdir / "pair.pt"),
+            "face_stage_hash": face_hash,
+            "n_train_clips": len(ids),
+            "n_train_identities": len(set(idents)),
+            "trainable_parameters": int(n_params),
+            "seconds": seconds,
+            "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
+            "final_temperature": float(1 / model.logit_scale.detach().exp()),
+        }
+    )
+    atomic_write_text(mdir / "loss.csv", history.to_csv(index=False))
+    atomic_write_json(mdir / "provenance.json", provenance({"params": hashed_params(ct), **meta}))
+    atomic_write_json(mdir / "meta.json", meta)  # last: a model exists once its meta does
+    (mdir / "checkpoint.pt").unlink(missing_ok=True)
+    log(f"{SYSTEM}: trained in {seconds} s, final loss {meta['final_loss']:.4f}, model {meta['model_hash']}")
+    return model, meta, history, True
+
+
+def stage_hash(store: Store, meta: dict) -> str:
+    """The stage's parameter hash: the model's and its speech inputs' (their stages' parameter hashes)."""
+    stages = speech_stages(meta)
+    return params_hash({"model": meta["model_hash"], "inputs": {s: V._input_hash(store, s) for s in stages}})
+
+
+def run_speech_stage(cfg, store: Store, model: ContrastivePair, meta: dict, log=print) -> dict:
+    """The `contrastive_speech` stage for every clip with the speech inputs, train and test, where it is missing or
+    was made by another model. Returns a summary (params_hash, computed, done)."""
+    t0 = time.time()
+    h = stage_hash(store, meta)
+    finished = store.finished(STAGE, h)
+    todo = sorted(c for c in V.clips_with(store, speech_stages(meta)) if c not in finished)
+    for start in range(0, len(todo), CHUNK):
+        ids = todo[start : start + CHUNK]
+        e = embed(model.speech, speech_inputs(store, ids, meta))
+        store.put_many(STAGE, [(c, {"embedding": v}) for c, v in zip(ids, e)], h)
+    summary = {
+        "stage": STAGE,
+        "params_hash": h,
+        "model_hash": meta["model_hash"],
+        "embedding_dim": meta["dim"],
+        "computed": len(todo),
+        "done": len(store.done(STAGE, h)),
+        "seconds": round(time.time() - t0, 2),
+    }
+    prov = {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"], **summary}
+    store.set_provenance(STAGE, provenance(prov))
+    if todo:
+        log(f"{STAGE}: {len(todo)} clips embedded in {summary['seconds']} s")
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash: str, face_hash=None):
+    """Speech -> face retrieval in the shared space for each split (see the module's docstring): (metrics, hits),
+    with a `split` column beside evaluation's columns."""
+    ev = evaluation.eval_params(cfg)
+    ct = cfg["contrastive"]
+    ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
+    with_face = (
+        store.done(V.FACE_STAGE, face_hash)
+        if ct["face_encoder"] == "recogniser"
+        else V.clips_with(store, [FACE_IMAGE_STAGE])
+    )
+    voices = store.done(STAGE, speech_hash)
+    rows, hit_frames = [], []
+    for split in SPLITS:
+        g = store.clips(split=split)
+        g = g[g["clip_id"].isin(with_face)]
+        if g.empty:
+            continue
+        ids, idents = g["clip_id"].tolist(), g["identity"].tolist()
+        gallery = embed(model.face, face_inputs(store, ids, ct))
+        q = [c for c in ids if c in voices]
+        queries = store.load_stacked(STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
+        own = evaluation.own_entries(q, ids)
+        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, "cosine")
+        r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
+        r += evaluation.chance_rows(SYSTEM, len(set(idents)), len(ids), ks)
+        cos = np.full(len(ids), np.nan)
+        if q:
+            cos[own] = (queries * gallery[own]).sum(1)  # both unit vectors
+        r.append(evaluation.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
+        r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
+        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine")
+        r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
+        rows += [{"split": split, **x} for x in r]
+        for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
+            hit_frames.append(evaluation.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
+    metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)
+    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=evaluation.HIT_COLUMNS)
+    return metrics, hits
+
+
+def recall_table(cfg, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One tidy table of speech -> face embedding-space retrieval, the contrastive pair's rows beside the
+    Speech2Face-style voice encoder's (notebook 06, `voice_encoder/metrics.csv`): columns TABLE_COLUMNS, `method`
+    `contrastive` or `voice_encoder`, `role` `method` or `ceiling` (a real face's own embedding as the query:
+    `contrastive_face`, `real_face_embedding`), `embedding_space` the gallery each is ranked in. `metrics`: the
+    contrastive rows (default: read from `contrastive/metrics.csv`). Where the voice encoder has not run, its rows
+    are absent and `table.attrs['missing']` says so (nothing is computed for it here)."""
+    space = {"cnn": "contrastive face encoder (CNN)", "recogniser": "contrastive projection of the recogniser"}
+    ct = cfg["contrastive"]
+    path = out_dir(cfg) / "metrics.csv"
+    if metrics is None:
+        metrics = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=METRICS_COLUMNS)
+    parts, missing = [], []
+    if len(metrics):
+        parts.append(_tidy(metrics, SYSTEM, CEILING, space[ct["face_encoder"]]))
+    else:
+        missing.append(f"contrastive: {path} not found (run notebook 07)")
+    ve = V.out_dir(cfg) / "metrics.csv"
+    if ve.exists():
+        prov = V.out_dir(cfg) / "provenance.json"
+        face_model = cfg["speech2face"]["face_model"]
+        if prov.exists():
+            face_model = json.loads(prov.read_text()).get("face_embeddings", {}).get("face_model", face_model)
+        parts.append(_tidy(pd.read_csv(ve), V.SYSTEM, V.CEILING, f"face recogniser ({face_model})"))
+    else:
+        missing.append(f"voice_encoder: {ve} not found (run notebook 06): its rows are missing")
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=TABLE_COLUMNS)
+    table.attrs["missing"] = missing
+    return table
+
+
+def _tidy(metrics: pd.DataFrame, system: str, ceiling: str, space: str) -> pd.DataFrame:
+    m = metrics[metrics["system"].isin([system, ceiling])].copy()
+    m["role"] = np.where(m["system"] == system, "method", "ceiling")
+    m["method"] = system
+    m["embedding_space"] = space
+    return m[TABLE_COLUMNS].reset_index(drop=True)
+
+
+def comparison(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Notebook 07's view of `recall_table`: one row per method and protocol of `split`, recall@k value [95 % CI],
+    chance@1, the ceiling's recall@1, the mean cosine of a query to its own face and the gallery size."""
+
+    def cell(r):
+        return f"{r['value']:.3f}" + (f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if pd.notna(r["ci_low"]) else "")
+
+    out = []
+    t = table[table["split"] == split]
+    for method in dict.fromkeys(t["method"]):
+        m = t[t["method"] == method]
+        for p in evaluation.PROTOCOLS:
+            view = evaluation.at_protocol(m[m["role"] == "method"], p).set_index("metric")
+            ceiling = m[(m["role"] == "ceiling") & (m["protocol"] == p)].set_index("metric")
+            row = {"method": method, "embedding_space": m["embedding_space"].iloc[0], "protocol": p}
+            row.update({k: cell(view.loc[k]) for k in view.index if k.startswith("recall@")})
+            row["chance@1"] = round(float(view.loc["chance@1", "value"]), 3)
+            row["ceiling@1"] = cell(ceiling.loc["recall@1"]) if "recall@1" in ceiling.index else ""
+            if "cosine_to_own_face" in view.index:
+                row["cosine_to_own_face"] = cell(view.loc["cosine_to_own_face"])
+            row["n"] = int(view.loc["chance@1", "n"])
+            out.append(row)
+    return pd.DataFrame(out)
+
+
+def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
+    """recall@k of the contrastive pair minus the voice encoder's on the same clips (per split, protocol and k),
+    with a paired bootstrap interval over identities (evaluation.paired_difference): columns split, protocol,
+    metric, difference, ci_low, ci_high, n. `hits`: the contrastive hits (default: `contrastive/hits.csv`). Empty
+    where either method's hits are missing."""
+    cols = ["split", "protocol", "metric", "difference", "ci_low", "ci_high", "n"]
+    ve_path, ct_path = V.out_dir(cfg) / "hits.csv", out_dir(cfg) / "hits.csv"
+    if hits is None and ct_path.exists():
+        hits = pd.read_csv(ct_path)
+    if hits is None or not ve_path.exists():
+        return pd.DataFrame(columns=cols)
+    ev = evaluation.eval_params(cfg)
+    a = hits[hits["system"] == SYSTEM]
+    b = pd.read_csv(ve_path)
+    b = b[b["system"] == V.SYSTEM]
+    keys = ["split", "protocol", "k", "clip_id"]
+    m = a.merge(b, on=keys, suffixes=("_a", "_b"))
+    rows = []
+    for (split, protocol, k), g in m.groupby(["split", "protocol", "k"], sort=False):
+        d = evaluation.paired_difference(g["hit_a"], g["hit_b"], g["identity_a"], ev["bootstrap"], ev["seed"])
+        rows.append([split, protocol, f"recall@{k}", *d])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def _fmt(row) -> str:
+    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
+# ---------------------------------------------------------------------------------------------- notebook 07
+def run(cfg, store: Store | None = None, log=print) -> dict:
+    """Notebook 07: (with `face_encoder: recogniser`, the face_embedding stage), the contrastive pair (trained or
+    reused), the `contrastive_speech` stage for every clip, its speech -> face retrieval under both protocols and the
+    table beside the voice encoder's. Writes `contrastive/` (model/, metrics.csv, hits.csv, provenance.json).
+    Returns {metrics, table (tidy, recall_table), comparison (test split), differences (contrastive - voice
+    encoder, paired), loss, stage, model (its meta), trained, model_dir, missing}."""
+    t0 = time.time()
+    store = store if exists(store) else open_store(cfg)
+    ct = cfg["contrastive"]
+    faces = V.run_face_embeddings(cfg, store, log) if ct["face_encoder"] == "recogniser" else None
+    face_hash = faces["params_hash"] if faces else None
+    model, meta, history, trained = ensure_model(cfg, store, face_hash, log)
+    stage = run_speech_stage(cfg, store, model, meta, log)
+    metrics, hits = evaluate(cfg, store, model, meta, stage["params_hash"], face_hash)
+    out = out_dir(cfg)
+    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
+    atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
+    ev = evaluation.eval_params(cfg)
+    prov = {
+        "system": SYSTEM,
+        "face_embeddings": faces,
+        "stage": stage,
+        "model": meta,
+        "retrieval": {
+            "metric": "cosine",
+            "ks": ev["ks"],
+            "queries": f"the {STAGE} stage of the split's clips",
+            "gallery": "the face encoder's embeddings of the split's clips",
+        },
+        "ci": f"95 % percentile bootstrap over identities, {ev['bootstrap']} resamples, seed {ev['seed']}",
+        "seconds": round(time.time() - t0, 1),
+    }
+    atomic_write_json(out / "provenance.json", provenance(prov))
+    for split in SPLITS:
+        mine = metrics[(metrics["split"] == split) & (metrics["system"] == SYSTEM)]
+        r1 = mine[mine["metric"] == "recall@1"].set_index("protocol")
+        if len(r1):
+            chance = mine[mine["metric"] == "chance@1"]["value"].iloc[0]
+            log(
+                f"{SYSTEM}: {split} speech->face recall@1 identity {_fmt(r1.loc['identity'])}, paper "
+                f"{_fmt(r1.loc['paper'])} (chance {chance:.3f})"
+            )
+    table = recall_table(cfg, metrics)
+    for note in table.attrs["missing"]:
+        log(note)
+    diff = differences(cfg, hits)
+    return {
+        "metrics": metrics,
+        "table": table,
+        "comparison": comparison(table),
+        "differences": diff,
+        "missing": table.attrs["missing"],
+        "loss": history,
+        "stage": stage,
+        "face_embeddings": faces,
+        "model": meta,
+        "trained": trained,
+        "model_dir": str(model_dir(cfg)),
+    }
+
+
+def plot_training(result: dict):
+    """The InfoNCE loss per step (running mean) with the learned temperature, beside recall@k on the test split
+    under the identity protocol of each method of the table, with intervals, chance and the ceilings."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    loss, ax = result["loss"], axes[0]
+    if len(loss):
+        ax.plot(loss["step"], loss["loss"], color="0.75", lw=0.8, label="per step")
+        ax.plot(loss["step"], loss["loss"].rolling(max(1, len(loss) // 50), min_periods=1).mean(), label="mean")
+        tx = ax.twinx()
+        tx.plot(loss["step"], loss["temperature"], color="C3", lw=1, label="temperature")
+        tx.set_ylabel("temperature", color="C3")
+    ax.set(title="contrastive pre-training: symmetric InfoNCE", xlabel="step", ylabel="loss")
+    ax.legend(fontsize=8, loc="upper right")
+    t = evaluation.at_protocol(result["table"], "identity")
+    t = t[t["split"] == "test"]
+    ax = axes[1]
+    for i, method in enumerate(dict.fromkeys(t["method"])):
+        m = t[t["method"] == method]
+        r = m[(m["role"] == "method") & m["metric"].str.startswith("recall@")]
+        ks = r["metric"].str.removeprefix("recall@").astype(int).to_numpy()
+        err = np.stack([r["value"] - r["ci_low"], r["ci_high"] - r["value"]])
+        ax.errorbar(ks + 0.1 * i, r["value"], yerr=err, marker="o", capsize=3, label=method, color=f"C{i}")
+        c = m[(m["role"] == "ceiling") & m["metric"].str.startswith("recall@")]
+        ax.plot(c["metric"].str.removeprefix("recall@").astype(int), c["value"], "--", color=f"C{i}", lw=0.8)
+        if i == 0:
+            c = m[m["metric"].str.startswith("chance@")]
+            ax.plot(c["metric"].str.removeprefix("chance@").astype(int), c["value"], ":", color="0.4", label="chance")
+    ax.set(
+        title="test speech->face recall@k, identity protocol\n(dashed: real faces as queries)",
+        xlabel="k",
+        ylabel="recall",
+        ylim=(0, 1.05),
+    )
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,64 @@
+"""The benchmarks run (issue 11): `benchmarks/sampling.py --quick` on a tiny trained system and a synthetic store."""
+
+import importlib.util
+import math
+
+import pytest
+import yaml
+
+from slf_utils.config import ROOT
+
+
+def load_benchmark(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_sampling_benchmark_quick_mode(tmp_path):
+    """Train the tiny preset's full_input (super-resolution) for 4 steps on 4 identities x 4 clips, then run the
+    sampling benchmark's command line in quick mode: one row per requested step count with a recall@1 in [0, 1]
+    inside its CI, positive times, and the guided-step timing of the last unet."""
+    from slf_utils import diffusion
+    from slf_utils.config import load_params
+    from slf_utils.layout import Layout, synthetic_store
+
+    p = tmp_path / "grid.yaml"
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bench",
+                "results": str(tmp_path / "results"),
+                "systems": ["full_input"],
+                "model": {"preset": "tiny"},
+                "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "seed": 0, "checkpoint_every": 4},
+                "evaluate": {"face_model": "eigenfaces", "bootstrap": 100, "batch_size": 8},
+            }
+        )
+    )
+    cfg = load_params(p)
+    synthetic_store(
+        tmp_path / "results" / "store",
+        n_identities=4,
+        clips_per_identity=4,
+        face_size=16,
+        layout=Layout.load(cfg["layout"]),
+    )
+    diffusion.train(cfg, "full_input")
+
+    out = load_benchmark("sampling").main(["--params", str(p), "--system", "full_input", "--quick", "--steps", "3,2"])
+
+    rows = out["steps"]
+    assert [r["steps"] for r in rows] == [3, 2]
+    for r in rows:
+        assert all(math.isfinite(r[k]) for k in ("seconds", "recall@1", "ci_low", "ci_high", "speedup"))
+        assert r["seconds"] > 0 and 0 <= r["ci_low"] <= r["recall@1"] <= r["ci_high"] <= 1
+        assert r["n"] == 8  # the 8 test clips of the store (quick mode: at most 8)
+    assert rows[0]["speedup"] == 1 and rows[0]["inside_reference_ci"]
+    g = out["guidance"]
+    assert g["batch"] == 2 and g["unet"] == 2 and g["image_size"] == 16
+    assert g["sequential_s"] > 0 and g["batched_s"] > 0 and g["speedup"] > 0
+    assert g["max_abs_diff"] < 1e-4  # batched guidance is the same computation
+    assert g["source"].endswith("model")  # the trained checkpoint, not the untrained preset
