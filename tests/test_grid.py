@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from slf_utils import grid
+from slf_utils.config import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -175,3 +176,17 @@ def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_pat
     nbformat.write(nb, path)
     with open(tmp_path / "log.txt", "w") as log, pytest.raises(pm.PapermillExecutionError, match="real failure"):
         grid.run_notebook(path, tmp_path / "fail.ipynb", {}, log, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("grid_file", sorted(p.name for p in (ROOT / "params").glob("*.yaml")))
+def test_every_grid_file_in_params_loads_and_plans(grid_file):
+    from slf_utils import layout
+
+    data = yaml.safe_load((ROOT / "params" / grid_file).read_text())
+    if "systems" not in data or not isinstance(data["systems"], list):
+        pytest.skip("not a grid file (layout, systems or presets)")
+    cfg, steps = grid.plan(ROOT / "params" / grid_file)
+    declared = layout.load_systems(cfg["systems_file"], layout.load_layout(cfg))
+    assert set(cfg["systems"]) <= set(declared)
+    planned = {s.system for s in steps if s.kind == "evaluate"}
+    assert planned == set(cfg["systems"]) and steps[-1].kind == "report"

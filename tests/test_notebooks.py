@@ -8,9 +8,12 @@ import pytest
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 
 
-def test_the_five_notebooks_exist():
+def test_every_grid_step_has_its_notebook():
+    from slf_utils import grid
+
     names = [p.name for p in NOTEBOOKS]
-    for n in ("01_preprocess", "02_extract_features", "03_train", "04_evaluate", "05_report"):
+    assert set(grid.NOTEBOOK.values()) <= set(names)
+    for n in ("01_preprocess", "02_extract_features", "03_train", "04_evaluate", "05_report", "06_voice_encoder"):
         assert f"{n}.ipynb" in names
 
 
