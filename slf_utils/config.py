@@ -330,6 +330,18 @@ def load_params(path, overrides: dict | None = None) -> dict:
     return cfg
 
 
+def _check_choices(section: dict, choices: dict, prefix: str, where: str):
+    for name, ok in choices.items():
+        if section[name] not in ok:
+            raise ParamsError(f"{where}: {prefix}.{name} must be one of {', '.join(ok)}, got {section[name]!r}")
+
+
+def _check_at_least_1(section: dict, names, prefix: str, where: str):
+    for name in names:
+        if section[name] < 1:
+            raise ParamsError(f"{where}: {prefix}.{name} must be at least 1, got {section[name]!r}")
+
+
 def _check_speech2face(s2f: dict, where: str):
     ve = s2f["voice_encoder"]
     key = "speech2face.voice_encoder"
@@ -338,16 +350,12 @@ def _check_speech2face(s2f: dict, where: str):
         "spectrogram": ("power_law", "log_mel"),
         "metric": ("cosine", "l2"),
     }
-    for name, ok in choices.items():
-        if ve[name] not in ok:
-            raise ParamsError(f"{where}: {key}.{name} must be one of {', '.join(ok)}, got {ve[name]!r}")
+    _check_choices(ve, choices, key, where)
     if not ve["inputs"] or not set(ve["inputs"]) <= {"speaker", "speaker_windows"}:
         raise ParamsError(f"{where}: {key}.inputs must list speaker and/or speaker_windows, got {ve['inputs']!r}")
     if not ve["channels"] or not all(isinstance(c, int) and c > 0 for c in ve["channels"]):
         raise ParamsError(f"{where}: {key}.channels must be a list of positive integers, got {ve['channels']!r}")
-    for name in ("hidden", "n_mels", "steps", "batch_size", "checkpoint_every"):
-        if ve[name] < 1:
-            raise ParamsError(f"{where}: {key}.{name} must be at least 1, got {ve[name]!r}")
+    _check_at_least_1(ve, ("hidden", "n_mels", "steps", "batch_size", "checkpoint_every"), key, where)
     if not (ve["seconds"] > 0 and ve["lr"] > 0 and ve["weight_decay"] >= 0 and 0 <= ve["dropout"] < 1):
         raise ParamsError(f"{where}: {key}: seconds and lr must be > 0, weight_decay >= 0, dropout in [0, 1)")
     loss = ve["loss"]
@@ -358,9 +366,9 @@ def _check_speech2face(s2f: dict, where: str):
 
 
 def _check_face_decoder(fd: dict, where: str):
-    for name in ("hidden", "base", "channels", "steps", "batch_size", "checkpoint_every"):
-        if fd[name] < 1:
-            raise ParamsError(f"{where}: face_decoder.{name} must be at least 1, got {fd[name]!r}")
+    _check_at_least_1(
+        fd, ("hidden", "base", "channels", "steps", "batch_size", "checkpoint_every"), "face_decoder", where
+    )
     if fd["lr_schedule"] not in ("constant", "cosine"):
         raise ParamsError(f"{where}: face_decoder.lr_schedule must be constant or cosine, got {fd['lr_schedule']!r}")
     if not (fd["lr"] > 0 and fd["weight_decay"] >= 0 and fd["perceptual"] >= 0):
@@ -373,9 +381,7 @@ def _check_contrastive(ct: dict, where: str):
         "face_encoder": ("cnn", "recogniser"),
         "positives": ("identity", "clip"),
     }
-    for name, ok in choices.items():
-        if ct[name] not in ok:
-            raise ParamsError(f"{where}: contrastive.{name} must be one of {', '.join(ok)}, got {ct[name]!r}")
+    _check_choices(ct, choices, "contrastive", where)
     if not ct["speech_inputs"] or not set(ct["speech_inputs"]) <= {"speaker", "speaker_windows"}:
         raise ParamsError(
             f"{where}: contrastive.speech_inputs must list speaker and/or speaker_windows, got {ct['speech_inputs']!r}"
@@ -383,9 +389,7 @@ def _check_contrastive(ct: dict, where: str):
     for name in ("channels", "mel_channels"):
         if not ct[name] or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ct[name]):
             raise ParamsError(f"{where}: contrastive.{name} must be a list of positive integers, got {ct[name]!r}")
-    for name in ("face_px", "dim", "hidden", "steps", "batch_size", "checkpoint_every"):
-        if ct[name] < 1:
-            raise ParamsError(f"{where}: contrastive.{name} must be at least 1, got {ct[name]!r}")
+    _check_at_least_1(ct, ("face_px", "dim", "hidden", "steps", "batch_size", "checkpoint_every"), "contrastive", where)
     if ct["face_px"] >> len(ct["channels"]) < 1:
         raise ParamsError(
             f"{where}: contrastive.face_px {ct['face_px']} is too small for {len(ct['channels'])} pooling blocks "

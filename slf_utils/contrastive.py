@@ -325,15 +325,10 @@ def train_pair(model: ContrastivePair, speech, faces, identities, ct, log=print,
     n, bs, steps = len(identities), min(ct["batch_size"], len(identities)), ct["steps"]
     max_scale = float(np.log(ct["max_logit_scale"]))
     order, pos, start, history = rng.permutation(n), 0, 0, []
-    if exists(checkpoint) and Path(checkpoint).exists():
-        ck = torch.load(checkpoint, weights_only=False)
-        if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            rng.bit_generator.state = ck["rng"]
-            torch.set_rng_state(ck["torch_rng"])
-            order, pos, start, history = ck["order"], ck["pos"], ck["step"], ck["history"]
-            log(f"{SYSTEM}: resuming training at step {start} of {steps}")
+    resumed = V.resume_training(checkpoint, key, model, opt, rng)
+    if exists(resumed):
+        order, pos, start, history = resumed
+        log(f"{SYSTEM}: resuming training at step {start} of {steps}")
     model.train()
     every, t0 = max(1, steps // 10), time.time()
     for step in range(start, steps):
@@ -355,18 +350,7 @@ def train_pair(model: ContrastivePair, speech, faces, identities, ct, log=print,
             took = time.time() - t0
             log(f"{SYSTEM}: step {step + 1}/{steps} loss {h['loss']:.4f} T {h['temperature']:.4f} ({took:.1f} s)")
         if exists(checkpoint) and (step + 1) % ct["checkpoint_every"] == 0 and step + 1 < steps:
-            state = {
-                "key": key,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "order": order,
-                "pos": pos,
-                "step": step + 1,
-                "history": history,
-            }
-            V._save_torch(Path(checkpoint), state)
+            V.save_training(checkpoint, key, model, opt, rng, order, pos, step + 1, history)
     model.eval()
     return pd.DataFrame(history)
 

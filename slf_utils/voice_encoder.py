@@ -467,6 +467,30 @@ def _save_torch(path: Path, obj):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_training(checkpoint, key, model, opt, rng, order, pos, step, history):
+    """A resumable training state (model, optimizer, both RNGs, the epoch's order and position, the loss so far),
+    tagged with `key` so that a run with other settings does not resume from it. Shared by notebooks 06 and 07."""
+    state = {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict()}
+    state.update({"rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
+    state.update({"order": order, "pos": pos, "step": step, "history": history})
+    _save_torch(Path(checkpoint), state)
+
+
+def resume_training(checkpoint, key, model, opt, rng):
+    """Restore `save_training`'s state into model, optimizer and RNGs when `checkpoint` holds one of this `key`:
+    (order, pos, step, history), else None."""
+    if not (exists(checkpoint) and Path(checkpoint).exists()):
+        return None
+    ck = torch.load(checkpoint, weights_only=False)
+    if ck.get("key") != key:
+        return None
+    model.load_state_dict(ck["model"])
+    opt.load_state_dict(ck["optimizer"])
+    rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    return ck["order"], ck["pos"], ck["step"], ck["history"]
+
+
 def train_encoder(
     model, inputs, targets, ve, log=print, checkpoint=None, key=None, decoder_layer=None, classifier=None
 ) -> pd.DataFrame:
@@ -480,15 +504,10 @@ def train_encoder(
     y = torch.from_numpy(np.ascontiguousarray(targets, np.float32))
     n, bs, steps = len(y), min(ve["batch_size"], len(y)), ve["steps"]
     order, pos, start, history = rng.permutation(n), 0, 0, []
-    if exists(checkpoint) and Path(checkpoint).exists():
-        ck = torch.load(checkpoint, weights_only=False)
-        if ck.get("key") == key:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            rng.bit_generator.state = ck["rng"]
-            torch.set_rng_state(ck["torch_rng"])
-            order, pos, start, history = ck["order"], ck["pos"], ck["step"], ck["history"]
-            log(f"{SYSTEM}: resuming training at step {start} of {steps}")
+    resumed = resume_training(checkpoint, key, model, opt, rng)
+    if exists(resumed):
+        order, pos, start, history = resumed
+        log(f"{SYSTEM}: resuming training at step {start} of {steps}")
     model.train()
     every = max(1, steps // 10)
     t0 = time.time()
@@ -505,18 +524,7 @@ def train_encoder(
         if (step + 1) % every == 0 or step + 1 == steps:
             log(f"{SYSTEM}: step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - t0:.1f} s)")
         if exists(checkpoint) and (step + 1) % ve["checkpoint_every"] == 0 and step + 1 < steps:
-            state = {
-                "key": key,
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "rng": rng.bit_generator.state,
-                "torch_rng": torch.get_rng_state(),
-                "order": order,
-                "pos": pos,
-                "step": step + 1,
-                "history": history,
-            }
-            _save_torch(Path(checkpoint), state)
+            save_training(checkpoint, key, model, opt, rng, order, pos, step + 1, history)
     model.eval()
     return pd.DataFrame(history)
 
