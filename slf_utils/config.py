@@ -204,6 +204,7 @@ DEFAULTS = {
         "lr": 1e-3,
         "lr_schedule": "cosine",  # or constant
         "weight_decay": 0.0,
+        "input_noise": 1.0,  # sd of Gaussian noise on the (standardised) input embedding in training: see face_decoder
         "seed": 0,
         "checkpoint_every": 500,  # an interrupted training resumes from its last checkpoint
         "perceptual": 0.0,  # weight of the VGG-16 perceptual loss (L1 of relu1_2, relu2_2, relu3_3 features): off
@@ -371,8 +372,8 @@ def _check_face_decoder(fd: dict, where: str):
     )
     if fd["lr_schedule"] not in ("constant", "cosine"):
         raise ParamsError(f"{where}: face_decoder.lr_schedule must be constant or cosine, got {fd['lr_schedule']!r}")
-    if not (fd["lr"] > 0 and fd["weight_decay"] >= 0 and fd["perceptual"] >= 0):
-        raise ParamsError(f"{where}: face_decoder: lr must be > 0, weight_decay and perceptual >= 0")
+    if not (fd["lr"] > 0 and fd["weight_decay"] >= 0 and fd["perceptual"] >= 0 and fd["input_noise"] >= 0):
+        raise ParamsError(f"{where}: face_decoder: lr must be > 0, weight_decay, input_noise and perceptual >= 0")
 
 
 def _check_contrastive(ct: dict, where: str):

@@ -19,7 +19,9 @@ table: system x scale x protocol x metric (`metrics.csv`), with the per-clip hit
 * Reference rows are systems of mode `reference`, named for what they are: `bicubic` (the stored guide upscaled
   bicubically to the grid's super-resolution output size: the floor of any super-resolution system),
   `identity_mean` (the pixel mean of the identity's real training faces: the closed-set ceiling of knowing who
-  speaks), `random` (a seeded random ranking per query; mode `none` in older systems files). No model, a single
+  speaks), `real_face` (the query's own real face at the output size: a perfect reconstruction; under the identity
+  protocol it shows what reproducing the very image is worth, which at 16 px is less than the identity mean),
+  `random` (a seeded random ranking per query; mode `none` in older systems files). No model, a single
   scale (NaN), the same gallery, protocols and statistics as the learned systems.
 * A system with `decoder: direct` (slf_utils.face_decoder, Speech2Face's feed-forward decoder) has no conditional
   scale either: one face per test clip, stored and scored with scale NaN like a reference row (the report draws it
@@ -61,7 +63,7 @@ from slf_utils.preprocessing import read_image, resize, to_rgb
 KS = (1, 3, 5, 10)
 PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
 BOTH = "both"  # the protocol of rows that do not depend on it
-REFERENCES = ("bicubic", "identity_mean", "random")
+REFERENCES = ("bicubic", "identity_mean", "real_face", "random")
 METRIC_COLUMNS = ["system", "scale", "protocol", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 HIT_COLUMNS = ["system", "scale", "protocol", "clip_id", "identity", "k", "hit"]
@@ -384,7 +386,8 @@ def guide_consistency(images, guides, own=None) -> dict[str, np.ndarray]:
 
 # ---------------------------------------------------------------------------------------------- reference rows
 def reference_kind(system) -> str | None:
-    """The reference row a system is (`bicubic`, `identity_mean`, `random`), or None for a trained system."""
+    """The reference row a system is (`bicubic`, `identity_mean`, `real_face`, `random`), or None for a trained
+    system."""
     if system.mode == "none":  # systems files from before `reference`: random selection
         return "random"
     if system.mode != "reference":
@@ -430,6 +433,8 @@ def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:
         means = identity_means(store, gallery.identities, size)
         known = [(c, means[i]) for c, i in zip(gallery.clip_ids, gallery.identities) if i in means]
         return [c for c, _ in known], [m for _, m in known]
+    if kind == "real_face":
+        return list(gallery.clip_ids), [resize(to_rgb(f), size) for f in gallery.faces]
     raise ValueError(f"reference_images: {kind!r} has no images")
 
 

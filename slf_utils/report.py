@@ -4,8 +4,8 @@ scale and at a chosen scale), paired differences between systems, the significan
 the paper's values, and sample grids (Fig. 6, 7).
 
 Everything is shown under both recall protocols (evaluation: `identity` first, the main one, then `paper`); each
-protocol picks its own best scales. Reference rows (bicubic, identity_mean, random: mode `reference`) have no scale:
-they are horizontal lines in the figure and rows in every table. Intervals resample identities (evaluation).
+protocol picks its own best scales. Reference rows (bicubic, identity_mean, real_face, random: mode `reference`) have
+no scale: they are horizontal lines in the figure and rows in every table. Intervals resample identities (evaluation).
 A system with a direct decoder (slf_utils.face_decoder) has no conditional scale either (scale NaN): one point, drawn
 as a dash-dotted horizontal line ("no scale") and a row in every table, judged by the learning checks like any
 trained system. A system's `note` (systems.yaml; e.g. face_to_face: it is fed its own real face's embedding, so it
@@ -776,7 +776,8 @@ def plot_sample_grid(cfg, best: dict, titles: dict | None = None, n: int = 6):
     """Fig. 6: real | 8x8 guide | the image reference rows (bicubic, identity mean) | each system at its best scale,
     one row per test clip. None without samples."""
     titles = titles or {}
-    order = [s for s in REFERENCES if s in best] + [s for s in best if s not in REFERENCES]
+    # real_face is the grid's `real` column already
+    order = [s for s in REFERENCES if s in best and s != "real_face"] + [s for s in best if s not in REFERENCES]
     samples = {s: _samples(cfg, s) for s in order}
     samples = {s: d for s, d in samples.items() if exists(d) and len(d)}
     if not samples:
@@ -915,8 +916,10 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         "Identity protocol: the query's own real image is left out of its ranking, so a hit is another image of the "
         "same person. 95 % intervals resample identities. Reference rows: bicubic = the 8x8 guide upscaled (the "
         "floor of super-resolution), identity_mean = the mean training face of the speaker (the closed-set "
-        "ceiling), random = a random ranking (chance, measured). `vs identity_mean`: recall@1 as a share of "
-        "the ceiling's.",
+        "ceiling), real_face (where evaluated) = the query's own real face, a perfect reconstruction (under the "
+        "paper protocol it finds itself; under the identity protocol it must look more like the person's other "
+        "images than anyone's), random = a random ranking (chance, measured). `vs identity_mean`: recall@1 as a "
+        "share of the ceiling's.",
         "",
         f"Systems evaluated: {', '.join(dict.fromkeys(best_table['system']))}.",
     ]

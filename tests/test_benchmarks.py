@@ -62,3 +62,21 @@ def test_sampling_benchmark_quick_mode(tmp_path):
     assert g["sequential_s"] > 0 and g["batched_s"] > 0 and g["speedup"] > 0
     assert g["max_abs_diff"] < 1e-4  # batched guidance is the same computation
     assert g["source"].endswith("model")  # the trained checkpoint, not the untrained preset
+
+
+@pytest.mark.slow
+def test_paper_flops_times_each_unet(tmp_path):
+    """`benchmarks/paper_flops.py --time-steps` on the demo preset (CPU): a positive measured step time, achieved
+    rate and GPU hours for every trained unet of both cascades, written to the json."""
+    import json
+
+    out = tmp_path / "flops.json"
+    params = str(ROOT / "params" / "compare.yaml")
+    load_benchmark("paper_flops").main(
+        ["--params", params, *"--device cpu --time-steps 1 --warmup 0".split(), "--json", str(out)]
+    )
+    res = json.loads(out.read_text())
+    rows = res["timing"]["rows"]
+    assert [(r["mode"], r["unet"]) for r in rows] == [(r["mode"], r["unet"]) for r in res["rows"]] and rows
+    assert all(r["seconds_per_step"] > 0 and r["achieved_tflops"] > 0 and r["train_hours"] > 0 for r in rows)
+    assert res["timing"]["total_train_hours"] > 0

@@ -519,6 +519,22 @@ def test_bicubic_and_identity_mean_rows_on_a_synthetic_store(synthetic):
         assert at["n_unsampled"] == 0
 
 
+def test_real_face_row_is_the_query_itself(synthetic):
+    """`real_face`: each test clip's own face at the output size; the paper protocol's gallery holds that very image
+    (at full size), the identity protocol's leaves it out."""
+    cfg, store = synthetic
+    m = ev.run(cfg, "real_face", log=lambda *a: None)
+    out = ev.eval_dir(cfg, "real_face")
+    samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
+    test = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
+    assert list(samples["clip_id"]) == test and samples["scale"].isna().all()
+    for cid, path in zip(samples["clip_id"], samples["image"]):
+        want = ev.resize(ev.to_rgb(store.get(cid, "preprocess")["face"]), ev.output_size(cfg))
+        np.testing.assert_array_equal(ev.read_image(out / path), want, err_msg=cid)
+    r1 = m[m["metric"] == "recall@1"].set_index("protocol")["value"]
+    assert r1["paper"] > r1["identity"] + 0.2  # its own (full-size) image is in the paper protocol's gallery
+
+
 def test_identity_mean_skips_test_identities_without_training_faces(synthetic):
     """A test identity without training faces (VoxCeleb2's test set: all of them) cannot be sampled: a miss with a
     note; when no test identity has one, the row is skipped with a note instead of failing."""
