@@ -243,6 +243,25 @@ def contrastive_reads(cfg) -> tuple:
     return (*READS["contrastive"], *face)
 
 
+def kernel_environ(threads: int, env=None) -> dict:
+    """The environment a step's kernel runs in: `env` (default os.environ) with one BLAS/torch thread per worker, so
+    parallel steps don't fight, and without Dask's MALLOC_TRIM_THRESHOLD_.
+
+    Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (distributed.nanny.pre-spawn-environ), which a
+    kernel would inherit: glibc then returns every freed block above 64 KB to the OS and faults it back in on the
+    next training step (150 demo-preset steps: 9 M page faults and 1.5x the wall time, half of it in the kernel;
+    `python benchmarks/kernel_env.py`). A step's kernel exits when it is done, which returns its memory anyway."""
+    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    return env | {
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "SLF_THREADS": str(threads),
+        "TQDM_MININTERVAL": "10",
+        # torch/imagen-pytorch deprecation notices would otherwise fill the terminal once per notebook
+        "PYTHONWARNINGS": env.get("PYTHONWARNINGS", "ignore::FutureWarning"),
+    }
+
+
 def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstream_ok: bool) -> bool:
     """Run one step's notebook with papermill (on a Dask worker or in this process); returns success."""
     import papermill as pm
@@ -254,17 +273,8 @@ def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstre
         return False
     if reused(step):
         return True
-    # The kernel inherits this environment: one BLAS/torch thread per worker, so parallel steps don't fight.
-    os.environ.update(
-        {
-            "OMP_NUM_THREADS": str(threads),
-            "MKL_NUM_THREADS": str(threads),
-            "SLF_THREADS": str(threads),
-            "TQDM_MININTERVAL": "10",
-            # torch/imagen-pytorch deprecation notices would otherwise fill the terminal once per notebook
-            "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning"),
-        }
-    )
+    os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    os.environ.update(kernel_environ(threads))  # the kernel inherits it
     step.run_dir.mkdir(parents=True, exist_ok=True)
     nb = NOTEBOOKS / NOTEBOOK[step.kind]
     out = step.run_dir / nb.name

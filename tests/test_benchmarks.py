@@ -80,3 +80,12 @@ def test_paper_flops_times_each_unet(tmp_path):
     assert [(r["mode"], r["unet"]) for r in rows] == [(r["mode"], r["unet"]) for r in res["rows"]] and rows
     assert all(r["seconds_per_step"] > 0 and r["achieved_tflops"] > 0 and r["train_hours"] > 0 for r in rows)
     assert res["timing"]["total_train_hours"] > 0
+
+
+@pytest.mark.slow
+def test_kernel_env_benchmark_sees_the_page_faults_dasks_malloc_setting_costs():
+    """`benchmarks/kernel_env.py`: the same training steps under a Dask worker's environment fault in more pages than
+    under the grid kernel's (glibc returns freed blocks above 64 KB to the OS and takes them back every step)."""
+    med = load_benchmark("kernel_env").main(["--steps", "20", "--rounds", "1", "--clips", "16"])
+    dask, kernel = med["Dask worker's"], med["grid kernel's"]
+    assert dask["minflt"] > 2 * kernel["minflt"] and dask["sys"] > kernel["sys"]
