@@ -638,6 +638,8 @@ def plot_recall_vs_scale(
     every system with its 95 % band, the reference rows (no scale) as dotted horizontal lines with their bands
     across the sweep, other systems without a scale (direct decoders) as dash-dotted ones, exact chance k/N
     dashed."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
     from matplotlib.figure import Figure
 
     titles = titles or {}
@@ -646,7 +648,10 @@ def plot_recall_vs_scale(
     scaled = metrics[metrics["scale"].notna()]
     xs = np.sort(scaled["scale"].astype(float).unique()) if len(scaled) else np.array([0.0, 8.0])
     xlim = (xs.min(), xs.max()) if len(xs) > 1 else (xs[0] - 0.5, xs[0] + 0.5)
-    colour = {s: f"C{i % 10}" for i, s in enumerate(dict.fromkeys(metrics["system"]))}  # the same in every panel
+    names = list(dict.fromkeys(metrics["system"]))
+    # one colour per system, the same in every panel; past ten systems the default cycle would repeat, so tab20
+    palette = [f"C{i}" for i in range(10)] if len(names) <= 10 else [to_hex(c) for c in colormaps["tab20"].colors]
+    colour = {s: palette[i % len(palette)] for i, s in enumerate(names)}
     for row, protocol in zip(axes, protocols):
         view = at_protocol(metrics, protocol)
         for ax, k in zip(row, ks):

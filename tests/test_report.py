@@ -368,3 +368,25 @@ def test_headline_shows_guide_consistency_only_for_systems_given_the_guide():
     t = report.headline_table(m, {"sr": 1.0, "gen": 1.0}, modes={"sr": "super_resolution", "gen": "generation"})
     assert t.set_index("system")["guide_top1"].to_dict() == pytest.approx({"sr": 0.9, "gen": np.nan}, nan_ok=True)
     assert t["x_chance"].tolist() == pytest.approx([20.0, 20.0])
+
+
+def test_recall_figure_gives_every_system_its_own_colour_past_ten():
+    """Thirteen systems: the default ten-colour cycle would draw two of them alike."""
+    rows = []
+    for i in range(13):
+        for scale in (0.0, 3.0):
+            rows.append(
+                {
+                    "system": f"s{i}",
+                    "scale": scale,
+                    "protocol": "identity",
+                    "metric": "recall@1",
+                    "value": 0.1,
+                    "ci_low": 0.0,
+                    "ci_high": 0.2,
+                    "n": 10,
+                }
+            )
+    fig = report.plot_recall_vs_scale(pd.DataFrame(rows), ks=(1,), protocols=("identity",))
+    lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
+    assert len(lines) == 13 and len({ln.get_color() for ln in lines}) == 13
