@@ -451,28 +451,16 @@ def stage_hash(store: Store, meta: dict) -> str:
 def run_speech_stage(cfg, store: Store, model: ContrastivePair, meta: dict, log=print) -> dict:
     """The `contrastive_speech` stage for every clip with the speech inputs, train and test, where it is missing or
     was made by another model. Returns a summary (params_hash, computed, done)."""
-    t0 = time.time()
-    h = stage_hash(store, meta)
-    finished = store.finished(STAGE, h)
-    todo = sorted(c for c in V.clips_with(store, speech_stages(meta)) if c not in finished)
-    for start in range(0, len(todo), CHUNK):
-        ids = todo[start : start + CHUNK]
-        e = embed(model.speech, speech_inputs(store, ids, meta))
-        store.put_many(STAGE, [(c, {"embedding": v}) for c, v in zip(ids, e)], h)
-    summary = {
-        "stage": STAGE,
-        "params_hash": h,
-        "model_hash": meta["model_hash"],
-        "embedding_dim": meta["dim"],
-        "computed": len(todo),
-        "done": len(store.done(STAGE, h)),
-        "seconds": round(time.time() - t0, 2),
-    }
-    prov = {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"], **summary}
-    store.set_provenance(STAGE, provenance(prov))
-    if todo:
-        log(f"{STAGE}: {len(todo)} clips embedded in {summary['seconds']} s")
-    return summary
+    return V.fill_stage(
+        store,
+        STAGE,
+        stage_hash(store, meta),
+        speech_stages(meta),
+        lambda ids: embed(model.speech, speech_inputs(store, ids, meta)),
+        {"model_hash": meta["model_hash"], "embedding_dim": meta["dim"]},
+        {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"]},
+        log,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -642,33 +642,37 @@ def _input_hash(store: Store, stage: str):
     return store.provenance("preprocess" if stage == AUDIO_STAGE else stage).get("params_hash")
 
 
+def fill_stage(store: Store, stage: str, h: str, inputs, compute, summary: dict, prov: dict, log=print) -> dict:
+    """Write `stage` (array `embedding`) for every clip with all of `inputs` that has no row of parameter hash `h`:
+    `compute(ids)` gives their (n, D) rows, CHUNK clips a transaction. Provenance is `prov` plus the returned
+    summary (stage, params_hash, `summary`, computed, done, seconds). Shared by notebooks 06 and 07."""
+    t0 = time.time()
+    finished = store.finished(stage, h)
+    todo = sorted(c for c in clips_with(store, inputs) if c not in finished)
+    for start in range(0, len(todo), CHUNK):
+        ids = todo[start : start + CHUNK]
+        store.put_many(stage, [(c, {"embedding": e}) for c, e in zip(ids, compute(ids))], h)
+    out = {"stage": stage, "params_hash": h, **summary, "computed": len(todo), "done": len(store.done(stage, h))}
+    out["seconds"] = round(time.time() - t0, 2)
+    store.set_provenance(stage, provenance({**prov, **out}))
+    if todo:
+        log(f"{stage}: {len(todo)} clips written in {out['seconds']} s")
+    return out
+
+
 def run_predictions(cfg, store: Store, model, featurize, meta, log=print) -> dict:
     """The `voice_face_embedding` stage for every clip with the encoder's inputs, train and test, where it is missing
     or was made by another model. Returns a summary (params_hash, computed, done)."""
-    t0 = time.time()
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
     h = params_hash({"model": meta["model_hash"], "inputs": {s: _input_hash(store, s) for s in stages}})
-    finished = store.finished(VOICE_STAGE, h)
-    todo = sorted(c for c in clips_with(store, stages) if c not in finished)
-    for start in range(0, len(todo), CHUNK):
-        ids = todo[start : start + CHUNK]
-        pred = scaled(predict(model, make_inputs(store, ids, ve, featurize), ve["batch_size"]), meta["scale"])
-        store.put_many(VOICE_STAGE, [(c, {"embedding": e}) for c, e in zip(ids, pred)], h)
-    summary = {
-        "stage": VOICE_STAGE,
-        "params_hash": h,
-        "model_hash": meta["model_hash"],
-        "embedding_dim": meta["out_dim"],
-        "computed": len(todo),
-        "done": len(store.done(VOICE_STAGE, h)),
-        "seconds": round(time.time() - t0, 2),
-    }
-    prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"], **summary}
-    store.set_provenance(VOICE_STAGE, provenance(prov))
-    if todo:
-        log(f"{VOICE_STAGE}: {len(todo)} clips predicted in {summary['seconds']} s")
-    return summary
+
+    def compute(ids):
+        return scaled(predict(model, make_inputs(store, ids, ve, featurize), ve["batch_size"]), meta["scale"])
+
+    summary = {"model_hash": meta["model_hash"], "embedding_dim": meta["out_dim"]}
+    prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"]}
+    return fill_stage(store, VOICE_STAGE, h, stages, compute, summary, prov, log)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
