@@ -89,6 +89,11 @@ DEFAULTS = {
         "test_list": None,
         "max_train_clips": None,
         "demo_corpus": {"build": False, "identities": 40},
+        # Validation clips choose everything that is chosen (best scales, learning checks, settings); test clips only
+        # report. per_identity: of each identity's held-out clips, this many (seeded, at most all but one) become
+        # `val` (closed set: the demo). identities: this many training identities with no held-out clip become
+        # validation speakers, clips_per_identity of their clips `val`, the rest `unused` (open set: VoxCeleb2).
+        "validation": {"per_identity": 1, "identities": 0, "clips_per_identity": 3, "seed": 0},
     },
     "preprocess": {
         "audio_seconds": 24.0,
@@ -215,7 +220,8 @@ DEFAULTS = {
     # speech embedding of every clip), read by the constituent and the system of that name
     "contrastive": {
         "speech_encoder": "mlp",  # mlp (stored speaker embeddings) or mel_conv (temporal conv + pooling on mel frames)
-        "speech_inputs": ["speaker"],  # mlp: speaker and/or speaker_windows (mean over windows), concatenated
+        # mlp: speaker and/or speaker_windows (mean over windows), concatenated; both, as speaker_embeddings_only sees
+        "speech_inputs": ["speaker", "speaker_windows"],
         "mel_channels": [128, 128],  # mel_conv: widths of the 1-d convolutions in time (kernel 3)
         "face_encoder": "cnn",  # cnn (from scratch on the stored face) or recogniser (frozen face_embedding + head)
         "face_px": 32,  # cnn: the stored face is downsized to face_px x face_px
@@ -234,6 +240,10 @@ DEFAULTS = {
         "seed": 0,
         "checkpoint_every": 500,  # an interrupted training resumes from its last checkpoint
     },
+    # Cross-fitting of the trained encoders' stages (voice_face_embedding, contrastive_speech): a training clip's value
+    # comes from an encoder of `folds` that did not train on it, so models downstream train on inputs like the test
+    # ones (slf_utils.crossfit). unit: clip, identity, or auto (identity when no held-out identity is in training)
+    "crossfit": {"folds": 5, "unit": "auto", "seed": 0},
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
     "system_overrides": {},
 }

@@ -489,7 +489,7 @@ def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash:
         own = evaluation.own_entries(q, ids)
         hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, "cosine")
         r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, len(set(idents)), len(ids), ks)
+        r += evaluation.chance_rows(SYSTEM, idents, ks)
         cos = np.full(len(ids), np.nan)
         if q:
             cos[own] = (queries * gallery[own]).sum(1)  # both unit vectors
@@ -497,7 +497,7 @@ def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash:
         r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
         ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine")
         r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
-        rows += [{"split": split, **x} for x in r]
+        rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
             hit_frames.append(evaluation.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
     metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)

@@ -64,9 +64,13 @@ KS = (1, 3, 5, 10)
 PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
 BOTH = "both"  # the protocol of rows that do not depend on it
 REFERENCES = ("bicubic", "identity_mean", "real_face", "random")
-METRIC_COLUMNS = ["system", "scale", "protocol", "metric", "value", "ci_low", "ci_high", "n"]
+METRIC_COLUMNS = ["system", "scale", "protocol", "split", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
-HIT_COLUMNS = ["system", "scale", "protocol", "clip_id", "identity", "k", "hit"]
+HIT_COLUMNS = ["system", "scale", "protocol", "split", "clip_id", "identity", "k", "hit"]
+# Held-out clips: `val` ones choose (best scales, learning checks, settings), `test` ones report. Both are queries
+# and both are in the one gallery of real faces (a val query may retrieve a test image: the gallery is data, the
+# test queries' outputs are never read for a choice).
+HELD_OUT = ("val", "test")
 # Keys read with .get() so a params file without them still works; the values are the documented defaults.
 EVAL_EXTRAS = {
     "upscale_to": 160,
@@ -176,25 +180,66 @@ def protocol_hits(queries, own, gallery_embeddings, gallery_ids, ks=KS, metric="
 
 
 def chance_recall(k: int, n_identities: int) -> float:
-    """Exact recall@k of a random ranking of N distinct identities."""
+    """recall@k of a random ranking of N identities (every identity once): k/N. The recall protocols rank gallery
+    clips, not identities; their chance is `chance_hits`."""
     return min(k, n_identities) / n_identities
 
 
+def _first_k_probability(own: int, others, ks) -> dict[int, float]:
+    """P(an identity with `own` gallery clips is among the first k distinct identities of a uniformly random ordering
+    of the gallery's clips), `others`: the clip counts of every other identity.
+
+    Give each clip an independent uniform time; an identity's first time is the minimum over its clips, so
+    P(identity j before t) = 1 - (1 - t)^m_j, independently across identities. Then P = integral over t of the
+    density of the own identity's first time, m (1 - t)^(m - 1), times P(fewer than k others before t) (a
+    Poisson-binomial, by dynamic programming). The integrand is a polynomial of degree < the gallery size, so
+    Gauss-Legendre with half as many nodes integrates it exactly."""
+    if own <= 0:
+        return dict.fromkeys(ks, 0.0)
+    others = np.asarray(others, np.int64)
+    t, w = np.polynomial.legendre.leggauss(int(own + others.sum()) // 2 + 2)
+    t, w = (t + 1) / 2, w / 2
+    kmax = max(ks)
+    before = np.zeros((len(t), kmax + 1))  # P(exactly c others before t), c < kmax; the last column: c >= kmax
+    before[:, 0] = 1
+    for m, count in Counter(others.tolist()).items():
+        p = (1 - (1 - t) ** m)[:, None]
+        for _ in range(count):
+            shifted = np.concatenate([np.zeros((len(t), 1)), before[:, :-1] * p], 1)
+            shifted[:, -1] += before[:, -1] * p[:, 0]
+            before = before * (1 - p) + shifted
+    dens = w * own * (1 - t) ** (own - 1)
+    return {k: float(dens @ before[:, :k].sum(1)) for k in ks}
+
+
+def chance_hits(gallery_ids, own=None, ks=KS) -> dict[str, dict]:
+    """{protocol: {k: (Q,) float}}: per query, the exact probability that an uninformative system (a uniformly
+    random ranking of the gallery clips) hits, for queries own[i] (default: every gallery clip). Under `paper` the
+    query's identity has all its n gallery clips; under `identity` n - 1 (its own clip is left out), so chance is
+    below k/N there (40 identities x 3 clips: 2/119 = 0.0168 at k = 1, not 0.025), and 0 for a single-clip identity."""
+    gallery_ids = np.asarray(gallery_ids)
+    own = np.arange(len(gallery_ids)) if own is None else np.asarray(own, np.int64)
+    count = Counter(gallery_ids.tolist())
+    memo = {}
+
+    def prob(ident, protocol):
+        if (ident, protocol) not in memo:
+            others = [c for i, c in count.items() if i != ident]
+            memo[ident, protocol] = _first_k_probability(count[ident] - (protocol == "identity"), others, ks)
+        return memo[ident, protocol]
+
+    return {p: {k: np.array([prob(gallery_ids[j], p)[k] for j in own], np.float64) for k in ks} for p in PROTOCOLS}
+
+
 def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0, exclude=None) -> dict[int, np.ndarray]:
-    """The random-selection system: every query gets its own seeded random ranking of the gallery identities. With
-    `exclude` (the identity protocol: each query's own gallery index) an identity whose only gallery clip is the
-    excluded one leaves that ranking; the permutations are the same, so the two protocols stay paired."""
+    """The random-selection system, an uninformative system ranked like every other: each query gets its own seeded
+    random ordering of the gallery clips, read as distinct identities (`exclude`: the identity protocol's own
+    gallery index per query, left out). The permutations are the same with and without `exclude`, so the two
+    protocols stay paired. Its expected recall is `chance_hits`."""
     rng = np.random.default_rng(seed)
-    gallery_ids = list(gallery_ids)
-    idents = sorted(set(gallery_ids))
-    count = Counter(gallery_ids)
-    rankings = []
-    for i in range(len(query_ids)):
-        r = list(rng.permutation(np.array(idents, dtype=object)))
-        if exclude is not None and exclude[i] >= 0 and count[gallery_ids[exclude[i]]] == 1:
-            r.remove(gallery_ids[exclude[i]])
-        rankings.append(r)
-    return hits_from_rankings(rankings, list(query_ids), ks)
+    order = np.stack([rng.permutation(len(gallery_ids)) for _ in range(len(query_ids))]) if len(query_ids) else []
+    ranked = distinct_identities(order, gallery_ids, max(ks), exclude)
+    return hits_from_rankings(ranked, list(query_ids), ks)
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -251,12 +296,15 @@ def paired_difference(a, b, clusters=None, n_boot: int = 1000, seed: int = 0, al
     return bootstrap_ci(np.asarray(a, np.float64) - np.asarray(b, np.float64), n_boot, seed, alpha, clusters=clusters)
 
 
-def metric_row(system, scale, metric, values, n_boot=1000, seed=0, stat="mean", protocol=BOTH, clusters=None) -> dict:
+def metric_row(
+    system, scale, metric, values, n_boot=1000, seed=0, stat="mean", protocol=BOTH, clusters=None, split="test"
+) -> dict:
     value, lo, hi, n = bootstrap_ci(values, n_boot, seed, stat=stat, clusters=clusters)
     return {
         "system": system,
         "scale": scale,
         "protocol": protocol,
+        "split": split,
         "metric": metric,
         "value": value,
         "ci_low": lo,
@@ -265,21 +313,36 @@ def metric_row(system, scale, metric, values, n_boot=1000, seed=0, stat="mean", 
     }
 
 
-def recall_rows(system, scale, hits: dict[str, dict], n_boot=1000, seed=0, clusters=None) -> list[dict]:
-    """recall@k rows of {protocol: {k: per-clip hits}}."""
+def split_masks(splits, n: int) -> list[tuple]:
+    """[(split, boolean mask over the n clips)] of a per-clip split label array; None: all n are `test`."""
+    if splits is None:
+        return [("test", np.ones(n, bool))]
+    splits = np.asarray(splits)
+    return [(s, splits == s) for s in HELD_OUT if (splits == s).any()]
+
+
+def _part(x, mask):
+    return None if x is None else np.asarray(x)[mask]
+
+
+def recall_rows(system, scale, hits: dict[str, dict], n_boot=1000, seed=0, clusters=None, splits=None) -> list[dict]:
+    """recall@k rows of {protocol: {k: per-clip hits}}, one set per split of `splits` (a label per clip)."""
+    n = len(next(iter(next(iter(hits.values())).values())))
     return [
-        metric_row(system, scale, f"recall@{k}", h.astype(float), n_boot, seed, protocol=p, clusters=clusters)
+        metric_row(system, scale, f"recall@{k}", h[m].astype(float), n_boot, seed, "mean", p, _part(clusters, m), s)
+        for s, m in split_masks(splits, n)
         for p, by_k in hits.items()
         for k, h in by_k.items()
     ]
 
 
-def constant_row(system, metric, value, n) -> dict:
-    """A row without an interval, the same at every scale (NaN) and under both protocols."""
+def constant_row(system, metric, value, n, protocol=BOTH, split="test") -> dict:
+    """A row without an interval, the same at every scale (NaN)."""
     return {
         "system": system,
         "scale": np.nan,
-        "protocol": BOTH,
+        "protocol": protocol,
+        "split": split,
         "metric": metric,
         "value": value,
         "ci_low": np.nan,
@@ -288,19 +351,27 @@ def constant_row(system, metric, value, n) -> dict:
     }
 
 
-def chance_rows(system, n_identities: int, n_queries: int, ks=KS) -> list[dict]:
-    """Exact k/N lines (no interval: nothing random about them)."""
-    return [constant_row(system, f"chance@{k}", chance_recall(k, n_identities), n_queries) for k in ks]
+def chance_rows(system, gallery_ids, ks=KS, splits=None) -> list[dict]:
+    """The exact chance line of each protocol (`chance_hits`: every gallery clip a query), averaged over the clips
+    of each split (no interval: nothing random about it)."""
+    chance = chance_hits(gallery_ids, ks=ks)
+    return [
+        constant_row(system, f"chance@{k}", float(c[m].mean()), int(m.sum()), p, s)
+        for s, m in split_masks(splits, len(gallery_ids))
+        for p, by_k in chance.items()
+        for k, c in by_k.items()
+    ]
 
 
-def hit_frame(system, scale, clip_ids, identities, hits: dict[str, dict]) -> pd.DataFrame:
+def hit_frame(system, scale, clip_ids, identities, hits: dict[str, dict], splits=None) -> pd.DataFrame:
     """Per-clip hits of {protocol: {k: hits}} as HIT_COLUMNS rows."""
+    splits = ["test"] * len(clip_ids) if splits is None else list(splits)
     return pd.DataFrame(
         [
-            (system, scale, p, c, i, k, int(h))
+            (system, scale, p, s, c, i, k, int(h))
             for p, by_k in hits.items()
             for k, hs in by_k.items()
-            for c, i, h in zip(clip_ids, identities, hs)
+            for c, i, s, h in zip(clip_ids, identities, splits, hs)
         ],
         columns=HIT_COLUMNS,
     )
@@ -668,6 +739,7 @@ class Gallery:
     detected: np.ndarray
     reference_attributes: pd.DataFrame | None = None
     guides: np.ndarray | None = None
+    splits: list | None = None  # each clip's split (val / test); None: all test
 
 
 def own_entries(clip_ids, gallery_clip_ids) -> np.ndarray:
@@ -693,40 +765,47 @@ def score_scale(
     upscale_to=None,
     embeddings=None,
     clip_ids=None,
+    splits=None,
 ):
     """Metrics of one (system, scale): generated[i] is the face made for clip_ids[i] (default: every gallery clip,
     in gallery order). Every gallery clip counts: one without a face is a recall miss and left out (NaN) of the
-    other metrics. Intervals resample identities. Returns (metric rows, hit frame over the gallery, generated-face
+    other metrics. Intervals resample identities. `splits`: each gallery clip's split (`val` or `test`, default all
+    `test`): every metric is given per split. Returns (metric rows, hit frame over the gallery, generated-face
     embeddings)."""
     own = own_entries(default(clip_ids, gallery.clip_ids), gallery.clip_ids)
+    splits = default(splits, gallery.splits)
     if embeddings is None:
         embeddings, detected = embedder.embed(generated)
     else:
         embeddings, detected = embeddings
     n, clusters = len(gallery.clip_ids), np.asarray(gallery.identities)
     hits = protocol_hits(embeddings, own, gallery.embeddings, gallery.identities, ks, metric)
-    rows = recall_rows(system, scale, hits, n_boot, seed, clusters)
+    rows = recall_rows(system, scale, hits, n_boot, seed, clusters, splits)
+    parts = split_masks(splits, n)
 
     def row(name, values, stat="mean", boot=n_boot):
         per_clip = _scatter(np.asarray(values, np.float64), own, n, np.nan)
-        return metric_row(system, scale, name, per_clip, boot, seed, stat, clusters=clusters)
+        return [metric_row(system, scale, name, per_clip[m], boot, seed, stat, BOTH, clusters[m], s) for s, m in parts]
 
     if embedder.info.get("detector_backend"):
-        rows.append(row("face_detected", detected.astype(float), boot=0))
+        rows += row("face_detected", detected.astype(float), boot=0)
     gen = [to_rgb(g) for g in generated]
     size = gen[0].shape[0]
     real = [resize(to_rgb(gallery.faces[i]), size) for i in own]
-    rows.append(row("psnr", [psnr(g, r) for g, r in zip(gen, real)]))
-    rows.append(row("ssim", [ssim(g, r) for g, r in zip(gen, real)]))
+    rows += row("psnr", [psnr(g, r) for g, r in zip(gen, real)])
+    rows += row("ssim", [ssim(g, r) for g, r in zip(gen, real)])
     if exists(gallery.guides):
         guide = guide_consistency(gen, gallery.guides, own)
-        rows += [row("guide_rmse", guide["guide_rmse"], "rmse"), row("guide_top1", guide["guide_top1"])]
+        rows += row("guide_rmse", guide["guide_rmse"], "rmse") + row("guide_top1", guide["guide_top1"])
     if exists(estimator) and exists(gallery.reference_attributes):
         agree = attribute_agreement(
             estimator(gen, upscale_to), gallery.reference_attributes.iloc[own].reset_index(drop=True)
         )
-        rows += [row(name, agree[name], "rmse" if name == "age_rmse" else "mean") for name in ATTRIBUTE_METRICS]
-    return rows, hit_frame(system, scale, gallery.clip_ids, gallery.identities, hits), (embeddings, detected)
+        rows += [
+            r for name in ATTRIBUTE_METRICS for r in row(name, agree[name], "rmse" if name == "age_rmse" else "mean")
+        ]
+    frame = hit_frame(system, scale, gallery.clip_ids, gallery.identities, hits, splits)
+    return rows, frame, (embeddings, detected)
 
 
 # ---------------------------------------------------------------------------------------------- run (notebook 04)
@@ -767,14 +846,15 @@ def _write_csv(path, df: pd.DataFrame):
 
 
 def eval_clips(store, layout=None, keep=()) -> pd.DataFrame:
-    """Test clips with a face and every feature stage the kept constituents need (ordered by clip_id). Without a
-    layout: every test clip with a face, the grid's one gallery."""
-    clips = store.clips(split="test", stage="preprocess")
+    """Held-out clips (`val` and `test`) with a face and every feature stage the kept constituents need (ordered by
+    clip_id). Without a layout: every held-out clip with a face, the grid's one gallery."""
+    clips = store.clips(stage="preprocess")
+    clips = clips[clips["split"].isin(HELD_OUT)]
     if exists(layout):
         for stage in layout.stages(keep):
             clips = clips[clips["clip_id"].isin(set(store.clips(stage=stage)["clip_id"]))]
     if clips.empty:
-        raise RuntimeError(f"{store}: no test clips with a face and the features {list(keep)} need")
+        raise RuntimeError(f"{store}: no held-out clips with a face and the features {list(keep)} need")
     return clips.reset_index(drop=True)
 
 
@@ -811,7 +891,8 @@ def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=No
     arrays = store.load_stacked("preprocess", ids, keys=["face", "guide"])
     emb, det = embedder.embed(arrays["face"])
     ref = _reference_attributes(clips, ev["attributes"], estimator, arrays["face"], ev["upscale_to"])
-    return Gallery(ids, clips["identity"].tolist(), arrays["face"], emb, det, ref, arrays["guide"])
+    splits = clips["split"].tolist() if "split" in clips else None
+    return Gallery(ids, clips["identity"].tolist(), arrays["face"], emb, det, ref, arrays["guide"], splits)
 
 
 def _existing_samples(out: Path) -> pd.DataFrame:
@@ -979,7 +1060,7 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     system = systems[system_name]
     kind = reference_kind(system)
     clips = eval_clips(store)  # the gallery: the same clips for every system of the grid
-    ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
+    ids, idents, splits = clips["clip_id"].tolist(), clips["identity"].tolist(), clips["split"].to_numpy()
     per_identity = Counter(idents)
     n_ids, ks, boot, seed = len(per_identity), ev["ks"], ev["bootstrap"], ev["seed"]
     prov = {
@@ -987,15 +1068,18 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
         "mode": system.mode,
         "reference": kind,
         "evaluate": ev,
-        "n_test_clips": len(ids),
+        "n_gallery_clips": len(ids),
+        "n_clips_by_split": {s: int(m.sum()) for s, m in split_masks(splits, len(ids))},
         "n_identities": n_ids,
         "ks": ks,
-        "recall": "top-k distinct identities; chance = min(k, N)/N under both protocols",
+        "recall": "top-k distinct identities; chance: the exact expected recall of a uniformly random ranking of the "
+        "gallery clips under each protocol (chance_hits), averaged over the split's queries",
         "protocols": {
-            "paper": "gallery = the real faces of all test clips, the query's own included",
+            "paper": "gallery = the real faces of all held-out (val and test) clips, the query's own included",
             "identity": "the query's own clip left out of its ranking: a hit is another image of the same person",
         },
-        # their queries can never hit under the identity protocol, which chance k/N does not know
+        "splits": "val clips choose (best scales, learning checks), test clips report; both query one gallery",
+        # their queries can never hit under the identity protocol (chance 0 for them)
         "single_clip_identities": sum(c == 1 for c in per_identity.values()),
         "ci": f"95 % percentile bootstrap over identities (all clips of a drawn identity), {boot} resamples, "
         f"seed {seed}",
@@ -1006,16 +1090,16 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
         prov["notes"].append(msg)
         log(f"{system_name}: {msg}")
 
-    n_all = len(store.clips(split="test"))
+    n_all = int(store.clips()["split"].isin(HELD_OUT).sum())
     if len(clips) < n_all:
-        note(f"{n_all - len(clips)} of {n_all} test clips have no face: not in the gallery")
-    rows, hit_frames = chance_rows(system_name, n_ids, len(ids), ks), []
+        note(f"{n_all - len(clips)} of {n_all} held-out clips have no face: not in the gallery")
+    rows, hit_frames = chance_rows(system_name, idents, ks, splits), []
     if kind == "random":
-        # no model, no images: one seeded random ranking of the identities per query
+        # no model, no images: one seeded random ordering of the gallery clips per query
         own = np.arange(len(ids))
         hits = {p: random_selection_hits(idents, idents, ks, seed, own if p == "identity" else None) for p in PROTOCOLS}
-        rows += recall_rows(system_name, np.nan, hits, boot, seed, idents)
-        hit_frames.append(hit_frame(system_name, np.nan, ids, idents, hits))
+        rows += recall_rows(system_name, np.nan, hits, boot, seed, idents, splits)
+        hit_frames.append(hit_frame(system_name, np.nan, ids, idents, hits, splits))
         sampled = ids
     else:
         embedder = make_embedder(cfg, store)
@@ -1065,11 +1149,12 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             )
             rows += r
             hit_frames.append(h)
-            r1 = {x["protocol"]: x for x in r if x["metric"] == "recall@1"}
+            r1 = {(x["split"], x["protocol"]): x for x in r if x["metric"] == "recall@1"}
             at = scale_label(scale, "reference" if kind else "no scale")
             log(
-                f"{system_name}: {at}: recall@1 identity {_fmt_ci(r1['identity'])}, paper "
-                f"{_fmt_ci(r1['paper'])} (chance {chance_recall(1, n_ids):.3f}) scored in {time.time() - t:.1f} s"
+                f"{system_name}: {at}: recall@1 identity "
+                + ", ".join(f"{s} {_fmt_ci(r1[s, 'identity'])}" for s, _ in split_masks(splits, len(ids)))
+                + f"; paper test {_fmt_ci(r1['test', 'paper'])} scored in {time.time() - t:.1f} s"
             )
         prov["embedder"] = embedder.describe()
     n_unsampled = len(ids) - len(sampled)
@@ -1077,7 +1162,11 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     if n_unsampled and sampled:
         why = "identity without training faces" if kind == "identity_mean" else "features missing"
         note(f"{n_unsampled} of {len(ids)} gallery clips not sampled ({why}): recall misses, not in the other metrics")
-    rows.append(constant_row(system_name, "n_unsampled", float(n_unsampled), len(ids)))
+    unsampled = ~np.isin(ids, sampled)
+    rows += [
+        constant_row(system_name, "n_unsampled", float(unsampled[m].sum()), int(m.sum()), BOTH, s)
+        for s, m in split_masks(splits, len(ids))
+    ]
 
     metrics = pd.DataFrame(rows, columns=METRIC_COLUMNS)
     hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=HIT_COLUMNS)
@@ -1089,28 +1178,38 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
 
 
 def load_metrics(path) -> pd.DataFrame:
-    """A metrics.csv; one written before the two protocols reads as the `paper` protocol."""
-    m = pd.read_csv(path, dtype={"system": str, "metric": str, "protocol": str})
+    """A metrics.csv; one written before the two protocols reads as the `paper` protocol, one before the validation
+    split as `test` clips only."""
+    m = pd.read_csv(path, dtype={"system": str, "metric": str, "protocol": str, "split": str})
     if "protocol" not in m:
         m["protocol"] = np.where(m["metric"].str.startswith("recall@"), "paper", BOTH)
+    if "split" not in m:
+        m["split"] = "test"
     return m[METRIC_COLUMNS]
 
 
 def load_hits(path) -> pd.DataFrame:
-    """A hits.csv; one written before the two protocols reads as the `paper` protocol."""
-    h = pd.read_csv(path, dtype={"clip_id": str, "identity": str, "system": str, "protocol": str})
+    """A hits.csv; one written before the two protocols reads as the `paper` protocol, before validation as `test`."""
+    h = pd.read_csv(path, dtype={"clip_id": str, "identity": str, "system": str, "protocol": str, "split": str})
     if "protocol" not in h:
         h["protocol"] = "paper"
+    if "split" not in h:
+        h["split"] = "test"
     return h[HIT_COLUMNS]
 
 
+def at_split(table: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split (`val`, `test`) of a metrics or hits table."""
+    return table[table["split"] == split]
+
+
 def metrics_pivot(metrics: pd.DataFrame) -> pd.DataFrame:
-    """Notebook 04's view: value [CI] per (protocol, scale) x metric."""
+    """Notebook 04's view: value [CI] per (split, protocol, scale) x metric."""
     cell = [
         f"{v:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if pd.notna(lo) else "")
         for v, lo, hi in zip(metrics["value"], metrics["ci_low"], metrics["ci_high"])
     ]
     # NaN scales (rows the same at every scale, reference rows) as -1 for the pivot, shown as "–"
     table = metrics.assign(cell=cell, scale=metrics["scale"].astype(float).fillna(-1))
-    pivot = table.pivot_table(index=["protocol", "scale"], columns="metric", values="cell", aggfunc="first")
+    pivot = table.pivot_table(index=["split", "protocol", "scale"], columns="metric", values="cell", aggfunc="first")
     return pivot.rename(index={-1.0: "–"}, level="scale")

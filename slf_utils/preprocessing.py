@@ -379,15 +379,49 @@ def read_voxceleb(data: dict) -> pd.DataFrame:
     )
 
 
+def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
+    """Split `val` off the clips (`data.validation`), seeded and independent of everything but the clip list:
+    * per_identity: of each identity's `test` clips, that many (at most all but one, so each identity keeps a test
+      clip) become `val`: the closed-set regime, where test identities are training identities (the demo);
+    * identities: that many `train` identities with no test clip become validation speakers: clips_per_identity of
+      their clips `val`, their other clips `unused` (neither trained on nor evaluated): the open-set regime, where
+      test speakers are unseen (VoxCeleb2: validation speakers from dev, disjoint from training).
+    Validation clips choose (best scales, learning checks); test clips report."""
+    if not v or not (v.get("per_identity") or v.get("identities")):
+        return clips
+    rng = np.random.default_rng(int(v.get("seed", 0)))
+    clips = clips.sort_values("clip_id").reset_index(drop=True)
+    split = clips["split"].to_numpy(dtype=object).copy()
+    if v.get("per_identity"):
+        for _, idx in clips[split == "test"].groupby("identity", sort=True).indices.items():
+            pos = clips.index[split == "test"][idx]
+            split[rng.choice(pos, min(int(v["per_identity"]), len(pos) - 1), replace=False)] = "val"
+    if v.get("identities"):
+        seen_in_test = set(clips.loc[split == "test", "identity"])
+        candidates = sorted(set(clips.loc[split == "train", "identity"]) - seen_in_test)
+        if int(v["identities"]) > len(candidates):
+            raise ValueError(
+                f"data.validation.identities = {v['identities']}, but only {len(candidates)} training identities "
+                "have no test clip: lower it"
+            )
+        for ident in rng.choice(np.array(candidates, dtype=object), int(v["identities"]), replace=False):
+            pos = np.flatnonzero((clips["identity"] == ident).to_numpy() & (split == "train"))
+            split[pos] = "unused"
+            split[rng.choice(pos, min(int(v["clips_per_identity"]), len(pos)), replace=False)] = "val"
+    return clips.assign(split=split)
+
+
 def list_clips(cfg) -> pd.DataFrame:
     data = cfg["data"]
     if data["kind"] == "manifest":
         if not exists(data.get("manifest")):
             raise ValueError("data.kind=manifest needs data.manifest")
-        return read_manifest(resolve(data["manifest"]), resolve(data.get("root")))
-    if data["kind"] == "voxceleb":
-        return read_voxceleb(data)
-    raise ValueError(f"data.kind must be manifest or voxceleb, got {data['kind']!r}")
+        clips = read_manifest(resolve(data["manifest"]), resolve(data.get("root")))
+    elif data["kind"] == "voxceleb":
+        clips = read_voxceleb(data)
+    else:
+        raise ValueError(f"data.kind must be manifest or voxceleb, got {data['kind']!r}")
+    return assign_validation(clips, data.get("validation"))
 
 
 # ------------------------------------------------------------------ running many clips
@@ -453,7 +487,8 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
     )
     warm_up(p)
     finished = store.finished(STAGE, h)
-    todo = [r for r in clips.to_dict("records") if r["clip_id"] not in finished]
+    # `unused`: the other clips of validation speakers (data.validation), neither trained on nor evaluated
+    todo = [r for r in clips.to_dict("records") if r["clip_id"] not in finished and r["split"] != "unused"]
     t0, n = time.time(), 0
     for res in run_clips(process_clip, todo, client=get_client(cfg, client), desc=STAGE, p=p):
         if "arrays" in res:

@@ -89,7 +89,7 @@ BACKEND_KEYS = {
     "ve_conv": ("channels", "spectrogram", "n_mels", "seconds", "hidden"),
     "ast": ("ast_source", "ast_freeze", "seconds"),
 }
-METRICS_COLUMNS = ["split", *evaluation.METRIC_COLUMNS]
+METRICS_COLUMNS = evaluation.METRIC_COLUMNS  # its `split`: train or test
 
 
 def _version(pkg):
@@ -696,7 +696,7 @@ def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.Dat
         own = evaluation.own_entries(q, ids)
         hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, metric)
         r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, len(set(idents)), len(ids), ks)
+        r += evaluation.chance_rows(SYSTEM, idents, ks)
         cos = np.full(len(ids), np.nan)
         if q:
             a, b = queries, gallery[own]
@@ -705,7 +705,7 @@ def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.Dat
         r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
         ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric)
         r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
-        rows += [{"split": split, **x} for x in r]
+        rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
             hit_frames.append(evaluation.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
     metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)

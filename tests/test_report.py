@@ -112,13 +112,12 @@ def write_synthetic_results(cfg, store):
     """metrics.csv, hits.csv, samples.csv and images for SYSTEMS, as evaluation.run would write them."""
     clips = store.clips(split="test", stage="preprocess")
     ids, idents = clips["clip_id"].tolist(), clips["identity"].tolist()
-    n_ids = len(set(idents))
     faces = store.load_stacked("preprocess", ids)["face"]
     rng = np.random.default_rng(0)
     for system in SYSTEMS:
         out = ev.eval_dir(cfg, system)
         out.mkdir(parents=True, exist_ok=True)
-        rows = ev.chance_rows(system, n_ids, len(ids)) + [ev.constant_row(system, "n_unsampled", 0.0, len(ids))]
+        rows = ev.chance_rows(system, idents) + [ev.constant_row(system, "n_unsampled", 0.0, len(ids))]
         hit_frames, samples = [], []
         if system == "random":
             hits = {p: ev.random_selection_hits(idents, idents, seed=0) for p in ev.PROTOCOLS}
@@ -220,11 +219,12 @@ def test_report_from_synthetic_results(synthetic_results):
     assert not {"random", "bicubic", "identity_mean"} & set(checks.index)
     assert checks.loc["no_image_guide", "mode"] == "generation"
     fi, na, ps = checks.loc["full_input"], checks.loc["no_audio"], checks.loc["pure_sr"]
-    assert fi["x_chance"] == pytest.approx(fi["recall@1"] / fi["chance@1"]) and fi["chance@1"] == pytest.approx(1 / 6)
-    assert fi["ci_above_chance"] and fi["recall@1_lo"] > 1 / 6
+    # 6 identities x 2 test clips, identity protocol: the query's identity keeps 1 of 11 gallery clips
+    assert fi["x_chance"] == pytest.approx(fi["recall@1"] * 11) and fi["chance@1"] == pytest.approx(1 / 11)
+    assert fi["ci_above_chance"] and fi["recall@1_lo"] > 1 / 11
     assert not na["ci_above_chance"] and pd.isna(na["scale0_at_chance"])  # recall 0; at chance: generation only
     ng = checks.loc["no_image_guide"]
-    assert ng["scale0_at_chance"] == (ng["scale0_lo"] <= 1 / 6 <= ng["scale0_hi"])
+    assert ng["scale0_at_chance"] == (ng["scale0_lo"] <= 1 / 11 <= ng["scale0_hi"])
     # the bicubic floor and the guide: super-resolution systems only
     assert fi["above_floor"] and fi["guide_kept"] and not ps["above_floor"] and not ps["guide_kept"]
     assert pd.isna(ng["above_floor"]) and pd.isna(ng["guide_kept"])
@@ -390,3 +390,27 @@ def test_recall_figure_gives_every_system_its_own_colour_past_ten():
     fig = report.plot_recall_vs_scale(pd.DataFrame(rows), ks=(1,), protocols=("identity",))
     lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
     assert len(lines) == 13 and len({ln.get_color() for ln in lines}) == 13
+
+
+def test_best_scales_are_chosen_on_validation_clips_only(synthetic_results):
+    """A planted optimum that only the test clips have (recall@1 = 1 at scale 8) must not move the choice: the
+    validation rows peak at scale 4, so every table reports the test clips at scale 4, and the optimistic column
+    shows what choosing on the test clips would have claimed."""
+    cfg = synthetic_results
+    path = ev.eval_dir(cfg, "full_input") / "metrics.csv"
+    test = ev.load_metrics(path)
+    recall = test["metric"].str.startswith("recall@")
+    planted = test.copy()
+    planted.loc[recall & (planted["scale"] == 8), ["value", "ci_low", "ci_high"]] = 1.0
+    val = test.assign(split="val")
+    val.loc[recall, "value"] = np.where(val.loc[recall, "scale"] == 4, 0.9, 0.2)
+    pd.concat([planted, val]).to_csv(path, index=False)
+    res = report.run(cfg, log=lambda *a: None)
+    assert res["chosen_on"] == "val" and res["best"]["full_input"] == 4.0
+    assert res["best_by_protocol"]["paper"]["full_input"] == 4.0
+    head = res["headline"].set_index("system").loc["full_input"]
+    at4 = planted[(planted["metric"] == "recall@1") & (planted["protocol"] == "identity") & (planted["scale"] == 4)]
+    assert head["recall@1"] == pytest.approx(at4["value"].iloc[0])  # the test clips, at the validation's scale
+    assert head["best_on_test_scale"] == 8.0 and head["best_on_test@1"] == 1.0
+    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    assert "chosen on the" in summary and "validation clips" in summary and "optimistic" in summary
