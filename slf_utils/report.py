@@ -1024,7 +1024,8 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
             ]
         ),
         f"Best scale = the scale with the highest recall@1 on the {result['chosen_on']} clips under that protocol "
-        "(ties: recall@3, then the smaller scale); for a super-resolution system only scales that keep its guide (guide_top1 ≥ "
+        "(ties: recall@3, then the smaller scale); for a super-resolution system only scales that keep its guide "
+        "(guide_top1 ≥ "
         f"{float(cfg['report']['guide_top1_min']):g}) compete, where any does. Tables at the chosen scale "
         f"{chosen:g}: `table_scale_{chosen:g}.md`.",
         "",
