@@ -304,20 +304,23 @@ class FacePrior:
       saved in the checkpoint (`face_prior`); sampling uses that mu. A smaller unet's mu is the area resize of it
       (imagen resizes its training images the same way, and an area resize is linear: the resize of a residual is
       the residual of the resized face from the resized mu).
-    * Into imagen's [0, 1]: m = (x - mu) / 2 + 1/2, which is in [0, 1] for any x, mu in [0, 1] (no clipping); imagen
-      works on 2m - 1 = x - mu. Back: x = mu + 2m - 1, clipped to [0, 1] (only sampled residuals can leave it). A model
+    * Into imagen's [0, 1]: m = gain (x - mu) + 1/2, clipped to [0, 1]; imagen works on 2m - 1 = 2 gain (x - mu).
+      With gain 1 (the default) that is 2 (x - mu), exactly the varying part of the pixel baseline's 2x - 1 = 2 (x - mu)
+      + (2 mu - 1): the same signal-to-noise ratio at every noise level, so prior vs pixel compares the mean alone.
+      The price is clipping where |x - mu| > 1/2 (`clipped_share` measures it; a few pixels of a face). Gain 1/2
+      (checkpoints from before, which store no gain) never clips but halves the amplitude: a 4x lower signal-to-noise
+      ratio, and sampler error doubled in output pixels. Back: x = mu + (m - 1/2) / gain, clipped to [0, 1]. A model
       that predicts a zero residual samples mu itself.
     * Cascades and guides, consistently in residual space: every image imagen sees is a residual, its low-resolution
       conditions included. In training imagen derives the low-res condition from the residual image it is given,
       i.e. the guide's residual from mu at the guide size; so super-resolution sampling starts from the stored guide
       mapped the same way, (guide - area(mu, 8)) / 2 + 1/2 (same information as the guide: mu is known), and a
-      generation cascade's second unet is conditioned on the first unet's residual output, as in training. The price:
-      the guide enters the unet at half the amplitude of a plain image (x - mu instead of 2x - 1), so the same
-      low-res noise augmentation level hides it a little more.
+      generation cascade's second unet is conditioned on the first unet's residual output, as in training. With gain 1
+      the guide enters the unet at the amplitude of a plain image's varying part.
     """
 
-    def __init__(self, kind: str, attributes, means: torch.Tensor, keys, counts):
-        self.kind, self.attributes = kind, list(attributes)
+    def __init__(self, kind: str, attributes, means: torch.Tensor, keys, counts, gain: float = 1.0):
+        self.kind, self.attributes, self.gain = kind, list(attributes), float(gain)
         self.means = means.float()  # (1 + groups, 3, S, S) in [0, 1]; row 0: the global mean
         self.keys = list(keys)  # group keys of rows 1..
         self.counts = [int(c) for c in counts]  # training faces per row
@@ -385,14 +388,19 @@ class FacePrior:
         return m
 
     def to_model(self, images, groups, resize=None) -> torch.Tensor:
-        """Faces (B, 3, s, s) in [0, 1] -> imagen's [0, 1]: (x - mu) / 2 + 1/2."""
+        """Faces (B, 3, s, s) in [0, 1] -> imagen's [0, 1]: gain (x - mu) + 1/2, clipped."""
         mu = self.mu(groups, images.shape[-1], resize).to(images.device)
-        return (images - mu) / 2 + 0.5
+        return (self.gain * (images - mu) + 0.5).clamp(0, 1)
 
     def from_model(self, m, groups, resize=None) -> torch.Tensor:
-        """imagen's output (B, 3, s, s) in [0, 1] -> faces: mu + 2m - 1, clipped to [0, 1]."""
+        """imagen's output (B, 3, s, s) in [0, 1] -> faces: mu + (m - 1/2) / gain, clipped to [0, 1]."""
         mu = self.mu(groups, m.shape[-1], resize).to(m.device)
-        return (mu + 2 * m - 1).clamp(0, 1)
+        return (mu + (m - 0.5) / self.gain).clamp(0, 1)
+
+    def clipped_share(self, images, groups, resize=None) -> float:
+        """Share of the pixels of faces (B, 3, s, s) whose residual leaves imagen's range at this gain."""
+        mu = self.mu(groups, images.shape[-1], resize).to(images.device)
+        return float(((self.gain * (images - mu)).abs() > 0.5).float().mean())
 
     def state(self) -> dict:
         """Plain data and tensors for the checkpoint (torch.load(weights_only=True) reads it)."""
@@ -402,11 +410,13 @@ class FacePrior:
             "means": self.means.clone(),
             "keys": self.keys,
             "counts": self.counts,
+            "gain": self.gain,
         }
 
     @classmethod
     def from_state(cls, d: dict) -> FacePrior:
-        return cls(d["kind"], d["attributes"], d["means"], d["keys"], d["counts"])
+        # a checkpoint without a gain was trained on (x - mu) / 2 + 1/2
+        return cls(d["kind"], d["attributes"], d["means"], d["keys"], d["counts"], d.get("gain", 0.5))
 
 
 # ---------------------------------------------------------------------- checkpoints
