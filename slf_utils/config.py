@@ -103,6 +103,11 @@ DEFAULTS = {
         "expand_h": 0.4,
         "expand_w": 0.5,
         "attributes": "labels",
+        # speech checks (preprocessing.check_audio): a frame is active within speech_floor_db of the loudest; reject
+        # when fewer than min_speech_fraction of the frames are active or their spectral flatness is above max_flatness
+        "speech_floor_db": 40.0,
+        "min_speech_fraction": 0.1,
+        "max_flatness": 0.4,
     },
     "features": {
         "speaker_backend": "resemblyzer",

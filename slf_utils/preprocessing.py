@@ -5,8 +5,8 @@ detection goes through deepface's detector backends; the largest face is kept, i
 square and resized. `crop_face` and `guide_of` are the one place that turns an image into a training face and
 its guide: evaluation uses the same functions for its ground-truth faces.
 
-Failures (no audio stream, silence, no face, unreadable/truncated/empty file) raise `Reject`; `run` records the
-reason in the store and carries on with the other clips.
+Failures (no audio stream, no video frame, silence, audio without speech, no face, unreadable/truncated/empty file)
+raise `Reject`; `run` records the reason in the store and carries on with the other clips.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import default, exists, params_hash, provenance, resolve
+from slf_utils.config import DEFAULTS, ParamsError, default, exists, params_hash, provenance, resolve
 from slf_utils.store import AUDIO_STAGE, Store, normalise_gender, open_store
 
 SAMPLE_RATE = 16000
@@ -86,6 +86,9 @@ def decode(path, frame: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
             raise Reject(f"unreadable or truncated file ({_ffmpeg_error(err)}): {path.name}")
         if not has_audio:
             raise Reject(f"no audio stream: {path.name}")
+        if frame and not any(": Video:" in s for s in streams):
+            # checked before ffmpeg's exit status: an empty frame output makes ffmpeg fail, which read as bad audio
+            raise Reject(f"no video frame (the file has no video stream): {path.name}")
         if proc.returncode != 0 and not proc.stdout:
             raise Reject(f"audio could not be decoded ({_ffmpeg_error(err)}): {path.name}")
         audio = np.frombuffer(proc.stdout, dtype="<f4").astype(np.float32)
@@ -128,12 +131,81 @@ def fit_length(audio: np.ndarray, seconds: float, sr: int = SAMPLE_RATE) -> np.n
     return np.ascontiguousarray(np.tile(audio, reps)[:n], dtype=np.float32)
 
 
-def check_audio(audio: np.ndarray, name: str = "") -> None:
+# Speech checks (thresholds: preprocess.speech_floor_db, min_speech_fraction, max_flatness). The peak alone lets
+# through a DC offset, low hiss and a lone click; each lacks something speech has: a signal once the offset is
+# removed, active frames for a good share of the clip (a click has a few), and some frames with a spectral shape
+# (white noise is flat in every frame).
+FRAME, HOP = 400, 160  # 25 ms analysis frames every 10 ms
+BAND = (100.0, 7000.0)  # Hz; flatness ignores the DC bin and the resampler's roll-off near 8 kHz
+FLATNESS_FRAMES = 400  # active frames sampled for the flatness (bounded cost on long audio)
+FLATNESS_PERCENTILE = 5  # the flatness of a clip: this percentile over its active frames
+AUDIO_CHECKS = {k: DEFAULTS["preprocess"][k] for k in ("speech_floor_db", "min_speech_fraction", "max_flatness")}
+
+
+def check_audio_params(p: dict) -> dict:
+    """The speech-check thresholds of preprocess params `p` (defaults where absent), validated."""
+    t = {k: float(p.get(k, v)) for k, v in AUDIO_CHECKS.items()}
+    if not t["speech_floor_db"] > 0:
+        raise ParamsError(f"preprocess.speech_floor_db must be > 0 dB, got {t['speech_floor_db']!r}")
+    if not 0 <= t["min_speech_fraction"] < 1:
+        raise ParamsError(f"preprocess.min_speech_fraction must be in [0, 1), got {t['min_speech_fraction']!r}")
+    if not 0 < t["max_flatness"] <= 1:
+        raise ParamsError(f"preprocess.max_flatness must be in (0, 1], got {t['max_flatness']!r}")
+    return t
+
+
+def speech_stats(audio: np.ndarray, floor_db: float = AUDIO_CHECKS["speech_floor_db"], sr: int = SAMPLE_RATE) -> dict:
+    """What the checks look at: the DC offset, the peak after removing it, the share of 25 ms frames within
+    `floor_db` of the loudest frame ("active") and the spectral flatness of the active frames (geometric over
+    arithmetic mean of the power spectrum in BAND; its 5th percentile: ~0.5 for white noise, far lower for voices)."""
+    x = np.asarray(audio, np.float64)
+    dc = float(x.mean())
+    x = x - dc
+    peak = float(np.abs(x).max())
+    out = {"dc": dc, "peak": peak, "active_fraction": 0.0, "flatness": 1.0}
+    if len(x) < FRAME or peak == 0:
+        return out
+    n = 1 + (len(x) - FRAME) // HOP
+    cs = np.concatenate([[0.0], np.cumsum(x * x)])
+    starts = np.arange(n) * HOP
+    energy = np.maximum(cs[starts + FRAME] - cs[starts], 0) / FRAME
+    db = 10 * np.log10(energy + 1e-20)
+    active = np.flatnonzero(db > db.max() - floor_db)
+    out["active_fraction"] = len(active) / n
+    pick = active[np.linspace(0, len(active) - 1, min(len(active), FLATNESS_FRAMES)).round().astype(int)]
+    frames = np.lib.stride_tricks.sliding_window_view(x, FRAME)[pick * HOP] * np.hanning(FRAME)
+    freqs = np.fft.rfftfreq(FRAME, 1 / sr)
+    power = np.abs(np.fft.rfft(frames, axis=1)[:, (freqs >= BAND[0]) & (freqs <= BAND[1])]) ** 2 + 1e-20
+    # a low percentile, not the median: in noisy speech most active frames can be the noise between words, and
+    # speech needs only some frames with structure (white noise: every frame ~0.5)
+    out["flatness"] = float(np.percentile(np.exp(np.log(power).mean(1)) / power.mean(1), FLATNESS_PERCENTILE))
+    return out
+
+
+def check_audio(audio: np.ndarray, name: str = "", p: dict | None = None) -> dict:
+    """Reject audio that is too short, silent, only a DC offset, noise-like or too briefly active (thresholds
+    from preprocess params `p`, defaults AUDIO_CHECKS); returns the measured speech_stats otherwise."""
+    at = f": {name}" if name else ""
     if len(audio) < MIN_SECONDS * SAMPLE_RATE:
-        raise Reject(f"audio too short ({len(audio) / SAMPLE_RATE:.2f} s){': ' + name if name else ''}")
-    peak = float(np.abs(audio).max())
-    if not np.isfinite(peak) or peak < SILENCE_PEAK:
-        raise Reject(f"silent audio (peak amplitude {peak:.1e}){': ' + name if name else ''}")
+        raise Reject(f"audio too short ({len(audio) / SAMPLE_RATE:.2f} s){at}")
+    raw_peak = float(np.abs(audio).max())
+    if not np.isfinite(raw_peak) or raw_peak < SILENCE_PEAK:
+        raise Reject(f"silent audio (peak amplitude {raw_peak:.1e}){at}")
+    t = check_audio_params(p or {})
+    s = speech_stats(audio, t["speech_floor_db"])
+    if s["peak"] < SILENCE_PEAK:
+        raise Reject(f"silent audio: nothing but a DC offset of {s['dc']:.3g} (peak {s['peak']:.1e} without it){at}")
+    if s["active_fraction"] < t["min_speech_fraction"]:
+        raise Reject(
+            f"no speech activity: {s['active_fraction']:.1%} of 25 ms frames within {t['speech_floor_db']:g} dB of "
+            f"the loudest (preprocess.min_speech_fraction {t['min_speech_fraction']:.0%}; a click or a blip){at}"
+        )
+    if s["flatness"] > t["max_flatness"]:
+        raise Reject(
+            f"no speech structure: every frame's spectrum is flat like noise (spectral flatness, 5th percentile of "
+            f"the active frames, {s['flatness']:.2f} > preprocess.max_flatness {t['max_flatness']:g}){at}"
+        )
+    return s
 
 
 # ------------------------------------------------------------------ faces
@@ -277,7 +349,8 @@ def stage_params(cfg) -> dict:
     """What the preprocess arrays depend on (its hash decides what a rerun recomputes)."""
     p = cfg["preprocess"]
     keys = ("audio_seconds", "face_size", "guide_size", "detector_backend", "expand_h", "expand_w", "attributes")
-    return {k: p[k] for k in keys}
+    # the speech-check thresholds decide which clips are rejected: a change re-checks every clip
+    return {**{k: p[k] for k in keys}, **check_audio_params(p)}
 
 
 def process_clip(row: dict, p: dict) -> dict:
@@ -295,7 +368,7 @@ def process_clip(row: dict, p: dict) -> dict:
             name = Path(audio_path).name
         else:
             raise Reject("manifest row has neither a video nor an audio + face pair")
-        check_audio(audio, name)
+        check_audio(audio, name, p)
         audio = fit_length(audio, p["audio_seconds"])
         face, guide, box = face_and_guide(img, p)
         labels = attributes(p["attributes"], img, box, face, row)
@@ -466,12 +539,12 @@ def run_clips(fn, items: list, client=None, desc: str = "", **kwargs):
 def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataFrame:
     """Preprocess every clip of the configured source that is not finished with the current parameters.
     Returns a per-stage summary (done/rejected counts); `store.rejects()` has the reasons."""
+    p = stage_params(cfg)  # validates the thresholds before the store is touched
     store = store if exists(store) else open_store(cfg)
     clips = list_clips(cfg)
     if exists(clip_ids):
         clips = clips[clips.clip_id.isin(set(clip_ids))]
     store.add_clips(clips)
-    p = stage_params(cfg)
     h = params_hash(p)
     store.set_provenance(
         STAGE,
