@@ -381,11 +381,14 @@ def training_clips(cfg, store: Store, face_hash: str | None = None) -> tuple[lis
     return train["clip_id"].tolist(), train["identity"].tolist()
 
 
-def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print):
-    """Train the pair on the training split's clips with both inputs, unless `contrastive/model/` holds one trained
-    with the same parameters on the same arrays. Returns (model, meta, loss per step, trained now)."""
+def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exclude=(), mdir=None):
+    """Train the pair on the training split's clips with both inputs (less `exclude`: a cross-fitting fold), unless
+    `mdir` (default `contrastive/model/`) holds one trained with the same parameters on the same arrays. Returns
+    (model, meta, loss per step, trained now)."""
     ct = cfg["contrastive"]
     ids, idents = training_clips(cfg, store, face_hash)
+    exclude = set(exclude)
+    ids, idents = [c for c in ids if c not in exclude], [i for c, i in zip(ids, idents) if c not in exclude]
     if len(ids) < 2:
         raise RuntimeError(
             f"{store}: {len(ids)} training clip(s) have both the speech inputs {speech_stages(ct)} and the face input "
@@ -393,7 +396,7 @@ def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print):
         )
     stages = [*speech_stages(ct), face_stage(ct)]
     key = params_hash({"pair": hashed_params(ct), "data": V.data_fingerprint(store, stages, ids)})
-    mdir = model_dir(cfg)
+    mdir = Path(mdir) if exists(mdir) else model_dir(cfg)
     if (mdir / "meta.json").exists() and (mdir / "pair.pt").exists():
         meta = json.loads((mdir / "meta.json").read_text())
         if meta.get("train_hash") == key:
@@ -448,17 +451,51 @@ def stage_hash(store: Store, meta: dict) -> str:
     return params_hash({"model": meta["model_hash"], "inputs": {s: V._input_hash(store, s) for s in stages}})
 
 
-def run_speech_stage(cfg, store: Store, model: ContrastivePair, meta: dict, log=print) -> dict:
+ALIGN_CLIPS = 20_000  # at most this many clips fit a fold's rotation onto the full model's space
+
+
+def fold_rotations(store: Store, models: dict, folds: dict, seed: int = 0) -> dict:
+    """{fold: (D, D) orthogonal R}: each fold pair learns a space of its own (only the cosines are trained), so its
+    speech embeddings are rotated onto the full pair's by orthogonal Procrustes, fitted on the clips that both
+    trained on (the fold's training clips, at most ALIGN_CLIPS)."""
+    full, meta = models[None][:2]
+    usable = V.clips_with(store, speech_stages(meta))
+    rng, out = np.random.default_rng(seed), {}
+    for f in (f for f in models if f is not None):
+        fit = sorted(c for c, g in folds.items() if g != f and c in usable)
+        fit = [fit[i] for i in np.sort(rng.permutation(len(fit))[:ALIGN_CLIPS])]
+        inputs = speech_inputs(store, fit, meta)
+        u, _, vt = np.linalg.svd(embed(models[f][0].speech, inputs).T @ embed(full.speech, inputs))
+        out[f] = (u @ vt).astype(np.float32)
+    return out
+
+
+def run_speech_stage(cfg, store: Store, models: dict, folds: dict, crossfit: dict, log=print) -> dict:
     """The `contrastive_speech` stage for every clip with the speech inputs, train and test, where it is missing or
-    was made by another model. Returns a summary (params_hash, computed, done)."""
+    was made by other models (`models`, `folds`: voice_encoder.fold_models): a training clip's embedding from the
+    pair that left its fold out, rotated onto the full pair's space (fold_rotations), a held-out clip's from the full
+    pair. Returns a summary (params_hash, computed, done)."""
+    meta = models[None][1]
+    hashes = {str(f): m[1]["model_hash"] for f, m in models.items()}
+    rotations = fold_rotations(store, models, folds, int(cfg["crossfit"]["seed"]))
+
+    def with_fold(f, part):
+        e = embed(models[f][0].speech, speech_inputs(store, part, meta))
+        return e if f is None else e @ rotations[f] / np.linalg.norm(e @ rotations[f], axis=1, keepdims=True)
+
     return V.fill_stage(
         store,
         STAGE,
-        stage_hash(store, meta),
+        params_hash({"stage": stage_hash(store, meta), "folds": folds, "models": hashes}),
         speech_stages(meta),
-        lambda ids: embed(model.speech, speech_inputs(store, ids, meta)),
-        {"model_hash": meta["model_hash"], "embedding_dim": meta["dim"]},
-        {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"]},
+        lambda ids: V.routed(ids, folds, with_fold),
+        {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["dim"]},
+        {
+            "speech_encoder": meta["speech_encoder"],
+            "train_hash": meta["train_hash"],
+            **crossfit,
+            "alignment": "each fold pair's speech space rotated onto the full pair's (orthogonal Procrustes)",
+        },
         log,
     )
 
@@ -609,8 +646,14 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     ct = cfg["contrastive"]
     faces = V.run_face_embeddings(cfg, store, log) if ct["face_encoder"] == "recogniser" else None
     face_hash = faces["params_hash"] if faces else None
-    model, meta, history, trained = ensure_model(cfg, store, face_hash, log)
-    stage = run_speech_stage(cfg, store, model, meta, log)
+    models, folds, crossfit = V.fold_models(
+        cfg,
+        store,
+        lambda exclude, sub: ensure_model(cfg, store, face_hash, log, exclude, model_dir(cfg) / sub if sub else None),
+        log,
+    )
+    model, meta, history, trained = models[None]
+    stage = run_speech_stage(cfg, store, models, folds, crossfit, log)
     metrics, hits = evaluate(cfg, store, model, meta, stage["params_hash"], face_hash)
     out = out_dir(cfg)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))

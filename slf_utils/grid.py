@@ -55,6 +55,7 @@ READS = {
     # the stages it writes depend on the recogniser's detection settings (and eigenfaces' fit), not on the sweep
     "voice_encoder": (
         "speech2face",
+        "crossfit",
         "evaluate.detector_backend",
         "evaluate.upscale_to",
         "evaluate.eigenfaces_size",
@@ -64,7 +65,7 @@ READS = {
 }
 # the contrastive pre-training (notebook 07) reads its section; with `face_encoder: recogniser` also what the
 # face_embedding stage depends on (READS["voice_encoder"] less the voice encoder's own settings): contrastive_reads
-READS["contrastive"] = ("contrastive",)
+READS["contrastive"] = ("contrastive", "crossfit")
 # a direct decoder's training (slf_utils.face_decoder) reads its own section instead of `train`
 READS_DIRECT_TRAIN = ("layout", "layout_drop", "systems_file", "model", "face_decoder")
 FILE_KEYS = ("layout", "systems_file")  # hash the contents of these files, not only their paths

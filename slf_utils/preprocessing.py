@@ -466,9 +466,9 @@ def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
     clips = clips.sort_values("clip_id").reset_index(drop=True)
     split = clips["split"].to_numpy(dtype=object).copy()
     if v.get("per_identity"):
-        for _, idx in clips[split == "test"].groupby("identity", sort=True).indices.items():
-            pos = clips.index[split == "test"][idx]
-            split[rng.choice(pos, min(int(v["per_identity"]), len(pos) - 1), replace=False)] = "val"
+        test = np.flatnonzero(split == "test")
+        for _, idx in clips.iloc[test].groupby("identity", sort=True).indices.items():
+            split[rng.choice(test[idx], min(int(v["per_identity"]), len(idx) - 1), replace=False)] = "val"
     if v.get("identities"):
         seen_in_test = set(clips.loc[split == "test", "identity"])
         candidates = sorted(set(clips.loc[split == "train", "identity"]) - seen_in_test)

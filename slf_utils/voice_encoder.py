@@ -14,7 +14,11 @@ Store stages (both key `embedding`, (D,) float32, one row per clip, train and te
 * `voice_face_embedding` — the trained encoder's prediction for every clip with its inputs: the L2-normalised
   output scaled to the median norm of the training faces' embeddings (the loss fixes only its direction; the scale
   keeps it where a decoder trained on real embeddings expects it). Its parameter hash includes the model's hash, so
-  a retrained model rewrites it. `run`.
+  a retrained model rewrites it. `run`. Cross-fitted (`crossfit`): a training clip's prediction comes from an encoder
+  trained without its fold (`model/fold<i>/`), held-out clips' from the encoder trained on every training clip, so a
+  model trained downstream on this stage sees inputs as far from the truth as the ones it is tested on (in-sample, an
+  MLP reproduces its training targets almost exactly: it would train on Face-to-Face's input and be tested on
+  Speech-to-Face's). Layout normalisation is then fitted on those cross-fitted values too.
 
 Voice encoder backends (`speech2face.voice_encoder.backend`), all trained from the training split's clips that have
 a face embedding:
@@ -65,6 +69,7 @@ from slf_utils.config import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,
+    default,
     exists,
     params_hash,
     provenance,
@@ -577,23 +582,44 @@ def load_model(directory) -> tuple[nn.Module, object, dict]:
     return model.eval(), featurize, meta
 
 
-def ensure_model(cfg, store: Store, face_hash: str, log=print) -> tuple[nn.Module, object, dict, pd.DataFrame, bool]:
-    """Train the encoder on the training split's clips with a face embedding (of `face_hash`) and the inputs, unless
-    `voice_encoder/model/` holds one trained with the same parameters on the same arrays. Returns (model,
-    featurize, meta, loss per step, trained now)."""
+def crossfit_folds(clips: pd.DataFrame, cf: dict) -> tuple[dict, str]:
+    """({training clip id: fold}, unit) of `crossfit` ({folds, unit, seed}): folds of clips or of identities (`auto`:
+    identities when no held-out identity is a training identity, the open-set regime; clips otherwise, where the
+    test clips' speakers are in training too), assigned by a seeded permutation. folds < 2: {} (no cross-fitting)."""
+    train = clips[clips["split"] == "train"]
+    unit = cf["unit"]
+    if unit == "auto":
+        held = set(clips.loc[clips["split"].isin(evaluation.HELD_OUT), "identity"])
+        unit = "clip" if held & set(train["identity"]) else "identity"
+    if int(cf["folds"]) < 2:
+        return {}, unit
+    keys = train["clip_id"] if unit == "clip" else train["identity"]
+    units = sorted(set(keys))
+    perm = np.random.default_rng(int(cf["seed"])).permutation(len(units))
+    fold_of = {u: int(perm[i] % int(cf["folds"])) for i, u in enumerate(units)}
+    return {c: fold_of[k] for c, k in zip(train["clip_id"], keys)}, unit
+
+
+def ensure_model(
+    cfg, store: Store, face_hash: str, log=print, exclude=(), mdir=None
+) -> tuple[nn.Module, object, dict, pd.DataFrame, bool]:
+    """Train the encoder on the training split's clips with a face embedding (of `face_hash`) and the inputs (less
+    `exclude`: a cross-fitting fold), unless `mdir` (default `voice_encoder/model/`) holds one trained with the same
+    parameters on the same arrays. Returns (model, featurize, meta, loss per step, trained now)."""
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
     faces = store.done(FACE_STAGE, face_hash)
     usable = clips_with(store, stages)
     train = store.clips(split="train")
-    ids = [c for c in train["clip_id"] if c in faces and c in usable]
+    exclude = set(exclude)
+    ids = [c for c in train["clip_id"] if c in faces and c in usable and c not in exclude]
     if not ids:
         raise RuntimeError(
             f"{store}: no training clip has both a face embedding and the encoder's inputs {stages} "
             "(run notebooks 01 and 02 first)"
         )
     key = params_hash({"encoder": hashed_params(ve), "data": data_fingerprint(store, [FACE_STAGE, *stages], ids)})
-    mdir = model_dir(cfg)
+    mdir = Path(default(mdir, model_dir(cfg)))
     if (mdir / "meta.json").exists() and (mdir / "encoder.pt").exists():
         meta = json.loads((mdir / "meta.json").read_text())
         if meta.get("train_hash") == key:
@@ -660,18 +686,56 @@ def fill_stage(store: Store, stage: str, h: str, inputs, compute, summary: dict,
     return out
 
 
-def run_predictions(cfg, store: Store, model, featurize, meta, log=print) -> dict:
+def fold_models(cfg, store: Store, ensure, log=print) -> tuple[dict, dict, dict]:
+    """The encoders of a cross-fitted stage: ({None: the one trained on every training clip, i: the one trained
+    without fold i}, {clip: fold}, provenance). `ensure(exclude, mdir)` trains (or reuses) one encoder; shared by
+    notebooks 06 and 07. Every result is (model, ..., meta, ...) with meta['model_hash']."""
+    folds, unit = crossfit_folds(store.clips(), cfg["crossfit"])
+    models = {None: ensure((), None)}
+    for f in sorted(set(folds.values())):
+        log(f"cross-fitting: fold {f} of {cfg['crossfit']['folds']} ({unit}s)")
+        models[f] = ensure({c for c, g in folds.items() if g == f}, f"fold{f}")
+    prov = {
+        "crossfit": {**cfg["crossfit"], "unit": unit, "training_clips_out_of_fold": len(folds)},
+        "values": "training clips: the encoder of the fold that left them out; held-out clips: the encoder of all "
+        "training clips"
+        if folds
+        else "every clip from the encoder of all training clips (no cross-fitting: training clips are in-sample)",
+    }
+    return models, folds, prov
+
+
+def routed(ids, folds: dict, predict_with) -> np.ndarray:
+    """Rows of `ids` in order, each computed by `predict_with(fold, ids of that fold)` (fold None: held-out or not
+    cross-fitted)."""
+    groups = {}
+    for i, c in enumerate(ids):
+        groups.setdefault(folds.get(c), []).append(i)
+    out = [None] * len(ids)
+    for f, idx in groups.items():
+        for i, row in zip(idx, predict_with(f, [ids[i] for i in idx])):
+            out[i] = row
+    return np.stack(out)
+
+
+def run_predictions(cfg, store: Store, models: dict, folds: dict, crossfit: dict, log=print) -> dict:
     """The `voice_face_embedding` stage for every clip with the encoder's inputs, train and test, where it is missing
-    or was made by another model. Returns a summary (params_hash, computed, done)."""
+    or was made by other models (`models`, `folds`: fold_models). Returns a summary (params_hash, computed, done)."""
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
-    h = params_hash({"model": meta["model_hash"], "inputs": {s: _input_hash(store, s) for s in stages}})
+    meta = models[None][2]
+    hashes = {str(f): m[2]["model_hash"] for f, m in models.items()}
+    h = params_hash({"model": hashes, "folds": folds, "inputs": {s: _input_hash(store, s) for s in stages}})
 
     def compute(ids):
-        return scaled(predict(model, make_inputs(store, ids, ve, featurize), ve["batch_size"]), meta["scale"])
+        def with_fold(f, part):
+            model, featurize, m = models[f][:3]
+            return scaled(predict(model, make_inputs(store, part, ve, featurize), ve["batch_size"]), m["scale"])
 
-    summary = {"model_hash": meta["model_hash"], "embedding_dim": meta["out_dim"]}
-    prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"]}
+        return routed(ids, folds, with_fold)
+
+    summary = {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["out_dim"]}
+    prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"], **crossfit}
     return fill_stage(store, VOICE_STAGE, h, stages, compute, summary, prov, log)
 
 
@@ -752,8 +816,16 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     ve = cfg["speech2face"]["voice_encoder"]
     check_loss(ve)
     faces = run_face_embeddings(cfg, store, log)
-    model, featurize, meta, history, trained = ensure_model(cfg, store, faces["params_hash"], log)
-    predictions = run_predictions(cfg, store, model, featurize, meta, log)
+    models, folds, crossfit = fold_models(
+        cfg,
+        store,
+        lambda exclude, sub: ensure_model(
+            cfg, store, faces["params_hash"], log, exclude, model_dir(cfg) / sub if sub else None
+        ),
+        log,
+    )
+    _, _, meta, history, trained = models[None]
+    predictions = run_predictions(cfg, store, models, folds, crossfit, log)
     metrics, hits = evaluate(cfg, store, faces["params_hash"], predictions["params_hash"])
     out = out_dir(cfg)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))

@@ -29,8 +29,11 @@ def grid_file(tmp_path, name="ct", **sections) -> Path:
     return p
 
 
-def small_cfg(tmp_path, name="ct", **contrastive):
-    return load_params(grid_file(tmp_path, name, evaluate={"bootstrap": 50}, contrastive={**SMALL, **contrastive}))
+def small_cfg(tmp_path, name="ct", folds=0, **contrastive):
+    crossfit = {"folds": folds, "unit": "clip", "seed": 0}
+    return load_params(
+        grid_file(tmp_path, name, evaluate={"bootstrap": 50}, contrastive={**SMALL, **contrastive}, crossfit=crossfit)
+    )
 
 
 def recall(metrics, split, protocol, k=1, system=C.SYSTEM) -> float:
@@ -143,7 +146,7 @@ def test_mel_conv_and_recogniser_encoders_separate_four_identities(tmp_path):
     model, meta, history, trained = C.ensure_model(cfg, store, "synthetic", **QUIET)
     assert trained and meta["n_speech_in"] == 128 and meta["n_face_in"] == 128
     assert history["loss"].iloc[-10:].mean() < history["loss"].iloc[:10].mean()
-    stage = C.run_speech_stage(cfg, store, model, meta, **QUIET)
+    stage = C.run_speech_stage(cfg, store, {None: (model, meta)}, {}, {}, **QUIET)
     assert stage["done"] == 16
     metrics, _ = C.evaluate(cfg, store, model, meta, stage["params_hash"], "synthetic")
     assert recall(metrics, "train", "paper") == 1.0 and recall(metrics, "train", "identity") == 1.0
@@ -294,3 +297,20 @@ def test_notebook_07_runs_under_papermill_beside_the_voice_encoder(demo_grid, tm
     assert len(C.differences(cfg)) == 16  # 2 splits x 2 protocols x 4 k
     executed = (tmp_path / "07.ipynb").read_text()
     assert "recall@1" in executed and "voice_encoder" in executed and "image/png" in executed
+
+
+def test_cross_fitted_contrastive_stage_is_out_of_fold_and_in_the_full_pairs_space(tmp_path):
+    """With folds, a training clip's speech embedding comes from the pair that left it out, rotated onto the full
+    pair's space: training clips then score like test clips (in-sample they are fitted far closer to their face),
+    and the rotated fold embeddings point where the full pair's do for the clips both trained on."""
+    out = {}
+    for folds in (0, 4):
+        cfg = small_cfg(tmp_path, f"ct{folds}", folds=folds)
+        store = layout.synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4)
+        m = C.run(cfg, store, **QUIET)["metrics"]
+        out[folds] = m[m["metric"] == "cosine_to_own_face"].set_index("split")["value"]
+    assert out[0]["train"] - out[0]["test"] > 0.1  # in-sample: fitted
+    assert out[4]["train"] < out[4]["test"] + 0.05  # out of fold: no closer than a test clip
+    assert out[4]["test"] == pytest.approx(out[0]["test"], abs=1e-5)  # held-out clips: the full pair's
+    prov = store.provenance(C.STAGE)
+    assert prov["crossfit"]["training_clips_out_of_fold"] == 8 and "Procrustes" in prov["alignment"]

@@ -467,3 +467,29 @@ def test_voxceleb_tree_and_test_list(corpus, tmp_path):
     rej = store.rejects().set_index("clip_id")
     assert list(rej.index) == ["id00009/missing/00001"] and "file not found" in rej.reason.iloc[0]
     assert len(store.clips(split="train", stage="preprocess")) == 3
+
+
+def test_validation_split_closed_and_open_set():
+    """data.validation: per identity, one held-out clip becomes `val` (never an identity's last test clip); open set:
+    whole training identities become validation speakers, some clips `val`, the rest `unused`; seeded."""
+    rows = [
+        r
+        for i, n_test in enumerate([3, 3, 1, 0, 0])
+        for r in [(f"id{i}/c{j}", f"id{i}", "test" if j < n_test else "train") for j in range(5)]
+    ]
+    clips = pd.DataFrame(rows, columns=["clip_id", "identity", "split"])
+    closed = P.assign_validation(clips, {"per_identity": 1, "identities": 0, "clips_per_identity": 3, "seed": 0})
+    counts = closed.groupby(["identity", "split"]).size().unstack(fill_value=0)
+    assert (
+        list(counts.loc[["id0", "id1", "id2"], "val"]) == [1, 1, 0]
+        and (counts.loc[["id0", "id1", "id2"], "test"] >= 1).all()
+    )
+    assert (closed["split"] == "train").sum() == (clips["split"] == "train").sum()
+    opened = P.assign_validation(clips, {"per_identity": 0, "identities": 2, "clips_per_identity": 3, "seed": 0})
+    moved = opened[opened["split"].isin(["val", "unused"])]
+    assert set(moved["identity"]) == {"id3", "id4"}  # the only training identities without a test clip
+    assert (moved["split"] == "val").sum() == 6 and (moved["split"] == "unused").sum() == 4
+    again = P.assign_validation(clips, {"per_identity": 1, "identities": 0, "clips_per_identity": 3, "seed": 0})
+    assert again.equals(closed)
+    with pytest.raises(ValueError, match="data.validation.identities"):
+        P.assign_validation(clips, {"per_identity": 0, "identities": 3, "clips_per_identity": 3, "seed": 0})

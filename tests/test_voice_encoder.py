@@ -26,10 +26,12 @@ def grid_file(tmp_path, name="ve", **sections) -> Path:
     return p
 
 
-def synthetic_cfg(tmp_path, **encoder):
-    """A grid on a synthetic store: eigenfaces (the synthetic faces defeat a detector), small bootstrap."""
+def synthetic_cfg(tmp_path, folds=0, **encoder):
+    """A grid on a synthetic store: eigenfaces (the synthetic faces defeat a detector), small bootstrap, no
+    cross-fitting unless `folds`."""
     s2f = {"face_model": "eigenfaces", "voice_encoder": {"steps": 200, "batch_size": 8, "hidden": 64, **encoder}}
-    return load_params(grid_file(tmp_path, evaluate={"bootstrap": 50}, speech2face=s2f))
+    crossfit = {"folds": folds, "unit": "clip", "seed": 0}
+    return load_params(grid_file(tmp_path, evaluate={"bootstrap": 50}, speech2face=s2f, crossfit=crossfit))
 
 
 def distinct_store(root, audio=False, seed=0):
@@ -188,6 +190,37 @@ def test_mlp_encoder_overfits_four_identities_and_reruns_nothing(tmp_path):
     changed = V.run(more, store, log=lambda *a: None)
     assert changed["trained"] and changed["model"]["model_hash"] != res["model"]["model_hash"]
     assert changed["predictions"]["computed"] == 16  # the stage's hash includes the model's
+
+
+def test_cross_fitted_training_predictions_are_as_far_from_the_truth_as_test_ones(tmp_path):
+    """In-sample, the MLP reproduces its training targets almost exactly; cross-fitted (each training clip predicted by
+    the encoder of the folds that left it out), training clips are as far from their face embedding as test clips,
+    so a model trained on the stage sees inputs like the ones it is tested on. Provenance says so."""
+    root = tmp_path / "store"
+
+    def cosines(folds):
+        cfg = synthetic_cfg(tmp_path, folds=folds, steps=400)
+        cfg["results"] = str(tmp_path / f"results{folds}")
+        store = distinct_store(root, seed=1) if not root.exists() else V.open_store({"results": str(tmp_path)})
+        res = V.run(cfg, store, log=lambda *a: None)
+        m = res["metrics"]
+        cos = m[m["metric"] == "cosine_to_own_face"].set_index("split")["value"]
+        return cos, res, store
+
+    insample, _, _ = cosines(0)
+    crossfit, res, store = cosines(4)
+    assert insample["train"] > 0.99 and insample["train"] - insample["test"] > 0.05
+    assert abs(crossfit["train"] - crossfit["test"]) < 0.5 * (insample["train"] - insample["test"])
+    assert crossfit["test"] == pytest.approx(insample["test"], abs=1e-6)  # held-out clips: the full encoder's
+    prov = store.provenance(V.VOICE_STAGE)
+    assert prov["crossfit"]["folds"] == 4 and prov["crossfit"]["training_clips_out_of_fold"] == 8
+    assert set(prov["fold_model_hashes"]) == {"None", "0", "1", "2", "3"}
+    # each training clip was left out of exactly the fold model that predicts it
+    folds, unit = V.crossfit_folds(store.clips(), {"folds": 4, "unit": "auto", "seed": 0})
+    assert unit == "clip" and sorted(folds.values()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    for f in range(4):
+        meta = json.loads((Path(res["model_dir"]) / f"fold{f}" / "meta.json").read_text())
+        assert meta["n_train_clips"] == 6
 
 
 def test_an_interrupted_training_resumes_where_it_stopped(tmp_path):
