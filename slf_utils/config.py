@@ -166,7 +166,7 @@ DEFAULTS = {
         "bootstrap": 1000,
         "seed": 0,
         # paired differences a - b (each super-resolution system - bicubic is added); pairs not in the grid skipped
-        "differences": [["full_input", "pure_sr"], ["full_input", "no_speaker_embeddings"]],
+        "differences": [["full_input", "pure_sr", "inputs"], ["full_input", "no_speaker_embeddings", "inputs"]],
         "guide_top1_min": 0.9,  # learning check: a super-resolution system keeps its guide at least this often
     },
     # reuse: results folders of other grids (e.g. [results/demo]); a step not done here whose record there is done with
@@ -252,6 +252,19 @@ DEFAULTS = {
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
     "system_overrides": {},
 }
+# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.recipe) that factor
+# may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
+# `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
+FACTORS = {
+    "inputs": ("keep", "stages", "encoder."),  # what the model is fed, and the encoders that make it
+    "encoder": ("encoder.",),  # the same constituent, made by a differently trained encoder
+    "face_prior": ("model.face_prior", "model.face_prior_attributes"),
+    "latent": ("model.",),  # the latent preset changes the unet to fit its latents
+    "decoder": ("decoder", "train_on", "train.", "face_decoder.", "model."),
+    "training": ("train.", "face_decoder."),
+    "guide": ("mode",),
+    "method": ("",),
+}
 FREE_FORM = ("model", "system_overrides")  # checked by their own loaders / per system below
 ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
 PATH_KEYS = (
@@ -330,8 +343,21 @@ def load_params(path, overrides: dict | None = None) -> dict:
             f"{path}: store.journal_mode must be wal, delete, truncate or persist, got {cfg['store']['journal_mode']!r}"
         )
     for pair in cfg["report"]["differences"]:
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise ParamsError(f"{path}: report.differences must be a list of [system, system] pairs, got {pair!r}")
+        if not (isinstance(pair, list) and len(pair) in (2, 3) and all(isinstance(s, str) for s in pair)):
+            raise ParamsError(
+                f"{path}: report.differences must be a list of [system, system] or [system, system, factor], "
+                f"got {pair!r}"
+            )
+        if len(pair) == 3 and pair[2] not in FACTORS:
+            raise ParamsError(
+                f"{path}: report.differences {pair!r}: unknown factor {pair[2]!r} (one of {', '.join(FACTORS)})"
+            )
+    cf = cfg["crossfit"]
+    if cf["unit"] not in ("auto", "clip", "identity") or int(cf["folds"]) < 0:
+        raise ParamsError(f"{path}: crossfit.unit must be auto, clip or identity and folds >= 0, got {cf!r}")
+    v = cfg["data"]["validation"]
+    if any(int(v[k]) < 0 for k in ("per_identity", "identities", "clips_per_identity")):
+        raise ParamsError(f"{path}: data.validation counts must be >= 0, got {v!r}")
     if not 0 <= cfg["report"]["guide_top1_min"] <= 1:
         raise ParamsError(f"{path}: report.guide_top1_min must be in [0, 1], got {cfg['report']['guide_top1_min']!r}")
     _check_speech2face(cfg["speech2face"], str(path))

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from slf_utils import autoencoder
 from slf_utils.config import (
     ParamsError,
+    _get,
     atomic_save_npz,
     atomic_write,
     atomic_write_json,
@@ -451,6 +452,42 @@ def system_model(cfg, system) -> dict:
     systems.yaml (e.g. face_prior: mean for full_input_prior), then the grid's system_overrides.<system>.model:
     the most specific wins."""
     return deep_merge(deep_merge(cfg["model"], getattr(system, "model", None) or {}), _override_model(cfg, system))
+
+
+# the stages a trained encoder writes, and the parameter sections that encoder is trained with
+ENCODER_SECTIONS = {
+    "voice_face_embedding": ("speech2face.voice_encoder", "crossfit"),
+    "contrastive_speech": ("contrastive", "crossfit"),
+}
+
+
+def _flat(d, prefix: str) -> dict:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}").items()}
+
+
+def recipe(cfg, system_name: str) -> dict:
+    """Everything a system is made from, as flat dotted keys: its mode and decoder, the constituents it keeps and the
+    stages they read, the encoders that wrote those stages (their sections), the resolved model preset (with the
+    system's own options and the grid's system_overrides) and the training settings (`train`, or `face_decoder` for
+    a direct decoder). Two systems' recipes differ exactly where the systems do (report.differences lists it)."""
+    layout = load_layout(cfg)
+    system = load_systems(cfg["systems_file"], layout)[system_name]
+    out = {"mode": system.mode, "decoder": system.decoder}
+    if system.mode == "reference":
+        return out
+    keep = layout.expand(system.keep)
+    stages = layout.stages(system.keep)
+    out |= {"keep": ", ".join(keep), "stages": ", ".join(stages), "train_on": system.train_on}
+    for stage in stages:
+        for section in ENCODER_SECTIONS.get(stage, ()):
+            out |= _flat(_get(cfg, section), f"encoder.{stage}.{section}")
+    preset = {"face_prior": "none", "latent": None} | resolve_preset(system_model(cfg, system))
+    out |= _flat(preset, "model")
+    scfg = deep_merge(cfg, (cfg.get("system_overrides") or {}).get(system_name) or {})
+    section = "face_decoder" if system.decoder == "direct" else "train"
+    return out | _flat(scfg[section], section)
 
 
 def _override_model(cfg, system) -> dict:

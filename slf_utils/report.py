@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import DEFAULTS, atomic_write, atomic_write_text, default, exists
+from slf_utils.config import DEFAULTS, FACTORS, atomic_write, atomic_write_text, default, exists
 from slf_utils.evaluation import (
     KS,
     METRIC_COLUMNS,
@@ -508,10 +508,64 @@ DIFF_COLUMNS = [
 
 
 def difference_pairs(pairs, modes: dict, found) -> list[tuple]:
-    """`pairs` (report.differences) plus every super-resolution system minus bicubic, without the pairs whose
-    systems were not both evaluated."""
-    pairs = [tuple(p) for p in pairs] + [(s, FLOOR) for s in found if modes.get(s) == "super_resolution"]
-    return [p for p in dict.fromkeys(pairs) if p[0] in found and p[1] in found and p[0] != p[1]]
+    """`pairs` (report.differences: [a, b] or [a, b, factor]) plus every super-resolution system minus bicubic
+    (factor `method`), without the pairs whose systems were not both evaluated. Returns (a, b, factor or None)."""
+    pairs = [(p[0], p[1], p[2] if len(p) > 2 else None) for p in pairs]
+    pairs += [(s, FLOOR, "method") for s in found if modes.get(s) == "super_resolution"]
+    seen, out = set(), []
+    for a, b, f in pairs:
+        if a in found and b in found and a != b and (a, b) not in seen:
+            seen.add((a, b))
+            out.append((a, b, f))
+    return out
+
+
+def recipe_differences(cfg, pairs) -> pd.DataFrame:
+    """Every way the two systems of each pair differ (diffusion.recipe), with the factor the pair names and whether
+    the pair differs in more than it (`one_factor` False: a flag). Columns a, b, factor, key, value_a, value_b,
+    within_factor, one_factor."""
+    from slf_utils import diffusion
+
+    cols = ["a", "b", "factor", "key", "value_a", "value_b", "within_factor", "one_factor"]
+    recipes, rows = {}, []
+    for a, b, factor in pairs:
+        for s in (a, b):
+            if s not in recipes:
+                recipes[s] = diffusion.recipe(cfg, s)
+        ra, rb = recipes[a], recipes[b]
+        allowed = FACTORS.get(factor, ())
+        diff = [k for k in dict.fromkeys([*ra, *rb]) if str(ra.get(k)) != str(rb.get(k))]
+        within = {k: any(k.startswith(p) for p in allowed) for k in diff}
+        one = bool(factor in FACTORS and all(within.values()))
+        rows += [[a, b, factor, k, ra.get(k), rb.get(k), within[k], one] for k in diff]
+        if not diff:
+            rows.append([a, b, factor, "(none)", None, None, True, factor in FACTORS])
+    return pd.DataFrame(rows, columns=cols)
+
+
+def pretty_recipe_differences(rd: pd.DataFrame, titles: dict | None = None) -> str:
+    """Markdown: per pair, its factor, a flag when it differs in more, and every differing key."""
+    titles = titles or {}
+    lines = []
+    for (a, b), g in rd.groupby(["a", "b"], sort=False):
+        factor, one = g["factor"].iloc[0], bool(g["one_factor"].iloc[0])
+        head = f"**{titles.get(a, a)} − {titles.get(b, b)}** (factor: `{factor}`)"
+        if factor is None or pd.isna(factor):
+            head += " — **no factor named** (report.differences: [a, b, factor])"
+        elif factor == "method":
+            head += " — whole pipelines, not a one-factor ablation"
+        elif not one:
+            outside = ", ".join(f"`{k}`" for k in g.loc[~g["within_factor"], "key"])
+            head += f" — **FLAG: differs in more than {factor}**: {outside}"
+        else:
+            head += " — one factor"
+        lines += [head, ""]
+        shown = g[g["key"] != "(none)"]
+        if shown.empty:
+            lines += ["* identical recipes", ""]
+            continue
+        lines += [f"* `{r.key}`: {r.value_a!r} vs {r.value_b!r}" for r in shown.itertuples()] + [""]
+    return "\n".join(lines)
 
 
 def differences_table(
@@ -522,7 +576,7 @@ def differences_table(
     titles = titles or {}
     rows = []
     for (by, protocol), scale_of in scales.items():
-        for a, b in pairs:
+        for a, b, *_ in pairs:
             ha, hb = hits_at(hits.get(a), scale_of[a], protocol), hits_at(hits.get(b), scale_of[b], protocol)
             if ha is None or hb is None:
                 continue
@@ -548,10 +602,13 @@ def pretty_differences(diff: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (by, protocol, _, _), g in diff.groupby(["scales", "protocol", "a", "b"], sort=False):
         first = g.iloc[0]
+        one = first.get("one_factor")
+        flag = " ⚑" if one is not None and not pd.isna(one) and not bool(one) else ""
         row = {
             "scales": by,
             "protocol": protocol,
-            "a − b": f"{first['title_a']} − {first['title_b']}",
+            "a − b": f"{first['title_a']} − {first['title_b']}{flag}",
+            "factor": first.get("factor") or "–",
             "at scales": f"{_fmt_scale(first['scale_a'])} vs {_fmt_scale(first['scale_b'])}",
         }
         for r in g.itertuples():
@@ -914,8 +971,17 @@ def run(cfg, log=print) -> dict:
     pairs = difference_pairs(rep["differences"], modes, found)
     scales = {("best", p): best_by[p] for p in PROTOCOLS} | {(f"chosen {chosen:g}", p): chosen_of for p in PROTOCOLS}
     diff = differences_table(pairs, scales, hits, titles, [k for k in (1, 3) if k in ks], rep["bootstrap"], rep["seed"])
-    result["differences"] = diff
+    factor_of = {(a, b): f for a, b, f in pairs}
+    diff["factor"] = [factor_of.get((a, b)) for a, b in zip(diff["a"], diff["b"])]
+    recipes = recipe_differences(cfg, pairs)
+    one = recipes.groupby(["a", "b"])["one_factor"].first().to_dict() if len(recipes) else {}
+    diff["one_factor"] = [one.get((a, b)) for a, b in zip(diff["a"], diff["b"])]
+    result["differences"], result["recipe_differences"] = diff, recipes
     _write_table(out, "differences", diff, pretty_differences(diff))
+    atomic_write_text(out / "recipe_differences.csv", recipes.to_csv(index=False))
+    text = markdown_table(pretty_differences(diff)) if len(diff) else "No pair has both systems evaluated.\n"
+    text += "\n## How the two systems of each pair differ\n\n" + pretty_recipe_differences(recipes, titles)
+    atomic_write_text(out / "differences.md", text)
 
     for stem, by, scales in (
         ("significance_best_scale", "best", best_by),

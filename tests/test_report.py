@@ -414,3 +414,29 @@ def test_best_scales_are_chosen_on_validation_clips_only(synthetic_results):
     assert head["best_on_test_scale"] == 8.0 and head["best_on_test@1"] == 1.0
     summary = (report.report_dir(cfg) / "summary.md").read_text()
     assert "chosen on the" in summary and "validation clips" in summary and "optimistic" in summary
+
+
+def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(synthetic_results):
+    """full_input - pure_sr differs only in what it keeps (factor inputs: one factor); full_input - no_image_guide
+    named `inputs` too differs in its mode (super-resolution vs generation): flagged, with the key named."""
+    cfg = synthetic_results
+    cfg["report"]["differences"] = [["full_input", "pure_sr", "inputs"], ["full_input", "no_image_guide", "inputs"]]
+    res = report.run(cfg, log=lambda *a: None)
+    rd = res["recipe_differences"].set_index(["a", "b"])
+    assert set(rd.loc[("full_input", "pure_sr"), "key"]) == {"keep", "stages"}
+    assert rd.loc[("full_input", "pure_sr"), "one_factor"].all()
+    two = rd.loc[[("full_input", "no_image_guide")]]
+    assert set(two["key"]) == {"mode"} and not two["one_factor"].any()
+    text = (report.report_dir(cfg) / "differences.md").read_text()
+    assert "FLAG: differs in more than inputs**: `mode`" in text
+    assert "No Image Guide" in text and "'super_resolution' vs 'generation'" in text
+    diff = res["differences"]
+    assert not diff.loc[diff["b"] == "no_image_guide", "one_factor"].any()
+    assert diff.loc[diff["b"] == "pure_sr", "one_factor"].all()
+    # a recipe changes with a model option of the system and with its training settings
+    from slf_utils import diffusion
+
+    base = diffusion.recipe(cfg, "full_input")
+    cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
+    changed = diffusion.recipe(cfg, "full_input")
+    assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
