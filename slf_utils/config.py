@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -524,7 +525,7 @@ def read_grid(path) -> tuple[dict, dict, list]:
     chain = []  # (path, its parameters), child first
     path = resolve(path)
     while True:
-        if path in [p for p, _ in chain]:
+        if path.resolve() in [p.resolve() for p, _ in chain]:
             names = " -> ".join(str(p) for p, _ in [*chain, (path, None)])
             raise ParamsError(f"{chain[-1][0]}: extends: a cycle ({names})")
         data = read_yaml(path)
@@ -553,9 +554,9 @@ def read_grid(path) -> tuple[dict, dict, list]:
     return merged, origins, [p for p, _ in chain]
 
 
-def _origin(origins: dict, key: str, default_where: str) -> str:
-    """The file that set `key` (or a key under it), for an error message."""
-    return origins.get(key) or next((f for k, f in origins.items() if k.startswith(key + ".")), default_where)
+def _origin(origins: dict, grid_file: str, key: str) -> str:
+    """The file that set `key` (or a key under it), for an error message; the grid file for a default."""
+    return origins.get(key) or next((f for k, f in origins.items() if k.startswith(key + ".")), grid_file)
 
 
 def load_params(path, overrides: dict | None = None) -> dict:
@@ -575,7 +576,7 @@ def load_params(path, overrides: dict | None = None) -> dict:
         src = _get(cfg, key)
         if exists(src) and (str(src).startswith((".", "/", "~")) or resolve(src).is_dir()):
             _set(cfg, key, str(resolve(src)))
-    where = lambda key: _origin(origins, key, str(path))  # noqa: E731
+    where = functools.partial(_origin, origins, str(path))
     _check_files(cfg, where)
     _check_system_names(cfg, where)
     _check_pairs(cfg, where)
