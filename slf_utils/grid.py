@@ -8,8 +8,11 @@ voice encoder too where both run and its face encoder is the recogniser, whose f
 writes), and the trainings of those systems wait for it.
 
 Each step is a notebook run with the papermill parameters (params_file, system, overrides). Its executed notebook,
-log and run record (status, hash of the parameters it depends on, timings, error) are saved beside its outputs, so
-an interrupted grid resumes where it stopped and a changed parameter reruns only the steps that depend on it.
+log and run record (status, hash of what it depends on and the list of those inputs, timings, error) are saved beside
+its outputs, so an interrupted grid resumes where it stopped and a changed parameter reruns only the steps that
+depend on it. The hash covers the parameters a step reads, the contents of the files it reads (manifest, test list,
+model presets, layout, systems file: `_input_files`), its upstream steps' hashes and its notebook; `status` and
+`--dry-run` name what changed for a stale step.
 `grid.reuse` lists other grids' results folders: a step done there with the same hash is copied, not run (`reused`).
 Steps run on a Dask distributed client: a local cluster by default, or a scheduler address (a SLURM cluster through
 dask-jobqueue, one GPU per worker); `sequential` runs them in this process, in order.
@@ -33,7 +36,18 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from slf_utils.config import ROOT, _get, atomic_write_json, deep_merge, default, exists, load_params, params_hash
+from slf_utils.config import (
+    ROOT,
+    _get,
+    atomic_write_json,
+    deep_merge,
+    default,
+    exists,
+    flat,
+    load_params,
+    params_hash,
+    resolve,
+)
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = {
@@ -68,7 +82,6 @@ READS = {
 READS["contrastive"] = ("contrastive", "crossfit")
 # a direct decoder's training (slf_utils.face_decoder) reads its own section instead of `train`
 READS_DIRECT_TRAIN = ("layout", "layout_drop", "systems_file", "model", "face_decoder")
-FILE_KEYS = ("layout", "systems_file")  # hash the contents of these files, not only their paths
 # store stages notebook 06 writes (slf_utils.voice_encoder.FACE_STAGE, VOICE_STAGE)
 VOICE_ENCODER_STAGES = ("face_embedding", "voice_face_embedding")
 VOICE_ENCODER_PRIORITY = 10**9  # four trainings may wait for it: it goes first
@@ -89,6 +102,8 @@ class Step:
     # evaluations, so the last steps to run are the short ones and the workers finish together
     results: Path | None = None  # the grid's results folder
     reuse: tuple = ()  # other grids' results folders (grid.reuse) to copy this step from when it is done there
+    inputs: dict = field(default_factory=dict)  # what the hash covers, by name ({dotted key: value}): kept in the
+    # run record, so a stale step can say what changed
 
     @property
     def name(self) -> str:
@@ -116,18 +131,46 @@ def _file_digest(path) -> str:
         return "missing"
 
 
-def _step_hash(kind: str, cfg: dict, upstream: list[str], system: str | None, reads=None) -> str:
+def _input_files(cfg: dict, reads) -> dict:
+    """{key naming it: path} of the files in params/ and data/ a step reads: their contents enter its hash, not only
+    their names (an edited manifest, test list or preset reruns what reads it). A demo corpus manifest that
+    preprocessing builds (data.demo_corpus.build) is that step's output, not its input: what decides its contents,
+    data.demo_corpus, is hashed with `data`, and hashing the file would make the step stale once it has built it
+    (a hand-edited demo manifest is therefore not noticed: set build: false to run from one)."""
+    files = {k: cfg[k] for k in ("layout", "systems_file") if k in reads}
+    if "data" in reads:
+        data = cfg["data"]
+        if data["kind"] == "manifest" and exists(data["manifest"]) and not data["demo_corpus"]["build"]:
+            files["data.manifest"] = data["manifest"]
+        if data["kind"] == "voxceleb" and exists(data["test_list"]):
+            files["data.test_list"] = data["test_list"]
+    if "model" in reads:  # the model presets (diffusion.resolve_preset's default file)
+        files["model.presets_file"] = resolve(cfg["model"].get("presets_file", "params/presets.yaml"))
+    return files
+
+
+def _step(kind: str, system: str | None, cfg: dict, up: list[Step], run_dir: Path, reads=None, **kw) -> Step:
+    """A step whose hash covers the parameters it reads (READS, or `reads`), the contents of the files it reads, the
+    hashes of the steps `up` whose outputs it reads (its deps unless given) and its notebook."""
     part = {k: _get(cfg, k) for k in default(reads, READS[kind])}
-    part.update({f"{k}_content": _file_digest(cfg[k]) for k in FILE_KEYS if k in part})
-    return params_hash(
-        {
-            "kind": kind,
-            "system": system,
-            "params": part,
-            "upstream": upstream,
-            "notebook": _file_digest(NOTEBOOKS / NOTEBOOK[kind]),
-        }
+    part.update({f"{k}_content": _file_digest(f) for k, f in _input_files(cfg, part).items()})
+    notebook = _file_digest(NOTEBOOKS / NOTEBOOK[kind])
+    h = params_hash(
+        {"kind": kind, "system": system, "params": part, "upstream": [u.hash for u in up], "notebook": notebook}
     )
+    inputs = {**flat(part), **{f"upstream {u.name}": u.hash for u in up}, "notebook": notebook}
+    kw.setdefault("deps", [u.name for u in up])
+    return Step(kind, system, h, run_dir, inputs=json.loads(json.dumps(inputs, default=str)), **kw)
+
+
+def _why(step: Step, rec: dict) -> str:
+    """What changed since a stale step ran: the inputs whose values differ from its run record's."""
+    if "inputs" not in rec:
+        return "hash changed (its record predates the list of inputs)"
+    old, new = rec["inputs"], step.inputs
+    changed = [k for k in {**old, **new} if k not in old or k not in new or old[k] != new[k]]
+    shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+    return f"changed: {shown}" if changed else "hash changed"
 
 
 def plan(params_file, overrides: dict | None = None, only: str | None = None) -> tuple[dict, list[Step]]:
@@ -142,20 +185,18 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
     specs = _system_specs(cfg)
     untrained = _untrained_systems(cfg, specs)
     speech2face = voice_encoder_systems(cfg, specs, systems)
-    pre = Step("preprocess", None, _step_hash("preprocess", cfg, [], None), results / "runs")
-    feat = Step("features", None, _step_hash("features", cfg, [pre.hash], None), results / "runs", [pre.name])
+    pre = _step("preprocess", None, cfg, [], results / "runs")
+    feat = _step("features", None, cfg, [pre], results / "runs")
     steps, evals = [pre, feat], []
     if speech2face:
-        ve_hash = _step_hash("voice_encoder", cfg, [feat.hash], None)
-        ve = Step("voice_encoder", None, ve_hash, results / "voice_encoder" / "runs", [feat.name])
+        ve = _step("voice_encoder", None, cfg, [feat], results / "voice_encoder" / "runs")
         ve.priority = VOICE_ENCODER_PRIORITY
         steps.append(ve)
     contrastive = contrastive_systems(cfg, specs, systems)
     if contrastive:
         # the recogniser face encoder reads the face_embedding stage: after notebook 06 where it runs too
         ct_up = [feat, ve] if speech2face and cfg["contrastive"]["face_encoder"] == "recogniser" else [feat]
-        ct_hash = _step_hash("contrastive", cfg, [u.hash for u in ct_up], None, contrastive_reads(cfg))
-        ct = Step("contrastive", None, ct_hash, results / "contrastive" / "runs", [u.name for u in ct_up])
+        ct = _step("contrastive", None, cfg, ct_up, results / "contrastive" / "runs", contrastive_reads(cfg))
         ct.priority = VOICE_ENCODER_PRIORITY
         steps.append(ct)
     decoders = {}  # (train_on, face_decoder section) -> the train step of the first direct system with them
@@ -164,13 +205,14 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         scfg = load_params(params_file, sys_over)
         up = [feat, *([ve] if s in speech2face else []), *([ct] if s in contrastive else [])]
         direct = s in specs and specs[s].decoder == "direct"
-        tr = Step(
+        tr = _step(
             "train",
             s,
-            _step_hash("train", scfg, [u.hash for u in up], s, READS_DIRECT_TRAIN if direct else None),
+            scfg,
+            up,
             results / s / "runs",
-            [u.name for u in up],
-            sys_over,
+            READS_DIRECT_TRAIN if direct else None,
+            overrides=sys_over,
             # a direct decoder trains in seconds to minutes: after the diffusion trainings
             priority=int(scfg["face_decoder"]["steps"] if direct else scfg["train"]["steps"]) // (100 if direct else 1),
         )
@@ -182,14 +224,11 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         # a reference row trains nothing: no notebook 03; the train hash still stands for what it reads (the
         # systems file, the model preset's output size)
         upstream = feat if s in untrained else tr
-        ev = Step(
-            "evaluate", s, _step_hash("evaluate", scfg, [tr.hash], s), results / s / "runs", [upstream.name], sys_over
-        )
+        ev = _step("evaluate", s, scfg, [tr], results / s / "runs", deps=[upstream.name], overrides=sys_over)
         steps += [ev] if s in untrained else [tr, ev]
         evals.append(ev)
     if not exists(only):
-        rep_hash = _step_hash("report", cfg, [e.hash for e in evals], None)
-        steps.append(Step("report", None, rep_hash, results / "runs", [e.name for e in evals]))
+        steps.append(_step("report", None, cfg, evals, results / "runs"))
     for st in steps:
         st.results, st.reuse = results, tuple(cfg["grid"]["reuse"])
     return cfg, steps
@@ -437,6 +476,7 @@ def _write_record(step: Step, status: str, started: float | None = None, error: 
         "seconds": round(now - started, 1) if exists(started) and status != "running" else None,
         "notebook": str(step.run_dir / NOTEBOOK[step.kind]),
         "error": error,
+        "inputs": step.inputs,
     }
     atomic_write_json(step.record_path, rec)
 
@@ -544,6 +584,7 @@ def status_table(steps: list[Step]) -> pd.DataFrame:
                 "error": f"cell {err.get('cell')}: {err.get('ename')}: {err.get('evalue', '')[:120]}"
                 if err and st in ("failed", "skipped")
                 else "",
+                "why": _why(s, r) if st == "stale" else "",
             }
         )
     return pd.DataFrame(rows)

@@ -1,6 +1,10 @@
-import pytest
+import subprocess
+import sys
 
-from slf_utils.config import ParamsError, atomic_write_text, load_params, params_hash, provenance, resolve
+import pytest
+import yaml
+
+from slf_utils.config import ROOT, ParamsError, atomic_write_text, load_params, params_hash, provenance, resolve
 
 
 def _write(tmp_path, text):
@@ -29,7 +33,27 @@ def test_defaults_overrides_and_paths(tmp_path):
         ("train: [1, 2\n", "not valid YAML"),
         ("report: {differences: [[full_input, pure_sr, bicubic]]}\n", "report.differences must be a list of"),
         ("report: {differences: full_input}\n", "report.differences must be list"),
-        ("report: {guide_top1_min: 1.5}\n", "report.guide_top1_min must be in [0, 1]"),
+        ("report: {guide_top1_min: 1.5}\n", "report.guide_top1_min must be float in [0, 1], got 1.5"),
+        # issue 19: refused at load, not in a notebook after preprocessing (each passed or failed late before)
+        ("train:\n  steps: 10\n  steps: 20\n", "duplicate key 'steps' (line 3)"),
+        ("data: {kind: voxceleb, max_train_clips: -1}\n", "data.max_train_clips must be int >= 1, got -1"),
+        ("data: {kind: voxceleb, max_train_clips: ten}\n", "data.max_train_clips must be int >= 1, got 'ten'"),
+        ("grid: {workers: four}\n", "grid.workers must be int >= 1, got 'four'"),
+        ("train: {steps: -5}\n", "train.steps must be int >= 1, got -5"),
+        ("train: {steps: null}\n", "train.steps must be int >= 1, got null"),
+        ("train: {batch_size: 0}\n", "train.batch_size must be int >= 1, got 0"),
+        ("train: {ema: 1}\n", "train.ema must be bool, got 1"),
+        ("evaluate: {metric: manhattan}\n", "evaluate.metric must be one of l2, cosine, got 'manhattan'"),
+        ("evaluate: {lowres_sample_noise_level: 2}\n", "evaluate.lowres_sample_noise_level must be float in [0, 1]"),
+        ("evaluate: {scales: []}\n", "evaluate.scales must be a non-empty list of float, each >= 0"),
+        ("data: {kind: voxcelb}\n", "data.kind must be one of manifest, voxceleb, got 'voxcelb'"),
+        ("features: {windows: [[3, 1, 2]]}\n", "features.windows must be [length, step] pairs"),
+        ("systems: [full_input, full_inptu]\n", "systems: unknown system(s) 'full_inptu' (systems of"),
+        ("system_overrides: {full_inptu: {train: {steps: 1}}}\n", "system_overrides: unknown system(s) 'full_inptu'"),
+        ("report: {scales_system: ful_input}\n", "report.scales_system: unknown system(s) 'ful_input'"),
+        ("data: {kind: voxceleb, test_list: nope.txt}\n", f"data.test_list: {ROOT / 'nope.txt'} not found"),
+        ("data: {manifest: nope.csv}\n", f"data.manifest: {ROOT / 'nope.csv'} not found"),
+        ("data: {test_list: data/slf_eval_set.txt}\n", "data.test_list is read only with data.kind voxceleb"),
     ],
 )
 def test_bad_params_name_file_and_key(tmp_path, text, message):
@@ -74,9 +98,6 @@ def test_paper_grid_reads_the_118_clip_evaluation_list_from_the_repository():
     """Issue 11: params/paper.yaml points at data/slf_eval_set.txt inside the repository (tracked despite data/ being
     ignored), resolved against the project root: the authors' 118 clips, one `id/ytid/clip` a line."""
     import re
-    import subprocess
-
-    from slf_utils.config import ROOT
 
     cfg = load_params(ROOT / "params" / "paper.yaml")
     path = resolve(cfg["data"]["test_list"])
@@ -98,3 +119,102 @@ def test_model_sources_are_hub_ids_unless_they_name_a_folder(tmp_path):
     cfg = load_params(grid)
     assert cfg["features"]["speaker_source"] == "speechbrain/spkrec-ecapa-voxceleb"  # a hub id stays one
     assert cfg["features"]["language_source"] == str(tmp_path / "ecapa")
+
+
+def test_schema_covers_every_key_and_the_defaults_obey_it():
+    from slf_utils.config import DEFAULTS, SCHEMA, _check_keys, flat
+
+    keys = {k.split(".")[0] if k.startswith("model.") else k for k in flat(DEFAULTS)}
+    assert keys == set(SCHEMA)
+    _check_keys(DEFAULTS, "defaults")
+
+
+# ------------------------------------------------------------------------------------------ extends (issue 21)
+def _grid(tmp_path, name, **keys):
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump({"name": name, **keys}, sort_keys=False))
+    return p
+
+
+def test_extends_chain_merges_base_first_and_the_child_wins(tmp_path):
+    (tmp_path / "sub").mkdir()
+    _grid(tmp_path, "a", train={"steps": 10, "lr": 0.1, "batch_size": 4}, evaluate={"scales": [0, 1, 2]})
+    _grid(tmp_path / "sub", "b", extends="../a.yaml", train={"steps": 20}, evaluate={"scales": [5]})
+    c = _grid(tmp_path, "c", extends="sub/b.yaml", train={"lr": 0.5})
+    cfg = load_params(c, {"train": {"batch_size": 8}})
+    assert (cfg["train"]["steps"], cfg["train"]["lr"], cfg["train"]["batch_size"]) == (20, 0.5, 8)
+    assert cfg["evaluate"]["scales"] == [5]  # lists are replaced, not appended
+    assert cfg["train"]["seed"] == 0 and cfg["name"] == "c" and cfg["results"] == str(resolve("results/c"))
+    assert load_params(c)["train"]["batch_size"] == 4
+
+
+def test_extends_refuses_a_cycle_a_missing_base_and_a_shared_results_folder(tmp_path):
+    _grid(tmp_path, "a", extends="b.yaml")
+    b = _grid(tmp_path, "b", extends="a.yaml")
+    with pytest.raises(ParamsError, match=r"/a.yaml: extends: a cycle \(.*b.yaml -> .*a.yaml -> .*b.yaml\)"):
+        load_params(b)
+    lone = _grid(tmp_path, "lone", extends="nope.yaml")
+    with pytest.raises(ParamsError, match=r"lone.yaml: extends: .*nope.yaml not found"):
+        load_params(lone)
+    _grid(tmp_path, "base")
+    same = tmp_path / "same.yaml"
+    same.write_text("extends: base.yaml\ntrain: {steps: 5}\n")  # no name of its own: results/base
+    with pytest.raises(ParamsError, match=r"same.yaml: name: its results folder .*results/base is the one of"):
+        load_params(same)
+
+
+def test_an_error_names_the_file_of_the_chain_that_has_the_key(tmp_path):
+    _grid(tmp_path, "a", train={"steps": 10})
+    child = _grid(tmp_path, "child", extends="a.yaml", train={"stepz": 1})
+    with pytest.raises(ParamsError) as e:
+        load_params(child)
+    assert str(e.value).startswith(f"{child}: unknown key 'train.stepz'")
+    bad_base = _grid(tmp_path, "bad", evaluate={"metric": "manhattan"})
+    child = _grid(tmp_path, "child2", extends=bad_base.name)
+    with pytest.raises(ParamsError) as e:
+        load_params(child)
+    assert str(e.value).startswith(f"{bad_base}: evaluate.metric must be one of")
+    _grid(tmp_path, "c", systems=["full_inptu"])
+    with pytest.raises(ParamsError) as e:
+        load_params(_grid(tmp_path, "d", extends="c.yaml"))
+    assert str(e.value).startswith(f"{tmp_path / 'c.yaml'}: systems: unknown system(s) 'full_inptu'")
+
+
+def test_show_prints_each_resolved_key_with_the_file_that_set_it(tmp_path, capsys):
+    from slf_utils.config import main
+
+    _grid(tmp_path, "a", train={"steps": 10, "lr": 0.1}, systems=["full_input"])
+    c = _grid(tmp_path, "c", extends="a.yaml", train={"steps": 20})
+    assert main(["show", str(c), "--set", "train.batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    lines = {ln.strip() for ln in out.splitlines()}
+    assert f"steps: 20  # {c}" in lines and f"lr: 0.1  # {tmp_path / 'a.yaml'}" in lines
+    assert "batch_size: 8  # --set" in lines and "seed: 0  # default" in lines
+    assert f"systems: [full_input]  # {tmp_path / 'a.yaml'}" in lines and f"name: c  # {c}" in lines
+    assert yaml.safe_load(out)["train"] == {**load_params(c)["train"], "batch_size": 8}  # it is the YAML it says
+    shown = subprocess.run(
+        [sys.executable, "-m", "slf_utils.config", "show", "params/compare.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert "face_model: eigenfaces  # params/demo.yaml" in shown.stdout, shown.stderr
+    assert "reuse: [" in shown.stdout and "]  # params/compare.yaml" in shown.stdout
+
+
+# the grid files as they were before `extends` (issue 21, commit e6fd053): the grid and each of its systems resolve
+# exactly as they did (demo-full's system_overrides are written differently: each system's result is compared)
+@pytest.mark.parametrize("grid_file", ["compare-paper.yaml", "compare.yaml", "demo-full.yaml"])
+def test_grid_files_written_as_differences_resolve_as_the_flat_files_did(tmp_path, grid_file):
+    old = subprocess.run(["git", "show", f"e6fd053:params/{grid_file}"], cwd=ROOT, capture_output=True, text=True)
+    if old.returncode != 0:
+        pytest.skip("the commit with the flat grid files is not in this clone")
+    (tmp_path / grid_file).write_text(old.stdout)
+    assert "extends:" not in old.stdout and "\nextends:" in (ROOT / "params" / grid_file).read_text()
+
+    def resolved(path):
+        cfg = load_params(path)
+        per = [load_params(path, cfg["system_overrides"].get(s, {})) for s in cfg["systems"]]
+        return [{k: v for k, v in c.items() if k not in ("params_file", "system_overrides")} for c in [cfg, *per]]
+
+    assert resolved(tmp_path / grid_file) == resolved(ROOT / "params" / grid_file)

@@ -139,6 +139,72 @@ def test_dry_run_and_set_overrides(finished_grid, capsys):
         grid.parse_set(["steps"])
 
 
+def _hashes(p, overrides=None) -> dict:
+    return {s.name: s.hash for s in grid.plan(p, overrides)[1]}
+
+
+def test_step_hashes_cover_the_files_they_read_and_dry_run_says_what_changed(tmp_path, capsys):
+    """Issue 19: a step's hash covered the manifest's path, not its contents, so a clip added to the manifest changed
+    no step and the resumed grid skipped it; the same for the model presets. Every file a step reads now enters its
+    hash: a change reruns the steps that read it and those downstream, and --dry-run says why."""
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("clip_id,identity,split,audio,face\na,id0,train,a.wav,a.png\n")
+    presets = tmp_path / "presets.yaml"
+    shutil.copy(ROOT / "params" / "presets.yaml", presets)
+    model = {"preset": "tiny", "presets_file": str(presets)}
+    p = tiny_grid(tmp_path, manifest, systems=["full_input", "bicubic"], model=model)
+
+    def finish():  # every step of the plan done, as after a run
+        steps = grid.plan(p)[1]
+        for s in steps:
+            grid._write_record(s, "done")
+        return {s.name: s.hash for s in steps}
+
+    base = finish()
+    with manifest.open("a") as f:
+        f.write("b,id0,test,b.wav,b.png\n")
+    st = grid.status(p).set_index(["step", "system"])
+    assert (st["status"] == "stale").all(), st  # preprocessing and everything downstream
+    assert st.loc[("preprocess", ""), "why"] == "changed: data.manifest_content"
+    assert st.loc[("features", ""), "why"] == "changed: upstream preprocess"
+    assert not set(base.values()) & set(_hashes(p).values())
+
+    finish()
+    presets.write_text(presets.read_text().replace("timesteps: 8", "timesteps: 9"))  # the tiny preset
+    st = grid.status(p).set_index(["step", "system"])
+    trained = st.index.get_level_values("step").isin(["train", "evaluate", "report"])
+    assert (st.loc[~trained, "status"] == "done").all() and (st.loc[trained, "status"] == "stale").all(), st
+    assert st.loc[("train", "full_input"), "why"] == "changed: model.presets_file_content"
+    assert st.loc[("evaluate", "bicubic"), "why"] == "changed: upstream train:bicubic"  # its model's output size
+    assert grid.main(["run", str(p), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "changed: model.presets_file_content" in out and out.count(" run") == 4
+
+
+def test_a_manifest_the_grid_builds_and_a_test_list_in_the_hash(tmp_path):
+    """A demo corpus manifest that preprocessing builds (data.demo_corpus.build) is its output: building it leaves
+    the hashes as they were (else the step would be stale once done), its settings change them. A VoxCeleb test list
+    is read by preprocessing: editing it reruns the grid."""
+    manifest = tmp_path / "corpus" / "manifest.csv"
+    data = {"kind": "manifest", "manifest": str(manifest), "root": str(manifest.parent)}
+    p = tiny_grid(tmp_path, manifest, data={**data, "demo_corpus": {"build": True, "identities": 4}})
+    before = _hashes(p)
+    manifest.parent.mkdir()
+    manifest.write_text("clip_id,identity,split,audio,face\na,id0,train,a.wav,a.png\n")  # as the build writes it
+    assert _hashes(p) == before
+    assert _hashes(p, {"data": {"demo_corpus": {"identities": 5}}})["preprocess"] != before["preprocess"]
+
+    listed = tmp_path / "eval_set.txt"
+    listed.write_text("id00017/01dfn2spqyE/00001\n")
+    q = tiny_grid(
+        tmp_path, manifest, "vox", data={"kind": "voxceleb", "test_root": str(tmp_path), "test_list": str(listed)}
+    )
+    before = _hashes(q)
+    listed.write_text("id00017/01dfn2spqyE/00001\nid00017/5MkXgwdrmJw/00002\n")
+    after = _hashes(q)
+    assert after["preprocess"] != before["preprocess"] and after["report"] != before["report"]
+
+
 # a kernel on a loaded machine: still inside papermill's last request (kernel_info) after sending its reply
 SLOW_KERNEL_INFO = """k = get_ipython().kernel
 _info = k.shell_handlers["kernel_info_request"]
