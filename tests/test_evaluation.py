@@ -363,6 +363,7 @@ def test_vgg_face_code_path_with_random_weights_in_deepface_format(tmp_path, mon
         emb = ev.face_embedder("VGG-Face", detector_backend="opencv")
         e, det = emb.embed([orl(1, 1), downsize(orl(1, 2), 32)])
         assert e.shape == (2, 4096) and np.isfinite(e).all() and emb.describe()["embedding_dim"] == 4096
+        assert not np.allclose(e[0], e[1])  # two faces, two embeddings: the weights were loaded and used
     finally:
         cache.pop("VGG-Face", None)  # random weights must not serve a later call
 
@@ -414,6 +415,9 @@ def test_run_random_selection_writes_chance_rows_only(synthetic):
     assert set(r.index) == {"paper", "identity"}
     for p in r.index:
         assert r.loc[p, "n"] == 12 and r.loc[p, "ci_low"] <= r.loc[p, "value"] <= r.loc[p, "ci_high"]
+    # 6 identities: within 10 ranks every identity appears (under `identity` too: each keeps a second clip)
+    r10 = m[(m["metric"] == "recall@10")].set_index("protocol")["value"]
+    assert (r10 == 1.0).all() and len(r10) == 2
     assert m.set_index("metric").loc["n_unsampled", "value"] == 0
     assert set(ev.load_hits(out / "hits.csv")["protocol"]) == {"paper", "identity"}
 
@@ -487,7 +491,8 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
     import json
 
     prov = json.loads((out / "provenance.json").read_text())
-    assert prov["embedder"]["face_model"] == "eigenfaces" and prov["embedder"]["embedding_dim"] > 0
+    cached = [np.load(f)["embeddings"].shape[1] for f in (out / "cache").glob("emb_*.npz")]
+    assert prov["embedder"]["face_model"] == "eigenfaces" and {prov["embedder"]["embedding_dim"]} == set(cached)
 
     # resume: same parameters -> nothing sampled again; a new scale -> only that scale
     calls.clear()

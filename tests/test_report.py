@@ -208,11 +208,17 @@ def test_report_from_synthetic_results(synthetic_results):
     audio = sig.set_index("key").loc["audio"]
     assert audio["S_text"] == "inf" and "unbounded" in audio["band"]  # no_audio recall is 0 everywhere
     guide = sig.set_index("key").loc["image_guide"]
-    metrics = ev.at_protocol(res["metrics"], "paper")
-    w = report.k_weights("inverse")
-    want = report.significance(
-        report.recall_at(metrics, "full_input", 2), report.recall_at(metrics, "no_image_guide", 2), w
+
+    # by hand from the construction (exact_hits): recall@k = round(min(1, p1 + 0.08 (k - 1)) n) / n, weights 1/k
+    def r(system, k, n=12):
+        return round(min(1, PEAK[system] * np.exp(-((2 - 3) ** 2) / 8) + (k - 1) * 0.08) * n) / n
+
+    weights = {k: (1 / k) / sum(1 / j for j in ev.KS) for k in ev.KS}
+    want = sum(
+        w * (r("full_input", k) - r("no_image_guide", k)) / r("no_image_guide", k) * 100 for k, w in weights.items()
     )
+    # 10/12 vs 4/12, 11/12 vs 6/12, 12/12 vs 8/12, 12/12 vs 12/12: (150 + 83.3/3 + 50/5 + 0) / (1 + 1/3 + 1/5 + 1/10)
+    assert want == pytest.approx(114.966, abs=0.001)
     assert guide["S"] == pytest.approx(want) and guide["S_ci_low"] <= want <= guide["S_ci_high"]
 
     checks = pd.read_csv(out / "learning_checks.csv").set_index("system")
@@ -228,7 +234,9 @@ def test_report_from_synthetic_results(synthetic_results):
     # the bicubic floor and the guide: super-resolution systems only
     assert fi["above_floor"] and fi["guide_kept"] and not ps["above_floor"] and not ps["guide_kept"]
     assert pd.isna(ng["above_floor"]) and pd.isna(ng["guide_kept"])
-    assert fi["of_ceiling"] == pytest.approx(fi["recall@1"] / fi["ceiling@1"])
+    # identity protocol: 10 paper hits of 12 keep round(0.75 * 10) = 8; identity_mean's 6 keep round(4.5) = 4
+    assert fi["recall@1"] == pytest.approx(8 / 12) and fi["ceiling@1"] == pytest.approx(4 / 12)
+    assert fi["of_ceiling"] == pytest.approx(2.0)
 
     diff = pd.read_csv(out / "differences.csv")
     pairs = set(zip(diff["a"], diff["b"]))
