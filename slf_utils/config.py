@@ -194,7 +194,10 @@ DEFAULTS = {
     },
     # reuse: results folders of other grids (e.g. [results/demo]); a step not done here whose record there is done with
     # the same hash (same parameters, upstream steps and notebook) is copied instead of run (slf_utils.grid)
-    "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1, "reuse": []},
+    # seeds: train and evaluate every trained system once per seed (train.seed, face_decoder.seed and evaluate.seed
+    # set to it: initial weights, data order, training and sampling noise), the first in results/<system>/, the others
+    # in results/<system>/seed<s>/ (system_dir); None: one run at train.seed. Per system: system_overrides.<s>.grid
+    "grid": {"scheduler": None, "workers": None, "threads_per_worker": 1, "reuse": [], "seeds": None},
     # wal: readers and one writer at once on one host; delete: a store on a network filesystem shared by nodes
     "store": {"journal_mode": "wal"},
     # Speech2Face (Oh et al. 2019) on the same bench: a voice encoder predicts the face recogniser's embedding of the
@@ -401,6 +404,7 @@ SCHEMA = {
     "grid.workers": (int, ">= 1"),
     "grid.threads_per_worker": (int, ">= 1"),
     "grid.reuse": list[str],
+    "grid.seeds": (list[int], ">= 0"),
     "store.journal_mode": ("wal", "delete", "truncate", "persist"),
     "speech2face.face_model": RECOGNISERS,
     "speech2face.voice_encoder.backend": ("mlp", "ve_conv", "ast"),
@@ -767,6 +771,25 @@ def provenance(extra: dict | None = None) -> dict:
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **(extra or {}),
     }
+
+
+def seeds_of(cfg) -> list[int]:
+    """The training seeds of a grid (or of a system, its system_overrides merged): grid.seeds, else train.seed."""
+    return [int(x) for x in cfg["grid"]["seeds"]] if exists(cfg["grid"]["seeds"]) else [int(cfg["train"]["seed"])]
+
+
+def seed_overrides(seed: int) -> dict:
+    """What one seed of a grid sets: initial weights, data order and training noise (train, face_decoder) and the
+    sampling noise and bootstrap draws (evaluate)."""
+    return {"train": {"seed": int(seed)}, "face_decoder": {"seed": int(seed)}, "evaluate": {"seed": int(seed)}}
+
+
+def system_dir(cfg, system: str) -> Path:
+    """Where one run of a system lives: results/<system>/, or results/<system>/seed<s>/ for a train.seed that is not
+    the first of grid.seeds (so a one-seed grid's folders are a many-seed grid's first seed)."""
+    base = Path(cfg["results"]) / system
+    seeds, seed = cfg["grid"].get("seeds"), int(cfg["train"]["seed"])
+    return base if not seeds or seed == int(seeds[0]) else base / f"seed{seed}"
 
 
 def atomic_write(path, write_fn):

@@ -50,6 +50,7 @@ from slf_utils.config import (
     provenance,
     read_yaml,
     resolve,
+    system_dir,
 )
 from slf_utils.layout import Layout, load_layout, load_systems
 from slf_utils.store import open_store
@@ -502,7 +503,7 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     if system_name not in systems:
         raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
     system = systems[system_name]
-    out = Path(out_dir) if exists(out_dir) else Path(cfg["results"]) / system_name / "model"
+    out = Path(out_dir) if exists(out_dir) else system_dir(cfg, system_name) / "model"
     if system.mode in ("none", "reference"):
         return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
     t_cfg = cfg["train"]

@@ -57,6 +57,7 @@ from slf_utils.config import (
     exists,
     params_hash,
     provenance,
+    system_dir,
 )
 from slf_utils.preprocessing import read_image, resize, to_rgb
 
@@ -287,6 +288,27 @@ def bootstrap_ci(
     lo, hi = np.quantile(finish(bootstrap_means(v, clusters, n_boot, seed)), [alpha / 2, 1 - alpha / 2])
     # the percentile interval of a skewed statistic can miss the point estimate by rounding only; keep it inside
     return value, float(min(lo, value)), float(max(hi, value)), n
+
+
+def two_level_ci(values, clusters=None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple:
+    """Mean and percentile interval of per-clip values of several training runs, values (n clips, S seeds), that
+    resamples both sources of noise: the test identities (whole clusters, the same draw for every seed) and the
+    seeds (S drawn with replacement per resample). With S = 1 it is bootstrap_ci's identity interval. A clip with a
+    NaN in any seed is dropped. Returns (value, ci_low, ci_high, n clips)."""
+    v = np.asarray(values, np.float64)
+    v = v.reshape(len(v), -1)
+    known = ~np.isnan(v).any(1)
+    v, clusters = v[known], (np.asarray(clusters)[known] if exists(clusters) else None)
+    if not len(v):
+        return np.nan, np.nan, np.nan, 0
+    value = float(v.mean())
+    if n_boot <= 0:
+        return value, np.nan, np.nan, len(v)
+    per_seed = bootstrap_means(v, clusters, n_boot, seed)  # (n_boot, S): identities resampled once for all seeds
+    draw = np.random.default_rng([seed, 1]).integers(0, v.shape[1], per_seed.shape)  # seeds, with replacement
+    means = np.take_along_axis(per_seed, draw, 1).mean(1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return value, float(min(lo, value)), float(max(hi, value)), len(v)
 
 
 def paired_difference(a, b, clusters=None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple:
@@ -816,7 +838,7 @@ def eval_params(cfg) -> dict:
 
 
 def eval_dir(cfg, system_name) -> Path:
-    return Path(cfg["results"]) / system_name / "eval"
+    return system_dir(cfg, system_name) / "eval"
 
 
 def _model_fingerprint(model_dir: Path) -> dict:
@@ -916,7 +938,7 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
 
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
-    model_dir = Path(cfg["results"]) / system_name / "model"
+    model_dir = system_dir(cfg, system_name) / "model"
     lay = layout.load_layout(cfg)
     system = layout.load_systems(cfg["systems_file"], lay)[system_name]
     if system.mode not in ("generation", "super_resolution"):
@@ -1121,14 +1143,14 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             scales = _direct_scale(cfg, system_name, store, clips[clips["clip_id"].isin(sampled)], out)
             prov["decoder"] = "direct: one face per clip, no conditional scale (scale NaN)"
             prov["sample_hash"] = [scales[0][2]]
-            meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
+            meta = system_dir(cfg, system_name) / "model" / "provenance.json"
             prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
         else:
             sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
             samples = generate(cfg, system_name, clips[clips["clip_id"].isin(sampled)], store, log=log)
             scales = _scales_of(out, samples, ev["scales"], sampled)
             prov["sample_hash"] = sorted(set(samples["sample_hash"]))
-            meta = Path(cfg["results"]) / system_name / "model" / "provenance.json"
+            meta = system_dir(cfg, system_name) / "model" / "provenance.json"
             prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
         for scale, images, key in scales:
             t = time.time()

@@ -54,6 +54,7 @@ from slf_utils.config import (
     exists,
     params_hash,
     provenance,
+    system_dir,
 )
 from slf_utils.layout import Layout, System, load_layout, load_systems
 from slf_utils.store import Store, open_store
@@ -209,7 +210,7 @@ def _system(cfg, system_name) -> tuple[Layout, System]:
 
 
 def model_dir(cfg, system_name) -> Path:
-    return Path(cfg["results"]) / system_name / "model"
+    return system_dir(cfg, system_name) / "model"
 
 
 def train_hash(cfg, layout: Layout, system: System, store: Store, ids, size: int) -> str:
@@ -240,8 +241,9 @@ def _finished(directory: Path, key: str) -> dict | None:
 
 def _sibling(cfg, system_name, key: str) -> Path | None:
     """Another system's model dir of this grid holding a finished decoder with the same train_hash."""
-    for d in sorted(Path(cfg["results"]).glob("*/model")):
-        if d.parent.name != system_name and _finished(d, key):
+    mine = model_dir(cfg, system_name)
+    for d in sorted([*Path(cfg["results"]).glob("*/model"), *Path(cfg["results"]).glob("*/seed*/model")]):
+        if d != mine and _finished(d, key):
             return d
     return None
 

@@ -47,6 +47,9 @@ from slf_utils.config import (
     load_params,
     params_hash,
     resolve,
+    seed_overrides,
+    seeds_of,
+    system_dir,
 )
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -104,10 +107,12 @@ class Step:
     reuse: tuple = ()  # other grids' results folders (grid.reuse) to copy this step from when it is done there
     inputs: dict = field(default_factory=dict)  # what the hash covers, by name ({dotted key: value}): kept in the
     # run record, so a stale step can say what changed
+    seed: int | None = None  # a training seed after the grid's first (grid.seeds): its own folder and name
 
     @property
     def name(self) -> str:
-        return f"{self.kind}:{self.system}" if self.system else self.kind
+        name = f"{self.kind}:{self.system}" if self.system else self.kind
+        return name if self.seed is None else f"{name}@seed{self.seed}"
 
     @property
     def record_path(self) -> Path:
@@ -200,9 +205,18 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         ct.priority = VOICE_ENCODER_PRIORITY
         steps.append(ct)
     decoders = {}  # (train_on, face_decoder section) -> the train step of the first direct system with them
+    runs = []  # (system, seed after the first or None, its overrides): every trained system once per seed
     for s in systems:
-        sys_over = deep_merge(overrides or {}, cfg["system_overrides"].get(s, {}))
+        base = deep_merge(overrides or {}, cfg["system_overrides"].get(s, {}))
+        scfg = load_params(params_file, base)
+        seeds = seeds_of(scfg) if exists(scfg["grid"]["seeds"]) else []
+        if not seeds or s in untrained:  # a reference row has no training to repeat
+            runs.append((s, None, base))
+            continue
+        runs += [(s, None if i == 0 else x, deep_merge(base, seed_overrides(x))) for i, x in enumerate(seeds)]
+    for s, seed, sys_over in runs:
         scfg = load_params(params_file, sys_over)
+        run_dir = system_dir(scfg, s) / "runs"
         up = [feat, *([ve] if s in speech2face else []), *([ct] if s in contrastive else [])]
         direct = s in specs and specs[s].decoder == "direct"
         tr = _step(
@@ -210,9 +224,10 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
             s,
             scfg,
             up,
-            results / s / "runs",
+            run_dir,
             READS_DIRECT_TRAIN if direct else None,
             overrides=sys_over,
+            seed=seed,
             # a direct decoder trains in seconds to minutes: after the diffusion trainings
             priority=int(scfg["face_decoder"]["steps"] if direct else scfg["train"]["steps"]) // (100 if direct else 1),
         )
@@ -224,7 +239,7 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         # a reference row trains nothing: no notebook 03; the train hash still stands for what it reads (the
         # systems file, the model preset's output size)
         upstream = feat if s in untrained else tr
-        ev = _step("evaluate", s, scfg, [tr], results / s / "runs", deps=[upstream.name], overrides=sys_over)
+        ev = _step("evaluate", s, scfg, [tr], run_dir, deps=[upstream.name], overrides=sys_over, seed=seed)
         steps += [ev] if s in untrained else [tr, ev]
         evals.append(ev)
     if not exists(only):
@@ -344,8 +359,8 @@ def _outputs(step: Step) -> list[str]:
         "features": [],  # into the store, which came with preprocess
         "voice_encoder": [f"voice_encoder/{n}" for n in ("model", "metrics.csv", "hits.csv", "provenance.json")],
         "contrastive": [f"contrastive/{n}" for n in ("model", "metrics.csv", "hits.csv", "provenance.json")],
-        "train": [f"{step.system}/model"],
-        "evaluate": [f"{step.system}/eval"],
+        "train": [f"{step.system}/model" if step.seed is None else f"{step.system}/seed{step.seed}/model"],
+        "evaluate": [f"{step.system}/eval" if step.seed is None else f"{step.system}/seed{step.seed}/eval"],
     }[step.kind]
 
 

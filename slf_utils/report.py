@@ -29,7 +29,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import DEFAULTS, FACTORS, atomic_write, atomic_write_text, default, exists
+from slf_utils.config import (
+    DEFAULTS,
+    FACTORS,
+    atomic_write,
+    atomic_write_text,
+    deep_merge,
+    default,
+    exists,
+    seed_overrides,
+    seeds_of,
+)
 from slf_utils.evaluation import (
     KS,
     METRIC_COLUMNS,
@@ -40,8 +50,8 @@ from slf_utils.evaluation import (
     bootstrap_means,
     eval_dir,
     load_metrics,
-    paired_difference,
     scale_label,
+    two_level_ci,
 )
 from slf_utils.evaluation import load_hits as read_hits
 from slf_utils.preprocessing import read_image
@@ -170,21 +180,108 @@ def bootstrap_significance(
 
 
 # ---------------------------------------------------------------------------------------------- reading results
+def system_runs(cfg, system) -> list[tuple[int, Path]]:
+    """(seed, eval folder) of every run of a system: one per seed of grid.seeds (its system_overrides merged), or
+    the one run at train.seed."""
+    scfg = deep_merge(cfg, (cfg.get("system_overrides") or {}).get(system) or {})
+    return [(x, eval_dir(deep_merge(scfg, seed_overrides(x)), system)) for x in seeds_of(scfg)]
+
+
 def load_all(cfg) -> pd.DataFrame:
-    """Every finished `<system>/eval/metrics.csv` of cfg['systems'] in one tidy table (missing ones skipped)."""
-    frames = []
-    for name in cfg["systems"]:
-        p = eval_dir(cfg, name) / "metrics.csv"
-        if p.exists():
-            frames.append(load_metrics(p))
+    """Every finished `<system>/eval/metrics.csv` of cfg['systems'], each seed's (system_runs), in one tidy table
+    with a `seed` column (missing ones skipped)."""
+    frames = [
+        load_metrics(d / "metrics.csv").assign(seed=x)
+        for name in cfg["systems"]
+        for x, d in system_runs(cfg, name)
+        if (d / "metrics.csv").exists()
+    ]
     if not frames:
-        return pd.DataFrame(columns=METRIC_COLUMNS)
+        return pd.DataFrame(columns=[*METRIC_COLUMNS, "seed"])
     return pd.concat(frames, ignore_index=True)
 
 
 def load_hits(cfg, system) -> pd.DataFrame | None:
-    p = eval_dir(cfg, system) / "hits.csv"
-    return read_hits(p) if p.exists() else None
+    """A system's hits.csv of every seed, with a `seed` column (None without any)."""
+    frames = [
+        read_hits(d / "hits.csv").assign(seed=x) for x, d in system_runs(cfg, system) if (d / "hits.csv").exists()
+    ]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def _by_clip_and_seed(hits: pd.DataFrame) -> pd.DataFrame:
+    """Hits (one k) as clips x seeds, indexed by (clip_id, identity)."""
+    return hits.pivot_table(index=["clip_id", "identity"], columns="seed", values="hit")
+
+
+def combine_seeds(metrics: pd.DataFrame, hits: dict, n_boot=1000, seed=0) -> pd.DataFrame:
+    """One row per (system, scale, protocol, split, metric), with `n_seeds`: a system of one seed as it is; of
+    several, the mean over seeds, its recall@k with an interval that resamples identities and seeds
+    (evaluation.two_level_ci over the per-clip hits), its other metrics with the seeds' mean bounds."""
+    out, keys = [], ["scale", "protocol", "split", "metric"]
+    for system, m in metrics.groupby("system", sort=False):
+        if m["seed"].nunique() == 1:
+            out.append(m.assign(n_seeds=1))
+            continue
+        g = m.groupby(keys, dropna=False, sort=False).agg(
+            value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"), n=("n", "max")
+        )
+        g = g.reset_index()
+        h = hits.get(system)
+        for i, r in g[g["metric"].str.startswith("recall@")].iterrows() if h is not None else ():
+            sel = h[
+                _scale_is(h["scale"], r["scale"])
+                & (h["protocol"] == r["protocol"])
+                & (h["split"] == r["split"])
+                & (h["k"] == int(r["metric"].split("@")[1]))
+            ]
+            wide = _by_clip_and_seed(sel)
+            ci = two_level_ci(wide.to_numpy(), wide.index.get_level_values("identity"), n_boot, seed)
+            g.loc[i, ["value", "ci_low", "ci_high"]] = ci[:3]
+        out.append(g.assign(system=system, n_seeds=m["seed"].nunique()))
+    return pd.concat(out, ignore_index=True)[[*METRIC_COLUMNS, "n_seeds"]]
+
+
+SEED_COLUMNS = ["system", "title", "scale", "seeds", "per_seed", "mean", "sd", "ci_low", "ci_high", "id_low", "id_high"]
+
+
+def seed_table(metrics: pd.DataFrame, hits: dict, best: dict, titles=None, n_boot=1000, seed=0) -> pd.DataFrame:
+    """Training noise, per system at its chosen scale (test clips, identity protocol, recall@1): each seed's value,
+    their mean and standard deviation, the interval resampling identities and seeds (two-level) and the one
+    resampling identities alone (of the seed mean: what a one-seed report would claim)."""
+    rows = []
+    view = metrics[(metrics["protocol"] == PROTOCOLS[0]) & (metrics["metric"] == "recall@1")]
+    for system, scale in best.items():
+        m = view[(view["system"] == system) & _scale_is(view["scale"], scale)].sort_values("seed")
+        h = hits.get(system)
+        if m.empty or h is None:
+            continue
+        sel = h[_scale_is(h["scale"], scale) & (h["protocol"] == PROTOCOLS[0]) & (h["k"] == 1)]
+        wide = _by_clip_and_seed(sel)
+        ids = wide.index.get_level_values("identity")
+        _, lo, hi, _ = two_level_ci(wide.to_numpy(), ids, n_boot, seed)
+        _, id_lo, id_hi, _ = two_level_ci(wide.to_numpy().mean(1, keepdims=True), ids, n_boot, seed)
+        v = m["value"].to_numpy()
+        rows.append(
+            [system, (titles or {}).get(system, system), scale, len(v), ", ".join(f"{x:.3f}" for x in v), v.mean()]
+            + [v.std(ddof=1) if len(v) > 1 else np.nan, lo, hi, id_lo, id_hi]
+        )
+    return pd.DataFrame(rows, columns=SEED_COLUMNS)
+
+
+def pretty_seeds(t: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "system": t["title"],
+            "scale": t["scale"].map(_fmt_scale),
+            "seeds": t["seeds"],
+            "recall@1 per seed": t["per_seed"],
+            "mean": t["mean"].map(lambda v: f"{v:.3f}"),
+            "sd across seeds": t["sd"].map(lambda v: "–" if pd.isna(v) else f"{v:.3f}"),
+            "95 % CI (identities and seeds)": [f"[{a:.3f}, {b:.3f}]" for a, b in zip(t["ci_low"], t["ci_high"])],
+            "95 % CI (identities only)": [f"[{a:.3f}, {b:.3f}]" for a, b in zip(t["id_low"], t["id_high"])],
+        }
+    )
 
 
 def hits_at(hits: pd.DataFrame | None, scale, protocol) -> pd.DataFrame | None:
@@ -581,10 +678,15 @@ def differences_table(
             if ha is None or hb is None:
                 continue
             for k in ks:
-                j = ha[ha["k"] == k].merge(hb[hb["k"] == k], on="clip_id", suffixes=("_a", "_b"))
-                if j.empty:
+                # seeds paired by index (independent runs: any pairing is fair); identities and seed pairs resampled
+                wa, wb = _by_clip_and_seed(ha[ha["k"] == k]), _by_clip_and_seed(hb[hb["k"] == k])
+                common = wa.index.intersection(wb.index)
+                if common.empty:
                     continue
-                d, lo, hi, n = paired_difference(j["hit_a"], j["hit_b"], j["identity_a"], n_boot, seed)
+                s = min(wa.shape[1], wb.shape[1])
+                d_clip = wa.loc[common].to_numpy()[:, :s] - wb.loc[common].to_numpy()[:, :s]
+                d, lo, hi, n = two_level_ci(d_clip, common.get_level_values("identity"), n_boot, seed)
+                j = pd.DataFrame({"identity_a": common.get_level_values("identity")})
                 rows.append(
                     dict(
                         zip(
@@ -903,7 +1005,10 @@ def run(cfg, log=print) -> dict:
     'summary': path}."""
     rep = {**REPORT_EXTRAS, **cfg["report"]}
     out = report_dir(cfg)
-    everything = load_all(cfg)
+    per_seed = load_all(cfg)
+    hits = {s: load_hits(cfg, s) for s in dict.fromkeys(per_seed["system"])}
+    # a system of several seeds enters every table as the mean over seeds, with intervals over identities and seeds
+    everything = combine_seeds(per_seed, hits, rep["bootstrap"], rep["seed"]) if len(per_seed) else per_seed
     # every choice (best scales, learning checks) is made on the validation clips, every number reported is of the
     # test clips; a grid without validation clips chooses on the test clips and says so
     metrics, val = at_split(everything, "test"), at_split(everything, "val")
@@ -930,7 +1035,7 @@ def run(cfg, log=print) -> dict:
     ks = sorted({int(m.split("@")[1]) for m in metrics["metric"] if m.startswith("recall@")})
     weights = k_weights(rep["k_weights"], ks)
     modes = system_modes(cfg)
-    hits = {s: None if (h := load_hits(cfg, s)) is None else at_split(h, "test") for s in found}
+    hits = {s: None if (h := hits.get(s)) is None else at_split(h, "test") for s in found}
     main = at_protocol(metrics, PROTOCOLS[0])  # the identity protocol: the headline, checks and sample grids
     keep_guide = {s: float(rep["guide_top1_min"]) for s, m in modes.items() if m == "super_resolution"}
     # a system evaluated before validation clips existed (no val rows) falls back to its test rows, and is named
@@ -943,6 +1048,10 @@ def run(cfg, log=print) -> dict:
     on_test = best_scales(main, keep_guide) if chosen_on == "val" else None  # optimistic: chosen on what it reports
     chosen = float(rep["chosen_scale"])
     chosen_of = {s: (chosen if not pd.isna(best[s]) else np.nan) for s in found}
+    seeds = seed_table(at_split(per_seed, "test"), hits, best, titles, rep["bootstrap"], rep["seed"])
+    result["seeds"] = seeds
+    if len(seeds):
+        _write_table(out, "seeds", seeds, pretty_seeds(seeds))
     chosen_by = dict.fromkeys(PROTOCOLS, chosen_of)
     result |= {"best": best, "best_by_protocol": best_by}
 
@@ -1007,6 +1116,24 @@ def run(cfg, log=print) -> dict:
     result["summary"] = write_summary(out, cfg, metrics, result, weights, missing, chosen)
     log(f"report: {len(found)} system(s) -> {out}")
     return result
+
+
+def _seed_lines(result) -> list[str]:
+    seeds = result.get("seeds")
+    if seeds is None or seeds.empty or seeds["seeds"].max() < 2:
+        return [
+            "One training run per system (one seed): every interval covers the test identities only, not the noise "
+            "of training (set `grid.seeds: [0, 1, 2]` to measure it).",
+            "",
+        ]
+    return [
+        markdown_table(pretty_seeds(seeds)),
+        "Each system at its chosen scale, test clips, identity protocol: recall@1 of each training seed (initial "
+        "weights, data order, training and sampling noise), their spread, and two intervals of the seed mean: one "
+        "that resamples identities and seeds (the one every table uses) and one over identities alone (what a "
+        "one-seed report would claim).",
+        "",
+    ]
 
 
 def _choice_line(result) -> str:
@@ -1095,7 +1222,14 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         f"{float(cfg['report']['guide_top1_min']):g}) compete, where any does. Tables at the chosen scale "
         f"{chosen:g}: `table_scale_{chosen:g}.md`.",
         "",
-        "## Paired differences of recall (a − b on the same clips, 95 % bootstrap over identities)",
+        "## Training seeds",
+        "",
+        *_seed_lines(result),
+        "## Paired differences of recall (a − b on the same clips, 95 % bootstrap over identities and seeds)",
+        "",
+        "Seeds are paired by index (seed i of a with seed i of b: independent runs, so any pairing is fair) and the "
+        "interval resamples identities and seed pairs; with one seed per system it covers the test identities only. "
+        "⚑: the two systems differ in more than the factor the pair names (`differences.md` lists every way).",
         "",
     ]
     diff = result["differences"]

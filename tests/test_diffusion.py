@@ -3,6 +3,7 @@
 import inspect
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -461,3 +462,24 @@ def test_feature_noise_leaves_masked_rows_zero_and_the_batch_buffer_alone():
     assert not noisy[:, 12:].any() and not noisy[:, :4].any() and not noisy[:, 4:12, 256:].any()
     d = (noisy - X)[:, 4:12, :256]
     assert abs(d.std().item() - 0.5) < 0.02 and abs(d.mean().item()) < 0.02
+
+
+def test_two_seeds_give_different_weights_and_one_seed_twice_the_same(project, tmp_path):
+    """train.seed (which grid.seeds sets) decides initial weights, data order and noise: the same seed twice gives
+    the same weights, another seed other weights; each seed after the grid's first has its own folder."""
+    weights = {}
+    for name, seed in (("s0", 0), ("s0again", 0), ("s1", 1)):
+        cfg = load_params(write_params(project, name=name, steps=2, seed=seed, ema=False))
+        r = diffusion.train(cfg, "no_image_guide", out_dir=tmp_path / name)
+        weights[name] = diffusion.load_checkpoint(r["model_dir"])["unets"]["1"]
+    same = all(torch.equal(w, weights["s0again"][k]) for k, w in weights["s0"].items())
+    differ = any(not torch.allclose(w, weights["s1"][k]) for k, w in weights["s0"].items())
+    assert same and differ
+    from slf_utils.config import seed_overrides, system_dir
+
+    path = write_params(project, name="seeds")
+    base = Path(load_params(path)["results"]) / "x"
+    assert system_dir(load_params(path), "x") == base  # no grid.seeds: one run, the system's folder
+    many = {"grid": {"seeds": [3, 5]}}
+    assert system_dir(load_params(path, {**many, **seed_overrides(3)}), "x") == base  # the first seed
+    assert system_dir(load_params(path, {**many, **seed_overrides(5)}), "x") == base / "seed5"

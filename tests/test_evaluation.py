@@ -628,3 +628,19 @@ def test_one_gallery_for_every_system_of_a_grid(synthetic, monkeypatch):
     assert paper[2] == pytest.approx(11 / 12)  # perfect on the 11 it sampled, a miss on the 12th
     assert fi.loc[(fi["metric"] == "psnr"), "n"].max() == 11
     assert any("1 of 12 gallery clips not sampled" in line for line in logs)
+
+
+def test_two_level_interval_is_wider_when_seeds_disagree():
+    """Per-clip hits of 3 seeds on 40 identities x 3 clips: when the seeds agree the interval over identities and
+    seeds is the identity interval; when they disagree (one seed far better) it is wider, and the mean is theirs."""
+    rng = np.random.default_rng(0)
+    ids = np.repeat(np.arange(40), 3)
+    one = (rng.random(120) < 0.5).astype(float)
+    agree = np.stack([one] * 3, 1)
+    v, lo, hi, n = ev.two_level_ci(agree, ids, 2000, 0)
+    v1, lo1, hi1, _ = ev.bootstrap_ci(one, 2000, 0, clusters=ids)
+    assert n == 120 and v == pytest.approx(v1) and (lo, hi) == pytest.approx((lo1, hi1), abs=0.01)
+    disagree = np.stack([one, (rng.random(120) < 0.2).astype(float), (rng.random(120) < 0.8).astype(float)], 1)
+    v, lo, hi, _ = ev.two_level_ci(disagree, ids, 2000, 0)
+    _, id_lo, id_hi, _ = ev.two_level_ci(disagree.mean(1, keepdims=True), ids, 2000, 0)
+    assert v == pytest.approx(disagree.mean()) and hi - lo > 1.5 * (id_hi - id_lo)

@@ -271,3 +271,27 @@ def test_kernel_environment_drops_dasks_malloc_trim_and_pins_threads():
     assert "MALLOC_TRIM_THRESHOLD_" not in env and env["PATH"] == "/usr/bin"
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["SLF_THREADS"] == "2"
     assert worker["OMP_NUM_THREADS"] == "8"  # the worker's own mapping is left as it was
+
+
+def test_seeds_plan_one_training_and_evaluation_per_seed_in_their_own_folders(tmp_path, demo_corpus_small):
+    """grid.seeds [0, 1, 2] (speaker_embeddings_only: [0, 1] by system_overrides): each trained system once per seed,
+    the first seed in the system's folder, the others in seed<s>/, each hashed with its seed; reference rows once."""
+    p = tiny_grid(
+        tmp_path,
+        demo_corpus_small,
+        systems=["full_input", "speaker_embeddings_only", "bicubic"],
+        grid={"scheduler": "sequential", "seeds": [0, 1, 2]},
+        system_overrides={"speaker_embeddings_only": {"grid": {"seeds": [0, 1]}}},
+    )
+    cfg, steps = grid.plan(p)
+    by = {s.name: s for s in steps}
+    results = Path(cfg["results"])
+    assert by["train:full_input"].run_dir == results / "full_input" / "runs"
+    assert by["train:full_input@seed2"].run_dir == results / "full_input" / "seed2" / "runs"
+    assert {"train:speaker_embeddings_only@seed1"} <= set(by) and "train:speaker_embeddings_only@seed2" not in by
+    assert "evaluate:bicubic" in by and not any(n.startswith("evaluate:bicubic@") for n in by)
+    hashes = [by[n].hash for n in ("train:full_input", "train:full_input@seed1", "train:full_input@seed2")]
+    assert len(set(hashes)) == 3 and by["evaluate:full_input@seed1"].deps == ["train:full_input@seed1"]
+    assert by["train:full_input@seed1"].overrides["train"]["seed"] == 1
+    assert by["evaluate:full_input@seed1"].overrides["evaluate"]["seed"] == 1
+    assert set(by["report"].deps) >= {"evaluate:full_input@seed2", "evaluate:speaker_embeddings_only@seed1"}

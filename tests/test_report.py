@@ -448,3 +448,36 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
     changed = diffusion.recipe(cfg, "full_input")
     assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
+
+
+def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_and_seeds(synthetic_results):
+    """grid.seeds [0, 1]: a second run of full_input that misses a third of seed 0's recall@1 hits. Every table shows
+    the mean over the two seeds; seeds.md gives each seed's value, the spread and an interval over identities and
+    seeds wider than the one over identities alone; reference rows (one run) are as they were."""
+    import shutil
+
+    cfg = synthetic_results
+    cfg["grid"]["seeds"] = [0, 1]
+    src = ev.eval_dir(cfg, "full_input")
+    dst = src.parent / "seed1" / "eval"
+    shutil.copytree(src, dst)
+    hits = ev.load_hits(dst / "hits.csv")
+    hit1 = hits.index[(hits["k"] == 1) & (hits["hit"] == 1)]
+    hits.loc[hit1[::3], "hit"] = 0
+    hits.to_csv(dst / "hits.csv", index=False)
+    m = ev.load_metrics(dst / "metrics.csv")
+    for (scale, protocol), g in hits[hits["k"] == 1].groupby(["scale", "protocol"]):
+        at = (m["metric"] == "recall@1") & (m["protocol"] == protocol) & np.isclose(m["scale"], scale)
+        m.loc[at, "value"] = g["hit"].mean()
+    m.to_csv(dst / "metrics.csv", index=False)
+    res = report.run(cfg, log=lambda *a: None)
+    seeds = res["seeds"].set_index("system")
+    fi = seeds.loc["full_input"]
+    a, b = (float(x) for x in fi["per_seed"].split(", "))
+    assert fi["seeds"] == 2 and b < a and fi["mean"] == pytest.approx((a + b) / 2, abs=1e-3) and fi["sd"] > 0
+    assert fi["ci_high"] - fi["ci_low"] > fi["id_high"] - fi["id_low"]
+    head = res["headline"].set_index("system")
+    assert head.loc["full_input", "recall@1"] == pytest.approx(fi["mean"])
+    assert seeds.loc["bicubic", "seeds"] == 1
+    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    assert "## Training seeds" in summary and "identities and seeds" in summary
