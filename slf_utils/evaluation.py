@@ -64,7 +64,8 @@ from slf_utils.preprocessing import read_image, resize, to_rgb
 KS = (1, 3, 5, 10)
 PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
 BOTH = "both"  # the protocol of rows that do not depend on it
-REFERENCES = ("bicubic", "identity_mean", "real_face", "random")
+REFERENCES = ("bicubic", "identity_mean", "attribute_mean", "real_face", "random")
+ATTRIBUTE_MEAN_BY = ("gender", "ethnicity")  # attribute_mean: the training faces sharing these labels, where known
 METRIC_COLUMNS = ["system", "scale", "protocol", "split", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 HIT_COLUMNS = ["system", "scale", "protocol", "split", "clip_id", "identity", "k", "hit"]
@@ -517,6 +518,32 @@ def identity_means(store, identities, size: int) -> dict:
     }
 
 
+def attribute_means(store, clip_ids, size: int) -> list:
+    """The `attribute_mean` reference: per clip, the pixel mean of the training faces that share its labelled gender
+    and ethnicity (ATTRIBUTE_MEAN_BY; an unlabelled one is left out of the match, and a combination no training face
+    has falls back to gender alone, then to all training faces). What knowing the attributes gives: the ceiling of
+    a voice that tells only them (on unseen speakers, where identity_mean does not exist)."""
+    clips = store.clips(stage="preprocess").set_index("clip_id")
+    train = clips[clips["split"] == "train"]
+    faces = store.load_stacked("preprocess", train.index.tolist(), keys=["face"])["face"].astype(np.float64)
+    labels = train[list(ATTRIBUTE_MEAN_BY)].astype(object).where(train[list(ATTRIBUTE_MEAN_BY)].notna(), None)
+    memo = {}
+
+    def mean_of(key):
+        if key not in memo:
+            mask = np.ones(len(train), bool)
+            for a, v in key:
+                mask &= (labels[a] == v).to_numpy()
+            memo[key] = resize(np.round(faces[mask].mean(0)).astype(np.uint8), size) if mask.any() else None
+        return memo[key]
+
+    out = []
+    for c in clip_ids:
+        known = tuple((a, clips.at[c, a]) for a in ATTRIBUTE_MEAN_BY if pd.notna(clips.at[c, a]))
+        out.append(next(m for m in (mean_of(known), mean_of(known[:1]), mean_of(())) if m is not None))
+    return out
+
+
 def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:
     """(clip ids, images) of an image reference row over the gallery; `identity_mean` leaves out the clips whose
     identity has no training face."""
@@ -528,6 +555,8 @@ def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:
         return [c for c, _ in known], [m for _, m in known]
     if kind == "real_face":
         return list(gallery.clip_ids), [resize(to_rgb(f), size) for f in gallery.faces]
+    if kind == "attribute_mean":
+        return list(gallery.clip_ids), attribute_means(store, gallery.clip_ids, size)
     raise ValueError(f"reference_images: {kind!r} has no images")
 
 

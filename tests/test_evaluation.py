@@ -644,3 +644,23 @@ def test_two_level_interval_is_wider_when_seeds_disagree():
     v, lo, hi, _ = ev.two_level_ci(disagree, ids, 2000, 0)
     _, id_lo, id_hi, _ = ev.two_level_ci(disagree.mean(1, keepdims=True), ids, 2000, 0)
     assert v == pytest.approx(disagree.mean()) and hi - lo > 1.5 * (id_hi - id_lo)
+
+
+def test_attribute_mean_row_is_the_mean_training_face_of_the_querys_labels(synthetic):
+    """attribute_mean: the mean training face of the clip's gender x ethnicity; with ethnicity unlabelled, of its
+    gender; computed by hand from the stored faces."""
+    cfg, store = synthetic
+    clips = store.clips(stage="preprocess")
+    train = clips[clips["split"] == "train"]
+    faces = store.load_stacked("preprocess", train["clip_id"].tolist(), keys=["face"])["face"].astype(float)
+    query = clips[clips["split"] == "test"].iloc[0]
+    same = ((train["gender"] == query["gender"]) & (train["ethnicity"] == query["ethnicity"])).to_numpy()
+    want = np.round(faces[same].mean(0)).astype(np.uint8)
+    got = ev.attribute_means(store, [query["clip_id"]], want.shape[0])[0]
+    np.testing.assert_array_equal(got, want)
+    store.update_labels(query["clip_id"], ethnicity=None)  # unlabelled: gender alone
+    by_gender = np.round(faces[(train["gender"] == query["gender"]).to_numpy()].mean(0)).astype(np.uint8)
+    np.testing.assert_array_equal(ev.attribute_means(store, [query["clip_id"]], want.shape[0])[0], by_gender)
+    assert not np.array_equal(by_gender, want)
+    m = ev.run(cfg, "attribute_mean", log=lambda *a: None)
+    assert m.set_index("metric").loc["n_unsampled", "value"].max() == 0
