@@ -508,3 +508,34 @@ def test_temp_files_of_dead_writers_are_reported_removed_and_not_counted(tmp_pat
     store.close()
     Store(tmp_path).put("b", "mel", {"frames": np.ones((2, 3))}, "h")  # a new writing session clears them
     assert not dead.exists() and not old.exists() and store.check() == []
+
+
+def _hold(path, seconds):
+    with WriterLock(path, "grid run other.yaml"):
+        time.sleep(seconds)
+
+
+def test_a_second_grid_run_on_one_results_folder_is_refused(tmp_path):
+    import yaml
+
+    from slf_utils import grid
+
+    (tmp_path / "m.csv").write_text("clip_id,identity,split,video\n")
+    cfg = {"name": "g", "results": str(tmp_path / "results"), "systems": ["full_input"], "model": {"preset": "tiny"}}
+    cfg["data"] = {"kind": "manifest", "manifest": str(tmp_path / "m.csv"), "root": str(tmp_path)}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    holder = mp.get_context("spawn").Process(target=_hold, args=(tmp_path / "results" / ".grid.lock", 60))
+    holder.start()
+    t0 = time.time()
+    while not (tmp_path / "results" / ".grid.lock").exists() or not store_module._lock_busy(
+        tmp_path / "results" / ".grid.lock"
+    ):
+        assert time.time() - t0 < 60
+        time.sleep(0.05)
+    try:
+        with pytest.raises(store_module.StoreLocked, match=rf"grid run .*g.yaml: refused, pid {holder.pid} on "):
+            grid.run(tmp_path / "g.yaml", scheduler="sequential")
+        assert not (tmp_path / "results" / "store").exists()  # refused before any step ran
+    finally:
+        holder.kill()
+        holder.join()
