@@ -462,8 +462,21 @@ def _segment_range(name: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-_readers: dict = {}  # (db, inode, journal mode) -> [pid, connection, its lock]: `get`'s cached connection
-_prepared: set = set()  # (db, inode) whose format this process has checked
+_readers: dict = {}  # (db, identity, journal mode) -> [pid, connection, its lock]: `get`'s cached connection
+_prepared: set = set()  # (db, identity) whose format this process has checked
+
+
+def _identity(db) -> tuple[int, int] | None:
+    """(inode, SQLite application_id: random, set when the store is created): a store deleted and created again at
+    the same path (whose inode may be reused) is another database, and a cached connection to the old one is stale."""
+    try:
+        fd = os.open(db, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd).st_ino, int.from_bytes(os.pread(fd, 4, 68), "big")
+    finally:
+        os.close(fd)
 
 
 def _close_readers(db) -> None:
@@ -549,8 +562,7 @@ class Store:
 
     def _prepare(self):
         """Create the schema in a new store, refuse an old one (once per process and database file)."""
-        key = (str(self.db), self.db.stat().st_ino) if self.db.exists() else None
-        if key and key in _prepared:
+        if (str(self.db), _identity(self.db)) in _prepared:
             self._ready = True
             return
         con = self._open()
@@ -566,10 +578,12 @@ class Store:
             if found > SCHEMA_VERSION:
                 raise StoreFormatError(f"{self.root}: store format {found} is newer than this workbook's; update it")
             if found == 0:
-                con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+                app = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+                con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; PRAGMA application_id={app};")
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the id into the file's header now (WAL keeps it)
         finally:
             con.close()
-        _prepared.add((str(self.db), self.db.stat().st_ino))
+        _prepared.add((str(self.db), _identity(self.db)))
         self._ready = True
 
     @contextmanager
@@ -583,13 +597,18 @@ class Store:
             con.close()
 
     def _reader(self):
-        """This process's cached connection to the store ([pid, connection, lock]): `get` costs one query."""
+        """This process's cached connection to the store ([pid, connection, lock]): `get` costs one query. Read-only:
+        closing it never checkpoints nor deletes the WAL by its path, which, were the store deleted and created
+        again at the same path, would be another database's. The journal mode is the writers' business."""
         if not self._ready:
             self._prepare()
-        key = (str(self.db), self.db.stat().st_ino, self.journal_mode)
+        key = (str(self.db), _identity(self.db), self.journal_mode)
         got = _readers.get(key)
         if got is None or got[0] != os.getpid():  # a forked child never uses its parent's connection
-            got = _readers[key] = [os.getpid(), self._open(), threading.Lock()]
+            _close_readers(self.db)  # another database at this path now, or a parent's: not used again
+            con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA busy_timeout=60000")
+            got = _readers[key] = [os.getpid(), con, threading.Lock()]
         return got
 
     @contextmanager
@@ -694,12 +713,15 @@ class Store:
     # ------------------------------------------------------------------ stage status and arrays
     def _row(self, clip_id, stage):
         """(file, params_hash) of a done clip, None otherwise: one query by primary key on the cached connection."""
+        sql = "SELECT file, params_hash FROM stages WHERE clip_id = ? AND stage = ? AND status = 'done'"
         _, con, lock = self._reader()
-        with lock:
-            return con.execute(
-                "SELECT file, params_hash FROM stages WHERE clip_id = ? AND stage = ? AND status = 'done'",
-                (str(clip_id), stage),
-            ).fetchone()
+        try:
+            with lock:
+                return con.execute(sql, (str(clip_id), stage)).fetchone()
+        except sqlite3.OperationalError:  # e.g. a killed writer's hot journal, which only a writable one rolls back
+            _close_readers(self.db)
+            with self._connect() as con:
+                return con.execute(sql, (str(clip_id), stage)).fetchone()
 
     def path(self, clip_id, stage) -> Path:
         """The array file of a done clip (where its row says); for any other clip, where a legacy file would be."""
@@ -1224,7 +1246,7 @@ def _migrate_rows(con, root, found, log, tqdm) -> None:
         done = con.execute(
             "SELECT clip_id, params_hash FROM stages WHERE stage = 'preprocess' AND status = 'done'"
         ).fetchall()
-        for cid, h in tqdm(done, desc="migrate: audio out of preprocess", disable=not done):
+        for cid, h in tqdm(done, desc="migrate: audio out of preprocess", disable=not done or None):
             pre = arrays / "preprocess" / f"{safe_key(cid)}.npz"
             aud = arrays / AUDIO_STAGE / pre.name
             if not whole(pre):
@@ -1259,6 +1281,8 @@ def _migrate_rows(con, root, found, log, tqdm) -> None:
             (AUDIO_STAGE,),
         )
     con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    if not con.execute("PRAGMA application_id").fetchone()[0]:
+        con.execute(f"PRAGMA application_id={int.from_bytes(os.urandom(4), 'big') & 0x7FFFFFFF}")
     con.execute("COMMIT")
     log(
         f"{root}: migrated to format {SCHEMA_VERSION} ({len(named)} files, {len(audio_rows)} clips' audio in the "

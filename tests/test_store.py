@@ -539,3 +539,17 @@ def test_a_second_grid_run_on_one_results_folder_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.join()
+
+
+def test_a_store_created_again_at_the_same_path_is_not_read_through_a_stale_connection(tmp_path):
+    import shutil
+
+    for r in range(3):
+        store = Store(tmp_path / "s")
+        store.put_many("mel", [(f"c{i}", {"frames": np.full((2, 2), r)}) for i in range(20)], f"h{r}")
+        assert store.get("c3", "mel")["frames"][0, 0] == r  # caches the reader connection
+        store.close()
+        if r < 2:
+            shutil.rmtree(tmp_path / "s")
+    store_module._close_readers(tmp_path / "s" / "store.sqlite")
+    assert Store(tmp_path / "s").done("mel", "h2") == {f"c{i}" for i in range(20)} and store.check() == []
