@@ -1054,6 +1054,25 @@ class Store:
     # ------------------------------------------------------------------ housekeeping
 
     # ------------------------------------------------------------------ housekeeping
+    def _check_file(self, cid, stage, h, file) -> str | None:
+        """Why a done row's file is not right (None if it is): absent, unreadable, or another clip's or hash's."""
+        p = self.arrays / stage / str(file)
+        if not exists(file) or not p.is_file():
+            return f"missing: {stage}/{cid}: done but {p.name} is missing"
+        try:
+            with np.load(p) as z:
+                meta = _npz_meta(z)
+                for k in z.files:
+                    z[k]
+            if meta is None and p.name != f"{safe_key(cid)}.npz":  # only migrated files predate __meta__
+                raise StoreError("no __meta__ entry")
+            _verify(meta, cid, stage, h, p)
+        except StoreError as e:
+            return f"mismatch: {stage}/{cid}: {e}"
+        except Exception as e:  # zero-length, truncated, not a zip...
+            return f"unreadable: {stage}/{cid}: {p.name}: {type(e).__name__}: {e}"
+        return None
+
     def check(self, repair: bool = False, log=print) -> list[str]:
         """Consistency problems, each '<kind>: <what>'. Kinds: `missing` / `unreadable` / `mismatch` (a done row whose
         file is absent, does not read, or holds another clip, stage or parameter hash), `orphan` (a file no row or
@@ -1063,6 +1082,11 @@ class Store:
         files, marks the rows of the first three kinds `failed` (the next run recomputes them), and returns what it
         could not repair (nothing, normally)."""
         problems, fixed = [], []
+        if repair:  # every stage's writer lock first: nothing changes under the repair
+            stages = set(self._query("SELECT DISTINCT stage FROM stages").stage)
+            stages |= {d.name for d in self.arrays.iterdir() if d.is_dir() and not d.name.endswith(".cache")}
+            for stage in sorted(stages - {".old-caches"}):
+                self._stage_lock(stage)
         rows = self._query("SELECT clip_id, stage, params_hash, status, file FROM stages")
         named = {}
         for cid, stage, h, status, file in rows.itertuples(index=False):
@@ -1070,23 +1094,14 @@ class Store:
                 named.setdefault(stage, set()).add(file)
             if status != "done":
                 continue
-            p = self.arrays / stage / str(file)
-            why = None
-            if not exists(file) or not p.is_file():
-                why = f"missing: {stage}/{cid}: done but {p.name} is missing"
-            else:
-                try:
-                    with np.load(p) as z:
-                        meta = _npz_meta(z)
-                        for k in z.files:
-                            z[k]
-                    if meta is None and p.name != f"{safe_key(cid)}.npz":  # only migrated files predate __meta__
-                        raise StoreError("no __meta__ entry")
-                    _verify(meta, cid, stage, h, p)
-                except StoreError as e:
-                    why = f"mismatch: {stage}/{cid}: {e}"
-                except Exception as e:  # zero-length, truncated, not a zip...
-                    why = f"unreadable: {stage}/{cid}: {p.name}: {type(e).__name__}: {e}"
+            why = self._check_file(cid, stage, h, file)
+            if why and not repair:  # a live writer may have re-written it since the rows were read: ask again
+                now = self._query(
+                    "SELECT params_hash, file FROM stages WHERE clip_id = ? AND stage = ? AND status = 'done'",
+                    (cid, stage),
+                )
+                if now.empty or tuple(now.iloc[0]) != (h, file):
+                    why = None if now.empty else self._check_file(cid, stage, *now.iloc[0])
             if why:
                 problems.append(why)
                 if repair:
@@ -1104,9 +1119,7 @@ class Store:
             if d.is_file():
                 problems.append(f"orphan: {d}")
                 continue
-            if repair:
-                self._stage_lock(d.name)
-            elif _lock_busy(self.root / "locks" / f"{safe_key(d.name)}.lock"):
+            if not repair and _lock_busy(self.root / "locks" / f"{safe_key(d.name)}.lock"):
                 continue  # a writer is at work there: its new files are not named yet
             for e in os.scandir(d):
                 if e.name in named.get(d.name, ()):
