@@ -14,7 +14,7 @@ killed with SIGKILL after a random delay within the scenario's measured duration
 After each fault: `check` (orphans and temp files are expected leftovers; anything else is an inconsistency),
 `get` and the cache against the rows' hashes, nothing done before is lost, `check --repair` leaves it clean.
 
-    python benchmarks/faults.py --faults 200            # ~ 2-4 min on 2 cores
+    python benchmarks/faults.py --faults 200            # ~ 6 min on 2 cores shared with other jobs
     python benchmarks/faults.py --faults 20 --clips 50  # quick
 """
 
