@@ -2,50 +2,78 @@
 per-key, append-only training caches. Designed to stay flat in cost per clip up to VoxCeleb2 (1.09 M clips).
 
 Layout under `root`:
-* `store.sqlite` — tables `clips`, `stages(clip_id, stage, params_hash, status, reason, updated, seq)`,
+* `store.sqlite` — tables `clips`, `stages(clip_id, stage, params_hash, status, reason, updated, seq, file)`,
   `provenance(stage, json)` and `versions(stage, version)`. Every write of a stage bumps its version and stamps the
   clip's row with it (`seq`), so "what changed since the cache was built" is one indexed range query.
-* `arrays/<stage>/<safe clip key>.npz` — one file per clip and stage, written atomically: the unit of resumable work.
-* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` + `.json` — training caches, one folder per array key, built lazily
-  on the first `load_stacked` that asks for that key. A segment holds the clips written with `lo < seq <= hi`
-  (zero-padded along the first axis; the .json lists clip ids, true lengths and clips removed since). New clips
-  append a new segment; nothing already written is rewritten, and a re-written clip is found in the newest
-  segment that has it. Segments are immutable and appear by atomic rename (.json last), so any number of
-  processes, on any host, can read them while another builds the next one.
+* `arrays/<stage>/<safe clip key>.<random>.npz` — one file per clip and stage, the unit of resumable work. A write
+  never replaces a file: it writes a new name, and the row records the name (`file`). Each file also holds
+  `__meta__` (clip id, stage, parameter hash), so a file can be checked against its row.
+* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` — training caches, one folder per array key, built lazily on the first
+  `load_stacked` that asks for that key. A segment holds the clips written with `lo < seq <= hi` (zero-padded along
+  the first axis) and, after the array data, a JSON trailer: clip ids, true lengths, clips removed since. New clips
+  append a new segment; a re-written clip is found in the newest segment that has it. A segment is one file,
+  published complete under its final name by a hard link that fails if the name exists: the first builder wins
+  and a name's content never changes, so any number of processes, on any host, read while another builds.
+* `locks/<stage>.lock` — the writer lock of a stage (see below).
 * Audio has its own stage (`audio`, written by preprocessing and read one clip at a time by feature extraction)
   and is never part of a training cache: 24 s of 16 kHz float32 is 1.5 MB a clip, 1.6 TB for VoxCeleb2 dev.
 
+Crash safety (any kill point, `benchmarks/faults.py` injects them): `put_many` writes the new files (temp name,
+fsync, rename, fsync of the folder), then commits the rows that name them in one transaction (synchronous=FULL),
+then removes the files the rows named before. Killed before the commit, the rows still name the old files, which
+are untouched; after it, the rows name the new ones. Either way a row and its file agree; what is left is a file
+no row names (an orphan) or a temp file, which `check` reports and `check --repair` removes. `get` and the caches
+read the file the row names and verify its `__meta__`, so they never return arrays of a hash other than the row's.
+
+One writer per stage: the first write of a stage by a `Store` takes `locks/<stage>.lock` (`fcntl.flock`, released
+by the kernel when the process dies; the file says host, pid and command) and holds it until `Store.close()`, the
+end of a `with Store(...)` block or the instance's garbage collection; any number of instances in one process share
+it. A second process that writes the stage is refused with a message naming the holder. A lock whose pid is dead on
+this host (held on only by a forked child) is stale and taken over. Readers never lock. The grid holds
+`results/<grid>/.grid.lock` for a whole `grid run` (a second run on the same results folder is refused the same
+way); the notebooks it runs are other processes that take the stage locks as they write, so the grid's own
+kernels are never refused by the grid's lock, and two steps that write different stages run at once.
+
 Why not Zarr: the arrays here are small per clip and read by random fancy index; append-only .npy segments under
-a SQLite index give the same properties (chunked, appendable, memory-mapped, concurrent readers) with numpy
-alone, and keep one source of truth for what is done (the `stages` table).
+a SQLite index give the same properties (chunked, appendable, concurrent readers) with numpy alone, and keep one
+source of truth for what is done (the `stages` table).
 
-Concurrency: `journal_mode` is a parameter (`store.journal_mode` in a grid file). WAL (default) lets readers and
-one writer work at once on one host; it needs shared memory, so a store on a network filesystem shared by several
-nodes must use `delete` (rollback journal with file locks). Either way the workbook's stages let workers return
-arrays and only the driver writes, and `Store.get` reads an array file without opening the database at all.
+Concurrency: `journal_mode` is a parameter (`store.journal_mode` in a grid file), applied on every connection.
+WAL (default) lets readers and one writer work at once on one host; it needs shared memory, so a store on a network
+filesystem shared by several nodes must use `delete` (rollback journal with file locks). Leaving WAL needs the only
+connection to the database: while another process has it open the switch is refused with that reason. `check` and
+`migrate` keep whatever mode the store has. `Store.get` is one indexed query on a cached connection and one file.
 
-A store from the previous format (audio inside `preprocess`, one cache file per stage) is refused with the
-command that migrates it: `python -m slf_utils.store migrate RESULTS/store` (nothing is recomputed).
+A store from a previous format (1: audio inside `preprocess`; 2: no file names in the rows) is refused with the
+command that migrates it: `python -m slf_utils.store migrate RESULTS/store` (nothing is recomputed). `python -m
+slf_utils.store check RESULTS/store [--repair]` verifies every done row's file against the row.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sqlite3
+import struct
+import sys
+import threading
 import time
+import weakref
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import atomic_save_npz, atomic_write, atomic_write_json, exists
+from slf_utils.config import exists
 
 CLIP_COLUMNS = ("clip_id", "identity", "split", "video", "audio", "face", "gender", "age", "ethnicity", "language")
 LABEL_COLUMNS = ("gender", "age", "ethnicity", "language")
@@ -65,14 +93,17 @@ _GENDERS = {
 AUDIO_STAGE = "audio"  # read per clip with `get`, never cached for batches
 SEGMENT_ROWS = 50_000  # clips per cache segment file: bounds the cost of one build, whatever the corpus size
 JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
-SCHEMA_VERSION = 2  # 1: audio inside `preprocess`, one cache file per stage (see `migrate`)
+SCHEMA_VERSION = 3  # 1: audio inside `preprocess`; 2: rows without file names (see `migrate`)
+META = "__meta__"  # the entry of each array file that says which clip, stage and parameter hash it holds
+_TRAILER = struct.Struct("<Q8s")  # a cache segment ends with its JSON's length and this magic
+_MAGIC = b"SLFSEG01"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clips (
     clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, face TEXT,
     gender TEXT, age REAL, ethnicity TEXT, language TEXT, extra TEXT NOT NULL DEFAULT '{}');
 CREATE TABLE IF NOT EXISTS stages (
     clip_id TEXT NOT NULL, stage TEXT NOT NULL, params_hash TEXT NOT NULL, status TEXT NOT NULL,
-    reason TEXT, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (clip_id, stage));
+    reason TEXT, updated REAL NOT NULL, seq INTEGER NOT NULL DEFAULT 0, file TEXT, PRIMARY KEY (clip_id, stage));
 CREATE INDEX IF NOT EXISTS stages_by_stage ON stages (stage, status, params_hash);
 CREATE INDEX IF NOT EXISTS stages_by_seq ON stages (stage, seq);
 CREATE TABLE IF NOT EXISTS provenance (stage TEXT PRIMARY KEY, json TEXT NOT NULL);
@@ -80,17 +111,245 @@ CREATE TABLE IF NOT EXISTS versions (stage TEXT PRIMARY KEY, version INTEGER NOT
 """
 
 
+class StoreFormatError(RuntimeError):
+    """The store on disk was written by an older workbook (or is not a store); the message says what to run."""
+
+
+class StoreError(RuntimeError):
+    """The store cannot do this now (a journal mode switch, a file that disagrees with its row); says why."""
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds the writer lock; the message names it and says how to clear a stale lock."""
+
+
+# ---------------------------------------------------------------------- files: temp names, fsync, atomic publication
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid) -> bool:
+    """Whether a process of this host runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(int(pid), 0)
+    except PermissionError:  # exists, another user's
+        return True
+    except (OSError, TypeError, ValueError):
+        return False
+    try:
+        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tmp(path: Path) -> Path:
+    """A temp name beside `path` that says who writes it, so a cleanup can tell a dead writer's leftover from a
+    write in progress: `.<name>+<pid>+<host>+<random>.tmp`."""
+    return path.parent / f".{path.name}+{os.getpid()}+{_HOST}+{os.urandom(4).hex()}.tmp"
+
+
+def _is_temp(name: str) -> bool:
+    return name.startswith(".") and ".tmp" in name
+
+
+def _stale_temp(path: Path, min_age_s=3600) -> bool:
+    """A temp file no live process is writing: its writer's pid is dead on this host; an untagged one (older
+    workbooks) or another host's once it is `min_age_s` old."""
+    parts = path.name.removesuffix(".tmp").split("+")
+    if len(parts) == 4 and parts[2] == _HOST:
+        return not _alive(parts[1])
+    try:
+        return time.time() - path.stat().st_mtime > min_age_s
+    except FileNotFoundError:
+        return False
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_all(paths) -> None:
+    """fsync many files at once: a few in flight share the filesystem's journal commits (0.2 ms a file, not 2)."""
+    paths = list(paths)
+    if len(paths) < 4:
+        for p in paths:
+            _fsync(p)
+        return
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(_fsync, paths))
+
+
+def _write(path: Path, write_fn, sync=True, replace=True) -> bool:
+    """write_fn(tmp) then publish as `path`: readers never see a half-written file. With `replace=False` the name is
+    created only if it does not exist (a hard link; False when another process published it first)."""
+    tmp = _tmp(path)
+    try:
+        write_fn(tmp)
+        if sync:
+            _fsync(tmp)
+        if replace:
+            os.replace(tmp, path)
+            return True
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: last writer wins (the contents are equivalent)
+            os.replace(tmp, path)
+            return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _save_npz(path: Path, arrays: dict, meta: dict | None, sync=True) -> None:
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays, **({META: np.array(json.dumps(meta, sort_keys=True))} if meta else {}))
+
+    _write(path, write, sync=sync)
+
+
+def _npz_meta(z) -> dict | None:
+    return json.loads(str(z[META])) if META in z.files else None
+
+
 def _npz_headers(path) -> dict:
-    """{key: (shape, dtype)} of an .npz without reading the data."""
+    """{key: (shape, dtype)} of an .npz without reading the data (the `__meta__` entry left out)."""
     out = {}
     with zipfile.ZipFile(path) as zf:
         for name in zf.namelist():
+            if name == META + ".npy":
+                continue
             with zf.open(name) as f:
                 major, _ = np.lib.format.read_magic(f)
                 read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
                 shape, _, dtype = read(f)
             out[name.removesuffix(".npy")] = (shape, dtype)
     return out
+
+
+def _fsync_dir(d) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------- the writer lock
+_held: dict = {}  # lock path -> [pid, fd, holders]: instances of one process share a lock
+
+
+class WriterLock:
+    """An exclusive, advisory lock on `path` (`fcntl.flock`: the kernel releases it when the process dies). The file
+    records the holder (host, pid, command); a refused process gets them in the message. Reentrant within a
+    process. `with WriterLock(path, what):` or `acquire()`/`release()`."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what, self.held = Path(path), what, False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(self.path.read_text() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def acquire(self, wait_s: float = 2.0):
+        """Take the lock or raise StoreLocked. Waits up to `wait_s` (a `check` may be probing it for a moment)."""
+        if self.held:
+            return self
+        got = _held.get(str(self.path))
+        if got and got[0] == os.getpid():
+            got[2] += 1
+            self.held = True
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = self._holder()
+                same = _same_file(fd, self.path)
+                os.close(fd)
+                if same and info.get("host") == _HOST and not _alive(info.get("pid")):
+                    # stale: its holder died and a forked child of it keeps the flock; a new file is a new lock
+                    self.path.unlink(missing_ok=True)
+                    continue
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                raise StoreLocked(self._refusal(info)) from None
+            if not _same_file(fd, self.path):  # another process took a stale lock over meanwhile: try again
+                os.close(fd)
+                continue
+            info = {"host": _HOST, "pid": os.getpid(), "command": " ".join(sys.argv)[:300], "what": self.what}
+            info["since"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(info).encode(), 0)
+            _held[str(self.path)] = [os.getpid(), fd, 1]
+            self.held = True
+            return self
+
+    def _refusal(self, info) -> str:
+        who = f"pid {info.get('pid', '?')} on {info.get('host', '?')} ({info.get('command', '?')!r}, since "
+        who += f"{info.get('since', '?')}: {info.get('what', '?')})"
+        return (
+            f"{self.what}: refused, {who} holds {self.path}. One writer at a time: wait for it to finish or stop it. "
+            f"If that process no longer exists (its host crashed), remove {self.path} and retry; on this host a "
+            "dead holder's lock is taken over by itself."
+        )
+
+    def release(self):
+        if not self.held:
+            return
+        self.held = False
+        got = _held.get(str(self.path))
+        if not got or got[0] != os.getpid():
+            return
+        got[2] -= 1
+        if got[2] == 0:
+            del _held[str(self.path)]
+            fcntl.flock(got[1], fcntl.LOCK_UN)
+            os.close(got[1])
+
+
+def _same_file(fd, path) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock_busy(path) -> bool:
+    """Whether another process holds the lock at `path` (taken and released at once if free)."""
+    got = _held.get(str(path))
+    if (got and got[0] == os.getpid()) or not Path(path).exists():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def safe_key(clip_id: str) -> str:
@@ -163,6 +422,20 @@ def _npy_layout(path) -> dict:
         return {"path": str(path), "offset": f.tell(), "shape": shape, "dtype": dtype}
 
 
+def _segment_meta(path) -> dict:
+    """The JSON trailer of a cache segment (clip ids, lengths, removed ids); raises if the file is not whole."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size < _TRAILER.size:
+            raise ValueError(f"{path}: truncated segment")
+        f.seek(size - _TRAILER.size)
+        n, magic = _TRAILER.unpack(f.read(_TRAILER.size))
+        if magic != _MAGIC or n > size - _TRAILER.size:
+            raise ValueError(f"{path}: not a complete cache segment")
+        f.seek(size - _TRAILER.size - n)
+        return json.loads(f.read(n))
+
+
 def _read_rows(seg: dict, rows, out: np.ndarray, at) -> None:
     """out[at[j]] = rows[j] of a segment, the first out.shape[1] frames only (they are contiguous on disk)."""
     frame = seg["dtype"].itemsize * int(np.prod(seg["shape"][2:], dtype=np.int64))
@@ -181,10 +454,6 @@ def _read_rows(seg: dict, rows, out: np.ndarray, at) -> None:
         os.close(fd)
 
 
-class StoreFormatError(RuntimeError):
-    """The store on disk was written by an older workbook; the message says what to run."""
-
-
 _SEGMENT = re.compile(r"\d{12}-\d{12}")
 
 
@@ -193,24 +462,63 @@ def _segment_range(name: str) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
+_readers: dict = {}  # (db, identity, journal mode) -> [pid, connection, its lock]: `get`'s cached connection
+_prepared: set = set()  # (db, identity) whose format this process has checked
+
+
+def _identity(db) -> tuple[int, int] | None:
+    """(inode, SQLite application_id: random, set when the store is created): a store deleted and created again at
+    the same path (whose inode may be reused) is another database, and a cached connection to the old one is stale."""
+    try:
+        fd = os.open(db, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return os.fstat(fd).st_ino, int.from_bytes(os.pread(fd, 4, 68), "big")
+    finally:
+        os.close(fd)
+
+
+def _close_readers(db) -> None:
+    for key in [k for k in _readers if k[0] == str(db)]:
+        pid, con, lock = _readers.pop(key)
+        if pid == os.getpid():
+            with lock:
+                con.close()
+
+
 class Store:
-    def __init__(self, root, journal_mode: str = "wal"):
-        if journal_mode not in JOURNAL_MODES:
+    def __init__(self, root, journal_mode: str | None = "wal"):
+        """`journal_mode`: one of JOURNAL_MODES, applied on every connection; None keeps the store's own (check,
+        migrate)."""
+        if journal_mode is not None and journal_mode not in JOURNAL_MODES:
             raise ValueError(f"store.journal_mode must be one of {', '.join(JOURNAL_MODES)}, got {journal_mode!r}")
         self.root = Path(root)
         self.db = self.root / "store.sqlite"
         self.arrays = self.root / "arrays"
         self.journal_mode = journal_mode
         self.arrays.mkdir(parents=True, exist_ok=True)
-        self._ready = False  # the schema is checked on first use: `get` alone never opens the database
+        self._ready = False  # the schema is checked on first use
         self._caches = {}  # (stage, key) -> (version, its segments newest first)
         self._seg = {}  # (stage, key, segment name) -> loaded segment (segments never change once built)
         self._keys = {}  # stage -> its array keys
+        self._locks = {}  # stage -> its WriterLock, taken on the first write of the stage
+        weakref.finalize(self, _release_all, self._locks)
 
     def __repr__(self):
         return f"Store({str(self.root)!r})"
 
-    # pickling: only the root travels to Dask workers / subprocesses, caches are rebuilt there
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Release the stage writer locks this instance holds (the store stays usable; a write takes them again)."""
+        _release_all(self._locks)
+
+    # pickling: only the root travels to Dask workers / subprocesses, caches are rebuilt there, locks are not held
     def __getstate__(self):
         return {"root": self.root, "journal_mode": self.journal_mode}
 
@@ -218,30 +526,64 @@ class Store:
         self.__init__(state["root"], state.get("journal_mode", "wal"))
 
     def _open(self):
-        con = sqlite3.connect(self.db, timeout=60, isolation_level=None)
+        con = sqlite3.connect(self.db, timeout=0, isolation_level=None, check_same_thread=False)
+        try:
+            self._apply_journal_mode(con)
+        except BaseException:
+            con.close()
+            raise
         con.execute("PRAGMA busy_timeout=60000")
-        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the files it replaced are removed
         return con
 
+    def _apply_journal_mode(self, con):
+        """Set the journal mode on this connection (rollback modes are per connection, WAL is kept in the file).
+        Leaving or entering WAL needs the only connection to the database: retried for 2 s, then refused."""
+        mode = self.journal_mode
+        if mode is None:
+            return
+        for attempt in range(40):
+            try:
+                if con.execute(f"PRAGMA journal_mode={mode}").fetchone()[0] == mode:
+                    return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) and "busy" not in str(e):
+                    raise
+            if attempt == 0:
+                _close_readers(self.db)  # this process's own cached connections must not block the switch
+            time.sleep(0.05)
+        now = con.execute("PRAGMA journal_mode").fetchone()[0]
+        raise StoreError(
+            f"{self.root}: cannot switch the journal mode from {now} to {mode} now: "
+            f"{'leaving' if now == 'wal' else 'entering'} WAL needs the only connection to the database, and another "
+            f"process has this store open. Stop its other readers and writers first, or open it with "
+            f"journal_mode={now}."
+        )
+
     def _prepare(self):
-        """Create the schema in a new store, refuse an old one, and set the journal mode asked for."""
+        """Create the schema in a new store, refuse an old one (once per process and database file)."""
+        if (str(self.db), _identity(self.db)) in _prepared:
+            self._ready = True
+            return
         con = self._open()
         try:
             found = con.execute("PRAGMA user_version").fetchone()[0]
             if 0 < found < SCHEMA_VERSION:
+                what = {1: "audio inside the preprocess stage, one cache per stage", 2: "rows without file names"}
                 raise StoreFormatError(
-                    f"{self.root}: store format {found} (audio inside the preprocess stage, one cache per stage); "
-                    f"this workbook reads format {SCHEMA_VERSION}. Migrate it in place (nothing is recomputed): "
+                    f"{self.root}: store format {found} ({what.get(found, 'older')}); this workbook reads format "
+                    f"{SCHEMA_VERSION}. Migrate it in place (nothing is recomputed): "
                     f"python -m slf_utils.store migrate {self.root}"
                 )
             if found > SCHEMA_VERSION:
                 raise StoreFormatError(f"{self.root}: store format {found} is newer than this workbook's; update it")
-            if con.execute("PRAGMA journal_mode").fetchone()[0] != self.journal_mode:
-                con.execute(f"PRAGMA journal_mode={self.journal_mode}")
             if found == 0:
-                con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION};")
+                app = int.from_bytes(os.urandom(4), "big") & 0x7FFFFFFF
+                con.executescript(_SCHEMA + f"PRAGMA user_version={SCHEMA_VERSION}; PRAGMA application_id={app};")
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the id into the file's header now (WAL keeps it)
         finally:
             con.close()
+        _prepared.add((str(self.db), _identity(self.db)))
         self._ready = True
 
     @contextmanager
@@ -253,6 +595,21 @@ class Store:
             yield con
         finally:
             con.close()
+
+    def _reader(self):
+        """This process's cached connection to the store ([pid, connection, lock]): `get` costs one query. Read-only:
+        closing it never checkpoints nor deletes the WAL by its path, which, were the store deleted and created
+        again at the same path, would be another database's. The journal mode is the writers' business."""
+        if not self._ready:
+            self._prepare()
+        key = (str(self.db), _identity(self.db), self.journal_mode)
+        got = _readers.get(key)
+        if got is None or got[0] != os.getpid():  # a forked child never uses its parent's connection
+            _close_readers(self.db)  # another database at this path now, or a parent's: not used again
+            con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+            con.execute("PRAGMA busy_timeout=60000")
+            got = _readers[key] = [os.getpid(), con, threading.Lock()]
+        return got
 
     @contextmanager
     def _transaction(self):
@@ -273,6 +630,18 @@ class Store:
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
+
+    def _stage_lock(self, stage):
+        """Take (once) the writer lock of a stage, and clear the temp files that dead writers left there."""
+        if stage not in self._locks:
+            lock = WriterLock(
+                self.root / "locks" / f"{safe_key(stage)}.lock", f"writing stage {stage!r} of {self.root}"
+            )
+            self._locks[stage] = lock.acquire()
+            d = self.arrays / stage
+            for e in os.scandir(d) if d.is_dir() else ():
+                if _is_temp(e.name) and _stale_temp(Path(e.path), min_age_s=86400):
+                    Path(e.path).unlink(missing_ok=True)
 
     def _query(self, sql, args=()) -> pd.DataFrame:
         with self._connect() as con:
@@ -341,46 +710,90 @@ class Store:
                 )
 
     # ------------------------------------------------------------------ stage status and arrays
-    def path(self, clip_id, stage) -> Path:
-        return self.arrays / stage / f"{safe_key(clip_id)}.npz"
+    # ------------------------------------------------------------------ stage status and arrays
+    def _row(self, clip_id, stage):
+        """(file, params_hash) of a done clip, None otherwise: one query by primary key on the cached connection."""
+        sql = "SELECT file, params_hash FROM stages WHERE clip_id = ? AND stage = ? AND status = 'done'"
+        _, con, lock = self._reader()
+        try:
+            with lock:
+                return con.execute(sql, (str(clip_id), stage)).fetchone()
+        except sqlite3.OperationalError:  # e.g. a killed writer's hot journal, which only a writable one rolls back
+            _close_readers(self.db)
+            with self._connect() as con:
+                return con.execute(sql, (str(clip_id), stage)).fetchone()
 
-    def _set_status(self, con, clip_id, stage, params_hash, status, reason):
+    def path(self, clip_id, stage) -> Path:
+        """The array file of a done clip (where its row says); for any other clip, where a legacy file would be."""
+        row = self._row(clip_id, stage)
+        return self.arrays / stage / (row[0] if row and row[0] else f"{safe_key(clip_id)}.npz")
+
+    def _set_status(self, con, clip_id, stage, params_hash, status, reason, file=None):
+        """Upsert a row; returns the file the row named before (to remove once the transaction is committed)."""
         con.execute(
             "INSERT INTO versions (stage, version) VALUES (?, 1) "
             "ON CONFLICT(stage) DO UPDATE SET version = version + 1",
             (stage,),
         )
         (seq,) = con.execute("SELECT version FROM versions WHERE stage = ?", (stage,)).fetchone()
+        old = con.execute("SELECT file FROM stages WHERE clip_id = ? AND stage = ?", (clip_id, stage)).fetchone()
         con.execute(
-            "INSERT INTO stages (clip_id, stage, params_hash, status, reason, updated, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(clip_id, stage) DO UPDATE SET "
+            "INSERT INTO stages (clip_id, stage, params_hash, status, reason, updated, seq, file) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(clip_id, stage) DO UPDATE SET "
             "params_hash=excluded.params_hash, status=excluded.status, reason=excluded.reason, "
-            "updated=excluded.updated, seq=excluded.seq",
-            (clip_id, stage, params_hash, status, reason, time.time(), seq),
+            "updated=excluded.updated, seq=excluded.seq, file=excluded.file",
+            (clip_id, stage, params_hash, status, reason, time.time(), seq, file),
         )
+        return old[0] if old and old[0] != file else None
 
     def put(self, clip_id, stage, arrays: dict, params_hash: str):
-        """Write the arrays of one clip and stage (atomically), then mark it done. The file is in place before
-        the row says done, so a crash in between leaves at most an orphan file that the next put replaces."""
+        """Write the arrays of one clip and stage and mark it done (see `put_many`)."""
         self.put_many(stage, [(clip_id, arrays)], params_hash)
 
     def put_many(self, stage, items, params_hash: str):
-        """`put` for several clips of one stage, [(clip_id, arrays)], marked done in one transaction."""
-        items = [(cid, {k: np.asarray(v) for k, v in arrays.items()}) for cid, arrays in items]
-        for cid, arrays in items:
+        """`put` for several clips of one stage, [(clip_id, arrays)], marked done in one transaction. New files
+        first (new names, on disk), then the rows that name them, then the old files go: a kill at any point leaves
+        each row with the file it names, and at most files no row names (removed by `check --repair`)."""
+        items = {str(cid): {k: np.asarray(v) for k, v in arrays.items()} for cid, arrays in items}  # last one wins
+        for cid, arrays in items.items():
             if stage != AUDIO_STAGE and AUDIO_STAGE in arrays:
                 raise ValueError(f"{stage}/{cid}: audio goes to its own stage ('{AUDIO_STAGE}'), never a cached one")
-            atomic_save_npz(self.path(cid, stage), **arrays)
-        with self._transaction() as con:
-            for cid, _ in items:
-                self._set_status(con, cid, stage, params_hash, "done", None)
+            if META in arrays:
+                raise ValueError(f"{stage}/{cid}: {META!r} is the store's own entry")
+        if not items:
+            return
+        self._stage_lock(stage)
+        d = self.arrays / stage
+        d.mkdir(parents=True, exist_ok=True)
+        names, old, committed = {}, [], False
+        try:
+            for cid, arrays in items.items():
+                names[cid] = f"{safe_key(cid)}.{os.urandom(4).hex()}.npz"
+                meta = {"clip_id": cid, "stage": stage, "params_hash": params_hash}
+                _save_npz(d / names[cid], arrays, meta, sync=False)
+            _fsync_all(d / n for n in names.values())  # the files are on disk before a row names them
+            _fsync_dir(d)
+            with self._transaction() as con:
+                old = [self._set_status(con, cid, stage, params_hash, "done", None, n) for cid, n in names.items()]
+            committed = True
+        finally:
+            if not committed:
+                for n in names.values():
+                    (d / n).unlink(missing_ok=True)
+        for f in old:
+            if f:
+                (d / f).unlink(missing_ok=True)
 
     def reject(self, clip_id, stage, reason: str, params_hash: str, retry: bool = False):
         """Record why a clip cannot be used. `retry=True` (status `failed`: an unexpected error rather than bad
         input) keeps the reason but lets the next run try the clip again."""
+        self._stage_lock(stage)
         with self._transaction() as con:
-            self._set_status(con, clip_id, stage, params_hash, "failed" if retry else "rejected", str(reason))
-        self.path(clip_id, stage).unlink(missing_ok=True)
+            old = self._set_status(
+                con, str(clip_id), stage, params_hash, "failed" if retry else "rejected", str(reason)
+            )
+        if old:
+            (self.arrays / stage / old).unlink(missing_ok=True)
 
     def done(self, stage, params_hash) -> set[str]:
         with self._connect() as con:
@@ -421,12 +834,21 @@ class Store:
         return self._query("SELECT clip_id, stage, reason FROM stages WHERE status != 'done' ORDER BY stage, clip_id")
 
     def get(self, clip_id, stage) -> dict[str, np.ndarray]:
-        """One clip's arrays of one stage, straight from its file (no database access)."""
-        p = self.path(clip_id, stage)
-        if not p.exists():
-            raise KeyError(f"{stage}: no arrays for clip {clip_id!r} (not done or rejected)")
-        with np.load(p) as z:
-            return {k: z[k] for k in z.files}
+        """One clip's arrays of one stage: the file its row names (one indexed query on a cached connection),
+        verified to hold this clip, stage and parameter hash."""
+        for _ in range(5):
+            row = self._row(clip_id, stage)
+            if row is None:
+                raise KeyError(f"{stage}: no arrays for clip {clip_id!r} (not done or rejected)")
+            try:
+                with np.load(self.arrays / stage / row[0]) as z:
+                    out = {k: z[k] for k in z.files if k != META}
+                    meta = _npz_meta(z)
+            except FileNotFoundError:
+                continue  # re-written by another process between the query and the read: ask again
+            _verify(meta, clip_id, stage, row[1], self.arrays / stage / row[0])
+            return out
+        raise StoreError(f"{stage}/{clip_id}: its file keeps changing under this read")
 
     # ------------------------------------------------------------------ per-key, append-only training caches
     def version(self, stage) -> int:
@@ -442,17 +864,17 @@ class Store:
         """The array keys of a stage (read once from one done clip's file header)."""
         if stage not in self._keys:
             with self._connect() as con:
-                row = con.execute("SELECT clip_id FROM stages WHERE stage = ? AND status = 'done' LIMIT 1", (stage,))
+                row = con.execute("SELECT file FROM stages WHERE stage = ? AND status = 'done' LIMIT 1", (stage,))
                 row = row.fetchone()
             if not row:
                 return []
-            self._keys[stage] = list(_npz_headers(self.path(row[0], stage)))
+            self._keys[stage] = list(_npz_headers(self.arrays / stage / row[0]))
         return self._keys[stage]
 
     def _segments(self, stage, key) -> list[tuple[int, int]]:
-        """The chain of built segments (lo, hi) from seq 0 upwards. Two processes that built the same range wrote
-        the same content under the same name; a segment without its .json is unfinished and ignored."""
-        names = (p.stem for p in self._cache_dir(stage, key).glob("*-*.json"))
+        """The chain of built segments (lo, hi) from seq 0 upwards. A segment appears complete under its name (by a
+        hard link that the first builder wins), so whatever has the name is whole."""
+        names = (p.stem for p in self._cache_dir(stage, key).glob("*-*.npy"))
         built = sorted(_segment_range(n) for n in names if _SEGMENT.fullmatch(n))  # not another writer's temp file
         chain, at = [], 0
         for lo, hi in built:
@@ -466,10 +888,13 @@ class Store:
 
     def _build_segments(self, stage, key, after: int, upto: int):
         """Append segments for the clips written with after < seq <= upto. Memory stays at one clip: headers
-        first (for the padded shape), then the data appended row by row to a .npy."""
+        first (for the padded shape), then the data appended row by row, then the JSON trailer. Each clip is read
+        from the file its row names and checked against the row; a file removed meanwhile (its clip was
+        re-written, so a later segment has it) is listed as removed here."""
         with self._connect() as con:
             rows = con.execute(
-                "SELECT clip_id, status, seq FROM stages WHERE stage = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                "SELECT clip_id, status, seq, file, params_hash FROM stages WHERE stage = ? AND seq > ? AND seq <= ? "
+                "ORDER BY seq",
                 (stage, after, upto),
             ).fetchall()
         d = self._cache_dir(stage, key)
@@ -478,47 +903,59 @@ class Store:
             part = rows[start : start + SEGMENT_ROWS]
             hi = upto if start + SEGMENT_ROWS >= len(rows) else part[-1][2]
             name = f"{after:012d}-{hi:012d}"
-            ids = [cid for cid, status, _ in part if status == "done"]
-            removed = [cid for cid, status, _ in part if status != "done"]
-            shapes, dtype = [], None
-            for cid in ids:
-                h = _npz_headers(self.path(cid, stage))
-                if key not in h:
-                    raise KeyError(f"{stage}/{cid}: no array {key!r}; has {sorted(h)}")
-                shapes.append(h[key][0])
-                dtype = h[key][1]
+            done, removed, shapes, dtype = [], [cid for cid, status, *_ in part if status != "done"], [], None
+            for cid, status, _, file, h in part:
+                if status != "done":
+                    continue
+                try:
+                    hdr = _npz_headers(self.arrays / stage / file)
+                except FileNotFoundError:
+                    removed.append(cid)
+                    continue
+                if key not in hdr:
+                    raise KeyError(f"{stage}/{cid}: no array {key!r}; has {sorted(hdr)}")
+                done.append((cid, file, h))
+                shapes.append(hdr[key][0])
+                dtype = hdr[key][1]
             tails = {s[1:] for s in shapes}
             if len(tails) > 1:
                 raise ValueError(f"{stage}/{key}: arrays differ beyond the first axis: {sorted(tails)}")
             scalar = bool(shapes) and not shapes[0]
             lengths = [s[0] if s else 1 for s in shapes]
-            if ids:
-                shape = (len(ids),) + (() if scalar else (max(lengths), *shapes[0][1:]))
+            shape = (len(done),) + (() if scalar else (max(lengths), *shapes[0][1:])) if done else (0,)
+            dtype = dtype if done else np.dtype(np.float32)
 
-                def write(tmp, ids=ids, shape=shape, dtype=dtype):
-                    # plain appends, one padded row at a time: memory (and RSS) stays at one clip
-                    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-                    row = np.zeros(shape[1:], dtype)
-                    with open(tmp, "wb") as f:
-                        np.lib.format.write_array_header_2_0(f, header)
-                        for cid in ids:
-                            with np.load(self.path(cid, stage)) as z:
+            def write(tmp, done=done, shape=shape, dtype=dtype, removed=removed, lengths=lengths, scalar=scalar):
+                # plain appends, one padded row at a time: memory (and RSS) stays at one clip
+                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+                row, ids = np.zeros(shape[1:], dtype), []
+                with open(tmp, "wb") as f:
+                    np.lib.format.write_array_header_2_0(f, header)
+                    for cid, file, h in done:
+                        row[...] = 0
+                        try:
+                            with np.load(self.arrays / stage / file) as z:
+                                _verify(_npz_meta(z), cid, stage, h, self.arrays / stage / file)
                                 a = z[key]
-                            row[...] = 0
                             row[: len(a)] = a
-                            f.write(row.tobytes())
+                            ids.append(cid)
+                        except FileNotFoundError:  # re-written since the headers were read: a zero row, unlisted
+                            ids.append("")
+                            removed.append(cid)
+                        f.write(row.tobytes())
+                    meta = json.dumps({"clip_ids": ids, "lengths": lengths, "scalar": scalar, "removed": removed})
+                    f.write(meta.encode())
+                    f.write(_TRAILER.pack(len(meta.encode()), _MAGIC))
 
-                atomic_write(d / f"{name}.npy", write)
-            meta = {"clip_ids": ids, "lengths": lengths, "scalar": scalar, "removed": removed}
-            atomic_write_json(d / f"{name}.json", meta)  # last: a segment exists once its .json does
+            _write(d / f"{name}.npy", write, replace=False)  # first builder wins: a name's content never changes
             after = hi
 
     def _segment(self, stage, key, name):
-        """One built segment, loaded once per process: its memmap, its clip ids sorted for lookup (as UTF-8 bytes:
+        """One built segment, loaded once per process: its layout, its clip ids sorted for lookup (as UTF-8 bytes:
         a few bytes per clip, shared by the keys whose segments hold the same clips), lengths, removed ids."""
         if (stage, key, name) not in self._seg:
-            d = self._cache_dir(stage, key)
-            meta = json.loads((d / f"{name}.json").read_text())
+            path = self._cache_dir(stage, key) / f"{name}.npy"
+            meta = _segment_meta(path)
             ids = np.array([c.encode() for c in meta["clip_ids"]], dtype=bytes)
             order = np.argsort(ids, kind="stable")
             ids = ids[order]
@@ -531,7 +968,7 @@ class Store:
                 "order": order.astype(np.int32),
                 "lengths": np.asarray(meta["lengths"], np.int32),
                 "removed": np.sort(np.array([c.encode() for c in meta["removed"]], dtype=bytes)),
-                "array": _npy_layout(d / f"{name}.npy") if meta["clip_ids"] else None,
+                "array": _npy_layout(path) if meta["clip_ids"] else None,
                 "scalar": meta["scalar"],
             }
         return self._seg[(stage, key, name)]
@@ -615,21 +1052,118 @@ class Store:
         return json.loads(row[0]) if row else {}
 
     # ------------------------------------------------------------------ housekeeping
-    def check(self) -> list[str]:
-        """Consistency problems: done rows without a readable array file. Empty list = consistent."""
-        problems = []
-        for cid, stage in self._query("SELECT clip_id, stage FROM stages WHERE status = 'done'").itertuples(
-            index=False
-        ):
-            p = self.path(cid, stage)
-            if not p.exists():
-                problems.append(f"{stage}/{cid}: done but {p.name} is missing")
-        return problems
+
+    # ------------------------------------------------------------------ housekeeping
+    def _check_file(self, cid, stage, h, file) -> str | None:
+        """Why a done row's file is not right (None if it is): absent, unreadable, or another clip's or hash's."""
+        p = self.arrays / stage / str(file)
+        if not exists(file) or not p.is_file():
+            return f"missing: {stage}/{cid}: done but {p.name} is missing"
+        try:
+            with np.load(p) as z:
+                meta = _npz_meta(z)
+                for k in z.files:
+                    z[k]
+            if meta is None and p.name != f"{safe_key(cid)}.npz":  # only migrated files predate __meta__
+                raise StoreError("no __meta__ entry")
+            _verify(meta, cid, stage, h, p)
+        except StoreError as e:
+            return f"mismatch: {stage}/{cid}: {e}"
+        except Exception as e:  # zero-length, truncated, not a zip...
+            return f"unreadable: {stage}/{cid}: {p.name}: {type(e).__name__}: {e}"
+        return None
+
+    def check(self, repair: bool = False, log=print) -> list[str]:
+        """Consistency problems, each '<kind>: <what>'. Kinds: `missing` / `unreadable` / `mismatch` (a done row whose
+        file is absent, does not read, or holds another clip, stage or parameter hash), `orphan` (a file no row or
+        segment names: left by a killed write), `temp` (a dead writer's temp file). Empty list = consistent.
+
+        `repair=True` (takes each stage's writer lock: refused while a writer is active) removes orphans and temp
+        files, marks the rows of the first three kinds `failed` (the next run recomputes them), and returns what it
+        could not repair (nothing, normally)."""
+        problems, fixed = [], []
+        if repair:  # every stage's writer lock first: nothing changes under the repair
+            stages = set(self._query("SELECT DISTINCT stage FROM stages").stage)
+            stages |= {d.name for d in self.arrays.iterdir() if d.is_dir() and not d.name.endswith(".cache")}
+            for stage in sorted(stages - {".old-caches"}):
+                self._stage_lock(stage)
+        rows = self._query("SELECT clip_id, stage, params_hash, status, file FROM stages")
+        named = {}
+        for cid, stage, h, status, file in rows.itertuples(index=False):
+            if exists(file):
+                named.setdefault(stage, set()).add(file)
+            if status != "done":
+                continue
+            why = self._check_file(cid, stage, h, file)
+            if why and not repair:  # a live writer may have re-written it since the rows were read: ask again
+                now = self._query(
+                    "SELECT params_hash, file FROM stages WHERE clip_id = ? AND stage = ? AND status = 'done'",
+                    (cid, stage),
+                )
+                if now.empty or tuple(now.iloc[0]) != (h, file):
+                    why = None if now.empty else self._check_file(cid, stage, *now.iloc[0])
+            if why:
+                problems.append(why)
+                if repair:
+                    self.reject(cid, stage, f"check --repair: {why}", h, retry=True)
+                    fixed.append(why)
+        if repair:
+            named = {}  # the rejects above removed files: read the names again
+            for stage, file in self._query("SELECT stage, file FROM stages WHERE file IS NOT NULL").itertuples(
+                index=False
+            ):
+                named.setdefault(stage, set()).add(file)
+        for d in sorted(self.arrays.iterdir()) if self.arrays.is_dir() else ():
+            if d.name.endswith(".cache") or d.name == ".old-caches":
+                continue
+            if d.is_file():
+                problems.append(f"orphan: {d}")
+                continue
+            if not repair and _lock_busy(self.root / "locks" / f"{safe_key(d.name)}.lock"):
+                continue  # a writer is at work there: its new files are not named yet
+            for e in os.scandir(d):
+                if e.name in named.get(d.name, ()):
+                    continue
+                if _is_temp(e.name):
+                    if _stale_temp(Path(e.path), min_age_s=0 if repair else 3600):
+                        problems.append(f"temp: {e.path}")
+                else:
+                    problems.append(f"orphan: {e.path}")
+        for c in sorted(self.arrays.glob("*.cache")):
+            for k in sorted(c.iterdir()):
+                for p in sorted(k.iterdir()) if k.is_dir() else [k]:
+                    if _is_temp(p.name):
+                        if _stale_temp(p, min_age_s=3600):  # a reader may be building: only a dead one's
+                            problems.append(f"temp: {p}")
+                    elif not (p.suffix == ".npy" and _SEGMENT.fullmatch(p.stem)):
+                        problems.append(f"orphan: {p}")  # e.g. an older workbook's cache file
+                    else:
+                        try:
+                            meta = _segment_meta(p)
+                            if _npy_layout(p)["shape"][0] != len(meta["clip_ids"]):
+                                raise ValueError("rows and clip ids differ")
+                        except Exception as e:
+                            problems.append(f"unreadable: {p}: {e}")  # whole by construction: not repaired
+        if (self.arrays / ".old-caches").exists():
+            problems.append(f"orphan: {self.arrays / '.old-caches'} (an interrupted migration's old caches)")
+        if not repair:
+            return problems
+        for p in problems:
+            kind, _, what = p.partition(": ")
+            if kind in ("orphan", "temp"):
+                path = Path(what.split(" (")[0])
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+                fixed.append(p)
+        for p in fixed:
+            log(f"repaired: {p}")
+        return [p for p in problems if p not in fixed]
 
     def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+        """Bytes of the database, the array files and the caches (temp files of writes in progress left out)."""
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file() and not _is_temp(p.name))
 
     def clear_stage(self, stage):
+        self._stage_lock(stage)
         with self._transaction() as con:
             con.execute("DELETE FROM stages WHERE stage = ?", (stage,))
             con.execute("DELETE FROM provenance WHERE stage = ?", (stage,))
@@ -644,74 +1178,150 @@ class Store:
         shutil.rmtree(self._cache_dir(stage), ignore_errors=True)  # deleted rows leave no trace for segments
 
 
+def _verify(meta, clip_id, stage, params_hash, path) -> None:
+    """Raise if an array file's `__meta__` is not this clip, stage and hash (a legacy file has none)."""
+    if meta is not None and (meta["clip_id"], meta["stage"], meta["params_hash"]) != (str(clip_id), stage, params_hash):
+        raise StoreError(
+            f"{path} holds {meta['stage']}/{meta['clip_id']} with parameters {meta['params_hash']}, its row says "
+            f"{stage}/{clip_id} with {params_hash}"
+        )
+
+
+def _release_all(locks: dict) -> None:
+    for lock in locks.values():
+        lock.release()
+    locks.clear()
+
+
 def open_store(cfg) -> Store:
     return Store(Path(cfg["results"]) / "store", journal_mode=cfg.get("store", {}).get("journal_mode", "wal"))
 
 
+def _is_store(root) -> None:
+    """Raise unless `root` holds a store (check and migrate never create one on a mistyped path)."""
+    db = Path(root) / "store.sqlite"
+    if not db.is_file():
+        raise FileNotFoundError(f"{root}: no store here (no store.sqlite)")
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "stages" not in tables:
+        raise StoreFormatError(f"{db}: not a store (no stages table)")
+
+
 def migrate(root, log=print) -> None:
-    """Bring a format-1 store to format 2 in place: audio moves from `preprocess` to its own stage, rows get their
-    `seq`, the old whole-stage caches go. Nothing is recomputed; an interrupted migration resumes when rerun."""
+    """Bring a format-1 or -2 store to format 3 in place. Format 1: audio moves from `preprocess` to its own stage,
+    rows get their `seq`. Both: rows record their file name; a done row whose file is missing or empty is reported
+    and marked failed (the next run recomputes that clip); the old caches go (rebuilt on use). Nothing is
+    recomputed. Every part resumes when rerun after a kill, removing the old caches included. The journal mode is
+    the store's own."""
     from tqdm.auto import tqdm
 
     root = Path(root)
-    db = root / "store.sqlite"
-    if not db.exists():
-        raise FileNotFoundError(f"{db}: no store here")
-    con = sqlite3.connect(db, timeout=60, isolation_level=None)
-    try:
-        found = con.execute("PRAGMA user_version").fetchone()[0]
+    _is_store(root)
+    with WriterLock(root / "locks" / "migrate.lock", f"migrating {root}"):
+        con = sqlite3.connect(root / "store.sqlite", timeout=60, isolation_level=None)
+        old = root / "arrays" / ".old-caches"
+        try:
+            found = con.execute("PRAGMA user_version").fetchone()[0]
+            if found > SCHEMA_VERSION:
+                raise StoreFormatError(f"{root}: store format {found} is newer than this workbook's; update it")
+            if found < SCHEMA_VERSION:
+                for d in (root / "arrays").glob("*.cache"):  # parked first: a rerun after a kill removes them
+                    old.mkdir(exist_ok=True)
+                    os.replace(d, old / f"{d.name}.{os.urandom(4).hex()}")
+                _migrate_rows(con, root, found, log, tqdm)
+        finally:
+            con.close()
+        if old.exists():
+            shutil.rmtree(old)
         if found >= SCHEMA_VERSION:
             log(f"{root}: already format {found}, nothing to do")
-            return
-        if "seq" not in [r[1] for r in con.execute("PRAGMA table_info(stages)")]:
-            con.executescript(
-                "BEGIN; ALTER TABLE stages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;"
-                "CREATE INDEX IF NOT EXISTS stages_by_seq ON stages (stage, seq);"
-                # every existing write counts as the first: the new caches then take all of it in one segment
-                "UPDATE stages SET seq = 1;"
-                "INSERT OR IGNORE INTO versions (stage, version) SELECT DISTINCT stage, 1 FROM stages; COMMIT;"
-            )
+
+
+def _migrate_rows(con, root, found, log, tqdm) -> None:
+    arrays = root / "arrays"
+    if found == 1 and "seq" not in [r[1] for r in con.execute("PRAGMA table_info(stages)")]:
+        con.executescript(
+            "BEGIN; ALTER TABLE stages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;"
+            "CREATE INDEX IF NOT EXISTS stages_by_seq ON stages (stage, seq);"
+            # every existing write counts as the first: the new caches then take all of it in one segment
+            "UPDATE stages SET seq = 1;"
+            "INSERT OR IGNORE INTO versions (stage, version) SELECT DISTINCT stage, 1 FROM stages; COMMIT;"
+        )
+    if "file" not in [r[1] for r in con.execute("PRAGMA table_info(stages)")]:
+        con.execute("ALTER TABLE stages ADD COLUMN file TEXT")
+
+    def whole(p):
+        return p.is_file() and p.stat().st_size > 0
+
+    audio_rows = []
+    if found == 1:
         done = con.execute(
             "SELECT clip_id, params_hash FROM stages WHERE stage = 'preprocess' AND status = 'done'"
         ).fetchall()
-        rows = []
-        for cid, h in tqdm(done, desc="migrate: audio out of preprocess", disable=not done):
-            pre = root / "arrays" / "preprocess" / f"{safe_key(cid)}.npz"
+        for cid, h in tqdm(done, desc="migrate: audio out of preprocess", disable=not done or None):
+            pre = arrays / "preprocess" / f"{safe_key(cid)}.npz"
+            aud = arrays / AUDIO_STAGE / pre.name
+            if not whole(pre):
+                continue  # reported below with the other missing files
             with np.load(pre) as z:
-                arrays = {k: z[k] for k in z.files}
-            if AUDIO_STAGE in arrays:
-                atomic_save_npz(root / "arrays" / AUDIO_STAGE / pre.name, audio=arrays.pop(AUDIO_STAGE))
-                atomic_save_npz(pre, **arrays)  # after the audio file exists: a rerun finds one or the other
-            if (root / "arrays" / AUDIO_STAGE / pre.name).exists():
-                rows.append((cid, AUDIO_STAGE, h, "done", None, time.time(), 1))
-        con.execute("BEGIN")
-        con.executemany("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                split = {k: z[k] for k in z.files}
+            if AUDIO_STAGE in split:
+                aud.parent.mkdir(parents=True, exist_ok=True)
+                _save_npz(aud, {"audio": split.pop(AUDIO_STAGE)}, None)
+                _save_npz(pre, split, None)  # after the audio file exists: a rerun finds one or the other
+            if whole(aud):
+                audio_rows.append((cid, AUDIO_STAGE, h, "done", None, time.time(), 1, aud.name))
+    rows = con.execute("SELECT clip_id, stage FROM stages WHERE status = 'done'").fetchall()
+    named, lost = [], []
+    for cid, stage in rows:
+        p = arrays / stage / f"{safe_key(cid)}.npz"
+        (named if whole(p) else lost).append((p.name, cid, stage))
+    for _, cid, stage in lost:
+        log(f"migrate: {stage}/{cid}: done but its array file is missing or empty; marked failed (recomputed next run)")
+    con.execute("BEGIN")
+    con.executemany("INSERT OR REPLACE INTO stages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", audio_rows)
+    con.executemany("UPDATE stages SET file = ? WHERE clip_id = ? AND stage = ?", named)
+    con.executemany(
+        "UPDATE stages SET status = 'failed', file = NULL, reason = 'migrate: array file missing or empty' "
+        "WHERE clip_id = ? AND stage = ?",
+        [(cid, stage) for _, cid, stage in lost],
+    )
+    if found == 1:
         con.execute("INSERT OR IGNORE INTO versions (stage, version) VALUES (?, 1)", (AUDIO_STAGE,))
         con.execute(
             "INSERT OR REPLACE INTO provenance (stage, json) SELECT ?, json FROM provenance WHERE stage = 'preprocess'",
             (AUDIO_STAGE,),
         )
-        con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        con.execute("COMMIT")
-    finally:
-        con.close()
-    for d in (root / "arrays").glob("*.cache"):
-        shutil.rmtree(d, ignore_errors=True)  # format-1 caches (index.json + one file per key): rebuilt on use
-    log(f"{root}: migrated to format {SCHEMA_VERSION} ({len(rows)} clips' audio in the '{AUDIO_STAGE}' stage)")
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    if not con.execute("PRAGMA application_id").fetchone()[0]:
+        con.execute(f"PRAGMA application_id={int.from_bytes(os.urandom(4), 'big') & 0x7FFFFFFF}")
+    con.execute("COMMIT")
+    log(
+        f"{root}: migrated to format {SCHEMA_VERSION} ({len(named)} files, {len(audio_rows)} clips' audio in the "
+        f"'{AUDIO_STAGE}' stage, {len(lost)} missing: marked failed)"
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m slf_utils.store", description="Store housekeeping.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("migrate", help="bring an older store to this format in place").add_argument("root")
-    sub.add_parser("check", help="list done rows whose array file is missing").add_argument("root")
+    c = sub.add_parser("check", help="verify every done row's array file; list orphans and temp files")
+    c.add_argument("root")
+    c.add_argument("--repair", action="store_true", help="remove orphans and temp files, mark bad rows failed")
     args = ap.parse_args(argv)
-    if args.cmd == "migrate":
-        migrate(args.root)
-    else:
-        problems = Store(args.root).check()
-        print("\n".join(problems) or "consistent")
-        raise SystemExit(1 if problems else 0)
+    try:
+        if args.cmd == "migrate":
+            migrate(args.root)
+            return
+        _is_store(args.root)
+        problems = Store(args.root, journal_mode=None).check(repair=args.repair)
+    except (FileNotFoundError, StoreFormatError, StoreLocked, StoreError) as e:
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
+    print("\n".join(problems) or "consistent")
+    raise SystemExit(1 if problems else 0)
 
 
 if __name__ == "__main__":

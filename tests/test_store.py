@@ -1,5 +1,8 @@
+import json
 import multiprocessing as mp
+import os
 import pickle
+import signal
 import sqlite3
 import time
 
@@ -8,7 +11,7 @@ import pandas as pd
 import pytest
 
 from slf_utils import store as store_module
-from slf_utils.store import Store, StoreFormatError, normalise_gender, open_store, safe_key
+from slf_utils.store import Store, StoreError, StoreFormatError, WriterLock, normalise_gender, open_store, safe_key
 
 
 def _clips(n=3):
@@ -165,25 +168,49 @@ def test_provenance_and_open_store(tmp_path):
     assert {"clips", "stages", "provenance"} <= tables
 
 
-def _writer(root, worker, n):
+def _writer(root, worker, n, hold_s=0.0):
     store = Store(root)
     for i in range(n):
         store.put(f"w{worker}/c{i}", "speaker", {"embedding": np.full(4, worker, np.float32)}, "h")
+    time.sleep(hold_s)  # a writing session that is still open
 
 
-def test_concurrent_writer_processes(tmp_path):
-    Store(tmp_path)
+def test_a_second_writer_process_is_refused(tmp_path):
+    Store(tmp_path).put("seed", "speaker", {"embedding": np.zeros(4, np.float32)}, "h")  # released: this store is gone
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_writer, args=(tmp_path, w, 25)) for w in range(3)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-    assert [p.exitcode for p in procs] == [0, 0, 0]
+    first = ctx.Process(target=_writer, args=(tmp_path, 0, 5, 30.0))
+    first.start()
+    t0 = time.time()
+    while len(Store(tmp_path).done("speaker", "h")) < 6 and time.time() - t0 < 60:  # reading needs no lock
+        time.sleep(0.05)
+    with pytest.raises(store_module.StoreLocked, match=rf"pid {first.pid} on .*remove .*speaker.lock"):
+        Store(tmp_path).put("x", "speaker", {"embedding": np.ones(4, np.float32)}, "h")
+    second = ctx.Process(target=_writer, args=(tmp_path, 1, 5))
+    second.start()
+    second.join(60)
+    assert second.exitcode != 0  # refused too
+    Store(tmp_path).put("other", "mel", {"frames": np.ones((2, 2))}, "h")  # another stage is another lock
+    os.kill(first.pid, signal.SIGKILL)  # the kernel releases a dead holder's lock
+    first.join(10)
+    Store(tmp_path).put("x", "speaker", {"embedding": np.ones(4, np.float32)}, "h")
     store = Store(tmp_path)
-    assert len(store.done("speaker", "h")) == 75
+    assert store.done("speaker", "h") == {"seed", "x"} | {f"w0/c{i}" for i in range(5)}
     assert store.check() == []
-    assert store.version("speaker") == 75
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_names_its_holder(tmp_path):
+    holder = os.fork()
+    if holder == 0:  # take the lock, fork a child that keeps it (an inherited flock), die: the lock is stale
+        WriterLock(tmp_path / "x.lock", "test").acquire()
+        if os.fork() == 0:
+            time.sleep(30)
+        os._exit(0)
+    os.waitpid(holder, 0)
+    with WriterLock(tmp_path / "x.lock", "me") as lock:  # its pid is dead: taken over although a child holds it
+        assert lock.held and json.loads((tmp_path / "x.lock").read_text())["pid"] == os.getpid()
+        with WriterLock(tmp_path / "x.lock", "me again"):  # reentrant in one process
+            pass
+        assert lock.held
 
 
 def _segment_files(root, stage, key):
@@ -198,7 +225,7 @@ def test_cache_appends_segments_without_rewriting_them(tmp_path):
         store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((3, 2), i, np.float32)}, "h")
     store.load_stacked("pyaudio", ["c00"])
     first = _segment_files(tmp_path, "pyaudio", "frames")
-    assert sorted(first) == ["000000000000-000000000010.json", "000000000000-000000000010.npy"]
+    assert sorted(first) == ["000000000000-000000000010.npy"]  # one file: data, then its JSON trailer
     for i in range(10, 15):  # appends: a new segment with only these clips
         store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((4, 2), i, np.float32)}, "h")
     store.reject("c03", "pyaudio", "silent audio", "h")
@@ -207,7 +234,7 @@ def test_cache_appends_segments_without_rewriting_them(tmp_path):
     assert out["frames"].shape == (3, 4, 2) and not out["frames"][1, 3:].any()
     after = _segment_files(tmp_path, "pyaudio", "frames")
     assert {k: after[k] for k in first} == first  # the first segment's files were not touched
-    assert len(after) == 4
+    assert len(after) == 2
     new = np.load(tmp_path / "arrays" / "pyaudio.cache" / "frames" / "000000000010-000000000016.npy")
     assert new.shape == (5, 4, 2)  # the new clips only; the reject is listed as removed
     with pytest.raises(KeyError, match="not done"):
@@ -260,8 +287,8 @@ def _write_loop(root, n):
 
 
 def test_two_readers_while_a_third_process_writes(tmp_path):
-    store = Store(tmp_path)
-    store.put_many("speaker", [(f"base{i}", {"embedding": np.full(4, i, np.float32)}) for i in range(20)], "h")
+    with Store(tmp_path) as store:  # closed: its writer lock goes, the writer process below takes it
+        store.put_many("speaker", [(f"base{i}", {"embedding": np.full(4, i, np.float32)}) for i in range(20)], "h")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     readers = [ctx.Process(target=_read_loop, args=(tmp_path, 20, 4.0, queue)) for _ in range(2)]
@@ -309,7 +336,8 @@ def test_old_store_is_refused_then_migrated(tmp_path, capsys):
     _format1_store(tmp_path)
     with pytest.raises(StoreFormatError, match=r"python -m slf_utils.store migrate .*"):
         Store(tmp_path).clips()
-    assert Store(tmp_path).get("c1", "preprocess")["audio"][0] == 1  # reading one file needs no database
+    with pytest.raises(StoreFormatError):
+        Store(tmp_path).get("c1", "preprocess")
     store_module.main(["migrate", str(tmp_path)])
     store = Store(tmp_path)
     assert sorted(store.get("c1", "preprocess")) == ["face", "guide"]
@@ -317,18 +345,211 @@ def test_old_store_is_refused_then_migrated(tmp_path, capsys):
     assert store.done("audio", "h") == {"c0", "c1"} and store.provenance("audio") == {"face_size": 8}
     assert not (tmp_path / "arrays" / "preprocess.cache" / "index.json").exists()
     assert store.load_stacked("preprocess", ["c1", "c0"])["face"][:, 0, 0, 0].tolist() == [1, 0]
+    assert store.check() == []
     store_module.main(["migrate", str(tmp_path)])
     assert "nothing to do" in capsys.readouterr().out
+    # a re-write after the migration gets a new file with its metadata; the migrated one goes
+    store.put(
+        "c1", "preprocess", {"face": np.full((8, 8, 3), 7, np.uint8), "guide": np.zeros((2, 2, 3), np.uint8)}, "h2"
+    )
+    assert not (tmp_path / "arrays" / "preprocess" / "c1.npz").exists()
+    assert store.load_stacked("preprocess", ["c1"])["face"][0, 0, 0, 0] == 7 and store.check() == []
 
 
-def test_get_opens_no_database_and_journal_mode_is_a_parameter(tmp_path, monkeypatch):
+def test_migration_marks_missing_files_failed_and_a_rerun_finishes_after_a_kill(tmp_path, monkeypatch, capsys):
+    _format1_store(tmp_path)
+    (tmp_path / "arrays" / "preprocess" / "c0.npz").unlink()
+    real = store_module.shutil.rmtree
+    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **k: os.kill(os.getpid(), 0) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # "killed" after the commit, before the old caches are gone
+        store_module.migrate(tmp_path)
+    monkeypatch.setattr(store_module.shutil, "rmtree", real)
+    assert "c0: done but its array file is missing" in capsys.readouterr().out
+    assert (tmp_path / "arrays" / ".old-caches").exists()
+    assert any(p.startswith("orphan:") for p in Store(tmp_path).check())
+    store_module.migrate(tmp_path)  # the rerun finishes the job
+    assert not (tmp_path / "arrays" / ".old-caches").exists()
+    store = Store(tmp_path)
+    assert store.done("preprocess", "h") == {"c1"} and store.finished("preprocess", "h") == {"c1"}  # c0: retried
+    assert "missing" in store.rejects().set_index("clip_id").loc["c0", "reason"]
+    assert store.check() == []
+
+
+def test_check_and_migrate_refuse_a_path_without_a_store(tmp_path, capsys):
+    for cmd in ("check", "migrate"):
+        with pytest.raises(SystemExit, match="2"):
+            store_module.main([cmd, str(tmp_path / "typo")])
+        assert not (tmp_path / "typo").exists()
+    assert capsys.readouterr().err.count("no store here") == 2
+    with pytest.raises(FileNotFoundError):
+        store_module.migrate(tmp_path / "typo")
+
+
+def test_get_is_one_query_on_a_cached_connection(tmp_path, monkeypatch):
     Store(tmp_path).put("a", "mel", {"frames": np.ones((2, 3))}, "h")
-    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: pytest.fail("get opened the database"))
+    store = Store(tmp_path)
+    store.get("a", "mel")
+    monkeypatch.setattr(sqlite3, "connect", lambda *a, **k: pytest.fail("get opened the database again"))
     assert Store(tmp_path).get("a", "mel")["frames"].shape == (2, 3)
-    monkeypatch.undo()
-    Store(tmp_path, journal_mode="delete").done("mel", "h")
-    with sqlite3.connect(tmp_path / "store.sqlite") as con:
-        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
-    assert open_store({"results": str(tmp_path), "store": {"journal_mode": "delete"}}).journal_mode == "delete"
+    assert sorted(Store(tmp_path).get("a", "mel")) == ["frames"]  # the metadata entry is the store's own
+
+
+@pytest.mark.parametrize("mode", store_module.JOURNAL_MODES)
+def test_journal_mode_is_set_on_the_writing_connection(tmp_path, mode):
+    store = Store(tmp_path, journal_mode=mode)
+    store.put("a", "mel", {"frames": np.ones((2, 3))}, "h")
+    with store._transaction() as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == mode
+    assert store.get("a", "mel")["frames"].shape == (2, 3)
+    store_module._close_readers(store.db)
+    with pytest.raises(SystemExit) as e:  # check keeps the store's mode
+        store_module.main(["check", str(tmp_path)])
+    assert e.value.code == 0
+    with sqlite3.connect(store.db) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == ("wal" if mode == "wal" else "delete")
+
+
+def test_leaving_wal_while_another_process_has_the_store_open_says_why(tmp_path):
+    Store(tmp_path).put("a", "mel", {"frames": np.ones((2, 3))}, "h")
+    store_module._close_readers(tmp_path / "store.sqlite")
+    other = sqlite3.connect(tmp_path / "store.sqlite")  # another process, as far as SQLite can tell
+    other.execute("BEGIN")
+    other.execute("SELECT * FROM stages").fetchall()
+    with pytest.raises(StoreError, match="cannot switch the journal mode from wal to delete now.*another process"):
+        Store(tmp_path, journal_mode="delete").done("mel", "h")
+    other.close()
+    assert Store(tmp_path, journal_mode="delete").done("mel", "h") == {"a"}
     with pytest.raises(ValueError, match="journal_mode"):
         Store(tmp_path, journal_mode="wall")
+    assert open_store({"results": str(tmp_path), "store": {"journal_mode": "delete"}}).journal_mode == "delete"
+
+
+def _value(cid, h):
+    return float(int(cid[1:]) * 1000 + int(h[1:]))
+
+
+def _rewrite(root, h, kill_at):
+    """Re-write every clip with hash `h` and die (SIGKILL) at `kill_at`."""
+
+    def die(*a, **k):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    store = Store(root)
+    if kill_at == "before_commit":
+        store_module._fsync_dir = die  # every new file written, no row changed
+    elif kill_at == "after_commit":
+        real = Store._transaction
+
+        def commit_then_die(self):
+            cm = real(self)
+
+            class Die:
+                def __enter__(self):
+                    return cm.__enter__()
+
+                def __exit__(self, *exc):
+                    cm.__exit__(*exc)
+                    die()
+
+            return Die()
+
+        Store._transaction = commit_then_die  # rows changed, old files still there
+    store.put_many("mel", [(f"c{i}", {"frames": np.full((3, 2), _value(f"c{i}", h))}) for i in range(40)], h)
+
+
+@pytest.mark.parametrize("kill_at", ["before_commit", "after_commit"])
+def test_a_kill_while_rewriting_done_clips_never_mixes_rows_and_files(tmp_path, kill_at):
+    ids = [f"c{i}" for i in range(40)]
+    with Store(tmp_path) as store:
+        store.put_many("mel", [(c, {"frames": np.full((3, 2), _value(c, "h1"))}) for c in ids], "h1")
+        store.load_stacked("mel", ids)  # the cache, built before the re-write
+    p = mp.get_context("fork").Process(target=_rewrite, args=(tmp_path, "h2", kill_at))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    store = Store(tmp_path)
+    want = "h1" if kill_at == "before_commit" else "h2"
+    assert store.done("mel", want) == set(ids)
+    cached = store.load_stacked("mel", ids)["frames"][:, 0, 0]
+    assert cached.tolist() == [_value(c, want) for c in ids]
+    assert [store.get(c, "mel")["frames"][0, 0] for c in ids] == [_value(c, want) for c in ids]
+    problems = store.check()
+    assert len(problems) == 40 and all(p.startswith("orphan:") for p in problems), problems
+    assert store.check(repair=True) == [] and store.check() == []
+    assert len(list((tmp_path / "arrays" / "mel").iterdir())) == 40
+
+
+def test_check_verifies_each_file_against_its_row(tmp_path):
+    store = Store(tmp_path)
+    for c in ("a", "b", "c"):
+        store.put(c, "mel", {"frames": np.ones((2, 3))}, "h")
+    store.path("a", "mel").write_bytes(b"")  # zero-length: `get` would raise EOFError
+    os.replace(store.path("c", "mel"), store.path("b", "mel"))  # b's row now names c's arrays
+    problems = store.check()
+    assert [p.split(":")[0] for p in problems] == ["unreadable", "mismatch", "missing"], problems
+    with pytest.raises(StoreError, match="holds mel/c"):
+        store.get("b", "mel")
+    assert store.check(repair=True) == [] and store.check() == []
+    assert store.done("mel", "h") == set() and set(store.rejects().clip_id) == {"a", "b", "c"}
+    assert store.finished("mel", "h") == set()  # failed: the next run recomputes them
+
+
+def test_temp_files_of_dead_writers_are_reported_removed_and_not_counted(tmp_path):
+    store = Store(tmp_path)
+    store.put("a", "mel", {"frames": np.ones((2, 3))}, "h")
+    size = store.size_bytes()
+    dead = tmp_path / "arrays" / "mel" / f".a.npz+999999+{store_module._HOST}+abcd.tmp"
+    dead.write_bytes(b"x" * 10000)
+    old = tmp_path / "arrays" / "mel" / ".a.npz.k2j3.tmp.npz"  # an older workbook's temp file, a day old
+    old.write_bytes(b"x" * 10000)
+    os.utime(old, (time.time() - 90000, time.time() - 90000))
+    assert store.size_bytes() == size
+    assert sorted(p.split(":")[0] for p in store.check()) == ["temp", "temp"]
+    store.close()
+    Store(tmp_path).put("b", "mel", {"frames": np.ones((2, 3))}, "h")  # a new writing session clears them
+    assert not dead.exists() and not old.exists() and store.check() == []
+
+
+def _hold(path, seconds):
+    with WriterLock(path, "grid run other.yaml"):
+        time.sleep(seconds)
+
+
+def test_a_second_grid_run_on_one_results_folder_is_refused(tmp_path):
+    import yaml
+
+    from slf_utils import grid
+
+    (tmp_path / "m.csv").write_text("clip_id,identity,split,video\n")
+    cfg = {"name": "g", "results": str(tmp_path / "results"), "systems": ["full_input"], "model": {"preset": "tiny"}}
+    cfg["data"] = {"kind": "manifest", "manifest": str(tmp_path / "m.csv"), "root": str(tmp_path)}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(cfg))
+    holder = mp.get_context("spawn").Process(target=_hold, args=(tmp_path / "results" / ".grid.lock", 60))
+    holder.start()
+    t0 = time.time()
+    while not (tmp_path / "results" / ".grid.lock").exists() or not store_module._lock_busy(
+        tmp_path / "results" / ".grid.lock"
+    ):
+        assert time.time() - t0 < 60
+        time.sleep(0.05)
+    try:
+        with pytest.raises(store_module.StoreLocked, match=rf"grid run .*g.yaml: refused, pid {holder.pid} on "):
+            grid.run(tmp_path / "g.yaml", scheduler="sequential")
+        assert not (tmp_path / "results" / "store").exists()  # refused before any step ran
+    finally:
+        holder.kill()
+        holder.join()
+
+
+def test_a_store_created_again_at_the_same_path_is_not_read_through_a_stale_connection(tmp_path):
+    import shutil
+
+    for r in range(3):
+        store = Store(tmp_path / "s")
+        store.put_many("mel", [(f"c{i}", {"frames": np.full((2, 2), r)}) for i in range(20)], f"h{r}")
+        assert store.get("c3", "mel")["frames"][0, 0] == r  # caches the reader connection
+        store.close()
+        if r < 2:
+            shutil.rmtree(tmp_path / "s")
+    store_module._close_readers(tmp_path / "s" / "store.sqlite")
+    assert Store(tmp_path / "s").done("mel", "h2") == {f"c{i}" for i in range(20)} and store.check() == []
