@@ -662,6 +662,44 @@ def build(out_dir, identities: int = ORL_SUBJECTS, seed: int = 0, debs_dir=None,
     return atomic_write_text(out_dir / "manifest.csv", _manifest_text(plan, pairs))
 
 
+def voxceleb_tree(src_dir, dev_root, test_root, test_list, test_identities: int, seed: int = 0) -> Path:
+    """The demo corpus in `src_dir` as VoxCeleb2 (the paper grid's data): `test_identities` of its identities
+    (seeded) make the test tree, the others the dev tree, each `<root>/<id>/<ytid>/<clip>.mp4` with all of the
+    identity's clips (a still face frame + speech, as VoxCeleb2 has a face track + audio: preprocessing decodes both);
+    `test_list` names one test clip per test identity (seeded among its held-out clips), `id/ytid/clip` lines as the
+    paper's 118-clip list (data/slf_eval_set.txt). The mp4s are hard links to the corpus's (copies across
+    filesystems). Written last, the test list marks the trees complete. Returns its path."""
+    import pandas as pd
+
+    src_dir = Path(src_dir)
+    clips = pd.read_csv(src_dir / "manifest.csv", dtype=str)
+    ids = sorted(clips["identity"].unique())
+    if not 1 <= test_identities < len(ids):
+        raise ValueError(f"test_identities must be between 1 and {len(ids) - 1} (the corpus has {len(ids)} identities)")
+    rng = _rng(seed, "voxceleb")
+    test_ids = set(np.array(ids, dtype=object)[rng.permutation(len(ids))[:test_identities]])
+    listed = []
+    for ident, rows in clips.groupby("identity", sort=True):
+        root = Path(test_root if ident in test_ids else dev_root)
+        for video in rows["video"]:
+            dst = root / Path(video).relative_to("mp4")  # <id>/<ytid>/<clip>.mp4 under the root, as data.*_root
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(dst, functools.partial(_link_or_copy, src_dir / video))
+        if ident in test_ids:
+            held_out = sorted(rows.loc[rows["split"] == "test", "clip_id"])
+            listed.append(held_out[rng.integers(len(held_out))])
+    return atomic_write_text(test_list, "".join(f"{c}\n" for c in sorted(listed)))
+
+
+def _link_or_copy(src: Path, tmp):
+    os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, tmp)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m slf_utils.demo_corpus", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
