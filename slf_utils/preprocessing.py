@@ -600,10 +600,11 @@ def ensure_demo_corpus(cfg) -> None:
 
     if data["kind"] == "manifest" and not Path(data["manifest"]).exists():
         demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
-    if data["kind"] == "voxceleb" and not Path(data["test_list"]).exists():
-        manifest = demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
+    if data["kind"] == "voxceleb":  # the trees are remade only when their corpus or test_identities changed
+        if not (Path(data["root"]) / "manifest.csv").exists():
+            demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
         demo_corpus.voxceleb_tree(
-            manifest.parent,
+            data["root"],
             data["train_root"],
             data["test_root"],
             data["test_list"],

@@ -100,7 +100,20 @@ def test_demo_corpus_as_voxceleb_trees(tmp_path, demo_corpus_small):
     demo_corpus.voxceleb_tree(src, tmp_path / "d2", tmp_path / "t2", again, test_identities=2)
     assert again.read_text() == listed.read_text()
     with pytest.raises(ValueError, match="test_identities must be between 1 and 3"):
-        demo_corpus.voxceleb_tree(src, dev, test, listed, test_identities=4)
+        demo_corpus.voxceleb_tree(src, tmp_path / "d3", tmp_path / "t3", tmp_path / "l3", test_identities=4)
+
+    # the same settings again: nothing is rewritten; other settings: the trees are remade, none of the old left
+    before = listed.stat().st_mtime_ns
+    demo_corpus.voxceleb_tree(src, dev, test, listed, test_identities=2)
+    assert listed.stat().st_mtime_ns == before
+    demo_corpus.voxceleb_tree(src, dev, test, listed, test_identities=1)
+    assert len({p.name for p in test.iterdir()}) == 1 and len(listed.read_text().splitlines()) == 1
+    assert {p.name for p in dev.iterdir()} | {p.name for p in test.iterdir()} == set(manifest["identity"])
+    # a tree it did not make is never deleted
+    (tmp_path / "mine" / "id1").mkdir(parents=True)
+    with pytest.raises(demo_corpus.DemoCorpusError, match="not made from the demo corpus"):
+        demo_corpus.voxceleb_tree(src, tmp_path / "mine", test, tmp_path / "l4", test_identities=2)
+    assert (tmp_path / "mine" / "id1").is_dir()
 
 
 def test_a_voxceleb_grid_built_from_the_demo_corpus_needs_its_paths(tmp_path):
