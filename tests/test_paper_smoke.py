@@ -147,3 +147,126 @@ def test_the_test_list_the_build_writes_leaves_the_hashes_as_they_were(tmp_path)
     (tmp_path / "l").write_text("id00002/mBov4S7cKtP/00008\n")
     assert hashes() == before
     assert hashes(test_identities=5)["preprocess"] != before["preprocess"]
+
+
+# ------------------------------------------------------------------------------ the smoke grid end to end (slow)
+# The CI variant of params/paper-smoke.yaml: the same code paths on fewer speakers and systems - the 4-identity demo
+# corpus (2 test speakers, 1 validation speaker, 1 training speaker), a super-resolution and a generation system
+# beside the reference rows. Every other setting is paper-smoke.yaml's (and so paper.yaml's).
+CI_SYSTEMS = ["full_input", "no_image_guide", "bicubic", "identity_mean", "random"]
+TRAIN_STEPS = 4
+
+
+def ci_grid(tmp: Path, corpus: Path, name="paper-smoke-ci", extra="") -> Path:
+    p = tmp / f"{name}.yaml"
+    vox = tmp / "voxceleb2"
+    p.write_text(
+        f"extends: {SMOKE}\nname: {name}\nresults: {tmp / 'results'}\n"
+        f"data: {{root: {corpus}, train_root: {vox / 'dev' / 'mp4'}, test_root: {vox / 'test' / 'mp4'}, "
+        f"test_list: {vox / 'test_list.txt'}, demo_corpus: {{identities: 4, test_identities: 2}}, "
+        "validation: {identities: 1}}\n"
+        f"systems: [{', '.join(CI_SYSTEMS)}]\n{extra}"
+    )
+    return p
+
+
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory, demo_corpus_small):
+    from slf_utils import grid
+
+    tmp = tmp_path_factory.mktemp("paper_smoke")
+    p = ci_grid(tmp, Path(demo_corpus_small).parent)
+    table = grid.run(p)
+    return p, load_params(p), table
+
+
+@pytest.mark.slow
+def test_the_paper_smoke_grid_runs_end_to_end(smoke_grid):
+    """Preprocessing at 24 s and 128 px, 37 speaker windows, both unets of both cascades trained and checkpointed,
+    every scale sampled through the cascade at 128 px, evaluation and report."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from slf_utils import report
+    from slf_utils.preprocessing import read_image
+    from slf_utils.store import open_store
+
+    p, cfg, table = smoke_grid
+    assert (table["status"] == "done").all(), table.to_string()
+    store = open_store(cfg)
+    clips = store.clips(stage="preprocess")
+    assert set(clips["split"]) == {"train", "val", "test"} and (clips["split"] == "test").sum() == 2
+    one = clips["clip_id"].iloc[0]
+    assert store.get(one, "audio")["audio"].shape == (24 * 16000,)
+    assert store.get(one, "preprocess")["face"].shape == (128, 128, 3)
+    assert store.get(one, "speaker_windows")["embedding"].shape[0] == 37
+
+    metrics = report.load_all(cfg)
+    results = Path(cfg["results"])
+    for system, unets in (("full_input", ("2", "3")), ("no_image_guide", ("1", "2"))):
+        ck = torch.load(results / system / "model" / "checkpoint.pt", weights_only=True)
+        assert ck["steps"] == dict.fromkeys(unets, TRAIN_STEPS) and set(ck["ema"]) == set(unets)
+        prov = json.loads((results / system / "model" / "provenance.json").read_text())
+        assert prov["precision"] == {"requested": "auto", "used": "fp32"}
+        rows = metrics[(metrics["system"] == system) & (metrics["metric"] == "recall@1")]
+        for split in ("test", "val"):
+            assert set(rows.loc[rows["split"] == split, "scale"]) == set(range(9)), (system, split)
+        samples = pd.read_csv(results / system / "eval" / "samples.csv")
+        assert samples.groupby("scale")["clip_id"].nunique().to_dict() == dict.fromkeys(range(9), 5)  # 2 test, 3 val
+        faces = [read_image(results / system / "eval" / f) for f in samples.groupby("scale")["image"].first()]
+        assert all(f.shape == (128, 128, 3) for f in faces) and len({f.tobytes() for f in faces}) == 9
+        assert np.std(faces[0]) > 0
+    for f in ("summary.md", "headline.md", "recall_vs_scale.png", "samples_scales.png"):
+        assert (results / "report" / f).stat().st_size > 0, f
+
+
+@pytest.mark.slow
+def test_a_killed_unet_2_training_resumes_from_its_checkpoint(smoke_grid, tmp_path):
+    """The generation cascade's 128 px unet killed (SIGKILL) after a checkpoint: the rerun leaves unet 1 as it was,
+    goes on from unet 2's checkpointed step and ends with every step of both unets logged once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from slf_utils import diffusion
+
+    p, _, _ = smoke_grid
+    steps = 12
+    q = ci_grid(p.parent, load_params(p)["data"]["root"], "kill", f"train: {{steps: {steps}}}\n")  # the same store
+    out = tmp_path / "model"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "slf_utils.diffusion", "train", str(q), "no_image_guide", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_at, t0 = None, time.time()
+    while proc.poll() is None and time.time() - t0 < 600:
+        try:
+            ck = diffusion.load_checkpoint(out)
+        except (OSError, RuntimeError, EOFError):
+            ck = {"steps": {}}
+        if ck["steps"].get("2", 0) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = ck["steps"]["2"]
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert killed_at is not None and killed_at < steps, (killed_at, proc.stderr.read()[-3000:])
+    killed = diffusion.load_checkpoint(out)
+    loss_killed = pd.read_csv(out / "loss.csv")
+
+    res = diffusion.train(load_params(q), "no_image_guide", out_dir=out)
+    assert res["steps"] == {"1": steps, "2": steps}
+    final = diffusion.load_checkpoint(out)
+    for key, w in killed["unets"]["1"].items():  # unet 1 had finished: not trained again
+        assert torch.equal(w, final["unets"]["1"][key]), key
+    assert any(not torch.equal(w, final["unets"]["2"][k]) for k, w in killed["unets"]["2"].items())
+    loss = pd.read_csv(out / "loss.csv")
+    for k in (1, 2):
+        assert loss.loc[loss["unet"] == k, "step"].tolist() == list(range(1, steps + 1))
+    kept = loss_killed[(loss_killed["unet"] == 2) & (loss_killed["step"] <= killed_at)]
+    assert loss.loc[(loss["unet"] == 2) & (loss["step"] <= killed_at), "loss"].tolist() == kept["loss"].tolist()
