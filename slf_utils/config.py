@@ -111,7 +111,10 @@ DEFAULTS = {
         "test_root": None,
         "test_list": None,
         "max_train_clips": None,
-        "demo_corpus": {"build": False, "identities": 40},
+        # build: preprocessing builds the demo corpus in `root` when missing (kind manifest: `manifest` is its
+        # manifest; kind voxceleb: VoxCeleb2 trees at train_root/test_root and test_list are made from it, with
+        # test_identities of its speakers in the test tree, demo_corpus.voxceleb_tree)
+        "demo_corpus": {"build": False, "identities": 40, "test_identities": 0},
         # Validation clips choose everything that is chosen (best scales, learning checks, settings); test clips only
         # report. per_identity: of each identity's held-out clips, this many (seeded, at most all but one) become
         # `val` (closed set: the demo). identities: this many training identities with no held-out clip become
@@ -333,6 +336,7 @@ SCHEMA = {
     "data.max_train_clips": (int, ">= 1"),
     "data.demo_corpus.build": bool,
     "data.demo_corpus.identities": (int, "[1, 40]"),  # the ORL faces' 40 subjects
+    "data.demo_corpus.test_identities": (int, "[0, 39]"),  # kind voxceleb: at least 1, fewer than identities
     "data.validation.per_identity": (int, ">= 0"),
     "data.validation.identities": (int, ">= 0"),
     "data.validation.clips_per_identity": (int, ">= 1"),
@@ -642,15 +646,34 @@ def _check_files(cfg: dict, where):
                 f"{where(key)}: {key} is read only with data.kind voxceleb: with a manifest, its rows are the clips "
                 f"and their splits (select clips there, or drop {key})"
             )
-    files = ["layout", "systems_file", "data.test_list"]
+    files = ["layout", "systems_file"]
     if data["kind"] == "manifest" and not data["demo_corpus"]["build"]:
         files.append("data.manifest")
+    if data["kind"] == "voxceleb" and data["demo_corpus"]["build"]:  # preprocessing builds the trees and the list
+        _check_demo_voxceleb(data, where)
+    else:
+        files.append("data.test_list")
     if exists(cfg["model"].get("presets_file")):
         files.append("model.presets_file")
     for key in files:
         p = _get(cfg, key)
         if exists(p) and not resolve(p).is_file():
             raise ParamsError(f"{where(key)}: {key}: {resolve(p)} not found")
+
+
+def _check_demo_voxceleb(data: dict, where):
+    missing = [k for k in ("root", "train_root", "test_root", "test_list") if not exists(data[k])]
+    if missing:
+        raise ParamsError(
+            f"{where('data.demo_corpus.build')}: data.demo_corpus.build with data.kind voxceleb builds the demo corpus "
+            f"in data.root and VoxCeleb2 trees from it: set data.{', data.'.join(missing)}"
+        )
+    dc = data["demo_corpus"]
+    if not 1 <= dc["test_identities"] < dc["identities"]:
+        raise ParamsError(
+            f"{where('data.demo_corpus.test_identities')}: data.demo_corpus.test_identities must be at least 1 and "
+            f"fewer than data.demo_corpus.identities ({dc['identities']}), got {dc['test_identities']}"
+        )
 
 
 def _check_system_names(cfg: dict, where):

@@ -662,6 +662,62 @@ def build(out_dir, identities: int = ORL_SUBJECTS, seed: int = 0, debs_dir=None,
     return atomic_write_text(out_dir / "manifest.csv", _manifest_text(plan, pairs))
 
 
+def voxceleb_tree(src_dir, dev_root, test_root, test_list, test_identities: int, seed: int = 0) -> Path:
+    """The demo corpus in `src_dir` as VoxCeleb2 (the paper grid's data): `test_identities` of its identities
+    (seeded) make the test tree, the others the dev tree, each `<root>/<id>/<ytid>/<clip>.mp4` with all of the
+    identity's clips (a still face frame + speech, as VoxCeleb2 has a face track + audio: preprocessing decodes both);
+    `test_list` names one test clip per test identity (seeded among its held-out clips), `id/ytid/clip` lines as the
+    paper's 118-clip list (data/slf_eval_set.txt). The mp4s are hard links to the corpus's (copies across
+    filesystems). Written last, the test list and its stamp (`<test_list>.json`: what the trees were made from) mark
+    the trees complete: a call with the same corpus and settings does nothing, one with others remakes them (trees
+    without a stamp are not this function's and are refused, never deleted). Returns the test list's path."""
+    import pandas as pd
+
+    src_dir, test_list = Path(src_dir), Path(test_list)
+    stamp_path = test_list.with_name(test_list.name + ".json")
+    manifest = (src_dir / "manifest.csv").read_bytes()
+    stamp = {"manifest": hashlib.sha1(manifest).hexdigest(), "test_identities": test_identities, "seed": seed}
+    old = json.loads(stamp_path.read_text()) if stamp_path.exists() else None
+    if old == stamp and test_list.exists():
+        return test_list
+    for root in map(Path, (dev_root, test_root)):
+        if root.exists() and any(root.iterdir()):
+            if old is None:
+                raise DemoCorpusError(
+                    f"{root} is not empty and was not made from the demo corpus ({stamp_path} missing): "
+                    "empty it, or point data.train_root / data.test_root elsewhere"
+                )
+            shutil.rmtree(root)
+    test_list.unlink(missing_ok=True)
+    clips = pd.read_csv(io.BytesIO(manifest), dtype=str)
+    ids = sorted(clips["identity"].unique())
+    if not 1 <= test_identities < len(ids):
+        raise ValueError(f"test_identities must be between 1 and {len(ids) - 1} (the corpus has {len(ids)} identities)")
+    rng = _rng(seed, "voxceleb")
+    test_ids = set(np.array(ids, dtype=object)[rng.permutation(len(ids))[:test_identities]])
+    listed = []
+    for ident, rows in clips.groupby("identity", sort=True):
+        root = Path(test_root if ident in test_ids else dev_root)
+        for video in rows["video"]:
+            dst = root / Path(video).relative_to("mp4")  # <id>/<ytid>/<clip>.mp4 under the root, as data.*_root
+            if not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(dst, functools.partial(_link_or_copy, src_dir / video))
+        if ident in test_ids:
+            held_out = sorted(rows.loc[rows["split"] == "test", "clip_id"])
+            listed.append(held_out[rng.integers(len(held_out))])
+    atomic_write_json(stamp_path, stamp)
+    return atomic_write_text(test_list, "".join(f"{c}\n" for c in sorted(listed)))
+
+
+def _link_or_copy(src: Path, tmp):
+    os.remove(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:  # another filesystem
+        shutil.copyfile(src, tmp)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m slf_utils.demo_corpus", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

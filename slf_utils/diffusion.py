@@ -76,6 +76,8 @@ PRESET_KEYS = {
     "name",
 }
 FACE_PRIORS = ("none", "mean", "attribute_mean")
+# model.trainer.precision: auto (bf16 mixed precision where the device has it, else fp32), fp32, bf16 or fp16
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRIOR_ATTRIBUTES = ("gender", "ethnicity", "age", "language")  # clip labels; age in decades
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
 
@@ -138,6 +140,9 @@ def _check_model_options(preset: dict, where: str):
             f"{where}: model.face_prior_attributes must be a non-empty list of distinct clip labels among "
             f"{', '.join(PRIOR_ATTRIBUTES)}, got {attrs!r}"
         )
+    precision = preset.get("trainer", {}).get("precision", "fp32")
+    if precision not in PRECISIONS:
+        raise ParamsError(f"{where}: model.trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if preset.get("latent") is None:
         return
     preset["latent"] = latent = autoencoder.check_config(preset["latent"], f"{where}: model.latent")
@@ -223,6 +228,35 @@ def mode_of(imagen: Imagen) -> str:
 def trained_unets(imagen: Imagen) -> list[int]:
     """Unet numbers (1-based) that are real unets: SR 2..n, generation 1..n."""
     return [i + 1 for i, u in enumerate(imagen.unets) if not isinstance(u, NullUnet)]
+
+
+def training_precision(requested: str = "fp32") -> str:
+    """model.trainer.precision -> what trains: `auto` is bf16 mixed precision on a CUDA device that supports it
+    (Ampere and later: about twice the matmul rate of fp32 on tensor cores, the same exponent range, no loss
+    scaling) and fp32 elsewhere - on a CPU bf16 autocast gains little (README: which to use where), so it is used
+    there only when asked. ImagenTrainer trains on CUDA when there is one unless ACCELERATE_USE_CPU is set."""
+    if requested != "auto":
+        return requested
+    on_cuda = torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU")
+    return "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def trainer_options(preset: dict) -> dict:
+    """The preset's ImagenTrainer arguments, its precision resolved (Accelerate's mixed_precision; fp32 = none)."""
+    opts = dict(preset.get("trainer", {}))
+    precision = training_precision(opts.pop("precision", "fp32"))
+    return opts | ({} if precision == "fp32" else {"precision": precision})
+
+
+def _allow_precision(options: dict):
+    """Accelerate keeps one mixed-precision setting per process (AcceleratorState) and refuses a trainer with another
+    one: two systems of different precision trained from one notebook, or a benchmark of both. A lone process
+    forgets the old setting; launched processes keep theirs."""
+    from accelerate.state import AcceleratorState
+
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if exists(held) and held != options.get("precision", "no") and _processes().num_processes == 1:
+        AcceleratorState._reset_state()
 
 
 # ---------------------------------------------------------------------- data
@@ -637,6 +671,11 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         "seconds_per_step": {str(k): t["seconds_per_step"] for k, t in timing.items()},
         "data_wait_share": {str(k): t["data_wait_share"] for k, t in timing.items()},
         "device": next((t["device"] for t in timing.values()), None),
+        # requested (model.trainer.precision) and used: auto is bf16 or fp32 by the device
+        "precision": {
+            "requested": preset.get("trainer", {}).get("precision", "fp32"),
+            "used": next((t["precision"] for t in timing.values()), None),
+        },
         "processes": _processes().num_processes,  # the effective batch is batch_size x processes
         "batch_cache": "precomputed" if batches.cached else "per-step store reads",
         "face_prior": None
@@ -688,6 +727,7 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
     # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
     schedule = {"cosine_decay_max_steps": steps} if t_cfg["lr_schedule"] == "cosine" else {}
     warmup = int(t_cfg["warmup_steps"])
+    _allow_precision(trainer_options(preset))
     trainer = ImagenTrainer(
         imagen,
         only_train_unet_number=k,
@@ -696,7 +736,7 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         verbose=False,
         **schedule,
         **({"warmup_steps": warmup} if warmup else {}),
-        **preset.get("trainer", {}),
+        **trainer_options(preset),
     )
     key = str(k)
     start = int(state["steps"].get(key, 0))
@@ -764,6 +804,7 @@ def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, record
         "seconds_per_step": float(np.median(t[:, 0])) if len(t) else None,
         "data_wait_share": float(t[:, 1].sum() / t[:, 0].sum()) if len(t) else None,
         "device": str(trainer.device),
+        "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
     }
 
 

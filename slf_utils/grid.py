@@ -141,13 +141,14 @@ def _input_files(cfg: dict, reads) -> dict:
     their names (an edited manifest, test list or preset reruns what reads it). A demo corpus manifest that
     preprocessing builds (data.demo_corpus.build) is that step's output, not its input: what decides its contents,
     data.demo_corpus, is hashed with `data`, and hashing the file would make the step stale once it has built it
-    (a hand-edited demo manifest is therefore not noticed: set build: false to run from one)."""
+    (a hand-edited demo manifest is therefore not noticed: set build: false to run from one). The same holds for
+    the test list of VoxCeleb2 trees made from the demo corpus (data.kind voxceleb with data.demo_corpus.build)."""
     files = {k: cfg[k] for k in ("layout", "systems_file") if k in reads}
     if "data" in reads:
         data = cfg["data"]
         if data["kind"] == "manifest" and exists(data["manifest"]) and not data["demo_corpus"]["build"]:
             files["data.manifest"] = data["manifest"]
-        if data["kind"] == "voxceleb" and exists(data["test_list"]):
+        if data["kind"] == "voxceleb" and exists(data["test_list"]) and not data["demo_corpus"]["build"]:
             files["data.test_list"] = data["test_list"]
     if "model" in reads:  # the model presets (diffusion.resolve_preset's default file)
         files["model.presets_file"] = resolve(cfg["model"].get("presets_file", "params/presets.yaml"))

@@ -590,12 +590,26 @@ def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataF
 
 def ensure_demo_corpus(cfg) -> None:
     """Build the demo corpus when the params ask for it and its manifest is missing: notebook 01 calls this, so
-    neither the grid nor a user needs a separate step (a build killed half-way resumes here)."""
+    neither the grid nor a user needs a separate step (a build killed half-way resumes here). With data.kind
+    voxceleb the corpus is built in data.root and made into VoxCeleb2 trees at data.train_root and data.test_root
+    with the test list data.test_list (demo_corpus.voxceleb_tree; data.demo_corpus.test_identities speakers test)."""
     data = cfg["data"]
-    if data["kind"] == "manifest" and data["demo_corpus"]["build"] and not Path(data["manifest"]).exists():
-        from slf_utils import demo_corpus
+    if not data["demo_corpus"]["build"]:
+        return
+    from slf_utils import demo_corpus
 
+    if data["kind"] == "manifest" and not Path(data["manifest"]).exists():
         demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
+    if data["kind"] == "voxceleb":  # the trees are remade only when their corpus or test_identities changed
+        if not (Path(data["root"]) / "manifest.csv").exists():
+            demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
+        demo_corpus.voxceleb_tree(
+            data["root"],
+            data["train_root"],
+            data["test_root"],
+            data["test_list"],
+            data["demo_corpus"]["test_identities"],
+        )
 
 
 def rejects(store: Store, stage: str = STAGE) -> pd.DataFrame:

@@ -446,7 +446,7 @@ def headline_table(
                 if modes is None or modes.get(system) == "super_resolution" or system == FLOOR
                 else np.nan,
                 "chance@1": chance,
-                "x_chance": v / chance,
+                "x_chance": times_chance(v, chance),
                 "of_identity_mean": v / ceiling if ceiling > 0 else np.nan,
                 "best_on_test_scale": (optimistic or {}).get(system, np.nan),
                 "best_on_test@1": _at(metrics, system, (optimistic or {}).get(system, scale), "recall@1")[0]
@@ -500,6 +500,12 @@ def system_notes(cfg) -> dict:
 NOTE_MARK = " †"
 
 
+def times_chance(v: float, chance: float) -> float:
+    """recall as a multiple of chance; NaN where chance is 0: under the identity protocol a test set of one clip per
+    speaker (the paper's 118-clip list) has no other image of the speaker to find, so nothing can hit there."""
+    return v / chance if chance > 0 else np.nan
+
+
 def note_lines(notes: dict, titles: dict, systems) -> list[str]:
     """Footnotes ('† Title: note') of the systems in `systems` that have a note."""
     return [f"† {titles.get(s, s)}: {' '.join(notes[s].split())}" for s in dict.fromkeys(systems) if s in notes]
@@ -536,7 +542,7 @@ def learning_checks(
                 "recall@1": v,
                 "recall@1_lo": lo,
                 "recall@1_hi": hi,
-                "x_chance": v / chance,
+                "x_chance": times_chance(v, chance),
                 "ci_above_chance": bool(lo > chance),
                 "scale0_recall@1": v0,
                 "scale0_lo": lo0,
@@ -569,7 +575,7 @@ def pretty_checks(checks: pd.DataFrame, guide_min: float = 0.9) -> pd.DataFrame:
                 _cell(v, lo, hi, "recall@1")
                 for v, lo, hi in zip(checks["recall@1"], checks["recall@1_lo"], checks["recall@1_hi"])
             ],
-            "× chance": checks["x_chance"].map(lambda x: f"{x:.1f}"),
+            "× chance": checks["x_chance"].map(lambda x: "–" if pd.isna(x) else f"{x:.1f}"),
             "CI above chance": checks["ci_above_chance"].map(yes),
             "scale 0 recall@1": [
                 _cell(v, lo, hi, "recall@1")

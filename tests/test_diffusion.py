@@ -483,3 +483,36 @@ def test_two_seeds_give_different_weights_and_one_seed_twice_the_same(project, t
     many = {"grid": {"seeds": [3, 5]}}
     assert system_dir(load_params(path, {**many, **seed_overrides(3)}), "x") == base  # the first seed
     assert system_dir(load_params(path, {**many, **seed_overrides(5)}), "x") == base / "seed5"
+
+
+def test_precision_auto_is_bf16_on_a_bf16_cuda_device_and_fp32_elsewhere(monkeypatch):
+    paper = diffusion.resolve_preset({"preset": "paper"})
+    assert paper["trainer"]["precision"] == "auto"
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert diffusion.training_precision("auto") == "fp32"
+    assert diffusion.trainer_options(paper) == {"max_grad_norm": None}  # fp32: no mixed precision for Accelerate
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert diffusion.training_precision("auto") == "bf16"
+    assert diffusion.trainer_options(paper) == {"max_grad_norm": None, "precision": "bf16"}
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # ImagenTrainer trains on the CPU then
+    assert diffusion.training_precision("auto") == "fp32"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
+    assert diffusion.training_precision("auto") == "fp32"
+    assert [diffusion.training_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    with pytest.raises(ParamsError, match="model.trainer.precision must be one of auto, fp32, bf16, fp16"):
+        diffusion.resolve_preset({"preset": "tiny", "trainer": {"precision": "half"}})
+
+
+@pytest.mark.parametrize("requested, used", [("auto", "fp32"), ("bf16", "bf16")])
+def test_the_precision_used_is_in_the_provenance(project, tmp_path, requested, used, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = load_params(write_params(project, name=f"p{requested}", steps=2))
+    cfg["model"]["trainer"] = {"precision": requested}
+    r = diffusion.train(cfg, "no_image_guide", out_dir=tmp_path / requested)
+    assert r["precision"] == {"requested": requested, "used": used}
+    prov = json.loads((tmp_path / requested / "provenance.json").read_text())
+    assert prov["precision"] == {"requested": requested, "used": used} and prov["device"] == "cpu"
+    assert np.isfinite(pd.read_csv(tmp_path / requested / "loss.csv")["loss"]).all()

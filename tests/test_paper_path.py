@@ -85,7 +85,7 @@ def run_cascade(mode: str) -> dict:
     for k in TRAIN[mode]:
         # as diffusion._train_unet builds it, without EMA (a copy of every unet: +4 GB, and not what is tested here)
         trainer = ImagenTrainer(
-            imagen, only_train_unet_number=k, use_ema=False, lr=1e-4, verbose=False, **preset.get("trainer", {})
+            imagen, only_train_unet_number=k, use_ema=False, lr=1e-4, verbose=False, **diffusion.trainer_options(preset)
         )
         t0 = time.perf_counter()
         loss = diffusion._loss_step(trainer, images, X, k, BATCH)

@@ -481,3 +481,24 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
     assert seeds.loc["bicubic", "seeds"] == 1
     summary = (report.report_dir(cfg) / "summary.md").read_text()
     assert "## Training seeds" in summary and "identities and seeds" in summary
+
+
+def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_the_report_says_so():
+    """The paper's 118-clip list has one clip per test speaker: under the identity protocol no query can hit (chance
+    0), which made the headline and the learning checks divide by zero (found by params/paper-smoke.yaml)."""
+    rows = []
+    for system, scale, metric, value in [
+        ("full_input", 3.0, "recall@1", 0.0),
+        ("full_input", 0.0, "recall@1", 0.0),
+        ("full_input", np.nan, "chance@1", 0.0),
+        ("full_input", 3.0, "guide_top1", 0.5),
+    ]:
+        rows.append(dict(system=system, scale=scale, protocol="identity", split="test", metric=metric, value=value,
+                         ci_low=value, ci_high=value, n=6))  # fmt: skip
+    m = pd.DataFrame(rows, columns=ev.METRIC_COLUMNS)
+    head = report.headline_table(m, {"full_input": 3.0})
+    assert np.isnan(head["x_chance"].iloc[0]) and report.pretty_headline(head)["× chance"].iloc[0] == "–"
+    checks = report.learning_checks(m, {"full_input": 3.0}, {"full_input": "super_resolution"})
+    assert np.isnan(checks["x_chance"].iloc[0]) and not checks["ci_above_chance"].iloc[0]
+    assert report.pretty_checks(checks)["× chance"].iloc[0] == "–"
+    assert report.times_chance(0.2, 0.1) == pytest.approx(2)
