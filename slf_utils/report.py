@@ -245,18 +245,20 @@ def combine_seeds(metrics: pd.DataFrame, hits: dict, n_boot=1000, seed=0) -> pd.
 SEED_COLUMNS = ["system", "title", "scale", "seeds", "per_seed", "mean", "sd", "ci_low", "ci_high", "id_low", "id_high"]
 
 
-def seed_table(metrics: pd.DataFrame, hits: dict, best: dict, titles=None, n_boot=1000, seed=0) -> pd.DataFrame:
+def seed_table(
+    metrics: pd.DataFrame, hits: dict, best: dict, titles=None, n_boot=1000, seed=0, protocol=PROTOCOLS[0]
+) -> pd.DataFrame:
     """Training noise, per system at its chosen scale (test clips, identity protocol, recall@1): each seed's value,
     their mean and standard deviation, the interval resampling identities and seeds (two-level) and the one
     resampling identities alone (of the seed mean: what a one-seed report would claim)."""
     rows = []
-    view = metrics[(metrics["protocol"] == PROTOCOLS[0]) & (metrics["metric"] == "recall@1")]
+    view = metrics[(metrics["protocol"] == protocol) & (metrics["metric"] == "recall@1")]
     for system, scale in best.items():
         m = view[(view["system"] == system) & _scale_is(view["scale"], scale)].sort_values("seed")
         h = hits.get(system)
         if m.empty or h is None:
             continue
-        sel = h[_scale_is(h["scale"], scale) & (h["protocol"] == PROTOCOLS[0]) & (h["k"] == 1)]
+        sel = h[_scale_is(h["scale"], scale) & (h["protocol"] == protocol) & (h["k"] == 1)]
         wide = _by_clip_and_seed(sel)
         ids = wide.index.get_level_values("identity")
         _, lo, hi, _ = two_level_ci(wide.to_numpy(), ids, n_boot, seed)
@@ -531,6 +533,12 @@ def learning_checks(
         sr = modes.get(system) == "super_resolution"
         v, lo, hi = _at(metrics, system, scale, "recall@1")
         v0, lo0, hi0 = _at(metrics, system, 0.0, "recall@1")
+        n0 = metrics.loc[
+            (metrics["system"] == system) & (metrics["metric"] == "recall@1") & _scale_is(metrics["scale"], 0.0), "n"
+        ]
+        # at chance: chance inside the exact (Clopper-Pearson) interval of the hit count; a percentile bootstrap of
+        # 0 hits is [0, 0] and would call 0 of 40 queries "below" a chance of 0.017 (expected 0.7 hits)
+        blo, bhi = _binomial_interval(round(v0 * int(n0.iloc[0])), int(n0.iloc[0])) if len(n0) else (lo0, hi0)
         guide = _at(metrics, system, scale, "guide_top1")[0]
         rows.append(
             {
@@ -548,7 +556,7 @@ def learning_checks(
                 "scale0_lo": lo0,
                 "scale0_hi": hi0,
                 # only a generation system should be at chance there; super-resolution keeps what the guide gives
-                "scale0_at_chance": bool(lo0 <= chance <= hi0)
+                "scale0_at_chance": bool(blo <= chance <= bhi)
                 if modes.get(system) == "generation" and not np.isnan(v0)
                 else None,
                 "floor@1": floor,
@@ -560,6 +568,22 @@ def learning_checks(
             }
         )
     return pd.DataFrame(rows)
+
+
+def lead_protocol(metrics: pd.DataFrame) -> str:
+    """The protocol the headline, checks and sample grids use: `identity`, unless no test query can hit under it (one
+    gallery clip per test speaker, as the paper's 118-clip list: chance 0), then `paper`."""
+    chance = metrics[(metrics["metric"] == "chance@1") & (metrics["protocol"] == PROTOCOLS[0])]["value"]
+    return PROTOCOLS[0] if chance.empty or chance.max() > 0 else PROTOCOLS[1]
+
+
+def _binomial_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Clopper-Pearson interval of k successes in n trials."""
+    from scipy.stats import beta
+
+    lo = beta.ppf(alpha / 2, k, n - k + 1) if k > 0 else 0.0
+    hi = beta.ppf(1 - alpha / 2, k + 1, n - k) if k < n else 1.0
+    return float(lo), float(hi)
 
 
 def pretty_checks(checks: pd.DataFrame, guide_min: float = 0.9) -> pd.DataFrame:
@@ -667,7 +691,21 @@ def pretty_recipe_differences(rd: pd.DataFrame, titles: dict | None = None) -> s
         if shown.empty:
             lines += ["* identical recipes", ""]
             continue
-        lines += [f"* `{r.key}`: {r.value_a!r} vs {r.value_b!r}" for r in shown.itertuples()] + [""]
+        done = set()
+        for r in shown.itertuples():
+            enc = ".".join(r.key.split(".")[:2]) if r.key.startswith("encoder.") else None
+            part = shown[shown["key"].str.startswith(f"{enc}.")] if enc else None
+            one_sided = enc and (part["value_a"].isna().all() or part["value_b"].isna().all())
+            if one_sided and enc not in done:  # an encoder only one system reads: one line, not each setting
+                done.add(enc)
+                side = "b" if part["value_a"].isna().all() else "a"
+                lines.append(
+                    f"* `{enc}` (the encoder that writes {enc.split('.')[1]}): read by {side} only, "
+                    f"{len(part)} settings"
+                )
+            elif not one_sided:
+                lines.append(f"* `{r.key}`: {r.value_a!r} vs {r.value_b!r}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -1042,7 +1080,8 @@ def run(cfg, log=print) -> dict:
     weights = k_weights(rep["k_weights"], ks)
     modes = system_modes(cfg)
     hits = {s: None if (h := hits.get(s)) is None else at_split(h, "test") for s in found}
-    main = at_protocol(metrics, PROTOCOLS[0])  # the identity protocol: the headline, checks and sample grids
+    lead = result["lead_protocol"] = lead_protocol(metrics)
+    main = at_protocol(metrics, lead)
     keep_guide = {s: float(rep["guide_top1_min"]) for s, m in modes.items() if m == "super_resolution"}
     # a system evaluated before validation clips existed (no val rows) falls back to its test rows, and is named
     best_by = {
@@ -1050,11 +1089,11 @@ def run(cfg, log=print) -> dict:
         for p in PROTOCOLS
     }
     result["chosen_on_test"] = sorted(set(found) - set(choose["system"])) if chosen_on == "val" else []
-    best = best_by[PROTOCOLS[0]]
+    best = best_by[lead]
     on_test = best_scales(main, keep_guide) if chosen_on == "val" else None  # optimistic: chosen on what it reports
     chosen = float(rep["chosen_scale"])
     chosen_of = {s: (chosen if not pd.isna(best[s]) else np.nan) for s in found}
-    seeds = seed_table(at_split(per_seed, "test"), hits, best, titles, rep["bootstrap"], rep["seed"])
+    seeds = seed_table(at_split(per_seed, "test"), hits, best, titles, rep["bootstrap"], rep["seed"], lead)
     result["seeds"] = seeds
     if len(seeds):
         _write_table(out, "seeds", seeds, pretty_seeds(seeds))
@@ -1072,7 +1111,7 @@ def run(cfg, log=print) -> dict:
     if result["notes"]:  # under the table, where it is read (make demo and the grid runner print headline.md)
         text = markdown_table(pretty_headline(result["headline"])) + "\n" + "\n\n".join(result["notes"]) + "\n"
         atomic_write_text(out / "headline.md", text)
-    checks = learning_checks(at_protocol(choose, PROTOCOLS[0]), best, modes, titles, float(rep["guide_top1_min"]))
+    checks = learning_checks(at_protocol(choose, lead), best, modes, titles, float(rep["guide_top1_min"]))
     result["checks"] = checks
     if not checks.empty:
         _write_table(out, "learning_checks", checks, pretty_checks(checks, float(rep["guide_top1_min"])))
@@ -1164,8 +1203,18 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
     best_table, best_pretty = result["tables"]["table_best_scale"]
     lines = [f"# Report: {cfg['name']}", ""]
     lines += [
-        "## Identity protocol: each system at its best conditional scale, with the reference rows",
+        f"## {result['lead_protocol'].capitalize()} protocol: each system at its best conditional scale, with the "
+        "reference rows",
         "",
+        *(
+            []
+            if result["lead_protocol"] == PROTOCOLS[0]
+            else [
+                "**Led by the paper protocol**: no test speaker has a second gallery clip, so under the identity "
+                "protocol no query can hit (chance 0; the paper's one clip per test speaker).",
+                "",
+            ]
+        ),
         _choice_line(result),
         "",
         markdown_table(pretty_headline(result["headline"])),

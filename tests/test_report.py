@@ -230,7 +230,11 @@ def test_report_from_synthetic_results(synthetic_results):
     assert fi["ci_above_chance"] and fi["recall@1_lo"] > 1 / 11
     assert not na["ci_above_chance"] and pd.isna(na["scale0_at_chance"])  # recall 0; at chance: generation only
     ng = checks.loc["no_image_guide"]
-    assert ng["scale0_at_chance"] == (ng["scale0_lo"] <= 1 / 11 <= ng["scale0_hi"])
+    # scale 0: 1 hit of 12 (paper 1, identity round(0.75)); its exact interval [0.002, 0.385] holds chance 1/11
+    assert ng["scale0_recall@1"] == pytest.approx(1 / 12) and ng["scale0_at_chance"]
+    # 0 hits of 40 (expected 0.7 at chance 0.017) is at chance; 0 of 400 is below it
+    assert report._binomial_interval(0, 40) == pytest.approx((0.0, 1 - 0.025 ** (1 / 40)))
+    assert report._binomial_interval(0, 400)[1] < 0.017 < report._binomial_interval(0, 40)[1]
     # the bicubic floor and the guide: super-resolution systems only
     assert fi["above_floor"] and fi["guide_kept"] and not ps["above_floor"] and not ps["guide_kept"]
     assert pd.isna(ng["above_floor"]) and pd.isna(ng["guide_kept"])
@@ -502,3 +506,6 @@ def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_
     assert np.isnan(checks["x_chance"].iloc[0]) and not checks["ci_above_chance"].iloc[0]
     assert report.pretty_checks(checks)["× chance"].iloc[0] == "–"
     assert report.times_chance(0.2, 0.1) == pytest.approx(2)
+    # such a grid's report leads with the paper protocol; one with a second clip per speaker with the identity one
+    assert report.lead_protocol(m) == "paper"
+    assert report.lead_protocol(m.assign(value=m["value"].where(m["metric"] != "chance@1", 0.017))) == "identity"
