@@ -121,6 +121,7 @@ def test_systems_are_declared_with_modes_and_paper_numbers(systems, layout):
         "random": ("reference", None),
         "bicubic": ("reference", None),
         "identity_mean": ("reference", None),
+        "attribute_mean": ("reference", None),
         "real_face": ("reference", None),
         "face_to_face": ("generation", None),  # Speech2Face (issue 12, tests/test_speech2face.py)
         "speech_to_face": ("generation", None),
