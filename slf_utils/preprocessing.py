@@ -463,10 +463,11 @@ def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
     if not v or not (v.get("per_identity") or v.get("identities")):
         return clips
     rng = np.random.default_rng(int(v.get("seed", 0)))
-    clips = clips.sort_values("clip_id").reset_index(drop=True)
+    clips = clips.reset_index(drop=True)
+    order = np.argsort(clips["clip_id"].to_numpy(dtype=str), kind="stable")  # draws independent of the row order
     split = clips["split"].to_numpy(dtype=object).copy()
     if v.get("per_identity"):
-        test = np.flatnonzero(split == "test")
+        test = order[split[order] == "test"]
         for _, idx in clips.iloc[test].groupby("identity", sort=True).indices.items():
             split[rng.choice(test[idx], min(int(v["per_identity"]), len(idx) - 1), replace=False)] = "val"
     if v.get("identities"):
@@ -478,7 +479,7 @@ def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
                 "have no test clip: lower it"
             )
         for ident in rng.choice(np.array(candidates, dtype=object), int(v["identities"]), replace=False):
-            pos = np.flatnonzero((clips["identity"] == ident).to_numpy() & (split == "train"))
+            pos = order[(clips["identity"].to_numpy()[order] == ident) & (split[order] == "train")]
             split[pos] = "unused"
             split[rng.choice(pos, min(int(v["clips_per_identity"]), len(pos)), replace=False)] = "val"
     return clips.assign(split=split)

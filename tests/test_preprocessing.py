@@ -292,11 +292,10 @@ def test_audio_check_thresholds_are_validated(tmp_path):
     manifest = tmp_path / "m.csv"
     manifest.write_text("clip_id\n")
     for key, value in [("max_flatness", 1.5), ("min_speech_fraction", 1.0), ("speech_floor_db", 0.0)]:
-        cfg = make_cfg(tmp_path, manifest, preprocess={key: value})
-        with pytest.raises(ParamsError, match=f"preprocess.{key}"):
-            P.run(cfg)
+        with pytest.raises(ParamsError, match=f"preprocess.{key}"):  # at load (the schema) or before the store
+            P.run(make_cfg(tmp_path, manifest, preprocess={key: value}))
     assert not (tmp_path / "results").exists()  # refused before the store was made
-    with pytest.raises(ParamsError, match="max_flatness must be float"):
+    with pytest.raises(ParamsError, match="max_flatness must be"):
         make_cfg(tmp_path, manifest, preprocess={"max_flatness": "high"})
     p = P.stage_params(make_cfg(tmp_path, manifest))
     assert {k: p[k] for k in P.AUDIO_CHECKS} == {
