@@ -467,16 +467,17 @@ _prepared: set = set()  # (db, identity) whose format this process has checked
 
 
 def _identity(db) -> tuple[int, int] | None:
-    """(inode, SQLite application_id: random, set when the store is created): a store deleted and created again at
-    the same path (whose inode may be reused) is another database, and a cached connection to the old one is stale."""
+    """(inode, ctime): a store deleted and created again at the same path (whose inode may be reused) is another
+    database, and a cached connection to the old one is stale. By stat alone: opening and closing the database file
+    with a descriptor of our own would drop every POSIX lock this process's SQLite connections hold on it (POSIX locks
+    are per process and file), and another process could then checkpoint and delete the WAL under them (a "database
+    disk image is malformed" seen in the notebook tests). ctime also moves when a checkpoint writes the file: a cached
+    connection is then simply opened again."""
     try:
-        fd = os.open(db, os.O_RDONLY)
+        st = os.stat(db)
     except FileNotFoundError:
         return None
-    try:
-        return os.fstat(fd).st_ino, int.from_bytes(os.pread(fd, 4, 68), "big")
-    finally:
-        os.close(fd)
+    return st.st_ino, st.st_ctime_ns
 
 
 def _close_readers(db) -> None:

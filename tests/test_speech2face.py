@@ -392,7 +392,8 @@ def test_compare_grid_end_to_end_on_the_tiny_preset(tmp_path, demo_corpus_small)
     m = pd.concat([pd.read_csv(results / s / "eval" / "metrics.csv") for s in systems])
     assert set(m["system"]) == set(systems)
     direct = m[m["system"].str.endswith("_direct") & (m["metric"] == "recall@1")]
-    assert len(direct) == 4 and direct["scale"].isna().all()
+    # 2 systems x 2 protocols x 2 splits (validation clips choose, test clips report)
+    assert len(direct) == 8 and direct["scale"].isna().all() and set(direct["split"]) == {"val", "test"}
     assert set(m[(m["system"] == "face_to_face") & m["scale"].notna()]["scale"]) == {0, 3}
     headline = (results / "report" / "headline.md").read_text()
     assert "sees the answer" in headline and "no scale" in headline

@@ -372,7 +372,10 @@ def test_notebook_06_runs_under_papermill_on_the_demo_corpus_with_dlib(demo_grid
     out = Path(cfg["results"]) / "voice_encoder"
     m = pd.read_csv(out / "metrics.csv")
     print(m[m["metric"].isin(["recall@1", "chance@1", "cosine_to_own_face"])].to_string())
-    assert recall(m, "train", "paper") > 0.9  # 300 steps learn the training clips
+    # the training clips' predictions are cross-fitted (5 folds of clips): out of fold, yet each speaker's other clips
+    # were in the fold's training, so most still find their speaker (4 identities: chance 0.25)
+    assert recall(m, "train", "paper") > 0.75
+    assert store.provenance(V.VOICE_STAGE)["crossfit"]["training_clips_out_of_fold"] == len(store.clips(split="train"))
     assert json.loads((out / "model" / "meta.json").read_text())["out_dim"] == 128
     executed = (tmp_path / "06.ipynb").read_text()
     assert "recall@1" in executed and "image/png" in executed
