@@ -1203,8 +1203,13 @@ def _is_store(root) -> None:
     db = Path(root) / "store.sqlite"
     if not db.is_file():
         raise FileNotFoundError(f"{root}: no store here (no store.sqlite)")
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as con:
+    # mode=rw: never creates a file, but can roll back the hot journal a killed writer left (read-only cannot:
+    # "attempt to write a readonly database", seen once in 120 migrations killed at random points)
+    con = sqlite3.connect(f"file:{db}?mode=rw", uri=True)
+    try:
         tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        con.close()
     if "stages" not in tables:
         raise StoreFormatError(f"{db}: not a store (no stages table)")
 
