@@ -729,14 +729,14 @@ def differences_table(
                     continue
                 s = min(wa.shape[1], wb.shape[1])
                 d_clip = wa.loc[common].to_numpy()[:, :s] - wb.loc[common].to_numpy()[:, :s]
-                d, lo, hi, n = two_level_ci(d_clip, common.get_level_values("identity"), n_boot, seed)
-                j = pd.DataFrame({"identity_a": common.get_level_values("identity")})
+                ids = common.get_level_values("identity")
+                d, lo, hi, n = two_level_ci(d_clip, ids, n_boot, seed)
                 rows.append(
                     dict(
                         zip(
                             DIFF_COLUMNS,
                             (by, protocol, a, b, titles.get(a, a), titles.get(b, b), scale_of[a], scale_of[b], k)
-                            + (d, lo, hi, n, j["identity_a"].nunique()),
+                            + (d, lo, hi, n, ids.nunique()),
                         )
                     )
                 )
