@@ -120,6 +120,10 @@ DEFAULTS = {
         # `val` (closed set: the demo). identities: this many training identities with no held-out clip become
         # validation speakers, clips_per_identity of their clips `val`, the rest `unused` (open set: VoxCeleb2).
         "validation": {"per_identity": 1, "identities": 0, "clips_per_identity": 3, "seed": 0},
+        # Unseen speakers on a manifest corpus: folds >= 2 splits the identities into that many seeded folds; each
+        # fold's models train on every clip of the other folds' identities and are scored on its own identities'
+        # held-out clips, against the one gallery of all of them (each identity tested once). 0: closed set.
+        "identity_folds": {"folds": 0, "seed": 0},
     },
     "preprocess": {
         "audio_seconds": 24.0,
@@ -341,6 +345,8 @@ SCHEMA = {
     "data.validation.identities": (int, ">= 0"),
     "data.validation.clips_per_identity": (int, ">= 1"),
     "data.validation.seed": (int, ">= 0"),
+    "data.identity_folds.folds": (int, ">= 0"),
+    "data.identity_folds.seed": (int, ">= 0"),
     "crossfit.folds": (int, ">= 0"),
     "crossfit.unit": ("auto", "clip", "identity"),
     "crossfit.seed": (int, ">= 0"),
@@ -646,6 +652,12 @@ def _check_files(cfg: dict, where):
                 f"{where(key)}: {key} is read only with data.kind voxceleb: with a manifest, its rows are the clips "
                 f"and their splits (select clips there, or drop {key})"
             )
+    if data["identity_folds"]["folds"] and (data["kind"] != "manifest" or data["identity_folds"]["folds"] < 2):
+        raise ParamsError(
+            f"{where('data.identity_folds.folds')}: data.identity_folds.folds is 0 (closed set) or at least 2, and "
+            f"only with data.kind manifest (VoxCeleb2's test speakers are unseen already), got "
+            f"{data['identity_folds']['folds']} with data.kind {data['kind']}"
+        )
     files = ["layout", "systems_file"]
     if data["kind"] == "manifest" and not data["demo_corpus"]["build"]:
         files.append("data.manifest")

@@ -53,6 +53,7 @@ from slf_utils.config import (
     system_dir,
 )
 from slf_utils.layout import Layout, load_layout, load_systems
+from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import open_store
 
 CHECKPOINT = "checkpoint.pt"
@@ -279,12 +280,10 @@ def load_guides(store, clip_ids) -> np.ndarray:
     return store.load_stacked("preprocess", list(clip_ids), keys=["guide"])["guide"]
 
 
-def train_clip_ids(store, layout: Layout, keep) -> list[str]:
-    """Training clips that have a face and every stage the kept constituents need."""
-    ids = set(store.clips(split="train", stage="preprocess")["clip_id"])
-    for stage in layout.stages(keep):
-        ids &= set(store.clips(stage=stage)["clip_id"])
-    return sorted(ids)
+def train_clip_ids(store, layout: Layout, keep, cfg=None, fold=None) -> list[str]:
+    """Training clips (of identity fold `fold`, preprocessing.training_clips) that have a face and every stage the
+    kept constituents need."""
+    return training_ids(store, layout.stages(keep), cfg, fold)
 
 
 class _Batches:
@@ -531,13 +530,22 @@ def _override_model(cfg, system) -> dict:
 
 def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     """Train one system (notebook 03) into `out_dir` (default results/<name>/<system>/model): one ImagenTrainer
-    per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all)."""
+    per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all). With identity
+    folds (data.identity_folds: unseen speakers) one model per fold in `fold<k>/`, each trained on the other folds'
+    identities; the result is the last fold's, with every fold's under `folds`."""
+    out = Path(out_dir) if exists(out_dir) else system_dir(cfg, system_name) / "model"
+    if not n_folds(cfg):
+        return _train(cfg, system_name, out, unets, None)
+    folds = [_train(cfg, system_name, out / f"fold{k}", unets, k) for k in range(n_folds(cfg))]
+    return {**folds[-1], "folds": folds}
+
+
+def _train(cfg, system_name, out: Path, unets, fold) -> dict:
     layout = load_layout(cfg)
     systems = load_systems(cfg["systems_file"], layout)
     if system_name not in systems:
         raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
     system = systems[system_name]
-    out = Path(out_dir) if exists(out_dir) else system_dir(cfg, system_name) / "model"
     if system.mode in ("none", "reference"):
         return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
     t_cfg = cfg["train"]
@@ -564,7 +572,7 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     if ck is not None:
         _check_resume(ck, system, preset, layout, ck_path)
 
-    ids = train_clip_ids(store, layout, system.keep)
+    ids = train_clip_ids(store, layout, system.keep, cfg, fold)
     if not ids:
         raise ValueError(
             f"{system_name}: no training clips with {['preprocess', *layout.stages(system.keep)]} done in {store.root}"
@@ -666,7 +674,8 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
         "train": dict(t_cfg),
         "params_file": cfg.get("params_file"),
         "layout_hash": layout.hash,
-        "split": {"train_clips": len(ids), "train_ids_hash": params_hash(ids), "store": str(store.root)},
+        # fold: data.identity_folds, trained without that fold's identities (None: the closed set's train split)
+        "split": {"train_clips": len(ids), "train_ids_hash": params_hash(ids), "store": str(store.root), "fold": fold},
         "steps": {str(k): v for k, v in state["steps"].items()},
         "seconds_per_step": {str(k): t["seconds_per_step"] for k, t in timing.items()},
         "data_wait_share": {str(k): t["data_wait_share"] for k, t in timing.items()},

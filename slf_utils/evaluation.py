@@ -59,7 +59,7 @@ from slf_utils.config import (
     provenance,
     system_dir,
 )
-from slf_utils.preprocessing import read_image, resize, to_rgb
+from slf_utils.preprocessing import identity_folds, n_folds, read_image, resize, to_rgb, training_clips
 
 KS = (1, 3, 5, 10)
 PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
@@ -506,10 +506,11 @@ def bicubic_images(guides, size: int) -> np.ndarray:
     return np.stack([cv2.resize(to_rgb(g), (size, size), interpolation=cv2.INTER_CUBIC) for g in guides])
 
 
-def identity_means(store, identities, size: int) -> dict:
+def identity_means(store, identities, size: int, train: pd.DataFrame | None = None) -> dict:
     """The `identity_mean` reference: {identity: pixel mean of its real training faces at size x size} for those of
-    `identities` that have training faces (none, where test identities are unseen, as in VoxCeleb2's test set)."""
-    train = store.clips(split="train", stage="preprocess")
+    `identities` that have training faces (none, where test identities are unseen, as in VoxCeleb2's test set).
+    `train`: the training clips (default the train split; a fold's, preprocessing.training_clips)."""
+    train = store.clips(split="train", stage="preprocess") if train is None else train
     train = train[train["identity"].isin(set(identities))]
     faces = store.load_stacked("preprocess", train["clip_id"].tolist(), keys=["face"])["face"]  # one read for all
     return {
@@ -518,13 +519,14 @@ def identity_means(store, identities, size: int) -> dict:
     }
 
 
-def attribute_means(store, clip_ids, size: int) -> list:
+def attribute_means(store, clip_ids, size: int, train: pd.DataFrame | None = None) -> list:
     """The `attribute_mean` reference: per clip, the pixel mean of the training faces that share its labelled gender
     and ethnicity (ATTRIBUTE_MEAN_BY; an unlabelled one is left out of the match, and a combination no training face
     has falls back to gender alone, then to all training faces). What knowing the attributes gives: the ceiling of
-    a voice that tells only them (on unseen speakers, where identity_mean does not exist)."""
+    a voice that tells only them (on unseen speakers, where identity_mean does not exist). `train`: the training
+    clips (default the train split; a fold's, preprocessing.training_clips)."""
     clips = store.clips(stage="preprocess").set_index("clip_id")
-    train = clips[clips["split"] == "train"]
+    train = clips[clips["split"] == "train"] if train is None else train.set_index("clip_id")
     faces = store.load_stacked("preprocess", train.index.tolist(), keys=["face"])["face"].astype(np.float64)
     labels = train[list(ATTRIBUTE_MEAN_BY)].astype(object).where(train[list(ATTRIBUTE_MEAN_BY)].notna(), None)
     memo = {}
@@ -544,20 +546,28 @@ def attribute_means(store, clip_ids, size: int) -> list:
     return out
 
 
-def reference_images(kind: str, store, gallery, size: int) -> tuple[list, list]:
+def reference_images(kind: str, store, gallery, size: int, cfg=None) -> tuple[list, list]:
     """(clip ids, images) of an image reference row over the gallery; `identity_mean` leaves out the clips whose
-    identity has no training face."""
+    identity has no training face (every clip, with identity folds: `cfg`'s data.identity_folds). The mean rows read
+    the training faces the query's own models would train on (a fold's, preprocessing.training_clips)."""
     if kind == "bicubic":
         return list(gallery.clip_ids), list(bicubic_images(gallery.guides, size))
-    if kind == "identity_mean":
-        means = identity_means(store, gallery.identities, size)
-        known = [(c, means[i]) for c, i in zip(gallery.clip_ids, gallery.identities) if i in means]
-        return [c for c, _ in known], [m for _, m in known]
     if kind == "real_face":
         return list(gallery.clip_ids), [resize(to_rgb(f), size) for f in gallery.faces]
-    if kind == "attribute_mean":
-        return list(gallery.clip_ids), attribute_means(store, gallery.clip_ids, size)
-    raise ValueError(f"reference_images: {kind!r} has no images")
+    if kind not in ("identity_mean", "attribute_mean"):
+        raise ValueError(f"reference_images: {kind!r} has no images")
+    fold_of = identity_folds(cfg, store.clips()) if exists(cfg) else {}
+    found = {}
+    for fold in sorted({fold_of.get(i) for i in gallery.identities}, key=str):
+        train = training_clips(store, cfg, fold)
+        mine = [(c, i) for c, i in zip(gallery.clip_ids, gallery.identities) if fold_of.get(i) == fold]
+        if kind == "identity_mean":
+            means = identity_means(store, {i for _, i in mine}, size, train)
+            found |= {c: means[i] for c, i in mine if i in means}
+        else:
+            found |= dict(zip([c for c, _ in mine], attribute_means(store, [c for c, _ in mine], size, train)))
+    ids = [c for c in gallery.clip_ids if c in found]
+    return ids, [found[c] for c in ids]
 
 
 # ---------------------------------------------------------------------------------------------- face embedders
@@ -960,64 +970,76 @@ def _scale_done(samples: pd.DataFrame, out: Path, scale, clip_ids, sample_hash) 
     return all((out / p).exists() for p in rows["image"])
 
 
+def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path, pd.DataFrame]]:
+    """(model folder, the clips it answers): the system's one model for every clip, or with identity folds
+    (data.identity_folds) each fold's model for its own identities' clips, which it never trained on."""
+    model_dir = system_dir(cfg, system_name) / "model"
+    fold_of = identity_folds(cfg, store.clips())
+    if not fold_of:
+        return [(model_dir, clips)]
+    fold = clips["identity"].map(fold_of)
+    return [(model_dir / f"fold{k}", clips[fold == k]) for k in sorted(set(fold))]
+
+
 def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print) -> pd.DataFrame:
-    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample), save the PNGs and
-    samples.csv. Scales whose images exist for the same sampling parameters are skipped. Returns samples."""
+    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample) with the model that
+    answers it (model_parts), save the PNGs and samples.csv. Scales whose images exist for the same sampling
+    parameters are skipped. Returns samples."""
     from slf_utils import diffusion, layout
 
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
-    model_dir = system_dir(cfg, system_name) / "model"
     lay = layout.load_layout(cfg)
     system = layout.load_systems(cfg["systems_file"], lay)[system_name]
     if system.mode not in ("generation", "super_resolution"):
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
-    ids = clips["clip_id"].tolist()
-    sample_hash = params_hash(
-        {
-            "model": _model_fingerprint(model_dir),
-            "steps": ev["sampling_steps"],
-            "use_ema": ev["use_ema"],
-            "lowres_sample_noise_level": ev["lowres_sample_noise_level"],
-            "seed": ev["seed"],
-            "clips": ids,
-            "mode": system.mode,
-            "keep": system.keep,
-        }
-    )
     samples = _existing_samples(out)
-    todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
-    if todo:
-        imagen, meta = diffusion.load_model(model_dir)
-        if set(meta.get("keep", system.keep)) != set(system.keep):
-            raise ValueError(
-                f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now says "
-                f"{system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
+    for model_dir, part in model_parts(cfg, system_name, store, clips):
+        ids = part["clip_id"].tolist()
+        sample_hash = params_hash(
+            {
+                "model": _model_fingerprint(model_dir),
+                "steps": ev["sampling_steps"],
+                "use_ema": ev["use_ema"],
+                "lowres_sample_noise_level": ev["lowres_sample_noise_level"],
+                "seed": ev["seed"],
+                "clips": ids,
+                "mode": system.mode,
+                "keep": system.keep,
+            }
+        )
+        todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
+        if todo:
+            imagen, meta = diffusion.load_model(model_dir)
+            if set(meta.get("keep", system.keep)) != set(system.keep):
+                raise ValueError(
+                    f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now "
+                    f"says {system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
+                )
+            stats = meta.get("stats") or load_norm_stats(model_dir)
+            x = lay.build(store, ids, system.keep, stats)
+            sr = system.mode == "super_resolution"
+            guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
+        for scale in todo:
+            t = time.time()
+            images = diffusion.sample(
+                imagen,
+                x,
+                cond_scale=float(scale),
+                guides=guides,
+                steps=ev["sampling_steps"],
+                seed=ev["seed"],
+                use_ema=ev["use_ema"],
+                lowres_sample_noise_level=ev["lowres_sample_noise_level"],
+                batch_size=ev["batch_size"],
+                labels=part,  # a face prior under attribute_mean picks each clip's mean face from its labels
             )
-        stats = meta.get("stats") or load_norm_stats(model_dir)
-        x = lay.build(store, ids, system.keep, stats)
-        sr = system.mode == "super_resolution"
-        guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
-    for scale in todo:
-        t = time.time()
-        images = diffusion.sample(
-            imagen,
-            x,
-            cond_scale=float(scale),
-            guides=guides,
-            steps=ev["sampling_steps"],
-            seed=ev["seed"],
-            use_ema=ev["use_ema"],
-            lowres_sample_noise_level=ev["lowres_sample_noise_level"],
-            batch_size=ev["batch_size"],
-            labels=clips,  # a face prior under attribute_mean picks each clip's mean face from its labels
-        )
-        rows = write_samples(out, ids, clips["identity"], images, scale, sample_hash)
-        samples = pd.concat(
-            [samples[samples["scale"].astype(float) != float(scale)], pd.DataFrame(rows)], ignore_index=True
-        )
-        _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
-        log(f"{system_name}: scale {scale:g}: {len(ids)} faces in {time.time() - t:.1f} s")
+            rows = write_samples(out, ids, part["identity"], images, scale, sample_hash)
+            stale = (samples["scale"].astype(float) == float(scale)) & samples["clip_id"].isin(ids)
+            samples = pd.concat([samples[~stale], pd.DataFrame(rows)], ignore_index=True)
+            _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
+            where = "" if model_dir.name == "model" else f" ({model_dir.name})"
+            log(f"{system_name}: scale {scale:g}{where}: {len(ids)} faces in {time.time() - t:.1f} s")
     return samples
 
 
@@ -1067,7 +1089,7 @@ def _scales_of(out: Path, samples: pd.DataFrame, scales, ids):
 def _reference_scale(cfg, kind: str, store, gallery: Gallery, out: Path) -> tuple[list, list]:
     """(clip ids, [(NaN, images, embedding-cache key)]) of an image reference row, its images and samples.csv
     written like a trained system's (the report's sample grid shows them)."""
-    ids, images = reference_images(kind, store, gallery, output_size(cfg))
+    ids, images = reference_images(kind, store, gallery, output_size(cfg), cfg)
     # the images are cheap to remake and their bytes are the cache key: a changed store or size is noticed
     key = hashlib.sha1(np.stack(images).tobytes()).hexdigest()[:12] if ids else None
     ident = dict(zip(gallery.clip_ids, gallery.identities))
@@ -1081,12 +1103,26 @@ def _direct_scale(cfg, system_name, store, clips: pd.DataFrame, out: Path) -> li
     so always redone), its images and samples.csv written like every system's."""
     from slf_utils import face_decoder
 
-    ids = clips["clip_id"].tolist()
-    images = list(face_decoder.decode(cfg, system_name, ids, store))
+    ids, images = [], []
+    for model_dir, part in model_parts(cfg, system_name, store, clips):
+        ids += part["clip_id"].tolist()
+        images += list(face_decoder.decode(cfg, system_name, part["clip_id"].tolist(), store, directory=model_dir))
+    at = dict(zip(ids, images))  # back in the clips' order, whatever the folds
+    ids = [c for c in clips["clip_id"] if c in at]
+    images = [at[c] for c in ids]
     key = hashlib.sha1(np.stack(images).tobytes()).hexdigest()[:12] if ids else None
-    rows = write_samples(out, ids, clips["identity"].tolist(), images, np.nan, key)
+    rows = write_samples(out, ids, clips.set_index("clip_id").loc[ids, "identity"].tolist(), images, np.nan, key)
     _write_csv(out / "samples.csv", pd.DataFrame(rows, columns=SAMPLE_COLUMNS))
     return [(np.nan, images, key)] if ids else []
+
+
+def _model_provenance(cfg, system_name, store, clips):
+    """The trained model's provenance.json, or with identity folds a list of every fold's."""
+    found = [
+        json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").exists() else None
+        for d, _ in model_parts(cfg, system_name, store, clips)
+    ]
+    return found if identity_folds(cfg, store.clips()) else found[0]
 
 
 def _fmt_ci(row) -> str:
@@ -1130,6 +1166,8 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             "identity": "the query's own clip left out of its ranking: a hit is another image of the same person",
         },
         "splits": "val clips choose (best scales, learning checks), test clips report; both query one gallery",
+        "identity_folds": dict(cfg["data"]["identity_folds"])
+        | {"regime": "unseen speakers: each fold's models never saw its identities" if n_folds(cfg) else "closed set"},
         # their queries can never hit under the identity protocol (chance 0 for them)
         "single_clip_identities": sum(c == 1 for c in per_identity.values()),
         "ci": f"95 % percentile bootstrap over identities (all clips of a drawn identity), {boot} resamples, "
@@ -1166,21 +1204,20 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
             sampled, scales = _reference_scale(cfg, kind, store, gallery, out)
             prov["output_size"] = output_size(cfg)
             if not sampled:
-                note(f"no test identity has training faces: the {kind} row is skipped")
+                unseen = " (identity folds: every test identity is unseen in training)" if n_folds(cfg) else ""
+                note(f"no test identity has training faces{unseen}: the {kind} row is skipped")
         elif system.decoder == "direct":
             sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
             scales = _direct_scale(cfg, system_name, store, clips[clips["clip_id"].isin(sampled)], out)
             prov["decoder"] = "direct: one face per clip, no conditional scale (scale NaN)"
             prov["sample_hash"] = [scales[0][2]]
-            meta = system_dir(cfg, system_name) / "model" / "provenance.json"
-            prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
+            prov["model_provenance"] = _model_provenance(cfg, system_name, store, clips)
         else:
             sampled = eval_clips(store, lay, system.keep)["clip_id"].tolist()
             samples = generate(cfg, system_name, clips[clips["clip_id"].isin(sampled)], store, log=log)
             scales = _scales_of(out, samples, ev["scales"], sampled)
             prov["sample_hash"] = sorted(set(samples["sample_hash"]))
-            meta = system_dir(cfg, system_name) / "model" / "provenance.json"
-            prov["model_provenance"] = json.loads(meta.read_text()) if meta.exists() else None
+            prov["model_provenance"] = _model_provenance(cfg, system_name, store, clips)
         for scale, images, key in scales:
             t = time.time()
             r, h, _ = score_scale(

@@ -57,6 +57,7 @@ from slf_utils.config import (
     system_dir,
 )
 from slf_utils.layout import Layout, System, load_layout, load_systems
+from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -186,13 +187,6 @@ def load_faces(store: Store, clip_ids, size: int) -> np.ndarray:
     return np.stack([to_rgb(f) if f.shape[0] == size else resize(to_rgb(f), size) for f in faces])
 
 
-def train_clip_ids(store: Store, layout: Layout, name: str) -> list[str]:
-    ids = set(store.clips(split="train", stage="preprocess")["clip_id"])
-    for stage in layout.stages([name]):
-        ids &= set(store.clips(stage=stage)["clip_id"])
-    return sorted(ids)
-
-
 def _to_images(x: torch.Tensor) -> np.ndarray:
     return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
@@ -239,10 +233,11 @@ def _finished(directory: Path, key: str) -> dict | None:
     return meta if meta.get("train_hash") == key and (directory / MODEL).exists() else None
 
 
-def _sibling(cfg, system_name, key: str) -> Path | None:
-    """Another system's model dir of this grid holding a finished decoder with the same train_hash."""
-    mine = model_dir(cfg, system_name)
-    for d in sorted([*Path(cfg["results"]).glob("*/model"), *Path(cfg["results"]).glob("*/seed*/model")]):
+def _sibling(cfg, mine: Path, key: str, fold=None) -> Path | None:
+    """Another system's model dir of this grid (the same fold's) holding a finished decoder with the same
+    train_hash."""
+    sub = "" if fold is None else f"/fold{fold}"
+    for d in sorted([*Path(cfg["results"]).glob(f"*/model{sub}"), *Path(cfg["results"]).glob(f"*/seed*/model{sub}")]):
         if d != mine and _finished(d, key):
             return d
     return None
@@ -305,14 +300,24 @@ def fit(model: FaceDecoder, x: np.ndarray, faces: np.ndarray, fd: dict, out: Pat
 
 
 def train(cfg, system_name, out_dir=None, log=print) -> dict:
-    """Notebook 03 for a direct-decoder system: train (or reuse) its decoder in `<results>/<system>/model/`. Returns
-    what notebook 03 shows (model_dir, steps, final_loss, seconds_per_step, device, checkpoint_bytes, ...)."""
+    """Notebook 03 for a direct-decoder system: train (or reuse) its decoder in `<results>/<system>/model/`, or with
+    identity folds (data.identity_folds) one per fold in `model/fold<k>/`, each on the other folds' identities.
+    Returns what notebook 03 shows (model_dir, steps, final_loss, seconds_per_step, device, checkpoint_bytes, ...;
+    with folds the last fold's, and every fold's under `folds`)."""
+    out = Path(out_dir) if exists(out_dir) else model_dir(cfg, system_name)
+    if not n_folds(cfg):
+        return _train(cfg, system_name, out, out_dir is None, None, log)
+    folds = [_train(cfg, system_name, out / f"fold{k}", out_dir is None, k, log) for k in range(n_folds(cfg))]
+    return {**folds[-1], "folds": folds}
+
+
+def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
+    """Train (or reuse: this folder's, or with `share` another system's of the grid) one decoder into `out`."""
     layout, system = _system(cfg, system_name)
     fd = cfg["face_decoder"]
     store = open_store(cfg)
-    out = Path(out_dir) if exists(out_dir) else model_dir(cfg, system_name)
     size = output_size(cfg, system)
-    ids = train_clip_ids(store, layout, system.train_on)
+    ids = training_ids(store, layout.stages([system.train_on]), cfg, fold)
     if not ids:
         raise ValueError(
             f"{system_name}: no training clip has a face and {layout.stages([system.train_on])} in {store.root} "
@@ -321,12 +326,13 @@ def train(cfg, system_name, out_dir=None, log=print) -> dict:
     key = train_hash(cfg, layout, system, store, ids, size)
     meta = _finished(out, key)
     reused = "this model dir" if meta else None
-    if meta is None and exists(sibling := _sibling(cfg, system_name, key)) and out_dir is None:
+    if meta is None and share and exists(sibling := _sibling(cfg, out, key, fold)):
         out.mkdir(parents=True, exist_ok=True)
         for name in (MODEL, "norm_stats.npz", "loss.csv", "loss.png", "provenance.json", "meta.json"):
             if (sibling / name).exists():
                 shutil.copy2(sibling / name, out / name)
-        meta, reused = _finished(out, key), f"{sibling.parent.name}'s (same train_hash)"
+        owner = sibling.parent if fold is None else sibling.parent.parent
+        meta, reused = _finished(out, key), f"{owner.name}'s (same train_hash)"
     if meta is not None:
         log(f"{system_name}: decoder {meta['model_hash']} trained with these parameters: reused from {reused}")
         return _result(out, meta, system_name, reused)
@@ -362,6 +368,7 @@ def train(cfg, system_name, out_dir=None, log=print) -> dict:
         "architecture": {k: fd[k] for k in ("hidden", "base", "channels")},
         "steps": int(fd["steps"]),
         "n_train_clips": len(ids),
+        "fold": fold,  # data.identity_folds: trained without this fold's identities (None: closed set)
         "trainable_parameters": int(n_params),
         "final_loss": float(history["loss"].tail(20).mean()) if len(history) else None,
         # how well it reproduces its training faces, beside the mean face (what an input-blind decoder learns)
@@ -407,15 +414,17 @@ def load_model(directory) -> tuple[FaceDecoder, dict, dict]:
     return model.eval(), meta, stats
 
 
-def decode(cfg, system_name, clip_ids, store: Store | None = None, batch_size: int = 256) -> np.ndarray:
-    """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04)."""
+def decode(cfg, system_name, clip_ids, store: Store | None = None, batch_size: int = 256, directory=None) -> np.ndarray:
+    """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04), by
+    the decoder in `directory` (default the system's model dir; a fold's with identity folds)."""
     layout, system = _system(cfg, system_name)
     store = store if exists(store) else open_store(cfg)
-    model, meta, stats = load_model(model_dir(cfg, system_name))
+    directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)
+    model, meta, stats = load_model(directory)
     name = system.keep[0]
     if meta["train_on"] != system.train_on:
         raise ValueError(
-            f"{model_dir(cfg, system_name)}: trained on {meta['train_on']} but {cfg['systems_file']} now says "
+            f"{directory}: trained on {meta['train_on']} but {cfg['systems_file']} now says "
             f"{system.train_on}: retrain (notebook 03)"
         )
     stats = stats_for(stats, system.train_on, name)

@@ -485,6 +485,56 @@ def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
     return clips.assign(split=split)
 
 
+# ------------------------------------------------------------------ unseen speakers: folds over identities
+def seeded_folds(units, folds: int, seed: int) -> dict:
+    """{unit: fold} of the distinct `units`, sorted, then dealt round-robin in a seeded permutation (fold sizes differ
+    by at most one): the identity folds and the encoders' cross-fitting folds."""
+    units = sorted(set(units))
+    perm = np.random.default_rng(int(seed)).permutation(len(units))
+    return {u: int(perm[i] % int(folds)) for i, u in enumerate(units)}
+
+
+def n_folds(cfg) -> int:
+    """data.identity_folds.folds: 0 in the closed set (one model per system), else the models per system."""
+    return int(cfg["data"]["identity_folds"]["folds"])
+
+
+def identity_folds(cfg, clips: pd.DataFrame) -> dict:
+    """{identity: fold} of data.identity_folds over every identity of `clips` (all of the store's clips, so that
+    the folds do not depend on which stages are done); {} in the closed set."""
+    spec = cfg["data"]["identity_folds"]
+    return seeded_folds(clips["identity"], spec["folds"], spec["seed"]) if n_folds(cfg) >= 2 else {}
+
+
+def fold_view(clips: pd.DataFrame, fold_of: dict, fold: int | None) -> pd.DataFrame:
+    """The clips as the models of fold `fold` see them: that fold's identities keep their held-out clips (its
+    queries; `val` and `test` as assigned) and their training clips become `unused`; every clip of the other folds'
+    identities becomes `train` (all their images). Closed set (no folds) or fold None: unchanged."""
+    if not fold_of or fold is None:
+        return clips
+    mine = clips["identity"].map(fold_of).to_numpy() == fold
+    split = clips["split"].to_numpy(dtype=object).copy()
+    split[mine & (split == "train")] = "unused"
+    split[~mine & (split != "unused")] = "train"
+    return clips.assign(split=split)
+
+
+def training_clips(store: Store, cfg=None, fold: int | None = None, stage: str = "preprocess") -> pd.DataFrame:
+    """The clips (with `stage` done) a model trains on: the `train` split, or with identity folds the `train` of
+    fold `fold`'s view (fold_view). cfg None: the train split."""
+    fold_of = identity_folds(cfg, store.clips()) if exists(cfg) else {}
+    clips = fold_view(store.clips(stage=stage), fold_of, fold)
+    return clips[clips["split"] == "train"].reset_index(drop=True)
+
+
+def training_ids(store: Store, stages=(), cfg=None, fold: int | None = None) -> list[str]:
+    """Sorted ids of the training clips (training_clips) with a face and every stage of `stages` done."""
+    ids = set(training_clips(store, cfg, fold)["clip_id"])
+    for stage in stages:
+        ids &= set(store.clips(stage=stage)["clip_id"])
+    return sorted(ids)
+
+
 def list_clips(cfg) -> pd.DataFrame:
     data = cfg["data"]
     if data["kind"] == "manifest":

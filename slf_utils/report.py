@@ -54,7 +54,7 @@ from slf_utils.evaluation import (
     two_level_ci,
 )
 from slf_utils.evaluation import load_hits as read_hits
-from slf_utils.preprocessing import read_image
+from slf_utils.preprocessing import n_folds, read_image
 
 # (key, title, system with all inputs, system without the input, the paper's S in %)
 INPUTS = (
@@ -1198,6 +1198,18 @@ def _choice_line(result) -> str:
     )
 
 
+def _unseen_line(cfg) -> str:
+    k = n_folds(cfg)
+    return (
+        f"**Unseen speakers** (`data.identity_folds`: {k} folds over identities): each fold's models trained on every "
+        "clip of the other folds' identities and answered its own identities' queries, scored against the one gallery "
+        "of all of them, so no test identity was seen in training (each identity tested once). identity_mean does not "
+        "exist here (no training face of the speaker: skipped); attribute_mean (the mean training face of the query's "
+        "gender and ethnicity, from the fold's training identities) is what knowing the attributes gives, the ceiling "
+        "of a voice that tells only them."
+    )
+
+
 def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> Path:
     rep = {**REPORT_EXTRAS, **cfg["report"]}
     best_table, best_pretty = result["tables"]["table_best_scale"]
@@ -1217,6 +1229,7 @@ def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> 
         ),
         _choice_line(result),
         "",
+        *([_unseen_line(cfg), ""] if n_folds(cfg) else []),
         markdown_table(pretty_headline(result["headline"])),
         *[line + "\n" for line in result.get("notes", [])],
         "Identity protocol: the query's own real image is left out of its ranking, so a hit is another image of the "

@@ -75,7 +75,7 @@ from slf_utils.config import (
     provenance,
     resolve,
 )
-from slf_utils.preprocessing import SAMPLE_RATE
+from slf_utils.preprocessing import SAMPLE_RATE, identity_folds, n_folds, seeded_folds
 from slf_utils.store import AUDIO_STAGE, Store, open_store
 
 FACE_STAGE = "face_embedding"
@@ -594,9 +594,7 @@ def crossfit_folds(clips: pd.DataFrame, cf: dict) -> tuple[dict, str]:
     if int(cf["folds"]) < 2:
         return {}, unit
     keys = train["clip_id"] if unit == "clip" else train["identity"]
-    units = sorted(set(keys))
-    perm = np.random.default_rng(int(cf["seed"])).permutation(len(units))
-    fold_of = {u: int(perm[i] % int(cf["folds"])) for i, u in enumerate(units)}
+    fold_of = seeded_folds(keys, cf["folds"], cf["seed"])
     return {c: fold_of[k] for c, k in zip(train["clip_id"], keys)}, unit
 
 
@@ -690,14 +688,23 @@ def fold_models(cfg, store: Store, ensure, log=print) -> tuple[dict, dict, dict]
     """The encoders of a cross-fitted stage: ({None: the one trained on every training clip, i: the one trained
     without fold i}, {clip: fold}, provenance). `ensure(exclude, mdir)` trains (or reuses) one encoder; shared by
     notebooks 06 and 07. Every result is (model, ..., meta, ...) with meta['model_hash']."""
-    folds, unit = crossfit_folds(store.clips(), cfg["crossfit"])
+    clips = store.clips()
+    if n_folds(cfg):  # unseen speakers: every clip, held-out ones too, from the encoder that never saw its identity
+        fold_of = identity_folds(cfg, clips)
+        folds, unit = {c: fold_of[i] for c, i in zip(clips["clip_id"], clips["identity"])}, "identity"
+        how = {"folds": n_folds(cfg), "unit": unit, "seed": cfg["data"]["identity_folds"]["seed"], "of": "identities"}
+    else:
+        folds, unit = crossfit_folds(clips, cfg["crossfit"])
+        how = {**cfg["crossfit"], "unit": unit}
     models = {None: ensure((), None)}
     for f in sorted(set(folds.values())):
-        log(f"cross-fitting: fold {f} of {cfg['crossfit']['folds']} ({unit}s)")
+        log(f"cross-fitting: fold {f} of {len(set(folds.values()))} ({unit}s)")
         models[f] = ensure({c for c, g in folds.items() if g == f}, f"fold{f}")
     prov = {
-        "crossfit": {**cfg["crossfit"], "unit": unit, "training_clips_out_of_fold": len(folds)},
-        "values": "training clips: the encoder of the fold that left them out; held-out clips: the encoder of all "
+        "crossfit": {**how, "clips_out_of_fold": len(folds)},
+        "values": "every clip from the encoder trained without its identity's fold (data.identity_folds)"
+        if n_folds(cfg)
+        else "training clips: the encoder of the fold that left them out; held-out clips: the encoder of all "
         "training clips"
         if folds
         else "every clip from the encoder of all training clips (no cross-fitting: training clips are in-sample)",

@@ -313,4 +313,4 @@ def test_cross_fitted_contrastive_stage_is_out_of_fold_and_in_the_full_pairs_spa
     assert out[4]["train"] < out[4]["test"] + 0.05  # out of fold: no closer than a test clip
     assert out[4]["test"] == pytest.approx(out[0]["test"], abs=1e-5)  # held-out clips: the full pair's
     prov = store.provenance(C.STAGE)
-    assert prov["crossfit"]["training_clips_out_of_fold"] == 8 and "Procrustes" in prov["alignment"]
+    assert prov["crossfit"]["clips_out_of_fold"] == 8 and "Procrustes" in prov["alignment"]

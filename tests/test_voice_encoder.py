@@ -213,7 +213,7 @@ def test_cross_fitted_training_predictions_are_as_far_from_the_truth_as_test_one
     assert abs(crossfit["train"] - crossfit["test"]) < 0.5 * (insample["train"] - insample["test"])
     assert crossfit["test"] == pytest.approx(insample["test"], abs=1e-6)  # held-out clips: the full encoder's
     prov = store.provenance(V.VOICE_STAGE)
-    assert prov["crossfit"]["folds"] == 4 and prov["crossfit"]["training_clips_out_of_fold"] == 8
+    assert prov["crossfit"]["folds"] == 4 and prov["crossfit"]["clips_out_of_fold"] == 8
     assert set(prov["fold_model_hashes"]) == {"None", "0", "1", "2", "3"}
     # each training clip was left out of exactly the fold model that predicts it
     folds, unit = V.crossfit_folds(store.clips(), {"folds": 4, "unit": "auto", "seed": 0})
@@ -375,7 +375,7 @@ def test_notebook_06_runs_under_papermill_on_the_demo_corpus_with_dlib(demo_grid
     # the training clips' predictions are cross-fitted (5 folds of clips): out of fold, yet each speaker's other clips
     # were in the fold's training, so most still find their speaker (4 identities: chance 0.25)
     assert recall(m, "train", "paper") > 0.75
-    assert store.provenance(V.VOICE_STAGE)["crossfit"]["training_clips_out_of_fold"] == len(store.clips(split="train"))
+    assert store.provenance(V.VOICE_STAGE)["crossfit"]["clips_out_of_fold"] == len(store.clips(split="train"))
     assert json.loads((out / "model" / "meta.json").read_text())["out_dim"] == 128
     executed = (tmp_path / "06.ipynb").read_text()
     assert "recall@1" in executed and "image/png" in executed
