@@ -315,8 +315,8 @@ RECOGNISERS = (  # eigenfaces (slf_utils.evaluation) and deepface 0.0.103's reco
     "GhostFaceNet", "Buffalo_L",
 )  # fmt: skip
 SPEAKER_INPUTS = ("speaker", "speaker_windows")
-# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.recipe) that factor
-# may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
+# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.Recipe.flat) that
+# factor may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
 # `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
 FACTORS = {
     "inputs": ("keep", "stages", "encoder."),  # what the model is fed, and the encoders that make it

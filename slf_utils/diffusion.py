@@ -25,6 +25,7 @@ import math
 import threading
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagen_pytorch.imagen_pytorch as ip
@@ -52,7 +53,7 @@ from slf_utils.config import (
     resolve,
     system_dir,
 )
-from slf_utils.layout import Layout, load_layout, load_systems
+from slf_utils.layout import Layout, System, load_layout, load_systems
 from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import open_store
 
@@ -501,27 +502,92 @@ def _flat(d, prefix: str) -> dict:
     return {k: v for key, val in d.items() for k, v in _flat(val, f"{prefix}.{key}").items()}
 
 
-def recipe(cfg, system_name: str) -> dict:
-    """Everything a system is made from, as flat dotted keys: its mode and decoder, the constituents it keeps and the
-    stages they read, the encoders that wrote those stages (their sections), the resolved model preset (with the
-    system's own options and the grid's system_overrides) and the training settings (`train`, or `face_decoder` for
-    a direct decoder). Two systems' recipes differ exactly where the systems do (report.differences lists it)."""
-    layout = load_layout(cfg)
-    system = load_systems(cfg["systems_file"], layout)[system_name]
-    out = {"mode": system.mode, "decoder": system.decoder}
-    if system.mode == "reference":
+@dataclass(frozen=True)
+class Recipe:
+    """One system resolved from a grid file and validated once (resolve_recipe): what training, evaluation and the
+    benchmarks take as it is. `preset`: the model preset with the system's own options and the grid's
+    system_overrides; `train`: the training settings (`train`, or `face_decoder` for a direct decoder) with the
+    system's overrides; `fold`: the identity fold it is trained without (data.identity_folds), None in the closed set.
+    `flat()` is everything the system is made from as dotted keys, `hash` its digest: two systems' recipes differ
+    exactly where the systems do (report.differences lists it), and any training setting changes the hash while an
+    evaluation setting does not."""
+
+    name: str
+    system: System
+    layout: Layout
+    preset: dict | None
+    train: dict
+    fold: int | None = None
+    cfg: dict = field(default=None, repr=False, compare=False)  # the grid's data and encoder sections, for reads
+
+    @property
+    def mode(self) -> str:
+        return self.system.mode
+
+    @property
+    def seed(self) -> int:
+        return int(self.train.get("seed", 0))
+
+    @property
+    def trained(self) -> bool:
+        return self.mode not in ("none", "reference")
+
+    def flat(self) -> dict:
+        out = {"mode": self.mode, "decoder": self.system.decoder}
+        if not self.trained:
+            return out
+        stages = self.layout.stages(self.system.keep)
+        out |= {
+            "keep": ", ".join(self.layout.expand(self.system.keep)),
+            "stages": ", ".join(stages),
+            "train_on": self.system.train_on,
+        }
+        for stage in stages:
+            for section in ENCODER_SECTIONS.get(stage, ()):
+                out |= _flat(_get(self.cfg, section), f"encoder.{stage}.{section}")
+        out |= _flat({"face_prior": "none", "latent": None} | self.preset, "model")
+        out |= _flat(self.train, "face_decoder" if self.system.decoder == "direct" else "train")
+        if self.fold is not None:
+            out |= {"fold": self.fold} | _flat(self.cfg["data"]["identity_folds"], "data.identity_folds")
         return out
-    keep = layout.expand(system.keep)
-    stages = layout.stages(system.keep)
-    out |= {"keep": ", ".join(keep), "stages": ", ".join(stages), "train_on": system.train_on}
-    for stage in stages:
-        for section in ENCODER_SECTIONS.get(stage, ()):
-            out |= _flat(_get(cfg, section), f"encoder.{stage}.{section}")
-    preset = {"face_prior": "none", "latent": None} | resolve_preset(system_model(cfg, system))
-    out |= _flat(preset, "model")
+
+    @property
+    def hash(self) -> str:
+        return params_hash(self.flat())
+
+
+def resolve_recipe(cfg, system_name: str, fold: int | None = None) -> Recipe:
+    """The Recipe of a system of the grid `cfg` (for identity fold `fold`), refused with the reason where the
+    system's options do not fit together or do not fit the grid."""
+    layout = load_layout(cfg)
+    systems = load_systems(cfg["systems_file"], layout)
+    if system_name not in systems:
+        raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
+    system = systems[system_name]
     scfg = deep_merge(cfg, (cfg.get("system_overrides") or {}).get(system_name) or {})
     section = "face_decoder" if system.decoder == "direct" else "train"
-    return out | _flat(scfg[section], section)
+    if system.mode in ("none", "reference"):
+        return Recipe(system_name, system, layout, None, {}, fold, cfg)
+    preset = resolve_preset(system_model(cfg, system))
+    if system.decoder != "direct":
+        preset["cond_drop_prob"] = float(scfg["train"]["cond_drop_prob"])
+    if preset.get("latent") and system.mode != "generation":
+        raise ParamsError(
+            f"{system_name}: model.latent: latent diffusion is generation only (a super-resolution system's guide "
+            f"conditioning in latent space is out of scope), and {system_name} is a {system.mode} system"
+        )
+    # e.g. a demo-scale model option of systems.yaml in a 128 px grid: its faces would not match the gallery's
+    grid_model = deep_merge(cfg["model"], _override_model(cfg, system))
+    out_size, grid_size = (
+        preset[system.mode]["image_sizes"][-1],
+        resolve_preset(grid_model)[system.mode]["image_sizes"][-1],
+    )
+    if out_size != grid_size:
+        raise ParamsError(
+            f"{system_name}: its model options ({cfg['systems_file']}: model {system.model}) make {out_size} px faces, "
+            f"the grid's model {grid_size} px: set system_overrides.{system_name}.model in the grid file"
+        )
+    return Recipe(system_name, system, layout, preset, dict(scfg[section]), fold, cfg)
 
 
 def _override_model(cfg, system) -> dict:
@@ -540,88 +606,93 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     return {**folds[-1], "folds": folds}
 
 
-def _train(cfg, system_name, out: Path, unets, fold) -> dict:
-    layout = load_layout(cfg)
-    systems = load_systems(cfg["systems_file"], layout)
-    if system_name not in systems:
-        raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
-    system = systems[system_name]
-    if system.mode in ("none", "reference"):
-        return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
-    t_cfg = cfg["train"]
-    preset = resolve_preset(system_model(cfg, system))
-    preset["cond_drop_prob"] = float(t_cfg["cond_drop_prob"])
-    if preset.get("latent") and system.mode != "generation":
-        raise ParamsError(
-            f"{system_name}: model.latent: latent diffusion is generation only (a super-resolution system's guide "
-            f"conditioning in latent space is out of scope), and {system_name} is a {system.mode} system"
-        )
-    # e.g. a demo-scale model option of systems.yaml in a 128 px grid: its faces would not match the gallery's
-    grid_model = deep_merge(cfg["model"], _override_model(cfg, system))
-    out_size, grid_size = (
-        resolve_preset(m)[system.mode]["image_sizes"][-1] for m in (system_model(cfg, system), grid_model)
-    )
-    if out_size != grid_size:
-        raise ParamsError(
-            f"{system_name}: its model options ({cfg['systems_file']}: model {system.model}) make {out_size} px faces, "
-            f"the grid's model {grid_size} px: set system_overrides.{system_name}.model in the grid file"
-        )
-    store = open_store(cfg)
-    ck_path = out / CHECKPOINT
-    ck = load_checkpoint(out) if ck_path.exists() else None
-    if ck is not None:
-        _check_resume(ck, system, preset, layout, ck_path)
+@dataclass
+class TrainingSet:
+    """What a recipe trains on (training_set): the clips, their normalisation statistics, the batches, and `encode`,
+    the transform of a batch's faces into what the unets learn (face-prior residuals or latents; None: the faces)."""
 
-    ids = train_clip_ids(store, layout, system.keep, cfg, fold)
+    ids: list
+    stats: dict
+    batches: _Batches
+    prior: FacePrior | None = None
+    encode: object = None
+    latent_info: dict | None = None
+
+
+def training_set(r: Recipe, store, out: Path, ck: dict | None = None) -> TrainingSet:
+    """The TrainingSet of recipe `r`: its training clips (the train split, or its fold's, with a face and every stage
+    its constituents need), the normalisation fitted on them (or, resumed, the one saved in `out`), the face prior or
+    the latent autoencoder (trained into `out`) where the model options ask for one."""
+    ids = train_clip_ids(store, r.layout, r.system.keep, r.cfg, r.fold)
     if not ids:
         raise ValueError(
-            f"{system_name}: no training clips with {['preprocess', *layout.stages(system.keep)]} done in {store.root}"
+            f"{r.name}: no training clips with {['preprocess', *r.layout.stages(r.system.keep)]} done in {store.root}"
         )
     stats_path = out / "norm_stats.npz"
     if ck is not None and stats_path.exists():  # a resumed model keeps the normalisation it was trained with
         with np.load(stats_path) as z:
             stats = {k: z[k] for k in z.files}
     else:
-        stats = layout.fit(store, ids, system.keep)
+        stats = r.layout.fit(store, ids, r.system.keep)
         atomic_save_npz(stats_path, **stats)
-
-    # model options that change what the unets see: a face prior (residuals) or latents (before the seed below:
-    # the autoencoder seeds its own training)
-    prior, encode, latent_info = None, None, None
-    size = max(preset[system.mode]["image_sizes"])
-    if preset.get("face_prior", "none") != "none":
+    size = max(r.preset[r.mode]["image_sizes"])
+    data = TrainingSet(ids, stats, _Batches(store, r.layout, r.system.keep, stats, ids, size))
+    if r.preset.get("face_prior", "none") != "none":
         if ck is not None and "face_prior" in ck:  # a resumed model keeps its mean faces
-            prior = FacePrior.from_state(ck["face_prior"])
+            data.prior = FacePrior.from_state(ck["face_prior"])
         else:
-            attrs = preset.get("face_prior_attributes", ["gender", "ethnicity"])
-            prior = FacePrior.fit(preset["face_prior"], attrs, store, ids, size)
-        groups = prior.groups_of(store.clips().set_index("clip_id").loc[ids].reset_index())
+            attrs = r.preset.get("face_prior_attributes", ["gender", "ethnicity"])
+            data.prior = FacePrior.fit(r.preset["face_prior"], attrs, store, ids, size)
+        groups = data.prior.groups_of(store.clips().set_index("clip_id").loc[ids].reset_index())
 
-        def encode(images, index):
-            return prior.to_model(images, groups[index])
+        def encode_prior(images, index):
+            return data.prior.to_model(images, groups[index])
 
-    if preset.get("latent"):
+        data.encode = encode_prior
+    if r.preset.get("latent"):
         ae_path = out / autoencoder.FILE
         if ck is not None and ck["steps"] and not ae_path.exists():
-            raise FileNotFoundError(f"{ae_path}: the unets of {ck_path} were trained on its latents, and it is gone")
+            raise FileNotFoundError(
+                f"{ae_path}: the unets of {out / CHECKPOINT} were trained on its latents, and it is gone"
+            )
         if _processes().num_processes > 1 and not autoencoder.is_finished(ae_path):
             raise RuntimeError(
-                f"{system_name}: train the autoencoder in one process first: python -m slf_utils.diffusion train "
-                f"PARAMS {system_name} --autoencoder-only"
+                f"{r.name}: train the autoencoder in one process first: python -m slf_utils.diffusion train "
+                f"PARAMS {r.name} --autoencoder-only"
             )
         faces = load_faces(store, ids, size)
-        codec, latent_info = autoencoder.train(
+        codec, data.latent_info = autoencoder.train(
             faces,
-            preset["latent"],
+            r.preset["latent"],
             ae_path,
             data_key=params_hash({"clips": ids, "size": size}),
-            checkpoint_every=int(t_cfg["checkpoint_every"]),
+            checkpoint_every=int(r.train["checkpoint_every"]),
         )
         latents = codec.encode_faces(faces)  # posterior means of every training face, once
         del faces
 
-        def encode(images, index):
+        def encode_latent(images, index):
             return latents[torch.as_tensor(index)]
+
+        data.encode = encode_latent
+    return data
+
+
+def _train(cfg, system_name, out: Path, unets, fold) -> dict:
+    """Train one model of a system (one fold's, with identity folds) into `out`: resolve its recipe, build its
+    training set, build the cascade (seeded), resume, train each unet, write the provenance."""
+    r = resolve_recipe(cfg, system_name, fold)
+    if not r.trained:
+        return {"system": system_name, "mode": "none", "model_dir": None, "trained": False}
+    system, layout, preset, t_cfg = r.system, r.layout, r.preset, r.train
+    store = open_store(cfg)
+    ck_path = out / CHECKPOINT
+    ck = load_checkpoint(out) if ck_path.exists() else None
+    if ck is not None:
+        _check_resume(ck, system, preset, layout, ck_path)
+    # the prior or the autoencoder before the seed below: the autoencoder seeds its own training
+    data = training_set(r, store, out, ck)
+    ids, prior, latent_info = data.ids, data.prior, data.latent_info
 
     torch.manual_seed(int(t_cfg["seed"]))  # the initial weights too are a function of the seed
     imagen = build_imagen(system.mode, preset)
@@ -640,7 +711,6 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
             f"for N in {to_train}, one after the other"
         )
 
-    batches = _Batches(store, layout, system.keep, stats, ids, max(preset[system.mode]["image_sizes"]))
     state = ck or {
         "format": FORMAT,
         "system": system_name,
@@ -659,7 +729,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
     records = _read_losses(out, state["steps"])
     timing = {}
     for k in to_train:
-        timing[k] = _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, encode)
+        timing[k] = _train_unet(imagen, k, r, data, state, records, out)
     if _processes().is_main_process:
         _write_losses(out, records)
     info = {
@@ -672,6 +742,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
         "preset": preset,
         "seed": int(t_cfg["seed"]),
         "train": dict(t_cfg),
+        "recipe_hash": r.hash,  # everything the model is made from (Recipe.flat), the data aside
         "params_file": cfg.get("params_file"),
         "layout_hash": layout.hash,
         # fold: data.identity_folds, trained without that fold's identities (None: the closed set's train split)
@@ -686,7 +757,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
             "used": next((t["precision"] for t in timing.values()), None),
         },
         "processes": _processes().num_processes,  # the effective batch is batch_size x processes
-        "batch_cache": "precomputed" if batches.cached else "per-step store reads",
+        "batch_cache": "precomputed" if data.batches.cached else "per-step store reads",
         "face_prior": None
         if prior is None
         else {"kind": prior.kind, "attributes": prior.attributes, "groups": dict(zip(prior.keys, prior.counts[1:]))},
@@ -725,9 +796,9 @@ def _check_resume(ck, system, preset, layout, path):
         )
 
 
-def _train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, encode=None) -> dict:
-    """Train unet k. `encode(images, index)`: what the unet learns instead of the batch's faces (face-prior
-    residuals, latents), from the faces and their rows of the training clips."""
+def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) -> dict:
+    """Train unet k of recipe `r` on `data` (data.encode: what the unet learns instead of the batch's faces)."""
+    layout, system, preset, t_cfg, batches, encode = r.layout, r.system, r.preset, r.train, data.batches, data.encode
     steps, bsz = int(t_cfg["steps"]), int(t_cfg["batch_size"])
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
     p_drop, noise_sd = float(t_cfg["attribute_dropout"]), float(t_cfg["feature_noise"])

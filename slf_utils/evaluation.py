@@ -985,12 +985,12 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     """Sample every clip at every scale (seeded; batched across clips by diffusion.sample) with the model that
     answers it (model_parts), save the PNGs and samples.csv. Scales whose images exist for the same sampling
     parameters are skipped. Returns samples."""
-    from slf_utils import diffusion, layout
+    from slf_utils import diffusion
 
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
-    lay = layout.load_layout(cfg)
-    system = layout.load_systems(cfg["systems_file"], lay)[system_name]
+    r = diffusion.resolve_recipe(cfg, system_name)  # the system as training resolved it
+    lay, system = r.layout, r.system
     if system.mode not in ("generation", "super_resolution"):
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     samples = _existing_samples(out)

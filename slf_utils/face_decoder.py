@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from slf_utils.config import (
-    ParamsError,
     atomic_save_npz,
     atomic_write,
     atomic_write_json,
@@ -56,7 +55,7 @@ from slf_utils.config import (
     provenance,
     system_dir,
 )
-from slf_utils.layout import Layout, System, load_layout, load_systems
+from slf_utils.layout import Layout, System
 from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import Store, open_store
 
@@ -192,25 +191,24 @@ def _to_images(x: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _system(cfg, system_name) -> tuple[Layout, System]:
-    layout = load_layout(cfg)
-    systems = load_systems(cfg["systems_file"], layout)
-    if system_name not in systems:
-        raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
-    system = systems[system_name]
-    if system.decoder != "direct":
-        raise ValueError(f"{system_name}: decoder {system.decoder}, not direct (slf_utils.diffusion trains it)")
-    return layout, system
+def _recipe(cfg, system_name, fold=None):
+    """The system's diffusion.Recipe (its `train` is the face_decoder section, the system's overrides merged)."""
+    from slf_utils.diffusion import resolve_recipe
+
+    r = resolve_recipe(cfg, system_name, fold)
+    if r.system.decoder != "direct":
+        raise ValueError(f"{system_name}: decoder {r.system.decoder}, not direct (slf_utils.diffusion trains it)")
+    return r
 
 
 def model_dir(cfg, system_name) -> Path:
     return system_dir(cfg, system_name) / "model"
 
 
-def train_hash(cfg, layout: Layout, system: System, store: Store, ids, size: int) -> str:
-    """What the decoder's weights depend on: its parameters, the training constituent's layout entry, the output
+def train_hash(r, store: Store, ids, size: int) -> str:
+    """What the decoder of recipe `r` depends on: its parameters, the training constituent's layout entry, the output
     size and the training data (clip ids and the stages' parameter hashes)."""
-    fd = cfg["face_decoder"]
+    fd, layout, system = r.train, r.layout, r.system
     stages = ["preprocess", *layout.stages([system.train_on])]
     return params_hash(
         {
@@ -313,8 +311,8 @@ def train(cfg, system_name, out_dir=None, log=print) -> dict:
 
 def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
     """Train (or reuse: this folder's, or with `share` another system's of the grid) one decoder into `out`."""
-    layout, system = _system(cfg, system_name)
-    fd = cfg["face_decoder"]
+    r = _recipe(cfg, system_name, fold)
+    layout, system, fd = r.layout, r.system, r.train
     store = open_store(cfg)
     size = output_size(cfg, system)
     ids = training_ids(store, layout.stages([system.train_on]), cfg, fold)
@@ -323,7 +321,7 @@ def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
             f"{system_name}: no training clip has a face and {layout.stages([system.train_on])} in {store.root} "
             "(the voice_encoder step, notebook 06, fills the Speech2Face stages)"
         )
-    key = train_hash(cfg, layout, system, store, ids, size)
+    key = train_hash(r, store, ids, size)
     meta = _finished(out, key)
     reused = "this model dir" if meta else None
     if meta is None and share and exists(sibling := _sibling(cfg, out, key, fold)):
@@ -417,7 +415,8 @@ def load_model(directory) -> tuple[FaceDecoder, dict, dict]:
 def decode(cfg, system_name, clip_ids, store: Store | None = None, batch_size: int = 256, directory=None) -> np.ndarray:
     """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04), by
     the decoder in `directory` (default the system's model dir; a fold's with identity folds)."""
-    layout, system = _system(cfg, system_name)
+    r = _recipe(cfg, system_name)
+    layout, system = r.layout, r.system
     store = store if exists(store) else open_store(cfg)
     directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)
     model, meta, stats = load_model(directory)

@@ -26,8 +26,8 @@ from slf_utils import diffusion
 train_unet = diffusion._train_unet
 
 
-def dumping(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, *rest):
-    result = train_unet(imagen, k, batches, layout, system, preset, t_cfg, state, records, out, *rest)
+def dumping(imagen, k, recipe, data, state, records, out):
+    result = train_unet(imagen, k, recipe, data, state, records, out)
     p = diffusion._processes()
     torch.save(
         {

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from slf_utils import diffusion as real_diffusion
 from slf_utils import evaluation as ev
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -453,6 +454,7 @@ def fake_diffusion(calls):
         return {"super_resolution": {"image_sizes": [8, 32]}}
 
     mod.load_model, mod.sample, mod.resolve_preset = load_model, sample, resolve_preset
+    mod.resolve_recipe = real_diffusion.resolve_recipe  # the system as training resolves it: real
     return mod
 
 

@@ -201,3 +201,19 @@ def test_a_direct_decoder_trains_and_decodes_per_fold(project):
         own, evaluation.read_image(evaluation.eval_dir(cfg, "face_to_face_direct") / samples["image"].iloc[0])
     )
     assert metrics["metric"].eq("recall@1").any()
+
+
+def test_rows_are_shown_against_attribute_mean_where_identity_mean_cannot_exist():
+    from slf_utils import report
+
+    def row(system, v):
+        return [system, np.nan, "identity", "test", "recall@1", v, v - 0.1, v + 0.1, 10]
+
+    cols = evaluation.METRIC_COLUMNS
+    closed = evaluation.pd.DataFrame([row("identity_mean", 0.6), row("attribute_mean", 0.2)], columns=cols)
+    assert report._ceiling(closed) == ("identity_mean", 0.6)
+    unseen = evaluation.pd.DataFrame([row("attribute_mean", 0.2), row("x", 0.1)], columns=cols)
+    assert report._ceiling(unseen) == ("attribute_mean", 0.2)
+    table = report.headline_table(unseen, {"x": np.nan, "attribute_mean": np.nan})
+    assert table.set_index("system").loc["x", "of_ceiling"] == pytest.approx(0.5)
+    assert "vs attribute_mean" in report.pretty_headline(table).columns

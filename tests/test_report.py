@@ -448,9 +448,9 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     # a recipe changes with a model option of the system and with its training settings
     from slf_utils import diffusion
 
-    base = diffusion.recipe(cfg, "full_input")
+    base = diffusion.resolve_recipe(cfg, "full_input").flat()
     cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
-    changed = diffusion.recipe(cfg, "full_input")
+    changed = diffusion.resolve_recipe(cfg, "full_input").flat()
     assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
 
 
