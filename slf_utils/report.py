@@ -573,6 +573,7 @@ def learning_checks(
                 "guide_kept": bool(guide >= guide_min) if sr and not np.isnan(guide) else None,
                 "ceiling@1": ceiling,
                 "of_ceiling": v / ceiling if ceiling > 0 else np.nan,
+                "ceiling": name,
             }
         )
     return pd.DataFrame(rows)
