@@ -1,19 +1,24 @@
 """The feature store: one SQLite file (clips, labels, per-stage status, rejects, provenance) plus per-clip arrays and
-per-key, append-only training caches. Designed to stay flat in cost per clip up to VoxCeleb2 (1.09 M clips).
+per-key, append-only training caches that index them. Designed to stay flat in cost per clip up to VoxCeleb2 (1.09 M
+clips).
 
 Layout under `root`:
 * `store.sqlite` — tables `clips`, `stages(clip_id, stage, params_hash, status, reason, updated, seq, file)`,
   `provenance(stage, json)` and `versions(stage, version)`. Every write of a stage bumps its version and stamps the
   clip's row with it (`seq`), so "what changed since the cache was built" is one indexed range query.
-* `arrays/<stage>/<safe clip key>.<random>.npz` — one file per clip and stage, the unit of resumable work. A write
-  never replaces a file: it writes a new name, and the row records the name (`file`). Each file also holds
-  `__meta__` (clip id, stage, parameter hash), so a file can be checked against its row.
-* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` — training caches, one folder per array key, built lazily on the first
-  `load_stacked` that asks for that key. A segment holds the clips written with `lo < seq <= hi` (zero-padded along
-  the first axis) and, after the array data, a JSON trailer: clip ids, true lengths, clips removed since. New clips
-  append a new segment; a re-written clip is found in the newest segment that has it. A segment is one file,
-  published complete under its final name by a hard link that fails if the name exists: the first builder wins
-  and a name's content never changes, so any number of processes, on any host, read while another builds.
+* `arrays/<stage>/<safe clip key>.<token>.npz` — one file per clip and stage, the unit of resumable work and the
+  only copy of its arrays (the copy of record). A write never replaces a file: it writes a new name (a new random
+  token), and the row records the name (`file`). Each file also holds `__meta__` (clip id, stage, parameter hash),
+  so a file can be checked against its row.
+* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` — training caches: an index into those files, not a copy of them. One
+  folder per array key, built lazily on the first `load_stacked` that asks for that key. A segment lists the clips
+  written with `lo < seq <= hi`, for each the token of its file and where the key's array lies in it (byte offset,
+  first-axis length, order: np.savez stores arrays uncompressed, so an array is one pread), then a JSON trailer:
+  clip ids, clips removed since, dtype and shape beyond the first axis. New clips append a new segment; a
+  re-written clip is found in the newest segment that has it. A segment is one file, published complete under its
+  final name by a hard link that fails if the name exists: the first builder wins and a name's content never
+  changes, so any number of processes, on any host, read while another builds. A batch is one open and one pread
+  a clip and key, zero-padded in memory. The caches are derived: removing them costs a rebuild (headers only).
 * `locks/<stage>.lock` — the writer lock of a stage (see below).
 * Audio has its own stage (`audio`, written by preprocessing and read one clip at a time by feature extraction)
   and is never part of a training cache: 24 s of 16 kHz float32 is 1.5 MB a clip, 1.6 TB for VoxCeleb2 dev.
@@ -22,8 +27,16 @@ Crash safety (any kill point, `benchmarks/faults.py` injects them): `put_many` w
 fsync, rename, fsync of the folder), then commits the rows that name them in one transaction (synchronous=FULL),
 then removes the files the rows named before. Killed before the commit, the rows still name the old files, which
 are untouched; after it, the rows name the new ones. Either way a row and its file agree; what is left is a file
-no row names (an orphan) or a temp file, which `check` reports and `check --repair` removes. `get` and the caches
-read the file the row names and verify its `__meta__`, so they never return arrays of a hash other than the row's.
+no row names (an orphan) or a temp file, which `check` reports and `check --repair` removes. `get` reads the file
+the row names and verifies its `__meta__`, so it never returns arrays of a hash other than the row's.
+
+One copy of record, so one protocol: the per-clip file is the only copy of a clip's arrays (store format 4; format
+3's caches held a second copy, 284 KB a clip in all for the paper's stages). A cache entry is made from the file its
+row names, after the same `__meta__` check, and a file's content never changes under its name, so an entry reads
+the arrays of that row or, when the clip has been re-written since (its old file removed after the commit), finds
+no file: `load_stacked` then reads the stage's version again and looks again, and a file missing with no write
+since is reported (it is a `missing` row for `check`). Nothing a kill leaves in the caches is read: a segment
+exists whole or not at all, and a temp file of a killed build is reported and removed like any other.
 
 One writer per stage: the first write of a stage by a `Store` takes `locks/<stage>.lock` (`fcntl.flock`, released
 by the kernel when the process dies; the file says host, pid and command) and holds it until `Store.close()`, the
@@ -34,9 +47,9 @@ this host (held on only by a forked child) is stale and taken over. Readers neve
 way); the notebooks it runs are other processes that take the stage locks as they write, so the grid's own
 kernels are never refused by the grid's lock, and two steps that write different stages run at once.
 
-Why not Zarr: the arrays here are small per clip and read by random fancy index; append-only .npy segments under
-a SQLite index give the same properties (chunked, appendable, concurrent readers) with numpy alone, and keep one
-source of truth for what is done (the `stages` table).
+Why not Zarr: the arrays here are small per clip and read by random fancy index; per-clip .npz files with
+append-only index segments under a SQLite index give the same properties (chunked, appendable, concurrent readers,
+one copy of the data) with numpy alone, and keep one source of truth for what is done (the `stages` table).
 
 Concurrency: `journal_mode` is a parameter (`store.journal_mode` in a grid file), applied on every connection.
 WAL (default) lets readers and one writer work at once on one host; it needs shared memory, so a store on a network
@@ -44,9 +57,10 @@ filesystem shared by several nodes must use `delete` (rollback journal with file
 connection to the database: while another process has it open the switch is refused with that reason. `check` and
 `migrate` keep whatever mode the store has. `Store.get` is one indexed query on a cached connection and one file.
 
-A store from a previous format (1: audio inside `preprocess`; 2: no file names in the rows) is refused with the
-command that migrates it: `python -m slf_utils.store migrate RESULTS/store` (nothing is recomputed). `python -m
-slf_utils.store check RESULTS/store [--repair]` verifies every done row's file against the row.
+A store from a previous format (1: audio inside `preprocess`; 2: no file names in the rows; 3: caches that copy
+every array) is refused with the command that migrates it: `python -m slf_utils.store migrate RESULTS/store`
+(nothing is recomputed). `python -m slf_utils.store check RESULTS/store [--repair]` verifies every done row's file
+against the row.
 """
 
 from __future__ import annotations
