@@ -953,7 +953,7 @@ class Store:
                     raise ValueError(f"{stage}/{key}: arrays differ in dtype or beyond the first axis: {form}, {cid}")
                 form, scalar = (dtype, shape[1:]), not shape
                 token = file.removeprefix(safe_key(cid)).removesuffix(".npz").lstrip(".")
-                if _file_name(cid, token) != file:
+                if _file_name(cid, token) != file or len(token) > _ENTRY["token"].itemsize:
                     raise StoreError(f"{stage}/{cid}: its row names {file!r}, not a name the store gives")
                 ids.append(cid)
                 entries.append((token, offset, shape[0] if shape else 1, fortran))
