@@ -385,6 +385,9 @@ def _lock_busy(path) -> bool:
         os.close(fd)
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # compiled once: a batch read names a file a clip
+
+
 def safe_key(clip_id: str) -> str:
     """A file-name-safe, injective key for a clip id: `id00003/abc/00001` -> `id00003__abc__00001`.
 
@@ -392,7 +395,7 @@ def safe_key(clip_id: str) -> str:
     hash suffix, so two different ids never share a file."""
     s = str(clip_id)
     key = s.replace("/", "__")
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")
+    clean = _UNSAFE.sub("_", key).lstrip(".")
     if clean != key or "__" in s or len(clean) > 120 or not clean:
         clean = f"{clean[:100]}-{hashlib.sha1(s.encode()).hexdigest()[:10]}"
     return clean
@@ -459,29 +462,33 @@ def _segment_meta(path) -> dict:
         return json.loads(f.read(n))
 
 
-def _read_arrays(folder: Path, clip_ids, entries, out: np.ndarray) -> None:
+def _read_arrays(folder: Path, clip_ids, entries: np.ndarray, out: np.ndarray) -> None:
     """out[j, :length] = the array of clip_ids[j], read from its file where its cache entry says: one open and one
-    pread a clip, not mapped, so a process's resident memory holds the batches it asked for and nothing more. A
-    file removed since the entry was made (its clip was re-written) raises FileNotFoundError."""
+    pread a clip (names resolved in the stage's folder, opened once), not mapped, so a process's resident memory
+    holds the batches it asked for and nothing more. A file removed since the entry was made (its clip was
+    re-written) raises FileNotFoundError."""
     frame = out.dtype.itemsize * int(np.prod(out.shape[2:], dtype=np.int64))
-    for j, (cid, e) in enumerate(zip(clip_ids, entries)):
-        n = int(e["length"])
-        want = n * frame if out.ndim > 1 else out.dtype.itemsize
-        path = folder / _file_name(cid, e["token"].decode())
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            buf = os.pread(fd, want, int(e["offset"]))
-        finally:
-            os.close(fd)
-        if len(buf) < want:
-            raise StoreError(f"{path}: truncated (`python -m slf_utils.store check` lists such files)")
-        a = np.frombuffer(buf, out.dtype)
-        if out.ndim == 1:
-            out[j] = a[0]
-        elif e["fortran"]:  # saved column-major as it came (put_many keeps an array's order)
-            out[j, :n] = a.reshape((n, *out.shape[2:])[::-1]).T
-        else:
-            out[j, :n] = a.reshape(n, *out.shape[2:])
+    fields = (entries[f].tolist() for f in ("token", "offset", "length", "fortran"))
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        for j, (cid, token, offset, n, fortran) in enumerate(zip(clip_ids, *fields)):
+            want = n * frame if out.ndim > 1 else out.dtype.itemsize
+            fd = os.open(_file_name(cid, token.decode()), os.O_RDONLY, dir_fd=folder_fd)
+            try:
+                buf = os.pread(fd, want, offset)
+            finally:
+                os.close(fd)
+            if len(buf) < want:
+                raise StoreError(f"{folder}/{_file_name(cid, token.decode())}: truncated (`check` lists such files)")
+            a = np.frombuffer(buf, out.dtype)
+            if out.ndim == 1:
+                out[j] = a[0]
+            elif fortran:  # saved column-major as it came (put_many keeps an array's order)
+                out[j, :n] = a.reshape((n, *out.shape[2:])[::-1]).T
+            else:
+                out[j, :n] = a.reshape(n, *out.shape[2:])
+    finally:
+        os.close(folder_fd)
 
 
 _SEGMENT = re.compile(r"\d{12}-\d{12}")
@@ -1039,7 +1046,10 @@ class Store:
         for _ in range(5):
             version = self.version(stage)  # one database query per batch
             if version == seen:  # a file went missing and nothing was written since: not a re-write
-                raise StoreError(f"{gone}: named by its row but missing; `python -m slf_utils.store check` lists it")
+                raise StoreError(
+                    f"{self.arrays / stage / gone}: named by its row but missing; `python -m slf_utils.store check` "
+                    "lists it"
+                )
             try:
                 out, lens = self._stacked(stage, clip_ids, keys, version)
                 return (out, lens) if with_lengths else out
@@ -1063,9 +1073,12 @@ class Store:
             forms = {segments[s]["form"] for s in np.unique(where[:, 0])}
             if len(forms) > 1:
                 raise ValueError(f"{stage}/{k}: arrays differ in dtype or beyond the first axis: {sorted(forms)}")
-            entries = [segments[s]["entries"][i] for s, i in where]
-            lens[k] = np.array([e["length"] for e in entries], dtype=np.int64)
-            if not entries:
+            entries = np.zeros(len(where), _ENTRY)
+            for s in np.unique(where[:, 0]):
+                sel = where[:, 0] == s
+                entries[sel] = segments[s]["entries"][where[sel, 1]]
+            lens[k] = entries["length"].astype(np.int64)
+            if not len(entries):
                 out[k] = np.zeros((0,), np.float32)
                 continue
             dtype, tail, scalar = forms.pop()
