@@ -1058,6 +1058,7 @@ class Store:
         raise StoreError(f"{stage}: the files of these clips keep changing under this read")
 
     def _stacked(self, stage, clip_ids, keys, version):
+        """`load_stacked` at one version of the stage: FileNotFoundError if a file its cache names has gone since."""
         all_keys = self.keys(stage)
         keys = all_keys if not exists(keys) else list(keys)
         unknown = set(keys) - set(all_keys)
@@ -1072,7 +1073,7 @@ class Store:
                 raise KeyError(f"{stage}: {len(missing)} clip(s) not done, e.g. {missing[:3]}")
             forms = {segments[s]["form"] for s in np.unique(where[:, 0])}
             if len(forms) > 1:
-                raise ValueError(f"{stage}/{k}: arrays differ in dtype or beyond the first axis: {sorted(forms)}")
+                raise ValueError(f"{stage}/{k}: arrays differ in dtype or beyond the first axis: {forms}")
             entries = np.zeros(len(where), _ENTRY)
             for s in np.unique(where[:, 0]):
                 sel = where[:, 0] == s
