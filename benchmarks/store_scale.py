@@ -211,7 +211,7 @@ def main(argv=None):
         b = rows[-1]
         store_h = (b["write_s_per_clip"] + b["build_s_per_clip"]) * VOXCELEB2_DEV / 3600
         print(f"\nextrapolation to VoxCeleb2 dev ({VOXCELEB2_DEV:,} clips), at the {b['n']:,}-clip rates:")
-        print(f"  disk: {b['disk_kb_per_clip'] * 1e3 * VOXCELEB2_DEV / 1e9:.0f} GB (per-clip files + caches, no audio)")
+        print(f"  disk: {b['disk_kb_per_clip'] * 1e3 * VOXCELEB2_DEV / 1e9:.0f} GB (arrays + cache indexes, no audio)")
         print(f"  store writes + cache build on one node: {store_h:.1f} h (the driver writes; workers only compute)")
         if args.extract_s:
             one = args.extract_s * VOXCELEB2_DEV / 3600

@@ -1,19 +1,24 @@
 """The feature store: one SQLite file (clips, labels, per-stage status, rejects, provenance) plus per-clip arrays and
-per-key, append-only training caches. Designed to stay flat in cost per clip up to VoxCeleb2 (1.09 M clips).
+per-key, append-only training caches that index them. Designed to stay flat in cost per clip up to VoxCeleb2 (1.09 M
+clips).
 
 Layout under `root`:
 * `store.sqlite` — tables `clips`, `stages(clip_id, stage, params_hash, status, reason, updated, seq, file)`,
   `provenance(stage, json)` and `versions(stage, version)`. Every write of a stage bumps its version and stamps the
   clip's row with it (`seq`), so "what changed since the cache was built" is one indexed range query.
-* `arrays/<stage>/<safe clip key>.<random>.npz` — one file per clip and stage, the unit of resumable work. A write
-  never replaces a file: it writes a new name, and the row records the name (`file`). Each file also holds
-  `__meta__` (clip id, stage, parameter hash), so a file can be checked against its row.
-* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` — training caches, one folder per array key, built lazily on the first
-  `load_stacked` that asks for that key. A segment holds the clips written with `lo < seq <= hi` (zero-padded along
-  the first axis) and, after the array data, a JSON trailer: clip ids, true lengths, clips removed since. New clips
-  append a new segment; a re-written clip is found in the newest segment that has it. A segment is one file,
-  published complete under its final name by a hard link that fails if the name exists: the first builder wins
-  and a name's content never changes, so any number of processes, on any host, read while another builds.
+* `arrays/<stage>/<safe clip key>.<token>.npz` — one file per clip and stage, the unit of resumable work and the
+  only copy of its arrays (the copy of record). A write never replaces a file: it writes a new name (a new random
+  token), and the row records the name (`file`). Each file also holds `__meta__` (clip id, stage, parameter hash),
+  so a file can be checked against its row.
+* `arrays/<stage>.cache/<key>/<lo>-<hi>.npy` — training caches: an index into those files, not a copy of them. One
+  folder per array key, built lazily on the first `load_stacked` that asks for that key. A segment lists the clips
+  written with `lo < seq <= hi`, for each the token of its file and where the key's array lies in it (byte offset,
+  first-axis length, order: np.savez stores arrays uncompressed, so an array is one pread), then a JSON trailer:
+  clip ids, clips removed since, dtype and shape beyond the first axis. New clips append a new segment; a
+  re-written clip is found in the newest segment that has it. A segment is one file, published complete under its
+  final name by a hard link that fails if the name exists: the first builder wins and a name's content never
+  changes, so any number of processes, on any host, read while another builds. A batch is one open and one pread
+  a clip and key, zero-padded in memory. The caches are derived: removing them costs a rebuild (headers only).
 * `locks/<stage>.lock` — the writer lock of a stage (see below).
 * Audio has its own stage (`audio`, written by preprocessing and read one clip at a time by feature extraction)
   and is never part of a training cache: 24 s of 16 kHz float32 is 1.5 MB a clip, 1.6 TB for VoxCeleb2 dev.
@@ -22,8 +27,16 @@ Crash safety (any kill point, `benchmarks/faults.py` injects them): `put_many` w
 fsync, rename, fsync of the folder), then commits the rows that name them in one transaction (synchronous=FULL),
 then removes the files the rows named before. Killed before the commit, the rows still name the old files, which
 are untouched; after it, the rows name the new ones. Either way a row and its file agree; what is left is a file
-no row names (an orphan) or a temp file, which `check` reports and `check --repair` removes. `get` and the caches
-read the file the row names and verify its `__meta__`, so they never return arrays of a hash other than the row's.
+no row names (an orphan) or a temp file, which `check` reports and `check --repair` removes. `get` reads the file
+the row names and verifies its `__meta__`, so it never returns arrays of a hash other than the row's.
+
+One copy of record, so one protocol: the per-clip file is the only copy of a clip's arrays (store format 4; format
+3's caches held a second copy, 284 KB a clip in all for the paper's stages). A cache entry is made from the file its
+row names, after the same `__meta__` check, and a file's content never changes under its name, so an entry reads
+the arrays of that row or, when the clip has been re-written since (its old file removed after the commit), finds
+no file: `load_stacked` then reads the stage's version again and looks again, and a file missing with no write
+since is reported (it is a `missing` row for `check`). Nothing a kill leaves in the caches is read: a segment
+exists whole or not at all, and a temp file of a killed build is reported and removed like any other.
 
 One writer per stage: the first write of a stage by a `Store` takes `locks/<stage>.lock` (`fcntl.flock`, released
 by the kernel when the process dies; the file says host, pid and command) and holds it until `Store.close()`, the
@@ -34,9 +47,9 @@ this host (held on only by a forked child) is stale and taken over. Readers neve
 way); the notebooks it runs are other processes that take the stage locks as they write, so the grid's own
 kernels are never refused by the grid's lock, and two steps that write different stages run at once.
 
-Why not Zarr: the arrays here are small per clip and read by random fancy index; append-only .npy segments under
-a SQLite index give the same properties (chunked, appendable, concurrent readers) with numpy alone, and keep one
-source of truth for what is done (the `stages` table).
+Why not Zarr: the arrays here are small per clip and read by random fancy index; per-clip .npz files with
+append-only index segments under a SQLite index give the same properties (chunked, appendable, concurrent readers,
+one copy of the data) with numpy alone, and keep one source of truth for what is done (the `stages` table).
 
 Concurrency: `journal_mode` is a parameter (`store.journal_mode` in a grid file), applied on every connection.
 WAL (default) lets readers and one writer work at once on one host; it needs shared memory, so a store on a network
@@ -44,9 +57,10 @@ filesystem shared by several nodes must use `delete` (rollback journal with file
 connection to the database: while another process has it open the switch is refused with that reason. `check` and
 `migrate` keep whatever mode the store has. `Store.get` is one indexed query on a cached connection and one file.
 
-A store from a previous format (1: audio inside `preprocess`; 2: no file names in the rows) is refused with the
-command that migrates it: `python -m slf_utils.store migrate RESULTS/store` (nothing is recomputed). `python -m
-slf_utils.store check RESULTS/store [--repair]` verifies every done row's file against the row.
+A store from a previous format (1: audio inside `preprocess`; 2: no file names in the rows; 3: caches that copy
+every array) is refused with the command that migrates it: `python -m slf_utils.store migrate RESULTS/store`
+(nothing is recomputed). `python -m slf_utils.store check RESULTS/store [--repair]` verifies every done row's file
+against the row.
 """
 
 from __future__ import annotations
@@ -93,10 +107,12 @@ _GENDERS = {
 AUDIO_STAGE = "audio"  # read per clip with `get`, never cached for batches
 SEGMENT_ROWS = 50_000  # clips per cache segment file: bounds the cost of one build, whatever the corpus size
 JOURNAL_MODES = ("wal", "delete", "truncate", "persist")
-SCHEMA_VERSION = 3  # 1: audio inside `preprocess`; 2: rows without file names (see `migrate`)
+SCHEMA_VERSION = 4  # 1: audio inside `preprocess`; 2: rows without file names; 3: caches copied the arrays
 META = "__meta__"  # the entry of each array file that says which clip, stage and parameter hash it holds
 _TRAILER = struct.Struct("<Q8s")  # a cache segment ends with its JSON's length and this magic
-_MAGIC = b"SLFSEG01"
+# a cache entry: where one clip's array lies in its file (<safe key>.<token>.npz)
+_ENTRY = np.dtype([("token", "S8"), ("offset", "<u8"), ("length", "<u4"), ("fortran", "?")])
+_MAGIC = b"SLFIDX01"  # format 3's segments (SLFSEG01) held copies of the arrays
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS clips (
     clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, face TEXT,
@@ -218,19 +234,36 @@ def _npz_meta(z) -> dict | None:
     return json.loads(str(z[META])) if META in z.files else None
 
 
-def _npz_headers(path) -> dict:
-    """{key: (shape, dtype)} of an .npz without reading the data (the `__meta__` entry left out)."""
-    out = {}
-    with zipfile.ZipFile(path) as zf:
-        for name in zf.namelist():
-            if name == META + ".npy":
-                continue
-            with zf.open(name) as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-            out[name.removesuffix(".npy")] = (shape, dtype)
-    return out
+def _file_name(clip_id, token: str = "") -> str:
+    """A clip's array file: `<safe key>.<token>.npz`, a new random token for each write (`<safe key>.npz`: a file
+    that a migration named)."""
+    return f"{safe_key(clip_id)}.{token}.npz" if token else f"{safe_key(clip_id)}.npz"
+
+
+def _npz_layout(path) -> tuple[dict, dict | None]:
+    """({key: (offset, shape, dtype, fortran_order)}, `__meta__`) of an .npz, from its headers alone: `offset` is
+    where the key's array data starts in the file. np.savez stores its members uncompressed, so each array's bytes
+    are contiguous on disk and a batch read is one pread a clip."""
+    arrays, meta = {}, None
+    with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
+        for info in zf.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise StoreError(f"{path}: {info.filename} is compressed (the store writes uncompressed arrays)")
+            f.seek(info.header_offset)
+            local = f.read(30)  # the local file header: its name and extra field lengths vary
+            if local[:4] != b"PK\x03\x04":
+                raise StoreError(f"{path}: not a zip member at {info.header_offset}")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            major, _ = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+            key = info.filename.removesuffix(".npy")
+            if key == META:
+                meta = json.loads(str(np.frombuffer(f.read(dtype.itemsize), dtype)[0]))
+            else:
+                arrays[key] = (f.tell(), shape, dtype, fortran)
+    return arrays, meta
 
 
 def _fsync_dir(d) -> None:
@@ -352,6 +385,9 @@ def _lock_busy(path) -> bool:
         os.close(fd)
 
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")  # compiled once: a batch read names a file a clip
+
+
 def safe_key(clip_id: str) -> str:
     """A file-name-safe, injective key for a clip id: `id00003/abc/00001` -> `id00003__abc__00001`.
 
@@ -359,7 +395,7 @@ def safe_key(clip_id: str) -> str:
     hash suffix, so two different ids never share a file."""
     s = str(clip_id)
     key = s.replace("/", "__")
-    clean = re.sub(r"[^A-Za-z0-9._-]", "_", key).lstrip(".")
+    clean = _UNSAFE.sub("_", key).lstrip(".")
     if clean != key or "__" in s or len(clean) > 120 or not clean:
         clean = f"{clean[:100]}-{hashlib.sha1(s.encode()).hexdigest()[:10]}"
     return clean
@@ -412,16 +448,6 @@ def _normalise_label(col, v):
     return None if v is None else str(v)
 
 
-def _npy_layout(path) -> dict:
-    """Where the rows of a cache segment lie in its .npy: read with pread, not mapped, so a process's resident
-    memory holds the batches it asked for and not every page it ever touched."""
-    with open(path, "rb") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(f)
-        return {"path": str(path), "offset": f.tell(), "shape": shape, "dtype": dtype}
-
-
 def _segment_meta(path) -> dict:
     """The JSON trailer of a cache segment (clip ids, lengths, removed ids); raises if the file is not whole."""
     with open(path, "rb") as f:
@@ -436,22 +462,33 @@ def _segment_meta(path) -> dict:
         return json.loads(f.read(n))
 
 
-def _read_rows(seg: dict, rows, out: np.ndarray, at) -> None:
-    """out[at[j]] = rows[j] of a segment, the first out.shape[1] frames only (they are contiguous on disk)."""
-    frame = seg["dtype"].itemsize * int(np.prod(seg["shape"][2:], dtype=np.int64))
-    row_bytes = frame * seg["shape"][1] if len(seg["shape"]) > 1 else seg["dtype"].itemsize
-    want = row_bytes if len(seg["shape"]) == 1 else frame * min(out.shape[1], seg["shape"][1])
-    fd = os.open(seg["path"], os.O_RDONLY)
+def _read_arrays(folder: Path, clip_ids, entries: np.ndarray, out: np.ndarray) -> None:
+    """out[j, :length] = the array of clip_ids[j], read from its file where its cache entry says: one open and one
+    pread a clip (names resolved in the stage's folder, opened once), not mapped, so a process's resident memory
+    holds the batches it asked for and nothing more. A file removed since the entry was made (its clip was
+    re-written) raises FileNotFoundError."""
+    frame = out.dtype.itemsize * int(np.prod(out.shape[2:], dtype=np.int64))
+    fields = (entries[f].tolist() for f in ("token", "offset", "length", "fortran"))
+    folder_fd = os.open(folder, os.O_RDONLY)
     try:
-        for j, r in zip(at, rows):
-            buf = os.pread(fd, want, seg["offset"] + int(r) * row_bytes)
-            a = np.frombuffer(buf, seg["dtype"])
-            if len(seg["shape"]) == 1:
+        for j, (cid, token, offset, n, fortran) in enumerate(zip(clip_ids, *fields)):
+            want = n * frame if out.ndim > 1 else out.dtype.itemsize
+            fd = os.open(_file_name(cid, token.decode()), os.O_RDONLY, dir_fd=folder_fd)
+            try:
+                buf = os.pread(fd, want, offset)
+            finally:
+                os.close(fd)
+            if len(buf) < want:
+                raise StoreError(f"{folder}/{_file_name(cid, token.decode())}: truncated (`check` lists such files)")
+            a = np.frombuffer(buf, out.dtype)
+            if out.ndim == 1:
                 out[j] = a[0]
+            elif fortran:  # saved column-major as it came (put_many keeps an array's order)
+                out[j, :n] = a.reshape((n, *out.shape[2:])[::-1]).T
             else:
-                out[j, : min(out.shape[1], seg["shape"][1])] = a.reshape(-1, *seg["shape"][2:])
+                out[j, :n] = a.reshape(n, *out.shape[2:])
     finally:
-        os.close(fd)
+        os.close(folder_fd)
 
 
 _SEGMENT = re.compile(r"\d{12}-\d{12}")
@@ -571,6 +608,7 @@ class Store:
             found = con.execute("PRAGMA user_version").fetchone()[0]
             if 0 < found < SCHEMA_VERSION:
                 what = {1: "audio inside the preprocess stage, one cache per stage", 2: "rows without file names"}
+                what[3] = "training caches that copy every array"
                 raise StoreFormatError(
                     f"{self.root}: store format {found} ({what.get(found, 'older')}); this workbook reads format "
                     f"{SCHEMA_VERSION}. Migrate it in place (nothing is recomputed): "
@@ -727,7 +765,7 @@ class Store:
     def path(self, clip_id, stage) -> Path:
         """The array file of a done clip (where its row says); for any other clip, where a legacy file would be."""
         row = self._row(clip_id, stage)
-        return self.arrays / stage / (row[0] if row and row[0] else f"{safe_key(clip_id)}.npz")
+        return self.arrays / stage / (row[0] if row and row[0] else _file_name(clip_id))
 
     def _set_status(self, con, clip_id, stage, params_hash, status, reason, file=None):
         """Upsert a row; returns the file the row named before (to remove once the transaction is committed)."""
@@ -769,7 +807,7 @@ class Store:
         names, old, committed = {}, [], False
         try:
             for cid, arrays in items.items():
-                names[cid] = f"{safe_key(cid)}.{os.urandom(4).hex()}.npz"
+                names[cid] = _file_name(cid, os.urandom(4).hex())
                 meta = {"clip_id": cid, "stage": stage, "params_hash": params_hash}
                 _save_npz(d / names[cid], arrays, meta, sync=False)
             _fsync_all(d / n for n in names.values())  # the files are on disk before a row names them
@@ -869,7 +907,7 @@ class Store:
                 row = row.fetchone()
             if not row:
                 return []
-            self._keys[stage] = list(_npz_headers(self.arrays / stage / row[0]))
+            self._keys[stage] = list(_npz_layout(self.arrays / stage / row[0])[0])
         return self._keys[stage]
 
     def _segments(self, stage, key) -> list[tuple[int, int]]:
@@ -888,10 +926,10 @@ class Store:
         return chain
 
     def _build_segments(self, stage, key, after: int, upto: int):
-        """Append segments for the clips written with after < seq <= upto. Memory stays at one clip: headers
-        first (for the padded shape), then the data appended row by row, then the JSON trailer. Each clip is read
-        from the file its row names and checked against the row; a file removed meanwhile (its clip was
-        re-written, so a later segment has it) is listed as removed here."""
+        """Append index segments for the clips written with after < seq <= upto: for each, the token of the file its
+        row names and where the key's array lies in it (offset, first-axis length, order), from the file's headers
+        alone, checked against the row. A file removed meanwhile (its clip was re-written, so a later segment has
+        it) is listed as removed here."""
         with self._connect() as con:
             rows = con.execute(
                 "SELECT clip_id, status, seq, file, params_hash FROM stages WHERE stage = ? AND seq > ? AND seq <= ? "
@@ -903,57 +941,48 @@ class Store:
         for start in range(0, max(len(rows), 1), SEGMENT_ROWS):
             part = rows[start : start + SEGMENT_ROWS]
             hi = upto if start + SEGMENT_ROWS >= len(rows) else part[-1][2]
-            name = f"{after:012d}-{hi:012d}"
-            done, removed, shapes, dtype = [], [cid for cid, status, *_ in part if status != "done"], [], None
+            ids, entries, removed = [], [], [cid for cid, status, *_ in part if status != "done"]
+            form, scalar = None, False  # (dtype, shape beyond the first axis): one per segment
             for cid, status, _, file, h in part:
                 if status != "done":
                     continue
+                path = self.arrays / stage / file
                 try:
-                    hdr = _npz_headers(self.arrays / stage / file)
+                    arrays, meta = _npz_layout(path)
                 except FileNotFoundError:
                     removed.append(cid)
                     continue
-                if key not in hdr:
-                    raise KeyError(f"{stage}/{cid}: no array {key!r}; has {sorted(hdr)}")
-                done.append((cid, file, h))
-                shapes.append(hdr[key][0])
-                dtype = hdr[key][1]
-            tails = {s[1:] for s in shapes}
-            if len(tails) > 1:
-                raise ValueError(f"{stage}/{key}: arrays differ beyond the first axis: {sorted(tails)}")
-            scalar = bool(shapes) and not shapes[0]
-            lengths = [s[0] if s else 1 for s in shapes]
-            shape = (len(done),) + (() if scalar else (max(lengths), *shapes[0][1:])) if done else (0,)
-            dtype = dtype if done else np.dtype(np.float32)
+                _verify(meta, cid, stage, h, path)
+                if key not in arrays:
+                    raise KeyError(f"{stage}/{cid}: no array {key!r}; has {sorted(arrays)}")
+                offset, shape, dtype, fortran = arrays[key]
+                if form is not None and form != (dtype, shape[1:]):
+                    raise ValueError(f"{stage}/{key}: arrays differ in dtype or beyond the first axis: {form}, {cid}")
+                form, scalar = (dtype, shape[1:]), not shape
+                token = file.removeprefix(safe_key(cid)).removesuffix(".npz").lstrip(".")
+                if _file_name(cid, token) != file or len(token) > _ENTRY["token"].itemsize:
+                    raise StoreError(f"{stage}/{cid}: its row names {file!r}, not a name the store gives")
+                ids.append(cid)
+                entries.append((token, offset, shape[0] if shape else 1, fortran))
+            trailer = {"clip_ids": ids, "removed": removed, "scalar": scalar}
+            if form is not None:
+                trailer.update(dtype=np.lib.format.dtype_to_descr(form[0]), tail=list(form[1]))
 
-            def write(tmp, done=done, shape=shape, dtype=dtype, removed=removed, lengths=lengths, scalar=scalar):
-                # plain appends, one padded row at a time: memory (and RSS) stays at one clip
-                header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
-                row, ids = np.zeros(shape[1:], dtype), []
+            index, blob = np.array(entries, dtype=_ENTRY), json.dumps(trailer).encode()
+
+            def write(tmp, index=index, blob=blob):
                 with open(tmp, "wb") as f:
-                    np.lib.format.write_array_header_2_0(f, header)
-                    for cid, file, h in done:
-                        row[...] = 0
-                        try:
-                            with np.load(self.arrays / stage / file) as z:
-                                _verify(_npz_meta(z), cid, stage, h, self.arrays / stage / file)
-                                a = z[key]
-                            row[: len(a)] = a
-                            ids.append(cid)
-                        except FileNotFoundError:  # re-written since the headers were read: a zero row, unlisted
-                            ids.append("")
-                            removed.append(cid)
-                        f.write(row.tobytes())
-                    meta = json.dumps({"clip_ids": ids, "lengths": lengths, "scalar": scalar, "removed": removed})
-                    f.write(meta.encode())
-                    f.write(_TRAILER.pack(len(meta.encode()), _MAGIC))
+                    np.lib.format.write_array(f, index)
+                    f.write(blob)
+                    f.write(_TRAILER.pack(len(blob), _MAGIC))
 
-            _write(d / f"{name}.npy", write, replace=False)  # first builder wins: a name's content never changes
+            # first builder wins: a name's content never changes
+            _write(d / f"{after:012d}-{hi:012d}.npy", write, replace=False)
             after = hi
 
     def _segment(self, stage, key, name):
-        """One built segment, loaded once per process: its layout, its clip ids sorted for lookup (as UTF-8 bytes:
-        a few bytes per clip, shared by the keys whose segments hold the same clips), lengths, removed ids."""
+        """One built segment, loaded once per process: its entries, its clip ids sorted for lookup (as UTF-8 bytes:
+        a few bytes per clip, shared by the keys whose segments hold the same clips), removed ids, array form."""
         if (stage, key, name) not in self._seg:
             path = self._cache_dir(stage, key) / f"{name}.npy"
             meta = _segment_meta(path)
@@ -964,13 +993,13 @@ class Store:
                 if st == stage and other["ids"].shape == ids.shape and np.array_equal(other["ids"], ids):
                     ids, order = other["ids"], other["order"]
                     break
+            dtype = np.lib.format.descr_to_dtype(meta["dtype"]) if "dtype" in meta else None
             self._seg[(stage, key, name)] = {
                 "ids": ids,
                 "order": order.astype(np.int32),
-                "lengths": np.asarray(meta["lengths"], np.int32),
+                "entries": np.load(path),
                 "removed": np.sort(np.array([c.encode() for c in meta["removed"]], dtype=bytes)),
-                "array": _npy_layout(path) if meta["clip_ids"] else None,
-                "scalar": meta["scalar"],
+                "form": None if dtype is None else (dtype, tuple(meta["tail"]), meta["scalar"]),
             }
         return self._seg[(stage, key, name)]
 
@@ -1013,13 +1042,28 @@ class Store:
         some arrays; only the keys asked for are cached and read."""
         if stage == AUDIO_STAGE:
             raise ValueError(f"the {AUDIO_STAGE} stage is read one clip at a time (Store.get), never in batches")
-        version = self.version(stage)  # one database query per batch
+        clip_ids, seen, gone = list(clip_ids), None, None
+        for _ in range(5):
+            version = self.version(stage)  # one database query per batch
+            if version == seen:  # a file went missing and nothing was written since: not a re-write
+                raise StoreError(
+                    f"{self.arrays / stage / gone}: named by its row but missing; `python -m slf_utils.store check` "
+                    "lists it"
+                )
+            try:
+                out, lens = self._stacked(stage, clip_ids, keys, version)
+                return (out, lens) if with_lengths else out
+            except FileNotFoundError as e:  # a clip re-written (its old file removed) since `version`: read again
+                seen, gone = version, e.filename
+        raise StoreError(f"{stage}: the files of these clips keep changing under this read")
+
+    def _stacked(self, stage, clip_ids, keys, version):
+        """`load_stacked` at one version of the stage: FileNotFoundError if a file its cache names has gone since."""
         all_keys = self.keys(stage)
         keys = all_keys if not exists(keys) else list(keys)
         unknown = set(keys) - set(all_keys)
         if unknown:
             raise KeyError(f"{stage}: no array(s) {sorted(unknown)}; has {sorted(all_keys)}")
-        clip_ids = list(clip_ids)
         out, lens = {}, {}
         for k in keys:
             segments = self._load_cache(stage, k, version)
@@ -1027,16 +1071,21 @@ class Store:
             missing = [c for c, (s, _) in zip(clip_ids, where) if s < 0]
             if missing:
                 raise KeyError(f"{stage}: {len(missing)} clip(s) not done, e.g. {missing[:3]}")
-            lens[k] = np.array([segments[s]["lengths"][i] for s, i in where], dtype=np.int64)
-            ref = next((g["array"] for g in segments if exists(g["array"])), None)
-            n = int(lens[k].max()) if len(where) else 0
-            shape = (len(where), *(ref["shape"][1:2] and (n,)), *ref["shape"][2:]) if exists(ref) else (0,)
-            batch = np.zeros(shape, dtype=ref["dtype"] if exists(ref) else np.float32)
+            forms = {segments[s]["form"] for s in np.unique(where[:, 0])}
+            if len(forms) > 1:
+                raise ValueError(f"{stage}/{k}: arrays differ in dtype or beyond the first axis: {forms}")
+            entries = np.zeros(len(where), _ENTRY)
             for s in np.unique(where[:, 0]):
-                sel = np.flatnonzero(where[:, 0] == s)
-                _read_rows(segments[s]["array"], where[sel, 1], batch, sel)
-            out[k] = batch
-        return (out, lens) if with_lengths else out
+                sel = where[:, 0] == s
+                entries[sel] = segments[s]["entries"][where[sel, 1]]
+            lens[k] = entries["length"].astype(np.int64)
+            if not len(entries):
+                out[k] = np.zeros((0,), np.float32)
+                continue
+            dtype, tail, scalar = forms.pop()
+            out[k] = np.zeros((len(entries),) if scalar else (len(entries), int(lens[k].max()), *tail), dtype)
+            _read_arrays(self.arrays / stage, clip_ids, entries, out[k])
+        return out, lens
 
     # ------------------------------------------------------------------ provenance
     def set_provenance(self, stage, prov: dict):
@@ -1065,7 +1114,7 @@ class Store:
                 meta = _npz_meta(z)
                 for k in z.files:
                     z[k]
-            if meta is None and p.name != f"{safe_key(cid)}.npz":  # only migrated files predate __meta__
+            if meta is None and p.name != _file_name(cid):  # only migrated files predate __meta__
                 raise StoreError("no __meta__ entry")
             _verify(meta, cid, stage, h, p)
         except StoreError as e:
@@ -1141,7 +1190,7 @@ class Store:
                     else:
                         try:
                             meta = _segment_meta(p)
-                            if _npy_layout(p)["shape"][0] != len(meta["clip_ids"]):
+                            if len(np.load(p)) != len(meta["clip_ids"]):
                                 raise ValueError("rows and clip ids differ")
                         except Exception as e:
                             problems.append(f"unreadable: {p}: {e}")  # whole by construction: not repaired
@@ -1215,11 +1264,11 @@ def _is_store(root) -> None:
 
 
 def migrate(root, log=print) -> None:
-    """Bring a format-1 or -2 store to format 3 in place. Format 1: audio moves from `preprocess` to its own stage,
-    rows get their `seq`. Both: rows record their file name; a done row whose file is missing or empty is reported
-    and marked failed (the next run recomputes that clip); the old caches go (rebuilt on use). Nothing is
-    recomputed. Every part resumes when rerun after a kill, removing the old caches included. The journal mode is
-    the store's own."""
+    """Bring a format-1, -2 or -3 store to format 4 in place. Format 1: audio moves from `preprocess` to its own
+    stage, rows get their `seq`. Formats 1 and 2: rows record their file name; a done row whose file is missing or
+    empty is reported and marked failed (the next run recomputes that clip). All: the old caches go (format 3's
+    held a second copy of every array; the new ones, an index, are rebuilt on use). Nothing is recomputed. Every
+    part resumes when rerun after a kill, removing the old caches included. The journal mode is the store's own."""
     from tqdm.auto import tqdm
 
     root = Path(root)
@@ -1235,7 +1284,11 @@ def migrate(root, log=print) -> None:
                 for d in (root / "arrays").glob("*.cache"):  # parked first: a rerun after a kill removes them
                     old.mkdir(exist_ok=True)
                     os.replace(d, old / f"{d.name}.{os.urandom(4).hex()}")
-                _migrate_rows(con, root, found, log, tqdm)
+                if found < 3:
+                    _migrate_rows(con, root, found, log, tqdm)
+                else:  # the rows and files stay as they are: only the caches change
+                    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                    log(f"{root}: migrated to format {SCHEMA_VERSION} (training caches rebuilt on first use)")
         finally:
             con.close()
         if old.exists():
@@ -1266,7 +1319,7 @@ def _migrate_rows(con, root, found, log, tqdm) -> None:
             "SELECT clip_id, params_hash FROM stages WHERE stage = 'preprocess' AND status = 'done'"
         ).fetchall()
         for cid, h in tqdm(done, desc="migrate: audio out of preprocess", disable=not done or None):
-            pre = arrays / "preprocess" / f"{safe_key(cid)}.npz"
+            pre = arrays / "preprocess" / _file_name(cid)
             aud = arrays / AUDIO_STAGE / pre.name
             if not whole(pre):
                 continue  # reported below with the other missing files
@@ -1281,7 +1334,7 @@ def _migrate_rows(con, root, found, log, tqdm) -> None:
     rows = con.execute("SELECT clip_id, stage FROM stages WHERE status = 'done'").fetchall()
     named, lost = [], []
     for cid, stage in rows:
-        p = arrays / stage / f"{safe_key(cid)}.npz"
+        p = arrays / stage / _file_name(cid)
         (named if whole(p) else lost).append((p.name, cid, stage))
     for _, cid, stage in lost:
         log(f"migrate: {stage}/{cid}: done but its array file is missing or empty; marked failed (recomputed next run)")

@@ -2,6 +2,7 @@ import json
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import sqlite3
 import time
@@ -225,7 +226,7 @@ def test_cache_appends_segments_without_rewriting_them(tmp_path):
         store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((3, 2), i, np.float32)}, "h")
     store.load_stacked("pyaudio", ["c00"])
     first = _segment_files(tmp_path, "pyaudio", "frames")
-    assert sorted(first) == ["000000000000-000000000010.npy"]  # one file: data, then its JSON trailer
+    assert sorted(first) == ["000000000000-000000000010.npy"]  # one file: the index, then its JSON trailer
     for i in range(10, 15):  # appends: a new segment with only these clips
         store.put(f"c{i:02d}", "pyaudio", {"frames": np.full((4, 2), i, np.float32)}, "h")
     store.reject("c03", "pyaudio", "silent audio", "h")
@@ -236,7 +237,7 @@ def test_cache_appends_segments_without_rewriting_them(tmp_path):
     assert {k: after[k] for k in first} == first  # the first segment's files were not touched
     assert len(after) == 2
     new = np.load(tmp_path / "arrays" / "pyaudio.cache" / "frames" / "000000000010-000000000016.npy")
-    assert new.shape == (5, 4, 2)  # the new clips only; the reject is listed as removed
+    assert new["length"].tolist() == [4] * 5  # the new clips only; the reject is listed as removed
     with pytest.raises(KeyError, match="not done"):
         store.load_stacked("pyaudio", ["c03"])
     # another process (a fresh Store) reads the same segments without building anything
@@ -553,3 +554,52 @@ def test_a_store_created_again_at_the_same_path_is_not_read_through_a_stale_conn
             shutil.rmtree(tmp_path / "s")
     store_module._close_readers(tmp_path / "s" / "store.sqlite")
     assert Store(tmp_path / "s").done("mel", "h2") == {f"c{i}" for i in range(20)} and store.check() == []
+
+
+def test_the_per_clip_files_are_the_only_copy_of_the_arrays(tmp_path):
+    store = Store(tmp_path)
+    frames = {f"c{i}": np.full((50 + i, 128), i, np.float32) for i in range(20)}
+    store.put_many("mel", [(c, {"frames": f, "order": np.asfortranarray(f[:3, :4])}) for c, f in frames.items()], "h")
+    files = sum(p.stat().st_size for p in (tmp_path / "arrays" / "mel").iterdir())
+    out, lens = store.load_stacked("mel", ["c3", "c19"], with_lengths=True)
+    assert np.array_equal(out["frames"][0, :53], frames["c3"]) and not out["frames"][0, 53:].any()
+    assert lens["frames"].tolist() == [53, 69] and np.array_equal(out["order"][1], frames["c19"][:3, :4])
+    cache = sum(p.stat().st_size for p in (tmp_path / "arrays" / "mel.cache").rglob("*") if p.is_file())
+    assert cache < files / 50  # an index: where each clip's arrays lie in its file, no second copy of them
+    shutil.rmtree(tmp_path / "arrays" / "mel.cache")  # the caches are derived: removed, they are built again
+    assert np.array_equal(Store(tmp_path).load_stacked("mel", ["c7"])["frames"][0, :57], frames["c7"])
+
+
+def test_a_batch_read_follows_a_rewrite_made_after_its_version_was_read(tmp_path, monkeypatch):
+    reader = Store(tmp_path)
+    with Store(tmp_path) as writer:
+        writer.put_many("mel", [(f"c{i}", {"frames": np.full((3, 2), i)}) for i in range(4)], "h1")
+        reader.load_stacked("mel", ["c1"])  # its cache, at this version
+        stale = reader.version("mel")
+        writer.put("c1", "mel", {"frames": np.full((3, 2), 9)}, "h2")  # the file the cache names is gone
+    versions = iter([stale])
+    real = Store.version
+    monkeypatch.setattr(Store, "version", lambda self, st: next(versions, None) or real(self, st))
+    assert reader.load_stacked("mel", ["c1", "c2"])["frames"][:, 0, 0].tolist() == [9, 2]
+    (tmp_path / "arrays" / "mel" / reader.status("mel").set_index("clip_id").loc["c2", "file"]).unlink()
+    with pytest.raises(StoreError, match="named by its row but missing.*check"):  # not a re-write: says so
+        reader.load_stacked("mel", ["c2"])
+
+
+def test_a_format3_store_is_migrated_by_dropping_its_copying_caches(tmp_path):
+    store = Store(tmp_path)
+    store.put_many("mel", [(f"c{i}", {"frames": np.full((3, 2), i)}) for i in range(3)], "h")
+    store.close()
+    rows = store.status("mel")
+    old = tmp_path / "arrays" / "mel.cache" / "frames" / "000000000000-000000000003.npy"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"\x93NUMPY data of format 3" + store_module._TRAILER.pack(2, b"SLFSEG01"))
+    with sqlite3.connect(store.db) as con:
+        con.execute("PRAGMA user_version=3")
+    store_module._prepared.clear()
+    with pytest.raises(StoreFormatError, match="format 3 .*copy every array.*migrate"):
+        Store(tmp_path).load_stacked("mel", ["c1"])
+    store_module.migrate(tmp_path)
+    store = Store(tmp_path)
+    assert not old.exists() and store.status("mel").equals(rows)  # rows and files as they were
+    assert store.load_stacked("mel", ["c2", "c0"])["frames"][:, 0, 0].tolist() == [2, 0] and store.check() == []
