@@ -1035,7 +1035,10 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
                 labels=part,  # a face prior under attribute_mean picks each clip's mean face from its labels
             )
             rows = write_samples(out, ids, part["identity"], images, scale, sample_hash)
-            stale = (samples["scale"].astype(float) == float(scale)) & samples["clip_id"].isin(ids)
+            # this part's rows of the scale, and those of clips no longer queried (as before folds: one scale's rows
+            # are exactly the current clips')
+            gone = samples["clip_id"].isin(ids) | ~samples["clip_id"].isin(clips["clip_id"])
+            stale = (samples["scale"].astype(float) == float(scale)) & gone
             samples = pd.concat([samples[~stale], pd.DataFrame(rows)], ignore_index=True)
             _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
             where = "" if model_dir.name == "model" else f" ({model_dir.name})"
