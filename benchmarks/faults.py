@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from slf_utils import store as S  # noqa: E402
+from slf_utils.store.migration import format1_store as write_format1  # noqa: E402
 
 STAGE = "mel"
 CHUNK = 25  # clips per put_many
@@ -181,27 +181,14 @@ def _done(root) -> dict:
 
 
 def format1_store(root: Path, ids):
-    """A store as the first workbook wrote it (audio inside preprocess, no seq column, a whole-stage cache), with
-    one done row whose file is gone."""
+    """A store as the first workbook wrote it (the store's own format-1 builder), with one done row whose file is
+    gone."""
     shutil.rmtree(root, ignore_errors=True)
-    (root / "arrays" / "preprocess").mkdir(parents=True)
-    (root / "arrays" / "preprocess.cache").mkdir()
-    (root / "arrays" / "preprocess.cache" / "index.json").write_text('{"version": 2}')
-    with sqlite3.connect(root / "store.sqlite") as con:
-        con.executescript(
-            "CREATE TABLE clips (clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, "
-            "face TEXT, gender TEXT, age REAL, ethnicity TEXT, language TEXT, extra TEXT NOT NULL DEFAULT '{}');"
-            "CREATE TABLE stages (clip_id TEXT NOT NULL, stage TEXT NOT NULL, params_hash TEXT NOT NULL, "
-            "status TEXT NOT NULL, reason TEXT, updated REAL NOT NULL, PRIMARY KEY (clip_id, stage));"
-            "CREATE TABLE provenance (stage TEXT PRIMARY KEY, json TEXT NOT NULL);"
-            "CREATE TABLE versions (stage TEXT PRIMARY KEY, version INTEGER NOT NULL);"
-            "INSERT INTO versions VALUES ('preprocess', 1); PRAGMA user_version=1;"
-        )
-        for c in ids:
-            con.execute("INSERT INTO stages VALUES (?, 'preprocess', 'h1', 'done', NULL, 0)", (c,))
-            v = value(c, "h1")
-            face, audio = np.full((8, 8, 3), v % 251, np.uint8), np.full(100, v, np.float32)
-            np.savez(root / "arrays" / "preprocess" / f"{S.safe_key(c)}.npz", face=face, audio=audio)
+    arrays = {}
+    for c in ids:
+        v = value(c, "h1")
+        arrays[c] = {"face": np.full((8, 8, 3), v % 251, np.uint8), "audio": np.full(100, v, np.float32)}
+    write_format1(root, arrays, "h1")
     (root / "arrays" / "preprocess" / f"{S.safe_key(ids[0])}.npz").unlink()
 
 

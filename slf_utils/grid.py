@@ -51,6 +51,7 @@ from slf_utils.config import (
     seeds_of,
     system_dir,
 )
+from slf_utils.locks import WriterLock
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = {
@@ -559,8 +560,6 @@ def run(
     threads = int(cfg["grid"]["threads_per_worker"])
     if dry_run:
         return status_table(steps)
-    from slf_utils.store import WriterLock
-
     # one grid run per results folder (released when run returns or the process dies); the notebooks it runs take
     # the store's stage locks themselves, so this lock never refuses the grid's own kernels
     lock = WriterLock(Path(cfg["results"]) / ".grid.lock", f"grid run {cfg['params_file']}").acquire()  # noqa: F841

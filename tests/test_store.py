@@ -11,8 +11,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from slf_utils import locks
 from slf_utils import store as store_module
-from slf_utils.store import Store, StoreError, StoreFormatError, WriterLock, normalise_gender, open_store, safe_key
+from slf_utils.store import (
+    Store,
+    StoreError,
+    StoreFormatError,
+    WriterLock,
+    caches,
+    index,
+    normalise_gender,
+    open_store,
+    safe_key,
+)
+from slf_utils.store.migration import format1_store
 
 
 def _clips(n=3):
@@ -307,30 +319,15 @@ def test_two_readers_while_a_third_process_writes(tmp_path):
 
 def _format1_store(root):
     """A store as the previous workbook wrote it: audio inside preprocess, no seq column, a whole-stage cache."""
-    (root / "arrays" / "preprocess").mkdir(parents=True)
-    (root / "arrays" / "preprocess.cache").mkdir()
-    (root / "arrays" / "preprocess.cache" / "index.json").write_text('{"version": 2}')
-    with sqlite3.connect(root / "store.sqlite") as con:
-        con.executescript(
-            "CREATE TABLE clips (clip_id TEXT PRIMARY KEY, identity TEXT, split TEXT, video TEXT, audio TEXT, "
-            "face TEXT, gender TEXT, age REAL, ethnicity TEXT, language TEXT, extra TEXT NOT NULL DEFAULT '{}');"
-            "CREATE TABLE stages (clip_id TEXT NOT NULL, stage TEXT NOT NULL, params_hash TEXT NOT NULL, "
-            "status TEXT NOT NULL, reason TEXT, updated REAL NOT NULL, PRIMARY KEY (clip_id, stage));"
-            "CREATE TABLE provenance (stage TEXT PRIMARY KEY, json TEXT NOT NULL);"
-            "CREATE TABLE versions (stage TEXT PRIMARY KEY, version INTEGER NOT NULL);"
-            "INSERT INTO provenance VALUES ('preprocess', '{\"face_size\": 8}');"
-            "INSERT INTO versions VALUES ('preprocess', 2);"
-            "PRAGMA user_version=1;"
-        )
-        for i in range(2):
-            con.execute("INSERT INTO clips (clip_id, split) VALUES (?, 'train')", (f"c{i}",))
-            con.execute("INSERT INTO stages VALUES (?, 'preprocess', 'h', 'done', NULL, 0)", (f"c{i}",))
-            np.savez(
-                root / "arrays" / "preprocess" / f"c{i}.npz",
-                face=np.full((8, 8, 3), i, np.uint8),
-                guide=np.zeros((2, 2, 3), np.uint8),
-                audio=np.full(100, i, np.float32),
-            )
+    arrays = {
+        f"c{i}": {
+            "face": np.full((8, 8, 3), i, np.uint8),
+            "guide": np.zeros((2, 2, 3), np.uint8),
+            "audio": np.full(100, i, np.float32),
+        }
+        for i in range(2)
+    }
+    format1_store(root, arrays, provenance={"face_size": 8})
 
 
 def test_old_store_is_refused_then_migrated(tmp_path, capsys):
@@ -360,11 +357,11 @@ def test_old_store_is_refused_then_migrated(tmp_path, capsys):
 def test_migration_marks_missing_files_failed_and_a_rerun_finishes_after_a_kill(tmp_path, monkeypatch, capsys):
     _format1_store(tmp_path)
     (tmp_path / "arrays" / "preprocess" / "c0.npz").unlink()
-    real = store_module.shutil.rmtree
-    monkeypatch.setattr(store_module.shutil, "rmtree", lambda *a, **k: os.kill(os.getpid(), 0) or 1 / 0)
+    real = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: os.kill(os.getpid(), 0) or 1 / 0)
     with pytest.raises(ZeroDivisionError):  # "killed" after the commit, before the old caches are gone
         store_module.migrate(tmp_path)
-    monkeypatch.setattr(store_module.shutil, "rmtree", real)
+    monkeypatch.setattr(shutil, "rmtree", real)
     assert "c0: done but its array file is missing" in capsys.readouterr().out
     assert (tmp_path / "arrays" / ".old-caches").exists()
     assert any(p.startswith("orphan:") for p in Store(tmp_path).check())
@@ -402,7 +399,7 @@ def test_journal_mode_is_set_on_the_writing_connection(tmp_path, mode):
     with store._transaction() as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == mode
     assert store.get("a", "mel")["frames"].shape == (2, 3)
-    store_module._close_readers(store.db)
+    index.close_readers(store.db)
     with pytest.raises(SystemExit) as e:  # check keeps the store's mode
         store_module.main(["check", str(tmp_path)])
     assert e.value.code == 0
@@ -412,7 +409,7 @@ def test_journal_mode_is_set_on_the_writing_connection(tmp_path, mode):
 
 def test_leaving_wal_while_another_process_has_the_store_open_says_why(tmp_path):
     Store(tmp_path).put("a", "mel", {"frames": np.ones((2, 3))}, "h")
-    store_module._close_readers(tmp_path / "store.sqlite")
+    index.close_readers(tmp_path / "store.sqlite")
     other = sqlite3.connect(tmp_path / "store.sqlite")  # another process, as far as SQLite can tell
     other.execute("BEGIN")
     other.execute("SELECT * FROM stages").fetchall()
@@ -437,7 +434,7 @@ def _rewrite(root, h, kill_at):
 
     store = Store(root)
     if kill_at == "before_commit":
-        store_module._fsync_dir = die  # every new file written, no row changed
+        index.fsync_dir = die  # every new file written, no row changed
     elif kill_at == "after_commit":
         real = Store._transaction
 
@@ -499,7 +496,7 @@ def test_temp_files_of_dead_writers_are_reported_removed_and_not_counted(tmp_pat
     store = Store(tmp_path)
     store.put("a", "mel", {"frames": np.ones((2, 3))}, "h")
     size = store.size_bytes()
-    dead = tmp_path / "arrays" / "mel" / f".a.npz+999999+{store_module._HOST}+abcd.tmp"
+    dead = tmp_path / "arrays" / "mel" / f".a.npz+999999+{locks.HOST}+abcd.tmp"
     dead.write_bytes(b"x" * 10000)
     old = tmp_path / "arrays" / "mel" / ".a.npz.k2j3.tmp.npz"  # an older workbook's temp file, a day old
     old.write_bytes(b"x" * 10000)
@@ -528,7 +525,7 @@ def test_a_second_grid_run_on_one_results_folder_is_refused(tmp_path):
     holder = mp.get_context("spawn").Process(target=_hold, args=(tmp_path / "results" / ".grid.lock", 60))
     holder.start()
     t0 = time.time()
-    while not (tmp_path / "results" / ".grid.lock").exists() or not store_module._lock_busy(
+    while not (tmp_path / "results" / ".grid.lock").exists() or not locks.lock_busy(
         tmp_path / "results" / ".grid.lock"
     ):
         assert time.time() - t0 < 60
@@ -552,7 +549,7 @@ def test_a_store_created_again_at_the_same_path_is_not_read_through_a_stale_conn
         store.close()
         if r < 2:
             shutil.rmtree(tmp_path / "s")
-    store_module._close_readers(tmp_path / "s" / "store.sqlite")
+    index.close_readers(tmp_path / "s" / "store.sqlite")
     assert Store(tmp_path / "s").done("mel", "h2") == {f"c{i}" for i in range(20)} and store.check() == []
 
 
@@ -593,10 +590,10 @@ def test_a_format3_store_is_migrated_by_dropping_its_copying_caches(tmp_path):
     rows = store.status("mel")
     old = tmp_path / "arrays" / "mel.cache" / "frames" / "000000000000-000000000003.npy"
     old.parent.mkdir(parents=True)
-    old.write_bytes(b"\x93NUMPY data of format 3" + store_module._TRAILER.pack(2, b"SLFSEG01"))
+    old.write_bytes(b"\x93NUMPY data of format 3" + caches._TRAILER.pack(2, b"SLFSEG01"))
     with sqlite3.connect(store.db) as con:
         con.execute("PRAGMA user_version=3")
-    store_module._prepared.clear()
+    index._prepared.clear()
     with pytest.raises(StoreFormatError, match="format 3 .*copy every array.*migrate"):
         Store(tmp_path).load_stacked("mel", ["c1"])
     store_module.migrate(tmp_path)

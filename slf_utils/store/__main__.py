@@ -1,0 +1,3 @@
+from slf_utils.store.cli import main
+
+main()
