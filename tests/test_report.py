@@ -435,7 +435,8 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     cfg["report"]["differences"] = [["full_input", "pure_sr", "inputs"], ["full_input", "no_image_guide", "inputs"]]
     res = report.run(cfg, log=lambda *a: None)
     rd = res["recipe_differences"].set_index(["a", "b"])
-    assert set(rd.loc[("full_input", "pure_sr"), "key"]) == {"keep", "stages"}
+    # what each is trained from (train_on) moves with what it keeps: a diffusion model trains on what it is fed
+    assert set(rd.loc[("full_input", "pure_sr"), "key"]) == {"keep", "stages", "train_on"}
     assert rd.loc[("full_input", "pure_sr"), "one_factor"].all()
     two = rd.loc[[("full_input", "no_image_guide")]]
     assert set(two["key"]) == {"mode"} and not two["one_factor"].any()
@@ -452,6 +453,43 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
     changed = diffusion.resolve_recipe(cfg, "full_input").flat()
     assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
+
+
+def test_a_pair_named_decoder_that_also_changes_the_training_inputs_is_flagged(tmp_path):
+    """Issue 25: `decoder` changes the decoder only; speech_to_face - speech_to_face_direct also changes what the
+    decoder is trained from (cross-fitted predictions vs true embeddings): flagged under `decoder`. face_to_face -
+    face_to_face_direct (both trained on and fed the true embedding) is the decoder alone; two direct decoders fed the
+    prediction and trained on true vs predicted embeddings are a pure `training_inputs` pair. The pairs the params
+    files name are all one factor (or `method`)."""
+    from slf_utils.config import ROOT, load_params
+
+    systems = tmp_path / "systems.yaml"
+    extra = {"title": "Direct decoder trained on predictions", "mode": "generation", "decoder": "direct"}
+    systems.write_text(
+        (ROOT / "params" / "systems.yaml").read_text()
+        + yaml.safe_dump({"s2f_direct_predicted": extra | {"keep": ["voice_face_embedding"]}})
+    )
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump({"name": "factors", "results": str(tmp_path / "r"), "systems_file": str(systems)}))
+    pairs = [
+        ("speech_to_face", "speech_to_face_direct", "decoder"),
+        ("face_to_face", "face_to_face_direct", "decoder"),
+        ("s2f_direct_predicted", "speech_to_face_direct", "training_inputs"),
+    ]
+    rd = report.recipe_differences(load_params(p), pairs)
+    one = rd.groupby(["a", "b"])["one_factor"].first()
+    assert not one[("speech_to_face", "speech_to_face_direct")]
+    both = rd[(rd["a"] == "speech_to_face") & ~rd["within_factor"]]
+    assert list(both["key"]) == ["train_on"]
+    assert list(both[["value_a", "value_b"]].iloc[0]) == ["voice_face_embedding", "face_embedding"]
+    assert one[("face_to_face", "face_to_face_direct")] and one[("s2f_direct_predicted", "speech_to_face_direct")]
+    assert "train_on" not in set(rd.loc[rd["a"] == "face_to_face", "key"])
+    assert set(rd.loc[rd["a"] == "s2f_direct_predicted", "key"]) == {"train_on"}
+    assert "FLAG: differs in more than decoder**: `train_on`" in report.pretty_recipe_differences(rd)
+    for grid in ("compare.yaml", "demo-open.yaml"):
+        cfg = load_params(ROOT / "params" / grid)
+        named = report.recipe_differences(cfg, [tuple(x) for x in cfg["report"]["differences"]])
+        assert named["one_factor"].all(), (grid, named.loc[~named["within_factor"], ["a", "b", "key"]])
 
 
 def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_and_seeds(synthetic_results):
