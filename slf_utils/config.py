@@ -319,11 +319,16 @@ SPEAKER_INPUTS = ("speaker", "speaker_windows")
 # factor may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
 # `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
 FACTORS = {
-    "inputs": ("keep", "stages", "encoder."),  # what the model is fed, and the encoders that make it
+    # what the model is fed, and the encoders that make it; a diffusion model trains on what it is fed, so its
+    # `train_on` moves with `keep`
+    "inputs": ("keep", "stages", "encoder.", "train_on"),
+    # what the model is trained from, fed the same (a direct decoder's train_on: true vs predicted embeddings)
+    "training_inputs": ("train_on", "encoder."),
     "encoder": ("encoder.",),  # the same constituent, made by a differently trained encoder
     "face_prior": ("model.face_prior", "model.face_prior_attributes"),
     "latent": ("model.",),  # the latent preset changes the unet to fit its latents
-    "decoder": ("decoder", "train_on", "train.", "face_decoder.", "model."),
+    # the decoder and its own settings only: a pair that also changes what it is trained from is flagged
+    "decoder": ("decoder", "train.", "face_decoder.", "model."),
     "training": ("train.", "face_decoder."),
     "guide": ("mode",),
     "method": ("",),

@@ -536,13 +536,15 @@ class Recipe:
         out = {"mode": self.mode, "decoder": self.system.decoder}
         if not self.trained:
             return out
-        stages = self.layout.stages(self.system.keep)
+        stages, keep = self.layout.stages(self.system.keep), ", ".join(self.layout.expand(self.system.keep))
         out |= {
-            "keep": ", ".join(self.layout.expand(self.system.keep)),
+            "keep": keep,
             "stages": ", ".join(stages),
-            "train_on": self.system.train_on,
+            # what it is trained from: a diffusion model its kept constituents, a direct decoder its train_on (so
+            # two decoders trained and fed alike differ in the decoder alone)
+            "train_on": keep if self.system.train_on is None else ", ".join(self.layout.expand(self.system.train_on)),
         }
-        for stage in stages:
+        for stage in self.layout.system_stages(self.system):  # the encoders of its training inputs too
             for section in ENCODER_SECTIONS.get(stage, ()):
                 out |= _flat(_get(self.cfg, section), f"encoder.{stage}.{section}")
         out |= _flat({"face_prior": "none", "latent": None} | self.preset, "model")

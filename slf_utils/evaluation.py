@@ -305,11 +305,20 @@ def two_level_ci(values, clusters=None, n_boot: int = 1000, seed: int = 0, alpha
     value = float(v.mean())
     if n_boot <= 0:
         return value, np.nan, np.nan, len(v)
-    per_seed = bootstrap_means(v, clusters, n_boot, seed)  # (n_boot, S): identities resampled once for all seeds
-    draw = np.random.default_rng([seed, 1]).integers(0, v.shape[1], per_seed.shape)  # seeds, with replacement
-    means = np.take_along_axis(per_seed, draw, 1).mean(1)
-    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    lo, hi = np.quantile(two_level_means(v, clusters, n_boot, seed), [alpha / 2, 1 - alpha / 2])
     return value, float(min(lo, value)), float(max(hi, value)), len(v)
+
+
+def two_level_means(values, clusters=None, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """(n_boot, ...) seed means of per-clip values of several runs, values (n clips, S seeds, ...) without NaN, over
+    resamples of the test identities (bootstrap_means: the same draw for every seed, and for every array of the same
+    clusters and seed, so two systems resampled apart stay paired on identities) and of the S seeds (with
+    replacement). two_level_ci's resamples; report.bootstrap_significance's for each system's recall."""
+    v = np.asarray(values, np.float64)
+    per_seed = bootstrap_means(v, clusters, n_boot, seed)  # (n_boot, S, ...): identities resampled once for all seeds
+    draw = np.random.default_rng([seed, 1]).integers(0, v.shape[1], per_seed.shape[:2])  # seeds, with replacement
+    draw = draw.reshape(*draw.shape, *(1,) * (per_seed.ndim - 2))
+    return np.take_along_axis(per_seed, draw, 1).mean(1)
 
 
 def paired_difference(a, b, clusters=None, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> tuple:

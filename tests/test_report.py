@@ -435,7 +435,8 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     cfg["report"]["differences"] = [["full_input", "pure_sr", "inputs"], ["full_input", "no_image_guide", "inputs"]]
     res = report.run(cfg, log=lambda *a: None)
     rd = res["recipe_differences"].set_index(["a", "b"])
-    assert set(rd.loc[("full_input", "pure_sr"), "key"]) == {"keep", "stages"}
+    # what each is trained from (train_on) moves with what it keeps: a diffusion model trains on what it is fed
+    assert set(rd.loc[("full_input", "pure_sr"), "key"]) == {"keep", "stages", "train_on"}
     assert rd.loc[("full_input", "pure_sr"), "one_factor"].all()
     two = rd.loc[[("full_input", "no_image_guide")]]
     assert set(two["key"]) == {"mode"} and not two["one_factor"].any()
@@ -452,6 +453,43 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
     changed = diffusion.resolve_recipe(cfg, "full_input").flat()
     assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
+
+
+def test_a_pair_named_decoder_that_also_changes_the_training_inputs_is_flagged(tmp_path):
+    """Issue 25: `decoder` changes the decoder only; speech_to_face - speech_to_face_direct also changes what the
+    decoder is trained from (cross-fitted predictions vs true embeddings): flagged under `decoder`. face_to_face -
+    face_to_face_direct (both trained on and fed the true embedding) is the decoder alone; two direct decoders fed the
+    prediction and trained on true vs predicted embeddings are a pure `training_inputs` pair. The pairs the params
+    files name are all one factor (or `method`)."""
+    from slf_utils.config import ROOT, load_params
+
+    systems = tmp_path / "systems.yaml"
+    extra = {"title": "Direct decoder trained on predictions", "mode": "generation", "decoder": "direct"}
+    systems.write_text(
+        (ROOT / "params" / "systems.yaml").read_text()
+        + yaml.safe_dump({"s2f_direct_predicted": extra | {"keep": ["voice_face_embedding"]}})
+    )
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump({"name": "factors", "results": str(tmp_path / "r"), "systems_file": str(systems)}))
+    pairs = [
+        ("speech_to_face", "speech_to_face_direct", "decoder"),
+        ("face_to_face", "face_to_face_direct", "decoder"),
+        ("s2f_direct_predicted", "speech_to_face_direct", "training_inputs"),
+    ]
+    rd = report.recipe_differences(load_params(p), pairs)
+    one = rd.groupby(["a", "b"])["one_factor"].first()
+    assert not one[("speech_to_face", "speech_to_face_direct")]
+    both = rd[(rd["a"] == "speech_to_face") & ~rd["within_factor"]]
+    assert list(both["key"]) == ["train_on"]
+    assert list(both[["value_a", "value_b"]].iloc[0]) == ["voice_face_embedding", "face_embedding"]
+    assert one[("face_to_face", "face_to_face_direct")] and one[("s2f_direct_predicted", "speech_to_face_direct")]
+    assert "train_on" not in set(rd.loc[rd["a"] == "face_to_face", "key"])
+    assert set(rd.loc[rd["a"] == "s2f_direct_predicted", "key"]) == {"train_on"}
+    assert "FLAG: differs in more than decoder**: `train_on`" in report.pretty_recipe_differences(rd)
+    for grid in ("compare.yaml", "demo-open.yaml"):
+        cfg = load_params(ROOT / "params" / grid)
+        named = report.recipe_differences(cfg, [tuple(x) for x in cfg["report"]["differences"]])
+        assert named["one_factor"].all(), (grid, named.loc[~named["within_factor"], ["a", "b", "key"]])
 
 
 def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_and_seeds(synthetic_results):
@@ -485,6 +523,16 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
     assert seeds.loc["bicubic", "seeds"] == 1
     summary = (report.report_dir(cfg) / "summary.md").read_text()
     assert "## Training seeds" in summary and "identities and seeds" in summary
+    # full_input - bicubic: both seeds against the one run, the seed mean, each seed's difference in seeds.md
+    diff = res["differences"].set_index(["scales", "protocol", "a", "b", "k"])
+    d = diff.loc[("best", "identity", "full_input", "bicubic", 1)]
+    assert (d["seeds_a"], d["seeds_b"], d["seed_pairs"]) == (2, 1, 2)
+    assert d["difference"] == pytest.approx(fi["mean"] - head.loc["bicubic", "recall@1"], abs=1e-3)
+    per = [float(x) for x in d["per_seed"].split(", ")]
+    assert per == pytest.approx([a - head.loc["bicubic", "recall@1"], b - head.loc["bicubic", "recall@1"]], abs=1e-3)
+    md = (report.report_dir(cfg) / "seeds.md").read_text()
+    assert "Full Input − Bicubic upscaling" in md and d["per_seed"] in md and "each pair of runs" in md
+    assert "| 2, 1 |" in (report.report_dir(cfg) / "differences.md").read_text()
 
 
 def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_the_report_says_so():
@@ -509,3 +557,168 @@ def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_
     # such a grid's report leads with the paper protocol; one with a second clip per speaker with the identity one
     assert report.lead_protocol(m) == "paper"
     assert report.lead_protocol(m.assign(value=m["value"].where(m["metric"] != "chance@1", 0.017))) == "identity"
+
+
+# ------------------------------------------------------------------------------------------------ seeds in differences
+def seed_hits(system, counts, n_ids=40, per_id=2, scale=2.0):
+    """Hits (identity protocol, k = 1) of one run per entry of `counts` {seed: hits}: the first `hits` of
+    n_ids x per_id clips hit, so runs of more hits hit a superset (seeds that agree where they can)."""
+    clips = [f"c{i:03d}" for i in range(n_ids * per_id)]
+    return pd.concat(
+        pd.DataFrame(
+            {
+                "system": system,
+                "scale": scale,
+                "protocol": "identity",
+                "split": "test",
+                "clip_id": clips,
+                "identity": [f"id{i // per_id}" for i in range(len(clips))],
+                "k": 1,
+                "hit": (np.arange(len(clips)) < h).astype(int),
+                "seed": s,
+            }  # fmt: skip
+        )
+        for s, h in counts.items()
+    )
+
+
+def test_a_one_run_reference_pairs_with_every_seed_and_two_seeded_systems_pair_seed_by_seed():
+    """Issue 25: full_input of 3 seeds (41, 45, 39 hits of 80) minus a one-run reference (32) is the seed mean
+    (+0.1208), not seed 0's 41 - 32 (+0.1125); its interval resamples seeds too, so it is wider than seed 0's
+    identities-only interval where the seeds disagree."""
+    hits = {
+        "full_input": seed_hits("full_input", {0: 41, 1: 45, 2: 39}),
+        "bicubic": seed_hits("bicubic", {0: 32}, scale=np.nan),
+        "pure_sr": seed_hits("pure_sr", {0: 35, 1: 37}),
+    }
+    scales = {("best", "identity"): {"full_input": 2.0, "bicubic": np.nan, "pure_sr": 2.0}}
+    pairs = [("full_input", "bicubic"), ("full_input", "pure_sr"), ("bicubic", "full_input")]
+    d = report.differences_table(pairs, scales, hits, ks=(1,), n_boot=2000).set_index(["a", "b"])
+    fb = d.loc[("full_input", "bicubic")]
+    assert fb["difference"] == pytest.approx((41 + 45 + 39) / 3 / 80 - 32 / 80) == pytest.approx(0.1208, abs=1e-4)
+    assert (fb["seeds_a"], fb["seeds_b"], fb["seed_pairs"], fb["n_clips"], fb["n_identities"]) == (3, 1, 3, 80, 40)
+    assert [float(x) for x in fb["per_seed"].split(", ")] == pytest.approx([9 / 80, 13 / 80, 7 / 80], abs=1e-3)
+    assert fb["ci_low"] < fb["difference"] < fb["ci_high"]
+    assert d.loc[("bicubic", "full_input"), "difference"] == pytest.approx(-fb["difference"])
+    seed0 = {**hits, "full_input": hits["full_input"][hits["full_input"]["seed"] == 0]}
+    old = report.differences_table(pairs[:1], scales, seed0, ks=(1,), n_boot=2000).iloc[0]
+    assert old["difference"] == pytest.approx(9 / 80) and old["seeds_a"] == 1  # what the report said before
+    assert fb["ci_high"] - fb["ci_low"] > old["ci_high"] - old["ci_low"]
+    # 3 seeds against 2: seeds 0 and 1, the ones both have, pair seed by seed (seed 2 of full_input has no partner)
+    fp = d.loc[("full_input", "pure_sr")]
+    assert (fp["seeds_a"], fp["seeds_b"], fp["seed_pairs"]) == (3, 2, 2)
+    assert fp["difference"] == pytest.approx(((41 - 35) + (45 - 37)) / 2 / 80)
+    pretty = report.pretty_differences(d.reset_index().assign(factor="method", one_factor=True))
+    assert list(pretty["seeds (a, b)"]) == ["3, 1", "3, 2", "1, 3"]
+    seeds_md = report.pretty_seed_differences(d.reset_index(), "identity")
+    assert seeds_md.iloc[0, 3] == f"+0.121 [{fb['ci_low']:+.3f}, {fb['ci_high']:+.3f}]"
+    assert seeds_md.iloc[0, 4] == fb["per_seed"]
+
+
+def test_the_learning_checks_count_the_hits_of_every_seed_on_every_clip():
+    """Scale 0 of a generation system, 0 hits, chance 0.05: 0 of 40 queries (one seed) is at chance (exact interval
+    [0, 0.088]), 0 of 3 x 40 (three seeds) is below it ([0, 0.030]): the binomial is over seeds x clips."""
+    rows = []
+    for scale, metric, value in [(0.0, "recall@1", 0.0), (2.0, "recall@1", 0.5), (np.nan, "chance@1", 0.05)]:
+        rows.append(dict(system="g", scale=scale, protocol="identity", split="val", metric=metric, value=value,
+                         ci_low=value - 0.1 * (value > 0), ci_high=value, n=40))  # fmt: skip
+    m = pd.DataFrame(rows)
+    one = report.learning_checks(m.assign(n_seeds=1), {"g": 2.0}, {"g": "generation"}).iloc[0]
+    three = report.learning_checks(m.assign(n_seeds=3), {"g": 2.0}, {"g": "generation"}).iloc[0]
+    assert one["scale0_at_chance"] and one["passes"]
+    assert not three["scale0_at_chance"] and not three["passes"]
+
+
+def test_bootstrap_significance_resamples_seeds_where_a_system_has_several():
+    """S's interval with two runs of `all` that disagree is wider than with one of them (both runs' mean, which is
+    what S is computed from)."""
+    clips = [f"c{i:03d}" for i in range(80)]
+
+    def frame(counts):
+        return pd.concat(
+            pd.DataFrame(
+                {
+                    "clip_id": clips,
+                    "identity": [f"id{i % 40}" for i in range(80)],  # 2 clips each: hits spread over identities
+                    "k": k,
+                    "seed": s,
+                    "hit": (np.arange(80) < h + 10 * (k > 1)).astype(int),
+                }
+            )  # fmt: skip
+            for s, h in counts.items()
+            for k in (1, 3)
+        )
+
+    w = report.k_weights("inverse", (1, 3))
+    two = report.bootstrap_significance(frame({0: 30, 1: 50}), frame({0: 20}), w, n_boot=1000, seed=0)
+    mean = report.bootstrap_significance(frame({0: 40}), frame({0: 20}), w, n_boot=1000, seed=0)
+    s = report.significance({1: 40 / 80, 3: 50 / 80}, {1: 20 / 80, 3: 30 / 80}, w)
+    assert two[0] < s < two[1] and mean[0] < s < mean[1]
+    assert two[1] - two[0] > mean[1] - mean[0]
+
+
+# ------------------------------------------------------------------------------------------------ learning checks
+def write_one_clip_test_list(cfg):
+    """Results of a VoxCeleb2-shaped grid, as evaluation.run writes them: 6 test speakers of one clip each (the SLF
+    list: no identity-protocol hit is possible) and 4 validation speakers of 3 clips each, one gallery of all 18.
+    pure_sr keeps its guide and nothing else (under the paper protocol it finds every query's own image; under the
+    identity protocol 1 of 12 validation queries, at chance); full_input also knows who speaks at scale 2 (11 of
+    12); bicubic is the guide upscaled."""
+    ids = [f"T{i}" for i in range(6)] + [f"V{i // 3}" for i in range(12)]
+    clips, splits = [f"x{i:02d}" for i in range(18)], ["test"] * 6 + ["val"] * 12
+    ks = (1, 3)
+
+    def hits(identity_val_hits):
+        ident = np.zeros(18, bool)
+        ident[6 : 6 + identity_val_hits] = True  # no test query can hit under the identity protocol
+        return {"paper": {k: np.ones(18, bool) for k in ks}, "identity": {k: ident for k in ks}}
+
+    runs = {
+        "full_input": {0.0: hits(1), 2.0: hits(11)},
+        "pure_sr": {0.0: hits(1), 2.0: hits(1)},
+        "bicubic": {np.nan: hits(1)},
+    }
+    for system, by_scale in runs.items():
+        out = ev.eval_dir(cfg, system)
+        out.mkdir(parents=True, exist_ok=True)
+        rows, frames = ev.chance_rows(system, ids, ks, splits), []
+        for scale, h in by_scale.items():
+            rows += ev.recall_rows(system, scale, h, 200, clusters=ids, splits=splits)
+            for s, n in (("test", 6), ("val", 12)):  # every output reproduces its guide
+                rows.append(ev.metric_row(system, scale, "guide_top1", np.ones(n), 200, split=s))
+            frames.append(ev.hit_frame(system, scale, clips, ids, h, splits))
+        pd.DataFrame(rows, columns=ev.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
+        pd.concat(frames).to_csv(out / "hits.csv", index=False)
+
+
+def test_a_one_clip_per_speaker_test_list_leads_with_paper_but_checks_learning_on_identity_val_rows(tmp_path):
+    """Issue 25: the paper grid's test list has no identity-protocol chance, so the headline leads with the paper
+    protocol; the learning checks read the identity protocol of the validation speakers (3 clips each), where a
+    system that only keeps its guide is at chance and fails, and one that knows the speaker passes. Under the paper
+    protocol the guide copier would pass (it finds each query's own image)."""
+    from slf_utils.config import load_params
+
+    p = tmp_path / "grid.yaml"
+    grid = {
+        "name": "onecliptest",
+        "results": str(tmp_path / "results"),
+        "systems": ["full_input", "pure_sr", "bicubic"],
+    }
+    p.write_text(yaml.safe_dump(grid | {"report": {"bootstrap": 200}}))
+    cfg = load_params(p)
+    write_one_clip_test_list(cfg)
+    res = report.run(cfg, log=lambda *a: None)
+    assert res["chosen_on"] == "val" and res["lead_protocol"] == "paper" and res["check_protocol"] == "identity"
+    checks = res["checks"].set_index("system")
+    chance = checks.loc["pure_sr", "chance@1"]
+    assert 0.05 < chance < 0.2  # the validation rows' identity-protocol chance: 2 other clips of 17, 9 identities
+    ps, fi = checks.loc["pure_sr"], checks.loc["full_input"]
+    assert ps["recall@1"] == pytest.approx(1 / 12) and not ps["ci_above_chance"] and not ps["passes"]
+    assert fi["best_scale"] == 2.0 and fi["recall@1"] == pytest.approx(11 / 12) and fi["passes"]
+    # what the checks said before: the paper protocol's validation rows, where keeping the guide is enough
+    val = report.combine_seeds(report.load_all(cfg), {}).pipe(ev.at_split, "val")
+    paper = report.learning_checks(ev.at_protocol(val, "paper"), {"pure_sr": 2.0}, {"pure_sr": "super_resolution"})
+    assert paper["recall@1"].iloc[0] == 1.0 and paper["passes"].iloc[0]
+    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    assert "Led by the paper protocol" in summary and "learning checks read the identity protocol of the val" in summary
+    assert "(identity protocol, val clips)" in summary
