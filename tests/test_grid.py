@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from slf_utils import grid
-from slf_utils.config import ROOT
+from slf_utils.config import ROOT, atomic_write_json
 
 pytestmark = pytest.mark.slow
 
@@ -230,12 +231,14 @@ def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_pat
     nbformat.write(nb, path)
 
     pm.execute_notebook(str(path), str(tmp_path / "plain.ipynb"), kernel_name="python3", progress_bar=False)
-    assert "KeyboardInterrupt caught in kernel" in capfd.readouterr().err  # the test reproduces the symptom
+    plain = capfd.readouterr().err
+    assert "KeyboardInterrupt caught in kernel" in plain  # the test reproduces the symptom
+    assert "susceptible to eavesdropping" in plain  # and ipykernel's TCP warning (issue 28: a grid is quiet)
 
     with open(tmp_path / "log.txt", "w") as log:
         grid.run_notebook(path, tmp_path / "grid.ipynb", {"x": 2}, log, cwd=tmp_path)
     err = capfd.readouterr().err
-    assert "ERROR" not in err and "KeyboardInterrupt" not in err, err
+    assert "ERROR" not in err and "KeyboardInterrupt" not in err and "WARNING" not in err, err
     assert "x = 2" in (tmp_path / "grid.ipynb").read_text()  # parameters injected, notebook saved
 
     nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('real failure')"))
@@ -295,3 +298,21 @@ def test_seeds_plan_one_training_and_evaluation_per_seed_in_their_own_folders(tm
     assert by["train:full_input@seed1"].overrides["train"]["seed"] == 1
     assert by["evaluate:full_input@seed1"].overrides["evaluate"]["seed"] == 1
     assert set(by["report"].deps) >= {"evaluate:full_input@seed2", "evaluate:speaker_embeddings_only@seed1"}
+
+
+def test_progress_lines_count_steps_and_estimate_what_is_left_from_the_steps_that_ran(tmp_path):
+    """Issue 28: each finished step prints done/total, the elapsed time and an estimate of what is left (the median
+    time of the finished steps of the same kind, over the workers)."""
+    steps = [
+        grid.Step(k, s, "h", tmp_path / f"{k}-{s}")
+        for k, s in [("preprocess", None), ("train", "a"), ("train", "b"), ("evaluate", "a"), ("evaluate", "b")]
+    ]
+    for s, secs in zip(steps[:2], (60, 600)):
+        s.run_dir.mkdir()
+        atomic_write_json(s.record_path, {"status": "done", "hash": "h", "seconds": secs})
+    ok = {steps[0].name: True, steps[1].name: True}
+    line = grid.progress_line(steps[1], steps, ok, time.time() - 700, slots=2)
+    # left: train:b 600 s (its kind) + two evaluations at the overall median 330 s, over two workers = 630 s
+    assert line.startswith("[grid] 2/5 train:a: done in 600 s · 12 min elapsed"), line
+    assert line.endswith("about 10 min left"), line
+    assert "left" not in grid.progress_line(steps[1], steps, dict.fromkeys([s.name for s in steps], True), time.time())
