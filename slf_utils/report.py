@@ -1215,14 +1215,14 @@ def _unseen_line(cfg) -> str:
     k = n_folds(cfg)
     store = Path(cfg["results"]) / "store" / "store.sqlite"
     roles = roles_line(cfg, open_store(cfg).clips()) if store.exists() else ""  # folds.fold_roles: who is what
+    chosen = "; scales chosen on validation speakers, never reported" if cfg["data"]["validation"]["identities"] else ""
     return (
         f"**Unseen speakers** (`data.identity_folds`: {k} folds over identities): each fold's models trained on the "
         "training clips of the other folds' identities only (never a gallery image) and answered its own identities' "
-        "queries, so no test or validation identity was seen in training (each identity tested once); scales were "
-        "chosen on validation speakers, never reported. identity_mean does not exist here (no training face of the "
-        "speaker: skipped); attribute_mean (the mean training face of the query's gender and ethnicity, from the "
-        "fold's training identities) is what knowing the attributes gives, the ceiling of a voice that tells only "
-        f"them. {roles}"
+        f"queries, so no test or validation identity was seen in training (each identity tested once){chosen}. "
+        "identity_mean does not exist here (no training face of the speaker: skipped); attribute_mean (the mean "
+        "training face of the query's gender and ethnicity, from the fold's training identities) is what knowing the "
+        f"attributes gives, the ceiling of a voice that tells only them. {roles}"
     ).rstrip()
 
 

@@ -176,6 +176,10 @@ def test_validation_and_test_identities_are_disjoint_in_every_fold_and_every_fol
     line = folds.roles_line(cfg, clips)
     if shape == "demo":  # 90 test queries of 30 identities against the closed set's 80 of 40
         assert "90 test queries of 30 identities, against 80 of 40" in line and "1.15x wider" in line
+    else:  # the report's Unseen speakers paragraph says it, from the store
+        from slf_utils import report
+
+        assert line in report._unseen_line(cfg) and "scales chosen on validation speakers" in report._unseen_line(cfg)
 
 
 def training_clips_of(clips, fold_of, k):
