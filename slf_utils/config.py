@@ -118,12 +118,17 @@ DEFAULTS = {
         # Validation clips choose everything that is chosen (best scales, learning checks, settings); test clips only
         # report. per_identity: of each identity's held-out clips, this many (seeded, at most all but one) become
         # `val` (closed set: the demo). identities: this many training identities with no held-out clip become
-        # validation speakers, clips_per_identity of their clips `val`, the rest `unused` (open set: VoxCeleb2).
+        # validation speakers, clips_per_identity of their clips `val`, the rest `unused` (open set: VoxCeleb2);
+        # with identity_folds, this many identities (of all) become validation speakers, clips_per_identity of their
+        # held-out clips `val`, the others `unused` (per_identity is refused there: it would test the identities
+        # that choose). preprocessing.assign_validation
         "validation": {"per_identity": 1, "identities": 0, "clips_per_identity": 3, "seed": 0},
         # Unseen speakers on a manifest corpus: folds >= 2 splits the identities into that many seeded folds; each
-        # fold's models train on every clip of the other folds' identities and are scored on its own identities'
-        # held-out clips, against the one gallery of all of them (each identity tested once). 0: closed set.
-        "identity_folds": {"folds": 0, "seed": 0},
+        # fold's models train on the `train` clips of the other folds' identities and answer its own identities'
+        # held-out clips (each identity tested once). gallery: fold (each query ranked among its own fold's held-out
+        # clips only: people its model never saw, the paper's question) or all (every held-out clip). 0: closed set.
+        # slf_utils.folds
+        "identity_folds": {"folds": 0, "seed": 0, "gallery": "fold"},
     },
     "preprocess": {
         "audio_seconds": 24.0,
@@ -352,6 +357,7 @@ SCHEMA = {
     "data.validation.seed": (int, ">= 0"),
     "data.identity_folds.folds": (int, ">= 0"),
     "data.identity_folds.seed": (int, ">= 0"),
+    "data.identity_folds.gallery": ("fold", "all"),
     "crossfit.folds": (int, ">= 0"),
     "crossfit.unit": ("auto", "clip", "identity"),
     "crossfit.seed": (int, ">= 0"),
@@ -663,6 +669,7 @@ def _check_files(cfg: dict, where):
             f"only with data.kind manifest (VoxCeleb2's test speakers are unseen already), got "
             f"{data['identity_folds']['folds']} with data.kind {data['kind']}"
         )
+    _check_validation(data, where)
     files = ["layout", "systems_file"]
     if data["kind"] == "manifest" and not data["demo_corpus"]["build"]:
         files.append("data.manifest")
@@ -676,6 +683,25 @@ def _check_files(cfg: dict, where):
         p = _get(cfg, key)
         if exists(p) and not resolve(p).is_file():
             raise ParamsError(f"{where(key)}: {key}: {resolve(p)} not found")
+
+
+def _check_validation(data: dict, where):
+    """With identity folds, validation clips come from validation speakers that are never tested: per_identity
+    would choose on other clips of the very identities reported."""
+    folds, v = data["identity_folds"]["folds"], data["validation"]
+    if folds < 2:
+        return
+    if v["per_identity"]:
+        raise ParamsError(
+            f"{where('data.validation.per_identity')}: data.validation.per_identity is {v['per_identity']} with "
+            f"data.identity_folds: it would choose on other clips of the identities it reports; set "
+            "data.validation.per_identity: 0 and use data.validation.identities (validation speakers, never tested)"
+        )
+    if 0 < v["identities"] < folds:
+        raise ParamsError(
+            f"{where('data.validation.identities')}: data.validation.identities is {v['identities']}: with "
+            f"{folds} identity folds it is 0 or at least {folds}, so that every fold has validation speakers"
+        )
 
 
 def _check_demo_voxceleb(data: dict, where):

@@ -36,13 +36,16 @@ retrained model rewrites it and a reused one writes nothing. `run_speech_stage`.
 Evaluation on its own (`evaluate`), as the voice encoder's (slf_utils.voice_encoder.evaluate): for each split, the
 queries are the speech embeddings of its clips (read back from the stage), the gallery the face encoder's embeddings
 of every clip of the split with a face; recall@k of the speaker's identity under the bench's two protocols (`paper`,
-`identity`: the query's own face left out), identity-cluster bootstrap intervals, chance k/N, the mean cosine of a
-speech embedding to its own face's. Ceiling rows (system `contrastive_face`): each face's own embedding as the
-query. `results/<grid>/contrastive/metrics.csv` (evaluation's columns plus `split`), `hits.csv`,
-`provenance.json`; the model, its loss curve and provenance in `contrastive/model/`. `recall_table` puts these rows
-beside the voice encoder's (`voice_encoder/metrics.csv`, notebook 06) in one tidy table with a `method` column. The
-galleries differ (the contrastive face encoder's space, the recogniser's space): both rank the same test clips'
-faces, so chance and N are the same, but each method is scored in its own space.
+`identity`: the query's own face left out), identity-cluster bootstrap intervals, exact chance (evaluation.chance_hits:
+a random ordering of the gallery each query is ranked in), the mean cosine of a speech embedding to its own face's.
+With identity folds each fold's queries are ranked among its own clips' faces, embedded by the pair that never saw
+the fold (the space its queries are in; nested stages for the models: run_speech_stage). Ceiling rows (system
+`contrastive_face`): each face's own embedding as the query. `results/<grid>/contrastive/metrics.csv` (evaluation's
+columns plus `split`), `hits.csv`, `provenance.json`; the model, its loss curve and provenance in
+`contrastive/model/`. `recall_table` puts these rows beside the voice encoder's (`voice_encoder/metrics.csv`,
+notebook 06) in one tidy table with a `method` column. The galleries differ (the contrastive face encoder's space,
+the recogniser's space): both rank the same test clips' faces, so chance and N are the same, but each method is
+scored in its own space.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ from torch import nn
 from slf_utils import evaluation
 from slf_utils import voice_encoder as V
 from slf_utils.config import atomic_write_json, atomic_write_text, exists, params_hash, provenance
+from slf_utils.folds import identity_folds, n_folds
+from slf_utils.folds import training_clips as training_split  # this module's training_clips adds the pair's inputs
 from slf_utils.store import Store, open_store
 
 STAGE = "contrastive_speech"
@@ -376,7 +381,7 @@ def training_clips(cfg, store: Store, face_hash: str | None = None) -> tuple[lis
         if ct["face_encoder"] == "recogniser"
         else V.clips_with(store, [FACE_IMAGE_STAGE])
     )
-    train = store.clips(split="train")
+    train = training_split(store, who=f"{SYSTEM} pair")  # the train split: never a gallery clip
     train = train[train["clip_id"].isin(usable & faces)]
     return train["clip_id"].tolist(), train["identity"].tolist()
 
@@ -402,6 +407,8 @@ def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exc
         if meta.get("train_hash") == key:
             model, meta = load_model(mdir)
             log(f"{SYSTEM}: model {meta['model_hash']} already trained with these parameters: reused")
+            # whom it learnt from: the nested cross-fitting's provenance checks it (V.fold_stage_provenance)
+            meta["train_identities"] = sorted(set(idents))
             return model, meta, pd.read_csv(mdir / "loss.csv"), False
     t0 = time.time()
     (mdir / "meta.json").unlink(missing_ok=True)  # the old model is gone once training starts
@@ -431,6 +438,7 @@ def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exc
             "face_stage_hash": face_hash,
             "n_train_clips": len(ids),
             "n_train_identities": len(set(idents)),
+            "train_identities": sorted(set(idents)),
             "trainable_parameters": int(n_params),
             "seconds": seconds,
             "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
@@ -454,56 +462,129 @@ def stage_hash(store: Store, meta: dict) -> str:
 ALIGN_CLIPS = 20_000  # at most this many clips fit a fold's rotation onto the full model's space
 
 
+def _rotation(store: Store, src, dst, fit: list, meta: dict, rng) -> np.ndarray:
+    """(D, D) orthogonal R taking pair `src`'s speech space onto pair `dst`'s (orthogonal Procrustes), fitted on the
+    clips `fit` (at most ALIGN_CLIPS of them, drawn with `rng`): clips both pairs trained on."""
+    fit = [fit[i] for i in np.sort(rng.permutation(len(fit))[:ALIGN_CLIPS])]
+    inputs = speech_inputs(store, fit, meta)
+    u, _, vt = np.linalg.svd(embed(src.speech, inputs).T @ embed(dst.speech, inputs))
+    return (u @ vt).astype(np.float32)
+
+
 def fold_rotations(store: Store, models: dict, folds: dict, seed: int = 0) -> dict:
-    """{fold: (D, D) orthogonal R}: each fold pair learns a space of its own (only the cosines are trained), so its
-    speech embeddings are rotated onto the full pair's by orthogonal Procrustes, fitted on the clips that both
-    trained on (the fold's training clips, at most ALIGN_CLIPS)."""
+    """{fold: (D, D) orthogonal R} of the closed set's cross-fitting folds: each fold pair learns a space of its own
+    (only the cosines are trained), so its speech embeddings are rotated onto the full pair's, fitted on the clips
+    that both trained on (the fold's training clips)."""
     full, meta = models[None][:2]
     usable = V.clips_with(store, speech_stages(meta))
-    rng, out = np.random.default_rng(seed), {}
-    for f in (f for f in models if f is not None):
-        fit = sorted(c for c, g in folds.items() if g != f and c in usable)
-        fit = [fit[i] for i in np.sort(rng.permutation(len(fit))[:ALIGN_CLIPS])]
-        inputs = speech_inputs(store, fit, meta)
-        u, _, vt = np.linalg.svd(embed(models[f][0].speech, inputs).T @ embed(full.speech, inputs))
-        out[f] = (u @ vt).astype(np.float32)
-    return out
+    rng = np.random.default_rng(seed)
+    return {
+        f: _rotation(
+            store, models[f][0], full, sorted(c for c, g in folds.items() if g != f and c in usable), meta, rng
+        )
+        for f in models
+        if f is not None and not isinstance(f, tuple)
+    }
+
+
+def _unit(e: np.ndarray) -> np.ndarray:
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
 def run_speech_stage(cfg, store: Store, models: dict, folds: dict, crossfit: dict, log=print) -> dict:
     """The `contrastive_speech` stage for every clip with the speech inputs, train and test, where it is missing or
-    was made by other models (`models`, `folds`: voice_encoder.fold_models): a training clip's embedding from the
-    pair that left its fold out, rotated onto the full pair's space (fold_rotations), a held-out clip's from the full
-    pair. Returns a summary (params_hash, computed, done)."""
+    was made by other models (`models`, `folds`: voice_encoder.fold_models). Closed set: a training clip's embedding
+    from the pair that left its fold out, rotated onto the full pair's space (fold_rotations), a held-out clip's from
+    the full pair. Identity folds: each clip's from the pair without its fold, in that pair's space (no pair that saw
+    it is involved: notebook 07 ranks each fold's queries against that pair's faces); and the nested stages
+    `contrastive_speech.fold<k>` fold k's models read: fold k's clips from the pair without fold k, a clip of fold j
+    from the pair without folds j and k rotated onto the fold-k pair (fitted on the clips both trained on, none of
+    fold k's). Returns a summary (params_hash, computed, done, fold_stages)."""
     meta = models[None][1]
-    hashes = {str(f): m[1]["model_hash"] for f, m in models.items()}
+    hashes = {V.key_label(f): m[1]["model_hash"] for f, m in models.items()}
     rotations = fold_rotations(store, models, folds, int(cfg["crossfit"]["seed"]))
 
     def with_fold(f, part):
         e = embed(models[f][0].speech, speech_inputs(store, part, meta))
-        return e if f is None else e @ rotations[f] / np.linalg.norm(e @ rotations[f], axis=1, keepdims=True)
+        return e if f is None or isinstance(f, tuple) else _unit(e @ rotations[f])
 
-    return V.fill_stage(
+    alignment = (
+        "identity folds: each clip in the space of the pair without its fold (unrotated); fold stages: the pair "
+        "without folds j and k rotated onto the pair without fold k (orthogonal Procrustes on clips both trained on)"
+        if n_folds(cfg)
+        else "each fold pair's speech space rotated onto the full pair's (orthogonal Procrustes)"
+    )
+    prov = {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"], **crossfit}
+    prov["alignment"] = alignment
+    summary = {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["dim"]}
+    out = V.fill_stage(
         store,
         STAGE,
         params_hash({"stage": stage_hash(store, meta), "folds": folds, "models": hashes}),
         speech_stages(meta),
         lambda ids: V.routed(ids, folds, with_fold),
-        {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["dim"]},
-        {
-            "speech_encoder": meta["speech_encoder"],
-            "train_hash": meta["train_hash"],
-            **crossfit,
-            "alignment": "each fold pair's speech space rotated onto the full pair's (orthogonal Procrustes)",
-        },
+        summary,
+        prov,
         log,
     )
+    out["fold_stages"] = V.write_fold_stages(
+        cfg,
+        store,
+        STAGE,
+        models,
+        folds,
+        lambda m: m[1],
+        _nested_embedder(cfg, store, models, folds, meta),
+        speech_stages(meta),
+        {**summary, "stage": stage_hash(store, meta)},
+        prov,
+        log,
+    )
+    return out
+
+
+def _nested_embedder(cfg, store: Store, models: dict, folds: dict, meta: dict):
+    """predict_with(outer, key, ids) of V.write_fold_stages: the speech embeddings of pair `key`, rotated onto the
+    pair without fold `outer` where `key` is another (the rotation fitted once, on the training clips of the folds
+    neither pair left out, seeded by crossfit.seed and the outer fold)."""
+    usable = V.clips_with(store, speech_stages(meta))
+    train = set(training_split(store, who=f"{SYSTEM} pair alignment")["clip_id"]) & usable
+    rotations = {}
+
+    def predict_with(outer, key, ids):
+        e = embed(models[key][0].speech, speech_inputs(store, ids, meta))
+        if key == (outer,):
+            return e
+        if (outer, key) not in rotations:
+            fit = sorted(c for c in train if folds[c][0] not in key)
+            rng = np.random.default_rng([int(cfg["crossfit"]["seed"]), outer, *key])
+            rotations[outer, key] = _rotation(store, models[key][0], models[(outer,)][0], fit, meta, rng)
+        return _unit(e @ rotations[outer, key])
+
+    return predict_with
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
-def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash: str, face_hash=None):
+def _face_gallery(cfg, store: Store, model, ids, idents, ct, models) -> tuple[np.ndarray, list | None]:
+    """(face-encoder embeddings of `ids`, groups): the pair's, or with identity folds each clip's by the pair without
+    its fold (the space its queries are in), each query then ranked among its own fold's clips (groups)."""
+    if not n_folds(cfg) or models is None:
+        return embed(model.face, face_inputs(store, ids, ct)), None
+    fold_of = identity_folds(cfg, store.clips())
+    groups = [fold_of[i] for i in idents]
+    out = None
+    for k in sorted(set(groups)):
+        at = [i for i, g in enumerate(groups) if g == k]
+        e = embed(models[(k,)][0].face, face_inputs(store, [ids[i] for i in at], ct))
+        out = np.zeros((len(ids), e.shape[1]), np.float32) if out is None else out
+        out[at] = e
+    return out, groups
+
+
+def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash: str, face_hash=None, models=None):
     """Speech -> face retrieval in the shared space for each split (see the module's docstring): (metrics, hits),
-    with a `split` column beside evaluation's columns."""
+    with a `split` column beside evaluation's columns. With identity folds and `models` (voice_encoder.fold_models'),
+    each fold's queries are ranked against its own clips' faces in the space of the pair without that fold."""
     ev = evaluation.eval_params(cfg)
     ct = cfg["contrastive"]
     ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
@@ -520,19 +601,19 @@ def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash:
         if g.empty:
             continue
         ids, idents = g["clip_id"].tolist(), g["identity"].tolist()
-        gallery = embed(model.face, face_inputs(store, ids, ct))
+        gallery, groups = _face_gallery(cfg, store, model, ids, idents, ct, models)
         q = [c for c in ids if c in voices]
         queries = store.load_stacked(STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
         own = evaluation.own_entries(q, ids)
-        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, "cosine")
+        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, "cosine", groups)
         r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, idents, ks)
+        r += evaluation.chance_rows(SYSTEM, idents, ks, groups=groups)
         cos = np.full(len(ids), np.nan)
         if q:
             cos[own] = (queries * gallery[own]).sum(1)  # both unit vectors
         r.append(evaluation.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
         r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine")
+        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine", groups)
         r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
         rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
@@ -654,7 +735,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     )
     model, meta, history, trained = models[None]
     stage = run_speech_stage(cfg, store, models, folds, crossfit, log)
-    metrics, hits = evaluate(cfg, store, model, meta, stage["params_hash"], face_hash)
+    metrics, hits = evaluate(cfg, store, model, meta, stage["params_hash"], face_hash, models)
     out = out_dir(cfg)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "hits.csv", hits.to_csv(index=False))

@@ -53,8 +53,8 @@ from slf_utils.config import (
     resolve,
     system_dir,
 )
+from slf_utils.folds import fold_stage, n_folds, training_ids
 from slf_utils.layout import Layout, System, load_layout, load_systems
-from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import open_store
 
 CHECKPOINT = "checkpoint.pt"
@@ -281,10 +281,10 @@ def load_guides(store, clip_ids) -> np.ndarray:
     return store.load_stacked("preprocess", list(clip_ids), keys=["guide"])["guide"]
 
 
-def train_clip_ids(store, layout: Layout, keep, cfg=None, fold=None) -> list[str]:
-    """Training clips (of identity fold `fold`, preprocessing.training_clips) that have a face and every stage the
-    kept constituents need."""
-    return training_ids(store, layout.stages(keep), cfg, fold)
+def train_clip_ids(store, layout: Layout, keep, cfg=None, fold=None, who=None) -> list[str]:
+    """Training clips (of identity fold `fold`, folds.training_clips: never a gallery clip) that have a face and every
+    stage the kept constituents need; `who` names the model in a refusal."""
+    return training_ids(store, layout.stages(keep), cfg, fold, who)
 
 
 class _Batches:
@@ -532,6 +532,11 @@ class Recipe:
     def trained(self) -> bool:
         return self.mode not in ("none", "reference")
 
+    @property
+    def who(self) -> str:
+        """The model this recipe makes, in messages: the system and its identity fold."""
+        return self.name if self.fold is None else f"{self.name} (identity fold {self.fold})"
+
     def flat(self) -> dict:
         out = {"mode": self.mode, "decoder": self.system.decoder}
         if not self.trained:
@@ -560,8 +565,11 @@ class Recipe:
 
 def resolve_recipe(cfg, system_name: str, fold: int | None = None) -> Recipe:
     """The Recipe of a system of the grid `cfg` (for identity fold `fold`), refused with the reason where the
-    system's options do not fit together or do not fit the grid."""
+    system's options do not fit together or do not fit the grid. A fold's recipe reads the trained encoders' stages
+    from that fold's copies (folds.fold_stage: nested cross-fitting, none of their encoders saw the fold)."""
     layout = load_layout(cfg)
+    if fold is not None and n_folds(cfg):
+        layout = layout.with_stages({s: fold_stage(s, fold) for s in ENCODER_SECTIONS})
     systems = load_systems(cfg["systems_file"], layout)
     if system_name not in systems:
         raise ParamsError(f"{cfg['systems_file']}: no system '{system_name}' (systems: {', '.join(systems)})")
@@ -625,7 +633,7 @@ def training_set(r: Recipe, store, out: Path, ck: dict | None = None) -> Trainin
     """The TrainingSet of recipe `r`: its training clips (the train split, or its fold's, with a face and every stage
     its constituents need), the normalisation fitted on them (or, resumed, the one saved in `out`), the face prior or
     the latent autoencoder (trained into `out`) where the model options ask for one."""
-    ids = train_clip_ids(store, r.layout, r.system.keep, r.cfg, r.fold)
+    ids = train_clip_ids(store, r.layout, r.system.keep, r.cfg, r.fold, r.who)
     if not ids:
         raise ValueError(
             f"{r.name}: no training clips with {['preprocess', *r.layout.stages(r.system.keep)]} done in {store.root}"

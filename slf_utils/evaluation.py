@@ -2,15 +2,21 @@
 the generated face links back to the real one. Every system, reference and learned, ends as rows of one tidy
 table: system x scale x protocol x metric (`metrics.csv`), with the per-clip hits beside it (`hits.csv`).
 
-* One gallery per grid: the real faces (store stage `preprocess`, key `face`) of every test clip that has one, the
-  same clips and N for every system. A clip a system cannot sample (its features are missing; for `identity_mean`,
-  its identity has no training face) is a miss for recall and left out of the other metrics; the metric
-  `n_unsampled` counts them (also logged, and in provenance).
+* One gallery per grid: the real faces (store stage `preprocess`, key `face`) of every held-out clip (`val` and
+  `test`) that has one, the same clips for every system, embedded once. With identity folds and
+  `data.identity_folds.gallery: fold` (the default) each query is ranked only among the gallery clips of its own
+  fold's identities (`Gallery.groups`): every image it is ranked against is of a person its model never trained on
+  (the paper's question, "which of the unseen speakers is it?"); `all`: among every gallery clip. A clip a system
+  cannot sample (its features are missing; for `identity_mean`, its identity has no training face) is a miss for
+  recall and left out of the other metrics; the metric `n_unsampled` counts them (also logged, and in provenance).
 * recall@k under two protocols: `paper` ranks the whole gallery, the query's own real image included (as the
   paper); `identity` leaves the query's own clip out of its ranking, so a hit must come from another image of the
   same person. A query hits when its identity is among the top-k *distinct* identities retrieved (FAISS
-  IndexFlatL2 as the reference code, or cosine), so chance is min(k, N)/N with N gallery identities under both
-  protocols; an identity with a single test clip can never hit under `identity` (provenance counts them).
+  IndexFlatL2 as the reference code, or cosine). Chance (`chance_hits`, rows `chance@k`) is computed, not assumed:
+  the exact probability that a uniformly random ordering of the gallery clips the query is ranked in puts its
+  identity among the first k distinct identities, per query and protocol, averaged over the split's queries. It is
+  k/N only under `paper` with equal clip counts; under `identity` the query's identity has one clip fewer (an
+  identity with a single gallery clip can never hit: provenance counts them), and per-fold galleries are smaller.
 * Rows that do not depend on the ranking (chance, n_unsampled, psnr, ssim, attributes, guide consistency) carry
   protocol `both`, once: a protocol's view of the table is its own rows plus the `both` rows (`at_protocol`).
 * Guide consistency: each output area-downsampled to the guide size (as the stored guide, preprocessing.guide_of),
@@ -59,7 +65,16 @@ from slf_utils.config import (
     provenance,
     system_dir,
 )
-from slf_utils.preprocessing import identity_folds, n_folds, read_image, resize, to_rgb, training_clips
+from slf_utils.folds import (
+    HELD_OUT,
+    fold_roles,
+    identity_folds,
+    n_folds,
+    per_fold_gallery,
+    roles_line,
+    training_clips,
+)
+from slf_utils.preprocessing import read_image, resize, to_rgb
 
 KS = (1, 3, 5, 10)
 PROTOCOLS = ("identity", "paper")  # the identity protocol first: it is the report's main view
@@ -69,10 +84,9 @@ ATTRIBUTE_MEAN_BY = ("gender", "ethnicity")  # attribute_mean: the training face
 METRIC_COLUMNS = ["system", "scale", "protocol", "split", "metric", "value", "ci_low", "ci_high", "n"]
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 HIT_COLUMNS = ["system", "scale", "protocol", "split", "clip_id", "identity", "k", "hit"]
-# Held-out clips: `val` ones choose (best scales, learning checks, settings), `test` ones report. Both are queries
-# and both are in the one gallery of real faces (a val query may retrieve a test image: the gallery is data, the
-# test queries' outputs are never read for a choice).
-HELD_OUT = ("val", "test")
+# Held-out clips (folds.HELD_OUT): `val` ones choose (best scales, learning checks, settings), `test` ones report.
+# Both are queries and both are in the one gallery of real faces (a val query may retrieve a test image: the gallery
+# is data, the test queries' outputs are never read for a choice).
 # Keys read with .get() so a params file without them still works; the values are the documented defaults.
 EVAL_EXTRAS = {
     "upscale_to": 160,
@@ -164,16 +178,48 @@ def _scatter(values, at, n, fill=False) -> np.ndarray:
     return out
 
 
-def protocol_hits(queries, own, gallery_embeddings, gallery_ids, ks=KS, metric="l2") -> dict[str, dict]:
+def _members(groups, n: int) -> dict:
+    """{group: gallery indices} of a label per gallery clip (None: one group of all n)."""
+    if groups is None:
+        return {None: np.arange(n)}
+    groups = pd.Series(list(groups), dtype=object)
+    return {g: np.asarray(idx, np.int64) for g, idx in groups.groupby(groups.astype(str), sort=True).indices.items()}
+
+
+def _group_of(groups, own) -> list:
+    """The group key (as _members names it) of gallery clips `own`."""
+    return [None] * len(own) if groups is None else [str(groups[j]) for j in own]
+
+
+def ranked_neighbours(queries, own, gallery_embeddings, metric="l2", groups=None) -> np.ndarray:
+    """(Q, N) gallery indices, nearest first, of queries[i] ranked among the gallery clips of its own clip's group
+    (own[i]'s label in `groups`; None: the whole gallery), padded with -1."""
+    own = np.asarray(own, dtype=np.int64)
+    n = len(gallery_embeddings)
+    if groups is None:
+        return search(build_index(gallery_embeddings, metric), queries, metric)[1]
+    queries, gallery = _as_f32(queries), _as_f32(gallery_embeddings)
+    out = np.full((len(own), n), -1, np.int64)
+    mine = np.array(_group_of(groups, own), dtype=object)
+    for g, members in _members(groups, n).items():
+        rows = np.flatnonzero(mine == g)
+        if len(rows):
+            _, nn = search(build_index(gallery[members], metric), queries[rows], metric)
+            out[rows, : len(members)] = np.where(nn >= 0, members[np.maximum(nn, 0)], -1)
+    return out
+
+
+def protocol_hits(queries, own, gallery_embeddings, gallery_ids, ks=KS, metric="l2", groups=None) -> dict[str, dict]:
     """{protocol: {k: (N,) bool}} over the N gallery clips. queries[i] is the face made for gallery clip own[i]; a
     gallery clip without a query is a miss. `paper` ranks the whole gallery, `identity` all of it but the query's
-    own clip. One search serves both."""
+    own clip. `groups`: a label per gallery clip (its identity fold): each query is ranked among its own clip's
+    group only (per-fold galleries). One search serves both protocols."""
     own = np.asarray(own, dtype=np.int64)
     gallery_ids = np.asarray(gallery_ids)
     n = len(gallery_ids)
     if not len(own):
         return {p: {k: np.zeros(n, bool) for k in ks} for p in PROTOCOLS}
-    _, nn = search(build_index(gallery_embeddings, metric), queries, metric)
+    nn = ranked_neighbours(queries, own, gallery_embeddings, metric, groups)
     out = {}
     for p in PROTOCOLS:
         ranked = distinct_identities(nn, gallery_ids, max(ks), own if p == "identity" else None)
@@ -214,32 +260,45 @@ def _first_k_probability(own: int, others, ks) -> dict[int, float]:
     return {k: float(dens @ before[:, :k].sum(1)) for k in ks}
 
 
-def chance_hits(gallery_ids, own=None, ks=KS) -> dict[str, dict]:
+def chance_hits(gallery_ids, own=None, ks=KS, groups=None) -> dict[str, dict]:
     """{protocol: {k: (Q,) float}}: per query, the exact probability that an uninformative system (a uniformly
-    random ranking of the gallery clips) hits, for queries own[i] (default: every gallery clip). Under `paper` the
-    query's identity has all its n gallery clips; under `identity` n - 1 (its own clip is left out), so chance is
-    below k/N there (40 identities x 3 clips: 2/119 = 0.0168 at k = 1, not 0.025), and 0 for a single-clip identity."""
+    random ranking of the gallery clips it is ranked in) hits, for queries own[i] (default: every gallery clip).
+    Under `paper` the query's identity has all its n gallery clips; under `identity` n - 1 (its own clip is left
+    out), so chance is below k/N there (40 identities x 3 clips: 2/119 = 0.0168 at k = 1, not 0.025), and 0 for a
+    single-clip identity. `groups` (per-fold galleries, as protocol_hits): the counts are those of the query's group."""
     gallery_ids = np.asarray(gallery_ids)
     own = np.arange(len(gallery_ids)) if own is None else np.asarray(own, np.int64)
-    count = Counter(gallery_ids.tolist())
+    count = {g: Counter(gallery_ids[m].tolist()) for g, m in _members(groups, len(gallery_ids)).items()}
     memo = {}
 
-    def prob(ident, protocol):
-        if (ident, protocol) not in memo:
-            others = [c for i, c in count.items() if i != ident]
-            memo[ident, protocol] = _first_k_probability(count[ident] - (protocol == "identity"), others, ks)
-        return memo[ident, protocol]
+    def prob(g, ident, protocol):
+        if (g, ident, protocol) not in memo:
+            others = [c for i, c in count[g].items() if i != ident]
+            memo[g, ident, protocol] = _first_k_probability(count[g][ident] - (protocol == "identity"), others, ks)
+        return memo[g, ident, protocol]
 
-    return {p: {k: np.array([prob(gallery_ids[j], p)[k] for j in own], np.float64) for k in ks} for p in PROTOCOLS}
+    mine = _group_of(groups, own)
+    return {
+        p: {k: np.array([prob(g, gallery_ids[j], p)[k] for g, j in zip(mine, own)], np.float64) for k in ks}
+        for p in PROTOCOLS
+    }
 
 
-def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0, exclude=None) -> dict[int, np.ndarray]:
+def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0, exclude=None, groups=None, own=None):
     """The random-selection system, an uninformative system ranked like every other: each query gets its own seeded
     random ordering of the gallery clips, read as distinct identities (`exclude`: the identity protocol's own
     gallery index per query, left out). The permutations are the same with and without `exclude`, so the two
-    protocols stay paired. Its expected recall is `chance_hits`."""
+    protocols stay paired. `groups` with `own` (query i is gallery clip own[i]): each query orders only its own
+    clip's group (per-fold galleries). Its expected recall is `chance_hits`. Returns {k: (Q,) bool}."""
     rng = np.random.default_rng(seed)
-    order = np.stack([rng.permutation(len(gallery_ids)) for _ in range(len(query_ids))]) if len(query_ids) else []
+    n = len(gallery_ids)
+    if groups is None:
+        order = np.stack([rng.permutation(n) for _ in range(len(query_ids))]) if len(query_ids) else []
+    else:
+        members = _members(groups, n)
+        order = np.full((len(query_ids), n), -1, np.int64)
+        for i, g in enumerate(_group_of(groups, np.asarray(own, np.int64))):
+            order[i, : len(members[g])] = members[g][rng.permutation(len(members[g]))]
     ranked = distinct_identities(order, gallery_ids, max(ks), exclude)
     return hits_from_rankings(ranked, list(query_ids), ks)
 
@@ -383,10 +442,10 @@ def constant_row(system, metric, value, n, protocol=BOTH, split="test") -> dict:
     }
 
 
-def chance_rows(system, gallery_ids, ks=KS, splits=None) -> list[dict]:
-    """The exact chance line of each protocol (`chance_hits`: every gallery clip a query), averaged over the clips
-    of each split (no interval: nothing random about it)."""
-    chance = chance_hits(gallery_ids, ks=ks)
+def chance_rows(system, gallery_ids, ks=KS, splits=None, groups=None) -> list[dict]:
+    """The exact chance line of each protocol (`chance_hits`: every gallery clip a query, ranked in its group's
+    gallery where `groups` are given), averaged over the clips of each split (no interval: nothing random about it)."""
+    chance = chance_hits(gallery_ids, ks=ks, groups=groups)
     return [
         constant_row(system, f"chance@{k}", float(c[m].mean()), int(m.sum()), p, s)
         for s, m in split_masks(splits, len(gallery_ids))
@@ -568,7 +627,7 @@ def reference_images(kind: str, store, gallery, size: int, cfg=None) -> tuple[li
     fold_of = identity_folds(cfg, store.clips()) if exists(cfg) else {}
     found = {}
     for fold in sorted({fold_of.get(i) for i in gallery.identities}, key=str):
-        train = training_clips(store, cfg, fold)
+        train = training_clips(store, cfg, fold, who=f"{kind}" + ("" if fold is None else f" (identity fold {fold})"))
         mine = [(c, i) for c, i in zip(gallery.clip_ids, gallery.identities) if fold_of.get(i) == fold]
         if kind == "identity_mean":
             means = identity_means(store, {i for _, i in mine}, size, train)
@@ -810,6 +869,9 @@ class Gallery:
     reference_attributes: pd.DataFrame | None = None
     guides: np.ndarray | None = None
     splits: list | None = None  # each clip's split (val / test); None: all test
+    # each clip's identity fold where a query is ranked among its own fold's clips only (per-fold galleries,
+    # gallery_groups); None: one gallery for every query
+    groups: list | None = None
 
 
 def own_entries(clip_ids, gallery_clip_ids) -> np.ndarray:
@@ -849,7 +911,7 @@ def score_scale(
     else:
         embeddings, detected = embeddings
     n, clusters = len(gallery.clip_ids), np.asarray(gallery.identities)
-    hits = protocol_hits(embeddings, own, gallery.embeddings, gallery.identities, ks, metric)
+    hits = protocol_hits(embeddings, own, gallery.embeddings, gallery.identities, ks, metric, gallery.groups)
     rows = recall_rows(system, scale, hits, n_boot, seed, clusters, splits)
     parts = split_masks(splits, n)
 
@@ -941,7 +1003,7 @@ def make_embedder(cfg, store=None) -> FaceEmbedder:
     ev = eval_params(cfg)
     train_faces = None
     if ev["face_model"] == "eigenfaces":
-        train_ids = store.clips(split="train", stage="preprocess")["clip_id"].tolist()
+        train_ids = training_clips(store, who="the eigenfaces recogniser")["clip_id"].tolist()
         train_faces = store.load_stacked("preprocess", train_ids, keys=["face"])["face"]
     return face_embedder(
         ev["face_model"],
@@ -954,7 +1016,18 @@ def make_embedder(cfg, store=None) -> FaceEmbedder:
     )
 
 
+def gallery_groups(cfg, store, identities) -> list | None:
+    """Each gallery clip's identity fold where queries are ranked among their own fold's clips only
+    (folds.per_fold_gallery: identity folds with data.identity_folds.gallery `fold`), else None (one gallery)."""
+    if not per_fold_gallery(cfg):
+        return None
+    fold_of = identity_folds(cfg, store.clips())
+    return [fold_of[i] for i in identities]
+
+
 def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=None) -> Gallery:
+    """The grid's gallery of real faces (every held-out clip with a face, embedded once), with each clip's group
+    where queries are ranked per fold (gallery_groups)."""
     ev = eval_params(cfg)
     clips = eval_clips(store) if clips is None else clips
     ids = clips["clip_id"].tolist()
@@ -962,7 +1035,9 @@ def prepare_gallery(cfg, store, embedder: FaceEmbedder, estimator=None, clips=No
     emb, det = embedder.embed(arrays["face"])
     ref = _reference_attributes(clips, ev["attributes"], estimator, arrays["face"], ev["upscale_to"])
     splits = clips["split"].tolist() if "split" in clips else None
-    return Gallery(ids, clips["identity"].tolist(), arrays["face"], emb, det, ref, arrays["guide"], splits)
+    idents = clips["identity"].tolist()
+    groups = gallery_groups(cfg, store, idents)
+    return Gallery(ids, idents, arrays["face"], emb, det, ref, arrays["guide"], splits, groups)
 
 
 def _existing_samples(out: Path) -> pd.DataFrame:
@@ -979,15 +1054,16 @@ def _scale_done(samples: pd.DataFrame, out: Path, scale, clip_ids, sample_hash) 
     return all((out / p).exists() for p in rows["image"])
 
 
-def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path, pd.DataFrame]]:
-    """(model folder, the clips it answers): the system's one model for every clip, or with identity folds
-    (data.identity_folds) each fold's model for its own identities' clips, which it never trained on."""
+def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path, pd.DataFrame, int | None]]:
+    """(model folder, the clips it answers, its identity fold): the system's one model for every clip (fold None),
+    or with identity folds (data.identity_folds) each fold's model for its own identities' clips, which it never
+    trained on."""
     model_dir = system_dir(cfg, system_name) / "model"
     fold_of = identity_folds(cfg, store.clips())
     if not fold_of:
-        return [(model_dir, clips)]
+        return [(model_dir, clips, None)]
     fold = clips["identity"].map(fold_of)
-    return [(model_dir / f"fold{k}", clips[fold == k]) for k in sorted(set(fold))]
+    return [(model_dir / f"fold{k}", clips[fold == k], int(k)) for k in sorted(set(fold))]
 
 
 def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print) -> pd.DataFrame:
@@ -998,12 +1074,12 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
 
     ev = eval_params(cfg)
     out = eval_dir(cfg, system_name)
-    r = diffusion.resolve_recipe(cfg, system_name)  # the system as training resolved it
-    lay, system = r.layout, r.system
+    system = diffusion.resolve_recipe(cfg, system_name).system
     if system.mode not in ("generation", "super_resolution"):
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     samples = _existing_samples(out)
-    for model_dir, part in model_parts(cfg, system_name, store, clips):
+    for model_dir, part, fold in model_parts(cfg, system_name, store, clips):
+        lay = diffusion.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
         ids = part["clip_id"].tolist()
         sample_hash = params_hash(
             {
@@ -1091,10 +1167,11 @@ def _cached_embeddings(out: Path, embedder: FaceEmbedder, images_key: str, image
 
 
 def _scales_of(out: Path, samples: pd.DataFrame, scales, ids):
-    """(scale, images, embedding-cache key) per scale, read lazily: one scale's images in memory at a time."""
+    """(scale, images, embedding-cache key) per scale, read lazily: one scale's images in memory at a time. The key
+    covers every clip's sample hash (each fold's model has its own), so a fold retrained and resampled is noticed."""
     for scale in scales:
         at = samples[samples["scale"].astype(float) == float(scale)].set_index("clip_id").loc[ids]
-        key = params_hash({"scale": scale, "hash": at["sample_hash"].iloc[0], "clips": ids})
+        key = params_hash({"scale": scale, "hashes": at["sample_hash"].tolist(), "clips": ids})
         yield scale, [read_image(out / p) for p in at["image"]], key
 
 
@@ -1116,9 +1193,11 @@ def _direct_scale(cfg, system_name, store, clips: pd.DataFrame, out: Path) -> li
     from slf_utils import face_decoder
 
     ids, images = [], []
-    for model_dir, part in model_parts(cfg, system_name, store, clips):
+    for model_dir, part, fold in model_parts(cfg, system_name, store, clips):
         ids += part["clip_id"].tolist()
-        images += list(face_decoder.decode(cfg, system_name, part["clip_id"].tolist(), store, directory=model_dir))
+        images += list(
+            face_decoder.decode(cfg, system_name, part["clip_id"].tolist(), store, directory=model_dir, fold=fold)
+        )
     at = dict(zip(ids, images))  # back in the clips' order, whatever the folds
     ids = [c for c in clips["clip_id"] if c in at]
     images = [at[c] for c in ids]
@@ -1132,7 +1211,7 @@ def _model_provenance(cfg, system_name, store, clips):
     """The trained model's provenance.json, or with identity folds a list of every fold's."""
     found = [
         json.loads((d / "provenance.json").read_text()) if (d / "provenance.json").exists() else None
-        for d, _ in model_parts(cfg, system_name, store, clips)
+        for d, _, _ in model_parts(cfg, system_name, store, clips)
     ]
     return found if identity_folds(cfg, store.clips()) else found[0]
 
@@ -1162,6 +1241,7 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     ids, idents, splits = clips["clip_id"].tolist(), clips["identity"].tolist(), clips["split"].to_numpy()
     per_identity = Counter(idents)
     n_ids, ks, boot, seed = len(per_identity), ev["ks"], ev["bootstrap"], ev["seed"]
+    groups = gallery_groups(cfg, store, idents)  # per-fold galleries: each query ranked among its fold's clips
     prov = {
         "system": system_name,
         "mode": system.mode,
@@ -1172,11 +1252,22 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
         "n_identities": n_ids,
         "ks": ks,
         "recall": "top-k distinct identities; chance: the exact expected recall of a uniformly random ranking of the "
-        "gallery clips under each protocol (chance_hits), averaged over the split's queries",
+        "gallery clips each query is ranked in, under each protocol (chance_hits), averaged over the split's queries",
         "protocols": {
-            "paper": "gallery = the real faces of all held-out (val and test) clips, the query's own included",
+            "paper": "gallery = the real faces of the held-out (val and test) clips, the query's own included",
             "identity": "the query's own clip left out of its ranking: a hit is another image of the same person",
         },
+        "gallery": {
+            "ranked_in": "its own identity fold's held-out clips (data.identity_folds.gallery: fold)"
+            if exists(groups)
+            else "every held-out clip (one gallery)",
+            "sizes": {
+                str(g): {"clips": len(m), "identities": len(set(np.asarray(idents)[m]))}
+                for g, m in _members(groups, len(ids)).items()
+            },
+        },
+        "fold_roles": fold_roles(cfg, store.clips()).to_dict("records"),
+        "fold_roles_line": roles_line(cfg, store.clips()),
         "splits": "val clips choose (best scales, learning checks), test clips report; both query one gallery",
         "identity_folds": dict(cfg["data"]["identity_folds"])
         | {"regime": "unseen speakers: each fold's models never saw its identities" if n_folds(cfg) else "closed set"},
@@ -1194,11 +1285,14 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     n_all = int(store.clips()["split"].isin(HELD_OUT).sum())
     if len(clips) < n_all:
         note(f"{n_all - len(clips)} of {n_all} held-out clips have no face: not in the gallery")
-    rows, hit_frames = chance_rows(system_name, idents, ks, splits), []
+    rows, hit_frames = chance_rows(system_name, idents, ks, splits, groups), []
     if kind == "random":
-        # no model, no images: one seeded random ordering of the gallery clips per query
+        # no model, no images: one seeded random ordering of the gallery clips (of its group) per query
         own = np.arange(len(ids))
-        hits = {p: random_selection_hits(idents, idents, ks, seed, own if p == "identity" else None) for p in PROTOCOLS}
+        hits = {
+            p: random_selection_hits(idents, idents, ks, seed, own if p == "identity" else None, groups, own)
+            for p in PROTOCOLS
+        }
         rows += recall_rows(system_name, np.nan, hits, boot, seed, idents, splits)
         hit_frames.append(hit_frame(system_name, np.nan, ids, idents, hits, splits))
         sampled = ids

@@ -55,8 +55,8 @@ from slf_utils.config import (
     provenance,
     system_dir,
 )
+from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
-from slf_utils.preprocessing import n_folds, training_ids
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -315,7 +315,7 @@ def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
     layout, system, fd = r.layout, r.system, r.train
     store = open_store(cfg)
     size = output_size(cfg, system)
-    ids = training_ids(store, layout.stages([system.train_on]), cfg, fold)
+    ids = training_ids(store, layout.stages([system.train_on]), cfg, fold, r.who)
     if not ids:
         raise ValueError(
             f"{system_name}: no training clip has a face and {layout.stages([system.train_on])} in {store.root} "
@@ -412,10 +412,13 @@ def load_model(directory) -> tuple[FaceDecoder, dict, dict]:
     return model.eval(), meta, stats
 
 
-def decode(cfg, system_name, clip_ids, store: Store | None = None, batch_size: int = 256, directory=None) -> np.ndarray:
+def decode(
+    cfg, system_name, clip_ids, store: Store | None = None, batch_size: int = 256, directory=None, fold=None
+) -> np.ndarray:
     """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04), by
-    the decoder in `directory` (default the system's model dir; a fold's with identity folds)."""
-    r = _recipe(cfg, system_name)
+    the decoder in `directory` (default the system's model dir; a fold's with identity folds, `fold` its index: the
+    constituent is then read from that fold's stages, folds.fold_stage)."""
+    r = _recipe(cfg, system_name, fold)
     layout, system = r.layout, r.system
     store = store if exists(store) else open_store(cfg)
     directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +202,16 @@ class Layout:
                 known = ", ".join([*self.constituents, *self.groups])
                 raise ParamsError(f"{where}: unknown constituent '{n}' (known: {known})")
         return tuple(n for n in self.constituents if n in out)
+
+    def with_stages(self, stages: dict) -> Layout:
+        """The same layout with the constituents of the store stages in `stages` ({stage: stage to read instead})
+        reading the other stage, e.g. an identity fold's copy of a trained encoder's stage (folds.fold_stage). The
+        declaration and its hash are unchanged: the matrix is the same, only where its values come from."""
+        cons = {
+            n: replace(c, source={**c.source, "stage": stages[c.stage]}) if c.stage in stages else c
+            for n, c in self.constituents.items()
+        }
+        return Layout(cons, self.groups, self.rows, self.cols, self.clip, self.attribute_dropout, self.path, self.raw)
 
     @property
     def dropout_constituents(self) -> tuple:

@@ -452,13 +452,18 @@ def read_voxceleb(data: dict) -> pd.DataFrame:
     )
 
 
-def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
+def assign_validation(clips: pd.DataFrame, v: dict | None, folds: int = 0) -> pd.DataFrame:
     """Split `val` off the clips (`data.validation`), seeded and independent of everything but the clip list:
     * per_identity: of each identity's `test` clips, that many (at most all but one, so each identity keeps a test
       clip) become `val`: the closed-set regime, where test identities are training identities (the demo);
     * identities: that many `train` identities with no test clip become validation speakers: clips_per_identity of
       their clips `val`, their other clips `unused` (neither trained on nor evaluated): the open-set regime, where
-      test speakers are unseen (VoxCeleb2: validation speakers from dev, disjoint from training).
+      test speakers are unseen (VoxCeleb2: validation speakers from dev, disjoint from training);
+    * identities with identity folds (`folds` >= 2, unseen speakers on a manifest corpus, where every identity has
+      held-out clips): that many identities drawn from all that have `test` clips become validation speakers:
+      clips_per_identity of their held-out clips `val`, their other held-out clips `unused`, their training clips
+      still `train` (other folds may train on them; slf_utils.folds deals them so every fold has some). The others
+      are test identities, so a choice made on `val` rows never reads an identity that is reported.
     Validation clips choose (best scales, learning checks); test clips report."""
     if not v or not (v.get("per_identity") or v.get("identities")):
         return clips
@@ -471,68 +476,22 @@ def assign_validation(clips: pd.DataFrame, v: dict | None) -> pd.DataFrame:
         for _, idx in clips.iloc[test].groupby("identity", sort=True).indices.items():
             split[rng.choice(test[idx], min(int(v["per_identity"]), len(idx) - 1), replace=False)] = "val"
     if v.get("identities"):
-        seen_in_test = set(clips.loc[split == "test", "identity"])
-        candidates = sorted(set(clips.loc[split == "train", "identity"]) - seen_in_test)
-        if int(v["identities"]) > len(candidates):
-            raise ValueError(
-                f"data.validation.identities = {v['identities']}, but only {len(candidates)} training identities "
-                "have no test clip: lower it"
+        held = "test" if folds >= 2 else "train"  # where validation speakers' `val` clips come from
+        if folds >= 2:  # every fold keeps test identities
+            candidates = sorted(set(clips.loc[split == "test", "identity"]))
+            room, what = len(candidates) - folds, f"identities with test clips less one per identity fold ({folds})"
+        else:
+            candidates = sorted(
+                set(clips.loc[split == "train", "identity"]) - set(clips.loc[split == "test", "identity"])
             )
+            room, what = len(candidates), "training identities have no test clip"
+        if int(v["identities"]) > room:
+            raise ValueError(f"data.validation.identities = {v['identities']}, but only {room} {what}: lower it")
         for ident in rng.choice(np.array(candidates, dtype=object), int(v["identities"]), replace=False):
-            pos = order[(clips["identity"].to_numpy()[order] == ident) & (split[order] == "train")]
+            pos = order[(clips["identity"].to_numpy()[order] == ident) & (split[order] == held)]
             split[pos] = "unused"
             split[rng.choice(pos, min(int(v["clips_per_identity"]), len(pos)), replace=False)] = "val"
     return clips.assign(split=split)
-
-
-# ------------------------------------------------------------------ unseen speakers: folds over identities
-def seeded_folds(units, folds: int, seed: int) -> dict:
-    """{unit: fold} of the distinct `units`, sorted, then dealt round-robin in a seeded permutation (fold sizes differ
-    by at most one): the identity folds and the encoders' cross-fitting folds."""
-    units = sorted(set(units))
-    perm = np.random.default_rng(int(seed)).permutation(len(units))
-    return {u: int(perm[i] % int(folds)) for i, u in enumerate(units)}
-
-
-def n_folds(cfg) -> int:
-    """data.identity_folds.folds: 0 in the closed set (one model per system), else the models per system."""
-    return int(cfg["data"]["identity_folds"]["folds"])
-
-
-def identity_folds(cfg, clips: pd.DataFrame) -> dict:
-    """{identity: fold} of data.identity_folds over every identity of `clips` (all of the store's clips, so that
-    the folds do not depend on which stages are done); {} in the closed set."""
-    spec = cfg["data"]["identity_folds"]
-    return seeded_folds(clips["identity"], spec["folds"], spec["seed"]) if n_folds(cfg) >= 2 else {}
-
-
-def fold_view(clips: pd.DataFrame, fold_of: dict, fold: int | None) -> pd.DataFrame:
-    """The clips as the models of fold `fold` see them: that fold's identities keep their held-out clips (its
-    queries; `val` and `test` as assigned) and their training clips become `unused`; every clip of the other folds'
-    identities becomes `train` (all their images). Closed set (no folds) or fold None: unchanged."""
-    if not fold_of or fold is None:
-        return clips
-    mine = clips["identity"].map(fold_of).to_numpy() == fold
-    split = clips["split"].to_numpy(dtype=object).copy()
-    split[mine & (split == "train")] = "unused"
-    split[~mine & (split != "unused")] = "train"
-    return clips.assign(split=split)
-
-
-def training_clips(store: Store, cfg=None, fold: int | None = None, stage: str = "preprocess") -> pd.DataFrame:
-    """The clips (with `stage` done) a model trains on: the `train` split, or with identity folds the `train` of
-    fold `fold`'s view (fold_view). cfg None: the train split."""
-    fold_of = identity_folds(cfg, store.clips()) if exists(cfg) else {}
-    clips = fold_view(store.clips(stage=stage), fold_of, fold)
-    return clips[clips["split"] == "train"].reset_index(drop=True)
-
-
-def training_ids(store: Store, stages=(), cfg=None, fold: int | None = None) -> list[str]:
-    """Sorted ids of the training clips (training_clips) with a face and every stage of `stages` done."""
-    ids = set(training_clips(store, cfg, fold)["clip_id"])
-    for stage in stages:
-        ids &= set(store.clips(stage=stage)["clip_id"])
-    return sorted(ids)
 
 
 def list_clips(cfg) -> pd.DataFrame:
@@ -545,7 +504,7 @@ def list_clips(cfg) -> pd.DataFrame:
         clips = read_voxceleb(data)
     else:
         raise ValueError(f"data.kind must be manifest or voxceleb, got {data['kind']!r}")
-    return assign_validation(clips, data.get("validation"))
+    return assign_validation(clips, data.get("validation"), int(data["identity_folds"]["folds"]))
 
 
 # ------------------------------------------------------------------ running many clips

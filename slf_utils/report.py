@@ -56,7 +56,9 @@ from slf_utils.evaluation import (
     two_level_means,
 )
 from slf_utils.evaluation import load_hits as read_hits
-from slf_utils.preprocessing import n_folds, read_image
+from slf_utils.folds import n_folds, roles_line
+from slf_utils.preprocessing import read_image
+from slf_utils.store import open_store
 
 # (key, title, system with all inputs, system without the input, the paper's S in %)
 INPUTS = (
@@ -1277,14 +1279,17 @@ def _choice_line(result) -> str:
 
 def _unseen_line(cfg) -> str:
     k = n_folds(cfg)
+    store = Path(cfg["results"]) / "store" / "store.sqlite"
+    roles = roles_line(cfg, open_store(cfg).clips()) if store.exists() else ""  # folds.fold_roles: who is what
+    chosen = "; scales chosen on validation speakers, never reported" if cfg["data"]["validation"]["identities"] else ""
     return (
-        f"**Unseen speakers** (`data.identity_folds`: {k} folds over identities): each fold's models trained on every "
-        "clip of the other folds' identities and answered its own identities' queries, scored against the one gallery "
-        "of all of them, so no test identity was seen in training (each identity tested once). identity_mean does not "
-        "exist here (no training face of the speaker: skipped); attribute_mean (the mean training face of the query's "
-        "gender and ethnicity, from the fold's training identities) is what knowing the attributes gives, the ceiling "
-        "of a voice that tells only them."
-    )
+        f"**Unseen speakers** (`data.identity_folds`: {k} folds over identities): each fold's models trained on the "
+        "training clips of the other folds' identities only (never a gallery image) and answered its own identities' "
+        f"queries, so no test or validation identity was seen in training (each identity tested once){chosen}. "
+        "identity_mean does not exist here (no training face of the speaker: skipped); attribute_mean (the mean "
+        "training face of the query's gender and ethnicity, from the fold's training identities) is what knowing the "
+        f"attributes gives, the ceiling of a voice that tells only them. {roles}"
+    ).rstrip()
 
 
 def write_summary(out: Path, cfg, metrics, result, weights, missing, chosen) -> Path:

@@ -18,7 +18,10 @@ Store stages (both key `embedding`, (D,) float32, one row per clip, train and te
   trained without its fold (`model/fold<i>/`), held-out clips' from the encoder trained on every training clip, so a
   model trained downstream on this stage sees inputs as far from the truth as the ones it is tested on (in-sample, an
   MLP reproduces its training targets almost exactly: it would train on Face-to-Face's input and be tested on
-  Speech-to-Face's). Layout normalisation is then fitted on those cross-fitted values too.
+  Speech-to-Face's). Layout normalisation is then fitted on those cross-fitted values too. With identity folds the
+  cross-fitting is nested (fold_models): fold k's models read `voice_face_embedding.fold<k>`, whose every value
+  comes from an encoder that never saw fold k (its own clips from the encoder without fold k, a clip of fold j from
+  the one without folds j and k), its provenance naming each encoder's folds and training identities.
 
 Voice encoder backends (`speech2face.voice_encoder.backend`), all trained from the training split's clips that have
 a face embedding:
@@ -43,7 +46,8 @@ encoder's training does not have (Dlib has no classifier head), so their weights
 Evaluation of the encoder on its own (`evaluate`): for each split, the queries are the predicted embeddings of its
 clips, the gallery the real-face embeddings of every clip of the split with one (a gallery clip without a prediction
 is a miss); recall@k of the speaker's identity under the bench's two protocols (`paper`: the whole gallery;
-`identity`: the query's own face left out), with identity-cluster bootstrap intervals, chance k/N and the mean
+`identity`: the query's own face left out), with identity-cluster bootstrap intervals, exact chance (the expected
+recall of a random ordering of the gallery each query is ranked in, evaluation.chance_hits) and the mean
 cosine between a prediction and its own face's embedding. The ceiling rows (system `real_face_embedding`) query with
 each real face's own embedding, as a perfect encoder would: 1 under `paper`, the recogniser's own identity recall
 under `identity`. Written to `results/<grid>/voice_encoder/metrics.csv` (evaluation's columns plus `split`) beside
@@ -75,7 +79,18 @@ from slf_utils.config import (
     provenance,
     resolve,
 )
-from slf_utils.preprocessing import SAMPLE_RATE, identity_folds, n_folds, seeded_folds
+from slf_utils.folds import (
+    encoder_key,
+    encoder_keys,
+    fold_stage,
+    identity_folds,
+    key_name,
+    n_folds,
+    per_fold_gallery,
+    seeded_folds,
+    training_clips,
+)
+from slf_utils.preprocessing import SAMPLE_RATE
 from slf_utils.store import AUDIO_STAGE, Store, open_store
 
 FACE_STAGE = "face_embedding"
@@ -608,7 +623,8 @@ def ensure_model(
     stages = input_stages(ve)
     faces = store.done(FACE_STAGE, face_hash)
     usable = clips_with(store, stages)
-    train = store.clips(split="train")
+    mdir = Path(default(mdir, model_dir(cfg)))
+    train = training_clips(store, who=f"{SYSTEM} ({mdir.name})")  # the train split: never a gallery clip
     exclude = set(exclude)
     ids = [c for c in train["clip_id"] if c in faces and c in usable and c not in exclude]
     if not ids:
@@ -617,13 +633,14 @@ def ensure_model(
             "(run notebooks 01 and 02 first)"
         )
     key = params_hash({"encoder": hashed_params(ve), "data": data_fingerprint(store, [FACE_STAGE, *stages], ids)})
-    mdir = Path(default(mdir, model_dir(cfg)))
+    # whom it learnt from: the nested cross-fitting's provenance checks it (fold_stage_provenance)
+    idents = sorted(set(train.loc[train["clip_id"].isin(set(ids)), "identity"]))
     if (mdir / "meta.json").exists() and (mdir / "encoder.pt").exists():
         meta = json.loads((mdir / "meta.json").read_text())
         if meta.get("train_hash") == key:
             model, featurize, meta = load_model(mdir)
             log(f"{SYSTEM}: model {meta['model_hash']} already trained with these parameters: reused")
-            return model, featurize, meta, pd.read_csv(mdir / "loss.csv"), False
+            return model, featurize, meta | {"train_identities": idents}, pd.read_csv(mdir / "loss.csv"), False
     t0 = time.time()
     (mdir / "meta.json").unlink(missing_ok=True)  # the old model is gone once training starts
     targets = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"].astype(np.float32)
@@ -648,7 +665,8 @@ def ensure_model(
             "scale": float(np.median(np.linalg.norm(targets, axis=1))),
             "face_stage_hash": face_hash,
             "n_train_clips": len(ids),
-            "n_train_identities": int(train[train["clip_id"].isin(set(ids))]["identity"].nunique()),
+            "n_train_identities": len(idents),
+            "train_identities": idents,
             "trainable_parameters": int(n_params),
             "seconds": seconds,
             "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
@@ -685,24 +703,45 @@ def fill_stage(store: Store, stage: str, h: str, inputs, compute, summary: dict,
 
 
 def fold_models(cfg, store: Store, ensure, log=print) -> tuple[dict, dict, dict]:
-    """The encoders of a cross-fitted stage: ({None: the one trained on every training clip, i: the one trained
-    without fold i}, {clip: fold}, provenance). `ensure(exclude, mdir)` trains (or reuses) one encoder; shared by
-    notebooks 06 and 07. Every result is (model, ..., meta, ...) with meta['model_hash']."""
+    """The encoders of a cross-fitted stage: ({None: the one trained on every training clip, key: one trained without
+    some clips}, {clip: the key of the encoder that writes its value in the stage}, provenance). `ensure(exclude,
+    subfolder)` trains (or reuses) one encoder; shared by notebooks 06 and 07. Every result is (model, ..., meta, ...)
+    with meta['model_hash'].
+
+    Closed set: key i is cross-fitting fold i (`crossfit`): a training clip from the encoder of the fold that left it
+    out, a held-out clip from the full encoder. Identity folds (nested cross-fitting): a key is the tuple of identity
+    folds left out (folds.encoder_keys: each fold, each pair; subfolders `fold1`, `fold0-2`); the stage holds each
+    clip's value from the encoder without its own fold (the encoders' own evaluation), and fold k's models read
+    fold_stage(stage, k) (outer_routes, write_fold_stages)."""
     clips = store.clips()
-    if n_folds(cfg):  # unseen speakers: every clip, held-out ones too, from the encoder that never saw its identity
+    if n_folds(cfg) == 2:  # fold j's training clips under outer fold k: an encoder trained on neither j nor k
+        raise ValueError(
+            "data.identity_folds.folds is 2: nested cross-fitting of a trained encoder's stage needs at least 3 "
+            "identity folds (the encoder that writes fold j's training clips for fold k's models leaves out both)"
+        )
+    if n_folds(cfg):
         fold_of = identity_folds(cfg, clips)
-        folds, unit = {c: fold_of[i] for c, i in zip(clips["clip_id"], clips["identity"])}, "identity"
-        how = {"folds": n_folds(cfg), "unit": unit, "seed": cfg["data"]["identity_folds"]["seed"], "of": "identities"}
+        fold_of_clip = {c: fold_of[i] for c, i in zip(clips["clip_id"], clips["identity"])}
+        folds, keys = {c: encoder_key(f, None) for c, f in fold_of_clip.items()}, encoder_keys(n_folds(cfg))
+        how = {"folds": n_folds(cfg), "unit": "identity", "seed": cfg["data"]["identity_folds"]["seed"]}
+        how |= {
+            "of": "identities",
+            "nested": "per outer fold k: fold k's clips from the encoder without fold k, a "
+            "clip of fold j from the encoder without folds j and k (stages <stage>.fold<k>)",
+        }
     else:
         folds, unit = crossfit_folds(clips, cfg["crossfit"])
-        how = {**cfg["crossfit"], "unit": unit}
+        fold_of_clip, keys, how = folds, sorted(set(folds.values())), {**cfg["crossfit"], "unit": unit}
     models = {None: ensure((), None)}
-    for f in sorted(set(folds.values())):
-        log(f"cross-fitting: fold {f} of {len(set(folds.values()))} ({unit}s)")
-        models[f] = ensure({c for c, g in folds.items() if g == f}, f"fold{f}")
+    for i, key in enumerate(keys):
+        out = set(key) if isinstance(key, tuple) else {key}
+        log(f"cross-fitting: encoder {i + 1} of {len(keys)}, without fold(s) {sorted(out)}")
+        sub = key_name(key) if isinstance(key, tuple) else f"fold{key}"
+        models[key] = ensure({c for c, f in fold_of_clip.items() if f in out}, sub)
     prov = {
         "crossfit": {**how, "clips_out_of_fold": len(folds)},
-        "values": "every clip from the encoder trained without its identity's fold (data.identity_folds)"
+        "values": "every clip from the encoder trained without its identity's fold (data.identity_folds); fold k's "
+        "models read <stage>.fold<k> (nested: no value from an encoder that saw fold k)"
         if n_folds(cfg)
         else "training clips: the encoder of the fold that left them out; held-out clips: the encoder of all "
         "training clips"
@@ -710,6 +749,62 @@ def fold_models(cfg, store: Store, ensure, log=print) -> tuple[dict, dict, dict]
         else "every clip from the encoder of all training clips (no cross-fitting: training clips are in-sample)",
     }
     return models, folds, prov
+
+
+def key_label(key) -> str:
+    """An encoder's key in provenance: None (every training clip), a cross-fitting fold, or folds.key_name."""
+    return key_name(key) if isinstance(key, tuple) else str(key)
+
+
+def outer_routes(cfg, folds: dict) -> dict:
+    """{outer fold k: {clip: the key of the encoder whose value of it fold k's models read}} (nested cross-fitting,
+    folds.encoder_key) from fold_models' `folds`; {} in the closed set."""
+    if not n_folds(cfg):
+        return {}
+    return {k: {c: encoder_key(key[0], k) for c, key in folds.items()} for k in range(n_folds(cfg))}
+
+
+def fold_stage_provenance(route: dict, metas: dict, outer: int) -> dict:
+    """What fold `outer`'s stage was made from: every encoder it reads (its model hash, the identity folds it was
+    trained without and the identities it was trained on) and which encoder wrote the clips of each identity fold."""
+    used = sorted(set(route.values()))
+    return {
+        "outer_fold": outer,
+        "encoders": {
+            key_name(k): {
+                "without_folds": list(k),
+                "model_hash": metas[k]["model_hash"],
+                "train_identities": metas[k].get("train_identities"),
+            }
+            for k in used
+        },
+        # a clip of identity fold j: the encoder without folds j and `outer` (fold `outer`'s own: without it alone)
+        "values_of_fold": {str((set(k) - {outer} or {outer}).pop()): key_name(k) for k in used},
+    }
+
+
+def write_fold_stages(cfg, store, stage, models, folds, meta_of, predict_with, inputs, summary, prov, log) -> dict:
+    """Nested cross-fitting's stages: for every outer fold k, fold_stage(stage, k) holds each clip's value from the
+    encoder outer_routes names (`predict_with(k, key, ids)` computes them), with fold_stage_provenance. Shared by
+    notebooks 06 and 07; {k: fill_stage summary}, {} in the closed set."""
+    metas = {k: meta_of(m) for k, m in models.items()}
+    out = {}
+    for k, route in outer_routes(cfg, folds).items():
+        h = params_hash(
+            {
+                "stage": summary,
+                "outer": k,
+                "models": {key_label(c): metas[c]["model_hash"] for c in set(route.values())},
+                "routes": {c: key_label(v) for c, v in route.items()},
+            }
+        )
+
+        def compute(ids, k=k, route=route):
+            return routed(ids, route, lambda key, part: predict_with(k, key, part))
+
+        p = {**prov, **fold_stage_provenance(route, metas, k)}
+        out[k] = fill_stage(store, fold_stage(stage, k), h, inputs, compute, summary, p, log)
+    return out
 
 
 def routed(ids, folds: dict, predict_with) -> np.ndarray:
@@ -731,7 +826,7 @@ def run_predictions(cfg, store: Store, models: dict, folds: dict, crossfit: dict
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
     meta = models[None][2]
-    hashes = {str(f): m[2]["model_hash"] for f, m in models.items()}
+    hashes = {key_label(f): m[2]["model_hash"] for f, m in models.items()}
     h = params_hash({"model": hashes, "folds": folds, "inputs": {s: _input_hash(store, s) for s in stages}})
 
     def compute(ids):
@@ -743,7 +838,16 @@ def run_predictions(cfg, store: Store, models: dict, folds: dict, crossfit: dict
 
     summary = {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["out_dim"]}
     prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"], **crossfit}
-    return fill_stage(store, VOICE_STAGE, h, stages, compute, summary, prov, log)
+    out = fill_stage(store, VOICE_STAGE, h, stages, compute, summary, prov, log)
+
+    def with_key(outer, key, part):
+        model, featurize, m = models[key][:3]
+        return scaled(predict(model, make_inputs(store, part, ve, featurize), ve["batch_size"]), m["scale"])
+
+    fold_summary = {**summary, "inputs": {s: _input_hash(store, s) for s in stages}}
+    args = (models, folds, lambda m: m[2], with_key, stages, fold_summary, prov, log)
+    out["fold_stages"] = write_fold_stages(cfg, store, VOICE_STAGE, *args)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -765,16 +869,17 @@ def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.Dat
         q = [c for c in ids if c in voices]
         queries = store.load_stacked(VOICE_STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
         own = evaluation.own_entries(q, ids)
-        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, metric)
+        groups = evaluation.gallery_groups(cfg, store, idents)  # per-fold galleries, as notebook 04's
+        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, metric, groups)
         r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, idents, ks)
+        r += evaluation.chance_rows(SYSTEM, idents, ks, groups=groups)
         cos = np.full(len(ids), np.nan)
         if q:
             a, b = queries, gallery[own]
             cos[own] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
         r.append(evaluation.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
         r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric)
+        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric, groups)
         r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
         rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
@@ -843,7 +948,12 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
         "face_embeddings": faces,
         "predictions": predictions,
         "model": meta,
-        "retrieval": {"metric": ve["metric"], "ks": ev["ks"], "gallery": "real-face embeddings of the split's clips"},
+        "retrieval": {
+            "metric": ve["metric"],
+            "ks": ev["ks"],
+            "gallery": "real-face embeddings of the split's clips"
+            + (", each query ranked among its own identity fold's" if per_fold_gallery(cfg) else ""),
+        },
         "ci": f"95 % percentile bootstrap over identities, {ev['bootstrap']} resamples, seed {ev['seed']}",
         "seconds": round(time.time() - t0, 1),
     }
