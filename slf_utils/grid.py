@@ -29,7 +29,9 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -471,6 +473,11 @@ def kernel_manager_class():
 
             def __init__(self, **kwargs):
                 super().__init__(**{"transport": "ipc", **kwargs})
+                if self.transport == "ipc" and "ip" not in kwargs:
+                    # jupyter_client's default IPC name is `kernel-ipc` in the working folder, shared by every kernel
+                    # started there: two grid workers then bind the same sockets and read each other's messages
+                    # (Invalid Signature). A name of its own in the temporary folder, short enough for a socket.
+                    self.ip = os.path.join(tempfile.gettempdir(), f"slf-kernel-{uuid.uuid4().hex[:12]}-ipc")
 
             async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
                 self._skip_interrupt = not now and not restart

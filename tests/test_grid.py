@@ -316,3 +316,34 @@ def test_progress_lines_count_steps_and_estimate_what_is_left_from_the_steps_tha
     assert line.startswith("[grid] 2/5 train:a: done in 600 s · 12 min elapsed"), line
     assert line.endswith("about 10 min left"), line
     assert "left" not in grid.progress_line(steps[1], steps, dict.fromkeys([s.name for s in steps], True), time.time())
+
+
+def _run_one(args):
+    path, out, x, cwd = args
+    with open(f"{out}.log", "w") as log:
+        grid.run_notebook(path, out, {"x": x}, log, cwd=cwd)
+    return out
+
+
+def test_notebooks_run_at_once_from_one_folder_do_not_share_kernel_sockets(tmp_path):
+    """Issue 28: kernels talk over IPC; jupyter_client's default socket name (`kernel-ipc` in the working folder) is
+    the same for every kernel started there, so two grid workers' kernels read each other's messages (Invalid
+    Signature, a failed step). Four notebooks at once from one folder each get their own answer."""
+    import concurrent.futures
+    import multiprocessing
+
+    import nbformat
+
+    spec = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": spec})
+    nb.cells = [nbformat.v4.new_code_cell("x = 0", metadata={"tags": ["parameters"]})]
+    nb.cells.append(nbformat.v4.new_code_cell("import time\nfor _ in range(20):\n    time.sleep(0.05)\nprint(x * 7)"))
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(nb, path)
+    jobs = [(path, tmp_path / f"out{i}.ipynb", i, tmp_path) for i in range(4)]
+    with concurrent.futures.ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outs = list(pool.map(_run_one, jobs))
+    for i, out in enumerate(outs):
+        printed = [o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
+        assert "".join(printed).strip() == str(i * 7), (i, printed)
+    assert not list(tmp_path.glob("kernel-ipc*"))  # no socket files left in the working folder
