@@ -67,7 +67,7 @@ SECTION = "data.known_answer"
 SETTINGS = tuple(k for k in DEFAULTS["data"]["known_answer"] if k not in ("build", "cache"))
 FACE_KEYS = ("seed", "identities", "images_per_identity", "min_distance", "latent_jitter", "candidates_per_identity")
 FACE_VERSION = 1  # bump when the faces change for the same settings: invalidates the cached faces
-VOICE_VERSION = 2  # bump when the clips change (voices, video): finished clips are rebuilt
+VOICE_VERSION = 3  # bump when the clips change (voices, video): finished clips are rebuilt
 DETECTOR = "opencv"  # the project's offline detector (Haar): what preprocessing finds faces with on the demo
 NZ = 100  # the DCGAN's latent size
 BATCH = 16  # candidates generated and embedded together (the last batch's surplus is wasted work)
@@ -416,7 +416,7 @@ def render_clip(clip: dict, frame: np.ndarray, out_dir: Path, esp: espeak.Espeak
     face = out_dir / clip["face"]
     _write_png(face, frame)
     # lossless: the frame preprocessing decodes is the one the builder's detector found a face in (x264's usual
-    # loss turned a borderline Haar detection into a miss)
+    # loss turned a borderline Haar detection into a miss), and the voice is heard as synthesised
     encode_mp4(face, clip_audio(esp, clip), out_dir / clip["video"], ffmpeg, size=(FRAME, FRAME), lossless=True)
 
 
