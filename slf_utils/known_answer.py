@@ -478,8 +478,9 @@ def licenses_text(s: dict, esp: espeak.Espeak) -> str:
             "",
             "* Drawn by the DCGAN of the PyPI package `gan-face-generate` 1.1.1 (Chien Liu). Its code is under the "
             "MIT licence (copied to `licenses/gan-face-generate.LICENSE`). Its weights were trained on DigiFace-1M "
-            "(Microsoft), released under the Microsoft Research Use of Data Agreement: **non-commercial research "
-            "use only**; the faces here derive from those weights and carry that restriction.",
+            "(Microsoft; itself synthetic: renderings of 3D face models), released under the Microsoft Research Use "
+            "of Data Agreement: **non-commercial research use only**; the faces here derive from those weights and "
+            "carry that restriction.",
             "",
             "## Voices",
             "",
@@ -518,7 +519,8 @@ def build(out_dir, cache=None, progress: bool = True, **given) -> Path:
     stamp, stamp_path = {"settings": s, "face": FACE_VERSION, "voice": VOICE_VERSION}, out_dir / ".build/settings.json"
     manifest = out_dir / "manifest.csv"
     if manifest.exists() and stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
-        return manifest
+        if all((out_dir / r["video"]).exists() for r in csv.DictReader(open(manifest, newline=""))):
+            return manifest  # complete with these settings; a clip deleted since is made again below
     t0 = _clock()
     esp = espeak.install(cache / "debs", cache / "espeak")
     ffmpeg = ffmpeg_exe()

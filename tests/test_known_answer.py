@@ -131,6 +131,23 @@ def test_no_apt_get_and_no_espeak_is_a_clear_error(tmp_path, monkeypatch):
         espeak.install(tmp_path / "debs", tmp_path / "espeak")
 
 
+def test_without_apt_get_a_system_espeak_ng_is_used_with_a_copy_of_its_data(ka_cache, tmp_path, monkeypatch):
+    unpacked = espeak.install(ka_cache / "debs", ka_cache / "espeak")
+    # stands for /usr/bin/espeak-ng: the unpacked one, finding its libraries and (by default) its data
+    system = tmp_path / "bin" / "espeak-ng"
+    system.parent.mkdir()
+    libs, data = unpacked.env["LD_LIBRARY_PATH"], unpacked.env["ESPEAK_DATA_PATH"]
+    system.write_text(
+        f'#!/bin/sh\nLD_LIBRARY_PATH={libs} ESPEAK_DATA_PATH="${{ESPEAK_DATA_PATH:-{data}}}" exec {unpacked.exe} "$@"\n'
+    )
+    system.chmod(0o755)
+    monkeypatch.setattr(espeak.shutil, "which", lambda name: str(system) if name == "espeak-ng" else None)
+    esp = espeak.install(tmp_path / "no-debs", tmp_path / "espeak")
+    assert esp.exe == str(system) and esp.root is None
+    assert esp.variants.is_relative_to(tmp_path / "espeak") and (esp.variants.parent.parent.parent / "phontab").exists()
+    assert len(espeak.synthesise(esp, "Hello there.", espeak.voice_params([1.0]))) > espeak.SR // 4
+
+
 def test_espeak_runs_without_root_and_the_code_changes_the_voice(ka_cache):
     esp = espeak.install(ka_cache / "debs", ka_cache / "espeak")
     assert "eSpeak NG" in esp.version
