@@ -3,8 +3,8 @@ and how much of the planted face code a ridge regression reads from the voice at
 
 Builds N identities once per strength into OUT/s<strength> (the faces are made once, in OUT/cache, and shared), then
 for each strength: Resemblyzer whole-clip embeddings of every clip (the workbook's speaker path) and the grouped
-cross-validated R^2 of the face code (known_answer.code_recovery); once: dlib recall@1 of every image against the
-others (known_answer.reidentification) and recall@1 of each image's own face code against the identities' codes
+cross-validated R^2 of the face code (known_answer_checks.code_recovery); once: dlib recall@1 of every image against the
+others (known_answer_checks.reidentification) and recall@1 of each image's own face code against the identities' codes
 (what the oracle reference will reach at best).
 
     python benchmarks/known_answer.py --identities 200 --strengths 0 0.5 1 --out .cache/bench/ka200
@@ -21,16 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slf_utils import known_answer as ka
-
-
-def code_identification(corpus: Path) -> float:
-    """recall@1 of each image's face code (face_code_of of the workbook's crop) among the identities' codes."""
-    rows, crops = ka.corpus_crops(corpus)
-    ids, codes = ka.read_codes(corpus)
-    truth = [ids.index(r["identity"]) for r in rows]
-    own = ka.face_code_of(crops, corpus / "code_basis.npz")
-    nearest = np.linalg.norm(own[:, None] - codes[None], axis=2).argmin(1)
-    return float(np.mean(nearest == np.array(truth)))
+from slf_utils import known_answer_checks as checks
 
 
 def main(argv=None):
@@ -52,17 +43,17 @@ def main(argv=None):
         stats = json.loads((corpus / ".build" / "stats.json").read_text())
         clips = list(csv.DictReader(open(corpus / "manifest.csv", newline="")))
         t_emb = time.time()
-        emb = ka.voice_embeddings(corpus, clips)
-        ids, codes = ka.read_codes(corpus)
+        emb = checks.voice_embeddings(corpus, clips)
+        ids, codes = checks.read_codes(corpus)
         code_of = dict(zip(ids, codes))
         groups = [c["identity"] for c in clips]
-        r2 = ka.code_recovery(emb, groups, np.stack([code_of[g] for g in groups]))
+        r2 = checks.code_recovery(emb, groups, np.stack([code_of[g] for g in groups]))
         out["strengths"][s] = {"build_s": round(t_emb - t, 1), "stats": stats, "r2": round(r2, 4)}
         print(json.dumps({s: out["strengths"][s]}), flush=True)
     first = a.out / f"s{a.strengths[0]:g}"
-    out["code_recall@1"] = round(code_identification(first), 4)
+    out["code_recall@1"] = round(checks.code_identification(first), 4)
     if not a.no_reid:
-        out["reid_recall@1"] = round(ka.reidentification(first), 4)
+        out["reid_recall@1"] = round(checks.reidentification(first), 4)
     print(json.dumps(out, indent=1))
 
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from slf_utils import espeak, features
+from slf_utils import espeak
 from slf_utils.config import (
     DEFAULTS,
     ParamsError,
@@ -57,8 +57,8 @@ from slf_utils.config import (
     params_hash,
 )
 from slf_utils.demo_corpus import _clean_partial, _rng, encode_mp4, fake_youtube_id, ffmpeg_exe
-from slf_utils.evaluation import _gray, face_embedder, retrieval_hits
-from slf_utils.preprocessing import Reject, crop_face, decode, estimate_age_gender, largest_face, read_image, resize
+from slf_utils.evaluation import _gray, face_embedder
+from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image, resize
 from slf_utils.store import normalise_gender
 
 log = logging.getLogger(__name__)
@@ -590,51 +590,6 @@ def build(out_dir, cache=None, progress: bool = True, **given) -> Path:
     atomic_write_json(out_dir / ".build" / "stats.json", stats)
     atomic_write_json(stamp_path, stamp)
     return atomic_write_text(manifest, manifest_text(plan, genders))  # last: its presence means "complete"
-
-
-# -------------------------------------------------------------------------------------------------- checks
-
-
-def read_codes(corpus_dir) -> tuple[list[str], np.ndarray]:
-    """(identities, face codes (N, components)) from a corpus's codes.csv."""
-    rows = list(csv.DictReader(open(Path(corpus_dir) / "codes.csv", newline="")))
-    cols = [k for k in rows[0] if k.startswith("face_")]
-    return [r["identity"] for r in rows], np.array([[float(r[c]) for c in cols] for r in rows])
-
-
-def voice_embeddings(corpus_dir, clips: list[dict]) -> np.ndarray:
-    """Whole-clip Resemblyzer embeddings (the workbook's speaker path, features.speaker_embeddings) of manifest rows."""
-    backend = features.speaker_backend("resemblyzer")
-    out = []
-    for c in clips:
-        audio, _ = decode(Path(corpus_dir) / c["video"], frame=False)
-        out.append(features.speaker_embeddings(audio, backend, [], whole=True, sliding=False)[0])
-    return np.stack(out)
-
-
-def code_recovery(embeddings, identities, codes, folds: int = 5) -> float:
-    """R^2 (mean over components) of ridge predictions of the face code from voice embeddings, K-fold cross-validated
-    over identities (no clip of a test identity in training), the ridge's alpha chosen by the same grouped
-    cross-validation inside each training fold (a clip-level choice would see the identity's other clips)."""
-    from sklearn.linear_model import Ridge  # heavy: only this check needs it
-    from sklearn.metrics import r2_score
-    from sklearn.model_selection import GridSearchCV, GroupKFold
-
-    x, y, groups = np.asarray(embeddings), np.asarray(codes), np.asarray(identities)
-    pred = np.zeros_like(y, dtype=float)
-    for train, test in GroupKFold(folds).split(x, y, groups):
-        search = GridSearchCV(Ridge(), {"alpha": np.logspace(-2, 4, 13)}, cv=GroupKFold(folds))
-        pred[test] = search.fit(x[train], y[train], groups=groups[train]).predict(x[test])
-    return float(r2_score(y, pred))
-
-
-def reidentification(corpus_dir) -> float:
-    """dlib recall@1 of every face image of the corpus against all the others (its own left out)."""
-    rows = list(csv.DictReader(open(Path(corpus_dir) / "manifest.csv", newline="")))
-    images = [read_image(Path(corpus_dir) / r["face"]) for r in rows]
-    emb, _ = face_embedder("Dlib", DETECTOR).embed(images)
-    ids = [r["identity"] for r in rows]
-    return float(retrieval_hits(emb, ids, emb, ids, ks=(1,), exclude=np.arange(len(ids)))[1].mean())
 
 
 def ensure(cfg) -> None:

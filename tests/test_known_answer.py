@@ -11,6 +11,7 @@ import yaml
 
 from slf_utils import espeak, grid
 from slf_utils import known_answer as ka
+from slf_utils import known_answer_checks as checks
 from slf_utils import preprocessing as P
 from slf_utils.config import ParamsError, load_params
 from slf_utils.evaluation import face_embedder
@@ -237,18 +238,20 @@ def test_identities_are_distinct_and_their_variants_recognisable(ka_small, ka_ca
     stats = json.loads((ka_small / ".build" / "stats.json").read_text())
     assert stats["candidates_tried"] >= stats["candidates_detected"] >= 30
     # each image against all others: its identity's other images come first far above chance (1/30)
-    assert ka.reidentification(ka_small) > 0.5
+    assert checks.reidentification(ka_small) > 0.5
+    # each image's own face code names its identity far above chance too (the oracle reference's ceiling)
+    assert checks.code_identification(ka_small) > 0.4
 
 
 def test_planted_code_is_recoverable_at_strength_1_and_not_at_0(ka_small, ka_small_null):
     r2 = {}
     for s, corpus in ((1.0, ka_small), (0.0, ka_small_null)):
         clips = [c for c in rows(corpus / "manifest.csv") if int(c["image"]) <= 2]  # 60 clips: 2 an identity
-        ids, codes = ka.read_codes(corpus)
+        ids, codes = checks.read_codes(corpus)
         code_of = dict(zip(ids, codes))
-        emb = ka.voice_embeddings(corpus, clips)
+        emb = checks.voice_embeddings(corpus, clips)
         groups = [c["identity"] for c in clips]
-        r2[s] = ka.code_recovery(emb, groups, np.stack([code_of[g] for g in groups]))
+        r2[s] = checks.code_recovery(emb, groups, np.stack([code_of[g] for g in groups]))
     assert r2[1.0] > 0.25 and r2[0.0] < 0.1 and r2[1.0] - r2[0.0] > 0.3, r2
     # same faces, same noise: the strengths differ in the voices only
     assert rows(ka_small / "images.csv") == rows(ka_small_null / "images.csv")
