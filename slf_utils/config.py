@@ -115,6 +115,30 @@ DEFAULTS = {
         # manifest; kind voxceleb: VoxCeleb2 trees at train_root/test_root and test_list are made from it, with
         # test_identities of its speakers in the test tree, demo_corpus.voxceleb_tree)
         "demo_corpus": {"build": False, "identities": 40, "test_identities": 0},
+        # build: preprocessing (notebook 01) builds the known-answer corpus (slf_utils.known_answer) in `root` (kind
+        # manifest; `manifest` is root/manifest.csv): synthetic faces, voices whose timbre carries the face's code at
+        # link_strength (0: no link, the null control; 1: the positive control). The faces depend on seed,
+        # identities, images_per_identity, min_distance (dlib distance between identities), latent_jitter and
+        # candidates_per_identity (latents tried per identity before the build gives up); the code on
+        # code_components (top eigenfaces of the workbook's crops at code_size px, central code_crop). cache: where
+        # the faces, espeak-ng and its .deb files are kept (None: root/.cache); corpora that differ only in
+        # link_strength share its faces. min_distance 0.45, measured: the GAN's faces are crowded for dlib (median
+        # nearest-neighbour distance 0.43 among 584 detected candidates), so 0.5 keeps 179 of them and saturates
+        # below 200 identities, 0.45 keeps 361 (and still grows), 0.4 keeps 536
+        "known_answer": {
+            "build": False,
+            "identities": 300,
+            "images_per_identity": 5,
+            "link_strength": 1.0,
+            "seed": 0,
+            "min_distance": 0.45,
+            "latent_jitter": 0.4,
+            "candidates_per_identity": 5.0,
+            "code_components": 7,
+            "code_size": 16,
+            "code_crop": 0.6,
+            "cache": None,
+        },
         # Validation clips choose everything that is chosen (best scales, learning checks, settings); test clips only
         # report. per_identity: of each identity's held-out clips, this many (seeded, at most all but one) become
         # `val` (closed set: the demo). identities: this many training identities with no held-out clip become
@@ -351,6 +375,18 @@ SCHEMA = {
     "data.demo_corpus.build": bool,
     "data.demo_corpus.identities": (int, "[1, 40]"),  # the ORL faces' 40 subjects
     "data.demo_corpus.test_identities": (int, "[0, 39]"),  # kind voxceleb: at least 1, fewer than identities
+    "data.known_answer.build": bool,
+    "data.known_answer.identities": (int, ">= 2"),  # with identity folds: at least MIN_PER_FOLD a fold
+    "data.known_answer.images_per_identity": (int, "[3, 100]"),  # 2 held out; 3 sentences a clip, 321 shipped
+    "data.known_answer.link_strength": (float, "[0, 1]"),
+    "data.known_answer.seed": (int, ">= 0"),
+    "data.known_answer.min_distance": (float, ">= 0"),
+    "data.known_answer.latent_jitter": (float, ">= 0"),
+    "data.known_answer.candidates_per_identity": (float, ">= 1"),
+    "data.known_answer.code_components": (int, "[1, 7]"),  # the voice has 7 coordinates (espeak.VOICE_AXES)
+    "data.known_answer.code_size": (int, "[4, 64]"),
+    "data.known_answer.code_crop": (float, "(0, 1]"),
+    "data.known_answer.cache": str,
     "data.validation.per_identity": (int, ">= 0"),
     "data.validation.identities": (int, ">= 0"),
     "data.validation.clips_per_identity": (int, ">= 1"),
@@ -484,6 +520,7 @@ PATH_KEYS = (
     "data.train_root",
     "data.test_root",
     "data.test_list",
+    "data.known_answer.cache",
     "layout",
     "systems_file",
 )
@@ -491,6 +528,7 @@ PATH_KEYS = (
 # an existing folder or is written as a path (./x, ../x, /x, ~/x)
 SOURCE_KEYS = ("features.speaker_source", "features.language_source", "face_decoder.perceptual_source")
 VOXCELEB_ONLY = ("data.test_list", "data.max_train_clips")  # a manifest's rows are its clips and its splits
+MIN_PER_FOLD = 2  # identities a fold of data.identity_folds needs at least (the known-answer corpus is refused below)
 
 
 def _spec(key: str) -> tuple:
@@ -571,6 +609,18 @@ def _check_keys(d: dict, where: str, shown: str = "", at: str = ""):
                 if not isinstance(over, dict):
                     raise ParamsError(f"{where}: system_overrides.{name} must be a mapping, got {over!r}")
                 _check_keys(over, where, f"system_overrides.{name}.")
+
+
+def check_section(d: dict, section: str, where: str):
+    """Check the keys and values of one section of the parameters (dotted `section`, e.g. data.known_answer) given
+    outside a grid file (a command line); errors name `where` and the key."""
+    _check_keys(d, where, at=section + ".")
+
+
+def corpus_builder(data: dict) -> str | None:
+    """The data section that builds the manifest corpus (demo_corpus or known_answer), None when none does: the
+    manifest is then that step's output, not an input file."""
+    return next((k for k in ("demo_corpus", "known_answer") if data[k]["build"]), None)
 
 
 def flat(d: dict, at: str = "") -> dict:
@@ -670,8 +720,10 @@ def _check_files(cfg: dict, where):
             f"{data['identity_folds']['folds']} with data.kind {data['kind']}"
         )
     _check_validation(data, where)
+    if data["known_answer"]["build"]:
+        _check_known_answer(data, where)
     files = ["layout", "systems_file"]
-    if data["kind"] == "manifest" and not data["demo_corpus"]["build"]:
+    if data["kind"] == "manifest" and not corpus_builder(data):
         files.append("data.manifest")
     if data["kind"] == "voxceleb" and data["demo_corpus"]["build"]:  # preprocessing builds the trees and the list
         _check_demo_voxceleb(data, where)
@@ -716,6 +768,34 @@ def _check_demo_voxceleb(data: dict, where):
         raise ParamsError(
             f"{where('data.demo_corpus.test_identities')}: data.demo_corpus.test_identities must be at least 1 and "
             f"fewer than data.demo_corpus.identities ({dc['identities']}), got {dc['test_identities']}"
+        )
+
+
+def _check_known_answer(data: dict, where):
+    ka, key = data["known_answer"], "data.known_answer.build"
+    if data["kind"] != "manifest" or data["demo_corpus"]["build"]:
+        raise ParamsError(
+            f"{where(key)}: {key} builds a manifest corpus: it needs data.kind manifest and data.demo_corpus.build "
+            f"false, got data.kind {data['kind']} and data.demo_corpus.build {data['demo_corpus']['build']}"
+        )
+    if not exists(data["root"]) or not exists(data["manifest"]):
+        raise ParamsError(f"{where(key)}: {key} builds the corpus in data.root: set data.root and data.manifest")
+    if Path(data["manifest"]) != Path(data["root"]) / "manifest.csv":
+        raise ParamsError(
+            f"{where('data.manifest')}: data.manifest must be data.root/manifest.csv when {key} (the builder writes "
+            f"{Path(data['root']) / 'manifest.csv'}), got {data['manifest']}"
+        )
+    folds = data["identity_folds"]["folds"]
+    if folds >= 2 and ka["identities"] < MIN_PER_FOLD * folds:
+        raise ParamsError(
+            f"{where('data.known_answer.identities')}: data.known_answer.identities {ka['identities']} is too few for "
+            f"data.identity_folds.folds {folds}: at least {MIN_PER_FOLD} identities a fold ({MIN_PER_FOLD * folds})"
+        )
+    if ka["code_components"] >= ka["identities"]:
+        raise ParamsError(
+            f"{where('data.known_answer.code_components')}: data.known_answer.code_components "
+            f"{ka['code_components']} needs more identities than components (the face code is a PCA of the "
+            f"identities' faces), got data.known_answer.identities {ka['identities']}"
         )
 
 

