@@ -64,7 +64,11 @@ def _ka_data(tmp_path, **ka_over):
     [
         ({"build": True, "link_strength": 1.5}, {}, "data.known_answer.link_strength must be float in [0, 1], got 1.5"),
         ({"build": True, "link_strength": -0.1}, {}, "data.known_answer.link_strength must be float in [0, 1]"),
-        ({"build": True, "identities": 5}, {"identity_folds": {"folds": 3}}, "known_answer.identities 5 is too few"),
+        (
+            {"build": True, "identities": 5},
+            {"identity_folds": {"folds": 3}, "validation": {"per_identity": 0}},
+            "known_answer.identities 5 is too few",
+        ),
         ({"build": True, "identities": 6, "code_components": 7}, {}, "data.known_answer.code_components 7 needs more"),
         ({"build": True, "images_per_identity": 2}, {}, "known_answer.images_per_identity must be int in [3, 100]"),
         ({"build": True, "code_components": 8}, {}, "data.known_answer.code_components must be int in [1, 7]"),
@@ -82,7 +86,7 @@ def test_bad_settings_are_refused_at_load_with_the_key_named(tmp_path, ka_over, 
 
 
 def test_good_settings_load_and_the_built_manifest_is_not_an_input_file(tmp_path):
-    folds = {"identity_folds": {"folds": 3, "seed": 0}}
+    folds = {"identity_folds": {"folds": 3, "seed": 0}, "validation": {"per_identity": 0}}
     cfg = load_params(_grid(tmp_path, {**_ka_data(tmp_path, build=True, identities=8), **folds}))
     assert cfg["data"]["known_answer"]["identities"] == 8 and cfg["data"]["known_answer"]["link_strength"] == 1.0
     # the manifest the builder writes is the preprocess step's output: its settings are hashed (with `data`), not it
