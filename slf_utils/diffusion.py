@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import threading
 import time
 import warnings
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from einops import rearrange
 from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from tqdm.auto import tqdm
 
@@ -80,6 +82,8 @@ PRESET_KEYS = {
 FACE_PRIORS = ("none", "mean", "attribute_mean")
 # model.trainer.precision: auto (bf16 mixed precision where the device has it, else fp32), fp32, bf16 or fp16
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# model.trainer.compile auto: a CPU training compiles its unet from this many steps on (diffusion.compiles)
+AUTO_COMPILE_STEPS = 2000
 PRIOR_ATTRIBUTES = ("gender", "ethnicity", "age", "language")  # clip labels; age in decades
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
 
@@ -142,9 +146,19 @@ def _check_model_options(preset: dict, where: str):
             f"{where}: model.face_prior_attributes must be a non-empty list of distinct clip labels among "
             f"{', '.join(PRIOR_ATTRIBUTES)}, got {attrs!r}"
         )
-    precision = preset.get("trainer", {}).get("precision", "fp32")
+    trainer = preset.get("trainer", {})
+    precision = trainer.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ParamsError(f"{where}: model.trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    compile_ = trainer.get("compile", False)
+    if not (isinstance(compile_, bool) or compile_ == "auto"):
+        raise ParamsError(f"{where}: model.trainer.compile must be false, true or auto, got {compile_!r}")
+    if not isinstance(trainer.get("channels_last", False), bool):
+        raise ParamsError(
+            f"{where}: model.trainer.channels_last must be true or false, got {trainer['channels_last']!r}"
+        )
+    if trainer.get("foreach") and trainer.get("fused"):
+        raise ParamsError(f"{where}: model.trainer: Adam runs foreach or fused, not both: set one of them to false")
     if preset.get("latent") is None:
         return
     preset["latent"] = latent = autoencoder.check_config(preset["latent"], f"{where}: model.latent")
@@ -244,10 +258,66 @@ def training_precision(requested: str = "fp32") -> str:
 
 
 def trainer_options(preset: dict) -> dict:
-    """The preset's ImagenTrainer arguments, its precision resolved (Accelerate's mixed_precision; fp32 = none)."""
-    opts = dict(preset.get("trainer", {}))
+    """The preset's ImagenTrainer arguments, its precision resolved (Accelerate's mixed_precision; fp32 = none) and
+    the workbook's own speed levers (compile, channels_last: make_trainer applies them) left out."""
+    opts = {k: v for k, v in preset.get("trainer", {}).items() if k not in ("compile", "channels_last")}
     precision = training_precision(opts.pop("precision", "fp32"))
     return opts | ({} if precision == "fp32" else {"precision": precision})
+
+
+def make_trainer(imagen, k: int, preset: dict, t_cfg: dict) -> ImagenTrainer:
+    """The ImagenTrainer of unet k as training runs it (benchmarks/train_speed.py times this one): the preset's
+    trainer options (model.trainer), train.lr, train.ema, the learning-rate schedule, and the speed levers
+    model.trainer.channels_last and model.trainer.compile."""
+    # train.lr_schedule cosine: the learning rate decays to 0 over train.steps; a constant rate leaves the last
+    # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
+    schedule = {"cosine_decay_max_steps": int(t_cfg["steps"])} if t_cfg["lr_schedule"] == "cosine" else {}
+    warmup = int(t_cfg["warmup_steps"])
+    options = trainer_options(preset)
+    _allow_precision(options)
+    unet = imagen.unets[k - 1]
+    if preset.get("trainer", {}).get("channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+    trainer = ImagenTrainer(
+        imagen,
+        only_train_unet_number=k,
+        use_ema=bool(t_cfg["ema"]),
+        lr=float(t_cfg["lr"]),
+        verbose=False,
+        **schedule,
+        **({"warmup_steps": warmup} if warmup else {}),
+        **options,
+    )
+    if compiles(preset.get("trainer", {}).get("compile", False), trainer.device, int(t_cfg["steps"])):
+        _compile_unet(unet)
+    return trainer
+
+
+def compiles(requested, device, steps: int) -> bool:
+    """model.trainer.compile -> whether the unet is compiled. `auto`: on a CUDA device, and on a CPU with a C++
+    compiler (inductor writes C++ there) for a training of at least AUTO_COMPILE_STEPS steps. Measured on the demo's
+    unets (benchmarks/train_speed.py, README: training speed): a compiled CPU step takes ~0.55x an eager one, after a
+    first step that compiles for minutes with an empty inductor cache and ~20 s with a filled one; so a compiled
+    training with an empty cache pays back after ~3,000 steps, with a filled one after a few hundred."""
+    if isinstance(requested, bool):
+        return requested
+    if torch.device(device).type == "cuda":
+        return True
+    import torch._inductor.config as inductor  # only here: importing inductor takes a while
+
+    return steps >= AUTO_COMPILE_STEPS and any(shutil.which(c) for c in inductor.cpp.cxx if c)
+
+
+def _compile_unet(unet):
+    """torch.compile (inductor) of a unet's forward. imagen-pytorch calls `unet.forward` directly (p_losses), so the
+    instance's forward is replaced rather than the module wrapped: state-dict keys, checkpoints and Accelerate's
+    wrappers stay as they are with eager. fallback_random: random draws inside the unet (the cond-drop mask) come
+    from torch's generator as in eager, so a compiled run draws what the eager run draws."""
+    # einops registers a backend per tensor type on first use and the compiled graph is guarded on that registry:
+    # register tensors and parameters now, or the first eager use after the first compiled call recompiles it all
+    for t in (torch.zeros(1), torch.nn.Parameter(torch.zeros(1))):
+        rearrange(t, "a -> a")
+    unet.forward = torch.compile(unet.forward, options={"fallback_random": True})
 
 
 def _allow_precision(options: dict):
@@ -756,6 +826,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
             "requested": preset.get("trainer", {}).get("precision", "fp32"),
             "used": next((t["precision"] for t in timing.values()), None),
         },
+        "compiled": any(t["compiled"] for t in timing.values()),  # model.trainer.compile resolved
         "processes": _processes().num_processes,  # the effective batch is batch_size x processes
         "batch_cache": "precomputed" if data.batches.cached else "per-step store reads",
         "face_prior": None
@@ -784,7 +855,7 @@ def _check_resume(ck, system, preset, layout, path):
             ("system", ck["system"], system.name),
             ("mode", ck["mode"], system.mode),
             ("keep", list(ck["keep"]), list(system.keep)),
-            ("preset", ck["preset"], preset),
+            ("preset", _learned(ck["preset"]), _learned(preset)),
             ("layout", ck["layout_hash"], layout.hash),
         )
         if a != b
@@ -796,6 +867,13 @@ def _check_resume(ck, system, preset, layout, path):
         )
 
 
+def _learned(preset: dict) -> dict:
+    """The preset less the speed levers, which change how fast a model trains, not what it learns: a checkpoint
+    trained eager resumes compiled and back."""
+    trainer = {k: v for k, v in preset.get("trainer", {}).items() if k not in ("compile", "channels_last")}
+    return {**preset, "trainer": trainer}
+
+
 def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) -> dict:
     """Train unet k of recipe `r` on `data` (data.encode: what the unet learns instead of the batch's faces)."""
     layout, system, preset, t_cfg, batches, encode = r.layout, r.system, r.preset, r.train, data.batches, data.encode
@@ -803,21 +881,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
     p_drop, noise_sd = float(t_cfg["attribute_dropout"]), float(t_cfg["feature_noise"])
     droppable = [n for n in layout.dropout_constituents if n in system.keep] if p_drop > 0 else []
-    # train.lr_schedule cosine: the learning rate decays to 0 over train.steps; a constant rate leaves the last
-    # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
-    schedule = {"cosine_decay_max_steps": steps} if t_cfg["lr_schedule"] == "cosine" else {}
-    warmup = int(t_cfg["warmup_steps"])
-    _allow_precision(trainer_options(preset))
-    trainer = ImagenTrainer(
-        imagen,
-        only_train_unet_number=k,
-        use_ema=bool(t_cfg["ema"]),
-        lr=float(t_cfg["lr"]),
-        verbose=False,
-        **schedule,
-        **({"warmup_steps": warmup} if warmup else {}),
-        **trainer_options(preset),
-    )
+    trainer = make_trainer(imagen, k, preset, t_cfg)
     key = str(k)
     start = int(state["steps"].get(key, 0))
     if key in state["optim"]:
@@ -825,7 +889,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
     for name in (f"scheduler{k - 1}", f"warmup{k - 1}"):
         if exists(getattr(trainer, name, None)) and name in state.get("schedulers", {}).get(key, {}):
             getattr(trainer, name).load_state_dict(state["schedulers"][key][name])
-    if schedule:
+    if t_cfg["lr_schedule"] == "cosine":
         # a run resumed with more steps goes on from the rate it had reached and ends at 0 at its new last step
         # (one that had already decayed to 0 stays there: extend a cosine run before it ends, or start anew)
         getattr(trainer, f"scheduler{k - 1}").T_max = steps
@@ -885,6 +949,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
         "data_wait_share": float(t[:, 1].sum() / t[:, 0].sum()) if len(t) else None,
         "device": str(trainer.device),
         "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
+        "compiled": compiles(preset.get("trainer", {}).get("compile", False), trainer.device, steps),
     }
 
 
