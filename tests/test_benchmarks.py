@@ -105,3 +105,27 @@ def test_kernel_env_benchmark_sees_the_page_faults_dasks_malloc_setting_costs():
     med = load_benchmark("kernel_env").main(["--steps", "20", "--rounds", "1", "--clips", "16"])
     dask, kernel = med["Dask worker's"], med["grid kernel's"]
     assert dask["minflt"] > 2 * kernel["minflt"] and dask["sys"] > kernel["sys"]
+
+
+@pytest.mark.slow
+def test_train_speed_compares_levers_side_by_side_on_the_trainer_training_builds():
+    """`benchmarks/train_speed.py` on the demo generation unet (params/demo.yaml's speaker_embeddings_only, through
+    diffusion.make_trainer): a second eager run (`same`) learns exactly what eager learns, fused Adam the same within
+    float noise, plain Adam (no foreach) exactly; every row has its ratio and projected whole training."""
+    res = load_benchmark("train_speed").main(
+        ["--setups", "demo_generation", "--levers", "same,fused,plain", "--steps", "3", "--warmup", "1"]
+    )
+    rows = {r["lever"]: r for r in res["demo_generation"]["rows"]}
+    assert list(rows) == ["eager", "same", "fused", "plain"]
+    eager = rows["eager"]
+    assert eager["system"] == "speaker_embeddings_only" and eager["batch"] == 16 and eager["train_steps"] == 3500
+    assert eager["eager_over_lever"] == 1 and eager["whole_training_ratio"] == 1 and eager["max_loss_diff"] == 0
+    assert rows["same"]["max_loss_diff"] == 0 and rows["plain"]["max_loss_diff"] == 0  # the same arithmetic
+    assert rows["fused"]["max_loss_diff"] < 1e-4  # at most float noise (another summation order), not another model
+    for r in rows.values():
+        assert len(r["step_seconds"]) == 4 and r["seconds_per_step"] > 0 and 0.1 < r["eager_over_lever"] < 10
+        times = r["step_seconds"][1:]
+        assert r["seconds_per_step"] == pytest.approx(sorted(times)[1], abs=1e-4)  # the median of the timed steps
+        assert r["projected_train_s"] == pytest.approx(
+            3500 * eager["seconds_per_step"] / r["eager_over_lever"] + max(r["first_step_extra_s"], 0)
+        )
