@@ -1126,7 +1126,11 @@ def _guided_forward(
     unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0, _doubled=None, **kwargs
 ):
     """Classifier-free guidance null + (cond - null) * s with the conditional and null passes in one batch.
-    s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly)."""
+    s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly). In a pass of several scales
+    (_ROWS.scales: one scale per row) each row gets its own s."""
+    scales = getattr(_ROWS, "scales", None)
+    if scales is not None and len(scales) == len(x):
+        return _rowwise_guided_forward(unet, x, time_, scales, _doubled, **kwargs)
     if cond_scale == 1:
         return unet.forward(x, time_, **kwargs)
     if cond_scale == 0:
@@ -1150,6 +1154,80 @@ def _guided_forward(
         _CFG_MASK.mask = None
     cond, null = out[:b], out[b:]
     return null + (cond - null) * cond_scale
+
+
+_ROWS = threading.local()  # a pass of several scales: .scales (one per row), .noise (_TiledNoise)
+
+
+def _rowwise_guided_forward(unet, x, time_, scales, _doubled, **kwargs):
+    """Guidance with a scale per row: one forward of the conditional rows (s != 0) and the null rows (s != 1), then
+    null + (cond - null) * s row by row (s = 1 rows are their conditional output, s = 0 rows their null output,
+    exactly, as one call per scale gives them)."""
+    cond, null = (scales != 0).nonzero().squeeze(1), (scales != 1).nonzero().squeeze(1)
+    n = len(x)
+
+    def pick(t):
+        return torch.cat((t[cond], t[null])) if torch.is_tensor(t) and t.ndim and t.shape[0] == n else t
+
+    def pick_kw(k, v):  # the feature rows, guide and noise level are the same tensors at every step: gather once
+        if _doubled is None or not torch.is_tensor(v):
+            return pick(v)
+        if k not in _doubled or not _same_tensor(_doubled[k][0], v):
+            _doubled[k] = (v, pick(v))
+        return _doubled[k][1]
+
+    _CFG_MASK.mask = torch.cat((torch.ones(len(cond), dtype=torch.bool), torch.zeros(len(null), dtype=torch.bool)))
+    try:
+        out = unet.forward(pick(x), pick(time_), cond_drop_prob=0.5, **{k: pick_kw(k, v) for k, v in kwargs.items()})
+    finally:
+        _CFG_MASK.mask = None
+    c, u = out.new_zeros((n, *out.shape[1:])), out.new_zeros((n, *out.shape[1:]))
+    c[cond], u[null] = out[: len(cond)], out[len(cond) :]
+    return u + (c - u) * scales.to(out).view(-1, *[1] * (out.ndim - 1))
+
+
+class _TiledNoise:
+    """imagen-pytorch's `torch` during a pass of several scales: a noise draw for the pass's rows (scales x clips,
+    scale-major) is the draw of one call of the whole seeding chunk (`chunk` clips), its rows [lo, hi) taken and
+    repeated once per scale. The generator then advances exactly as in one call per scale, so every scale of a clip
+    gets the noise that call gives it."""
+
+    def __init__(self, chunk: int, lo: int, hi: int, copies: int):
+        self.chunk, self.lo, self.hi, self.copies = chunk, lo, hi, copies
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _tile(self, shape, memory_format=torch.contiguous_format, **kw):
+        # randn_like fills a tensor in its memory order (a guide is channels-last): draw the chunk in the same layout
+        shape = tuple(shape)
+        rows = (self.chunk, *shape[1:]) if shape and shape[0] == (self.hi - self.lo) * self.copies else shape
+        noise = torch.empty(rows, memory_format=memory_format, **kw).normal_()
+        if rows == shape:
+            return noise
+        return noise[self.lo : self.hi].repeat(self.copies, *[1] * (len(shape) - 1))
+
+    def randn(self, *shape, **kw):
+        return self._tile(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape, **kw)
+
+    def randn_like(self, x):
+        return self._tile(x.shape, _layout(x), dtype=x.dtype, device=x.device)
+
+
+def _layout(x: torch.Tensor):
+    """The memory format of an image batch: channels-last or contiguous."""
+    cl = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def _rows(scales, noise: _TiledNoise):
+    """A pass of several scales: per-row guidance scales and tiled noise draws inside imagen-pytorch."""
+    _ROWS.scales, ip.torch = scales, noise
+    try:
+        yield
+    finally:
+        _ROWS.scales, ip.torch = None, torch
 
 
 @contextlib.contextmanager
@@ -1215,7 +1293,10 @@ def sample(
     batched. Deterministic for (seed, batch_size). A model with a face prior (`imagen.face_prior`) samples residuals
     and adds the mean face back; under attribute_mean, `labels` (a DataFrame, one row per sample, with the prior's
     attribute columns) pick each sample's mean face. A latent model (`imagen.latent_codec`) samples latents and
-    decodes them."""
+    decodes them.
+
+    `cond_scale` a list of scales: faces (len(cond_scale), B, S, S, 3), every scale of a clip in the same pass
+    (at most batch_size images a pass), with the noise and so the faces of one call per scale (float noise aside)."""
     mode = mode_of(imagen)
     if mode == "super_resolution" and guides is None:
         raise ValueError("a super-resolution model samples from image guides: pass guides (B, 8, 8, 3) uint8")
@@ -1231,31 +1312,60 @@ def sample(
     groups = prior.groups_of(labels, n=len(X)) if prior is not None else None
     if groups is not None and len(groups) != len(X):
         raise ValueError(f"{len(groups)} label rows for {len(X)} feature matrices")
+    many = isinstance(cond_scale, (list, tuple, np.ndarray))
+    scales = [float(s) for s in (cond_scale if many else [cond_scale])]
+    per_pass = max(1, batch_size // len(scales)) if many else batch_size  # clips per pass
+    size = codec.image_size if codec is not None else imagen.image_sizes[-1]
     outs = []
     with _sampling(imagen, steps, use_ema), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(0, len(X), batch_size):
-            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-            kw = dict(
-                text_embeds=X[i : i + batch_size].to(device),
-                cond_scale=cond_scale,
-                use_tqdm=False,
-                lowres_sample_noise_level=lowres_sample_noise_level,  # None: Imagen's own (the preset's)
-                cfg_remove_parallel_component=False,
-            )
-            g = groups[i : i + batch_size] if groups is not None else None
-            if mode == "super_resolution":
-                start = guides[i : i + batch_size].to(device)
-                if prior is not None:  # in residual space, as imagen made the low-res condition in training
-                    start = prior.to_model(start, g, resize=imagen.resize_to)
-                kw.update(start_at_unet_number=2, start_image_or_video=start)
-            img = imagen.sample(**kw)
-            if prior is not None:
-                img = prior.from_model(img, g, resize=imagen.resize_to)
-            if codec is not None:
-                img = codec.from_model(img)
-            outs.append((img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    size = codec.image_size if codec is not None else imagen.image_sizes[-1]
-    return np.concatenate(outs) if outs else np.zeros((0, size, size, 3), np.uint8)
+        for i in range(0, len(X), batch_size):  # a seeding chunk: its noise is a function of (seed, i)
+            n = min(batch_size, len(X) - i)
+            for lo in range(0, n, per_pass):
+                hi = min(n, lo + per_pass)
+                torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                rows = slice(i + lo, i + hi)
+                if not many:
+                    img = _sample_pass(imagen, X[rows], guides, groups, rows, cond_scale, lowres_sample_noise_level)
+                else:
+                    per_row = torch.tensor(scales).repeat_interleave(hi - lo)
+                    with _rows(per_row, _TiledNoise(n, lo, hi, len(scales))):
+                        # imagen checks that a scale other than 1 has guidance; the rows' own scales come from _ROWS
+                        some = next((s for s in scales if s != 1), 1.0)
+                        img = _sample_pass(
+                            imagen, X[rows], guides, groups, rows, some, lowres_sample_noise_level, len(scales)
+                        )
+                faces = (img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                outs.append(faces.reshape(len(scales), hi - lo, *faces.shape[1:]))
+    out = np.concatenate(outs, axis=1) if outs else np.zeros((len(scales), 0, size, size, 3), np.uint8)
+    return out if many else out[0]
+
+
+def _sample_pass(imagen, X, guides, groups, rows, cond_scale, noise_level, copies=1) -> torch.Tensor:
+    """One imagen.sample of the clips `rows` (their feature matrices X), `copies` times over (scale-major: a pass of
+    several scales), the face prior and latent decoding undone: (copies x clips, 3, S, S) in [0, 1]."""
+    device, prior, codec = imagen.device, getattr(imagen, "face_prior", None), getattr(imagen, "latent_codec", None)
+    g = np.tile(groups[rows], copies) if groups is not None else None
+    kw = dict(
+        text_embeds=(X.repeat(copies, 1, 1) if copies > 1 else X).to(device),
+        cond_scale=cond_scale,
+        use_tqdm=False,
+        lowres_sample_noise_level=noise_level,  # None: Imagen's own (the preset's)
+        cfg_remove_parallel_component=False,
+    )
+    if guides is not None:
+        start = guides[rows]
+        if copies > 1:  # in the guides' layout (channels-last: they come from (B, g, g, 3)), as a one-scale call has it
+            start = start.repeat(copies, 1, 1, 1).contiguous(memory_format=_layout(start))
+        start = start.to(device)
+        if prior is not None:  # in residual space, as imagen made the low-res condition in training
+            start = prior.to_model(start, g, resize=imagen.resize_to)
+        kw.update(start_at_unet_number=2, start_image_or_video=start)
+    img = imagen.sample(**kw)
+    if prior is not None:
+        img = prior.from_model(img, g, resize=imagen.resize_to)
+    if codec is not None:
+        img = codec.from_model(img)
+    return img
 
 
 # ---------------------------------------------------------------------- command line (for accelerate launch)

@@ -20,7 +20,8 @@ def load_benchmark(name):
 def test_sampling_benchmark_quick_mode(tmp_path):
     """Train the tiny preset's full_input (super-resolution) for 4 steps on 4 identities x 4 clips, then run the
     sampling benchmark's command line in quick mode: one row per requested step count with a recall@1 in [0, 1]
-    inside its CI, positive times, and the guided-step timing of the last unet."""
+    inside its CI, positive times, the guided-step timing of the last unet, and every scale in one pass against one
+    pass per scale (evaluation.generate both times)."""
     from slf_utils import diffusion
     from slf_utils.config import load_params
     from slf_utils.layout import Layout, synthetic_store
@@ -66,6 +67,11 @@ def test_sampling_benchmark_quick_mode(tmp_path):
     assert g["speedup"] == pytest.approx(g["sequential_s"] / g["batched_s"])
     assert g["max_abs_diff"] < 1e-4  # batched guidance is the same computation
     assert g["source"].endswith("model")  # the trained checkpoint, not the untrained preset
+    s = out["scales"]  # every scale of the sweep, one pass per scale against all in one pass (evaluate.batch_scales)
+    assert s["scales"] == [float(x) for x in cfg["evaluate"]["scales"]] and s["clips"] == 8 and s["sampling_steps"] == 2
+    assert s["speedup"] == pytest.approx(s["per_scale_s"] / s["batched_s"])
+    assert s["max_pixel_diff"] <= 1  # the same faces (the same noise per clip and scale), float rounding aside
+    assert set(s["recall@1"]) == {str(x) for x in s["scales"]}
 
 
 @pytest.mark.slow
