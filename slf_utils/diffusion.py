@@ -299,13 +299,19 @@ def compiles(requested, device, steps: int) -> bool:
     unets (benchmarks/train_speed.py, README: training speed): a compiled CPU step takes ~0.55x an eager one, after a
     first step that compiles for minutes with an empty inductor cache and ~20 s with a filled one; so a compiled
     training with an empty cache pays back after ~3,000 steps, with a filled one after a few hundred."""
-    if isinstance(requested, bool):
-        return requested
+    if requested is False:
+        return False
     if torch.device(device).type == "cuda":
         return True
     import torch._inductor.config as inductor  # only here: importing inductor takes a while
 
-    return steps >= AUTO_COMPILE_STEPS and any(shutil.which(c) for c in inductor.cpp.cxx if c)
+    compilers = [c for c in inductor.cpp.cxx if c]
+    if requested is True and not any(shutil.which(c) for c in compilers):
+        raise RuntimeError(
+            f"model.trainer.compile: true on a CPU needs a C++ compiler (inductor writes C++; none of {compilers} "
+            "found): install one (g++), or set compile: auto, which trains eager without one"
+        )
+    return requested is True or (steps >= AUTO_COMPILE_STEPS and any(shutil.which(c) for c in compilers))
 
 
 def _compile_unet(unet):

@@ -108,3 +108,6 @@ def test_compile_auto_compiles_on_cuda_and_on_a_cpu_with_a_compiler_for_a_long_t
     assert diffusion.compiles("auto", "cpu", long) and not diffusion.compiles("auto", "cpu", short)
     monkeypatch.setattr(diffusion.shutil, "which", lambda name: None)  # no C++ compiler: inductor cannot build
     assert not diffusion.compiles("auto", "cpu", long)
+    with pytest.raises(RuntimeError, match="model.trainer.compile: true on a CPU needs a C\\+\\+ compiler"):
+        diffusion.compiles(True, "cpu", long)
+    assert diffusion.compiles(True, "cuda", 1)  # a GPU compiles with Triton
