@@ -1,20 +1,22 @@
-"""Training speed levers (issue 29), side by side in one process: training steps of a system's unet in the
-ImagenTrainer that training builds (diffusion.make_trainer, the recipe of params/<grid>.yaml resolved by
-diffusion.resolve_recipe), eager against each lever, interleaved step by step (eager, lever, eager, lever ...) so
-that the machine's noise hits both, on the same random batches of the real shapes from the same seed.
+"""Training speed levers (issue 29), side by side: training steps of a system's unet in the ImagenTrainer that
+training builds (diffusion.make_trainer, the recipe of params/<grid>.yaml resolved by diffusion.resolve_recipe),
+eager against each lever in one process, interleaved step by step in a new random order every round so that the
+machine's noise hits all of them, on the same random batches of the real shapes from the same seed.
 
     python benchmarks/train_speed.py                                 # demo generation + super-resolution, paper unet
-    python benchmarks/train_speed.py --setups demo_generation --levers compile --steps 40
-    python benchmarks/train_speed.py --compile-cache                 # first compiled step: cold cache, then warm
+    python benchmarks/train_speed.py --setups demo_generation --levers compile,compile+fused --steps 40
+    python benchmarks/train_speed.py --compile-cache                 # compiled: fresh processes, cold then warm cache
     python benchmarks/train_speed.py --two-trainings                 # 2 trainings at once: 1 vs 2 threads each
-    python benchmarks/train_speed.py --profile                       # torch.profiler top operators, eager vs levers
+    python benchmarks/train_speed.py --profile --levers compile+fused   # torch.profiler top operators, eager vs levers
 
-Levers (model.trainer keys of the preset, applied on top of the recipe's own trainer options with compile off):
-compile (torch.compile of the unet, inductor), channels_last, fused (Adam fused=True instead of foreach), plain
-(Adam without foreach: what foreach buys). Prints per setup and lever: seconds per step (median of the timed steps),
-eager / lever, the first step (compilation) beyond a median step, the projected wall time of a whole training of the
-recipe's train.steps (first step included), and the largest loss difference to eager over the steps (a lever must
-not change what is learned beyond float noise; trajectories drift apart slowly, so also the first five steps).
+Levers (model.trainer keys of the preset, on top of the recipe's own trainer options with compile off; join them
+with + to combine): same (a second eager run: the noise floor), compile (torch.compile of the unet, inductor),
+channels_last, fused (Adam fused=True instead of foreach), plain (Adam without foreach: what foreach buys). Prints
+per setup and lever: seconds per step (median of the timed steps), eager / lever (median of the step-by-step
+ratios), the first step beyond a median one (compilation), the projected whole training of the recipe's
+train.steps (first step included), and the largest loss difference to eager (a lever must not change what is
+learned beyond float noise; trajectories drift apart slowly, so also over the first five steps). The paper's unet
+(~10 GB with Adam and EMA) runs each variant in a fresh process of its own instead, one after the other.
 """
 
 from __future__ import annotations
@@ -145,16 +147,19 @@ def compare(setup: str, levers: list[str], steps: int | None = None, warmup: int
         f"median of {steps} steps after {warmup}; whole training = {total} steps"
     )
     log(
-        f"{'lever':>14} {'s/step':>8} {'eager/lever':>11} {'1st step +s':>11} {'training s':>10} {'whole x':>8} "
+        f"{'lever':>22} {'s/step':>8} {'eager/lever':>11} {'1st step +s':>11} {'training s':>10} {'whole x':>8} "
         f"{'loss@N':>8} {'max|dloss|':>10} {'first 5':>9}"
     )
     for row in rows:
         row["whole_training_ratio"] = e["projected_train_s"] / row["projected_train_s"]
         log(
-            f"{row['lever']:>14} {row['seconds_per_step']:8.4f} {row['eager_over_lever']:10.2f}x "
+            f"{row['lever']:>22} {row['seconds_per_step']:8.4f} {row['eager_over_lever']:10.2f}x "
             f"{row['first_step_extra_s']:11.1f} {row['projected_train_s']:10.0f} {row['whole_training_ratio']:7.2f}x "
             f"{row['loss_last']:8.4f} {row['max_loss_diff']:10.2e} {row['max_loss_diff_first5']:9.2e}"
         )
+    if sum("compile" in run.name for run in runs) > 1:
+        log("  (compiled variants of one graph share this process's compilation: the first to run pays it;")
+        log("   what a fresh process pays, with an empty and a filled inductor cache: --compile-cache)")
     del runs
     return {"setup": setup, "rows": rows}
 
@@ -167,11 +172,15 @@ def _child(args: list[str], threads: int, env: dict | None = None) -> subprocess
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _result(proc: subprocess.Popen) -> dict:
+def _result(proc: subprocess.Popen) -> dict | None:
+    """The child's last line of output as JSON (None if it is not)."""
     out, err = proc.communicate()
     if proc.returncode:
         raise RuntimeError(f"child benchmark failed ({proc.args}):\n{err[-3000:]}")
-    return json.loads(out.strip().splitlines()[-1])
+    try:
+        return json.loads(out.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return None
 
 
 def single(setup: str, lever: str | None, steps: int, warmup: int = 1) -> dict:
@@ -184,27 +193,67 @@ def single(setup: str, lever: str | None, steps: int, warmup: int = 1) -> dict:
     size, dim = r.preset[r.mode]["image_sizes"][k - 1], r.preset["text_embed_dim"]
     for step in range(warmup + steps):
         run.step(*batch_of(step, batch, size, dim, r.seed), seed=step)
-    return {"first_step_s": run.times[0], "seconds_per_step": statistics.median(run.times[warmup:]), "build_s": build}
+    return {
+        "first_step_s": run.times[0],
+        "seconds_per_step": statistics.median(run.times[warmup:]),
+        "build_s": build,
+        "losses": run.losses,
+    }
 
 
-def compile_cache(setup: str, steps: int = 5, log=print) -> dict:
-    """The first compiled step in a fresh process with an empty inductor cache, then in a second fresh process with
-    the cache the first one wrote (a grid's later trainings), each beside an eager process's first step."""
-    with tempfile.TemporaryDirectory() as cache:
-        env = {"TORCHINDUCTOR_CACHE_DIR": cache}
-        args = ["--single", setup, "--steps", str(steps)]
-        eager = _result(_child(args, 1, env))
-        cold = _result(_child([*args, "--single-lever", "compile"], 1, env))
-        warm = _result(_child([*args, "--single-lever", "compile"], 1, env))
-    res = {"setup": setup, "eager": eager, "cold": cold, "warm": warm}
-    log(f"\n{setup}: first step in a fresh process (one thread each, one after the other)")
-    for name in ("eager", "cold", "warm"):
-        x = res[name]
-        log(
-            f"  {name:>5}: first step {x['first_step_s']:7.1f} s (+{x['first_step_s'] - x['seconds_per_step']:.1f} s "
-            f"beyond a median step of {x['seconds_per_step']:.4f} s)"
+def sequential(setup: str, levers: list[str], steps: int, rounds: int = 2, log=print) -> dict:
+    """Eager and each lever in fresh processes one after the other, the order reversed every round (a unet too big
+    for two copies side by side in memory: the paper's): s/step (median over rounds of each process's median),
+    eager / lever, the first step, the largest loss difference to eager over the same seeded steps."""
+    names = ["eager", *levers]
+    runs = {n: [] for n in names}
+    for i in range(rounds):
+        for n in names if i % 2 == 0 else names[::-1]:
+            lever = [] if n == "eager" else ["--single-lever", n]
+            runs[n].append(_result(_child(["--single", setup, "--steps", str(steps), *lever], torch.get_num_threads())))
+    med = {n: statistics.median(x["seconds_per_step"] for x in v) for n, v in runs.items()}
+    rows = []
+    for n, v in runs.items():
+        diff = max(abs(a - b) for a, b in zip(v[0]["losses"], runs["eager"][0]["losses"]))
+        rows.append(
+            {
+                "setup": setup,
+                "lever": n,
+                "seconds_per_step": med[n],
+                "eager_over_lever": med["eager"] / med[n],
+                "first_step_s": statistics.median(x["first_step_s"] for x in v),
+                "max_loss_diff": diff,
+            }
         )
-    log(f"  the warm cache saves {cold['first_step_s'] - warm['first_step_s']:.1f} s of the cold compile")
+    log(f"\n{setup}: each variant in its own process, {rounds} rounds of {steps} steps, order reversed each round")
+    log(f"{'lever':>14} {'s/step':>8} {'eager/lever':>11} {'1st step s':>10} {'max|dloss|':>10}")
+    for row in rows:
+        log(
+            f"{row['lever']:>14} {row['seconds_per_step']:8.3f} {row['eager_over_lever']:10.2f}x "
+            f"{row['first_step_s']:10.1f} {row['max_loss_diff']:10.2e}"
+        )
+    return {"setup": setup, "rows": rows}
+
+
+def compile_cache(setup: str, steps: int = 10, log=print) -> dict:
+    """Eager against compiled in a fresh process with an empty inductor cache, then in a second fresh process with
+    the cache the first one wrote (a grid's later trainings): the first step's compilation, the step ratio and the
+    whole training (the recipe's train.steps) with that compilation, eager / compiled."""
+    res = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(tmp) / "inductor")}
+        for name in ("cold", "warm"):
+            path = Path(tmp) / f"{name}.json"
+            args = ["--setups", setup, "--levers", "compile", "--steps", str(steps), "--json", str(path)]
+            _result(_child(args, 1, env))
+            res[name] = json.loads(path.read_text())[setup]["rows"][1]
+    log(f"\n{setup}: eager vs compiled in fresh processes, one thread, {steps} steps each")
+    log(f"  {'cache':>6} {'1st step +s':>11} {'eager/compiled':>14} {'whole training':>14}")
+    for name, row in res.items():
+        log(
+            f"  {name:>6} {row['first_step_extra_s']:11.1f} {row['eager_over_lever']:13.2f}x "
+            f"{row['whole_training_ratio']:13.2f}x  ({row['train_steps']} steps)"
+        )
     return res
 
 
@@ -291,7 +340,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of this process")
     ap.add_argument("--compile-cache", action="store_true", help="first compiled step in fresh processes instead")
     ap.add_argument("--two-trainings", action="store_true", help="thread settings for two trainings at once instead")
-    ap.add_argument("--rounds", type=int, default=2, help="--two-trainings: rounds of the configurations")
+    ap.add_argument("--rounds", type=int, default=2, help="rounds of --two-trainings and of the paper's processes")
     ap.add_argument("--profile", action="store_true", help="torch.profiler top operators instead (first setup)")
     ap.add_argument("--single", default=None, help=argparse.SUPPRESS)  # a child process: one setup, one variant
     ap.add_argument("--single-lever", default=None, help=argparse.SUPPRESS)
@@ -310,13 +359,16 @@ def main(argv=None) -> dict:
     if args.profile:
         res = profile(setups[0], levers, steps=args.steps or 20)
     elif args.compile_cache:
-        res = {s: compile_cache(s, args.steps or 5) for s in setups}
+        res = {s: compile_cache(s, args.steps or 10) for s in setups}
     elif args.two_trainings:
         res = {s: two_trainings(s, args.steps or 20, args.rounds) for s in setups}
     else:
         paper_levers = [v for v in args.paper_levers.split(",") if v]
+        # the paper unet with Adam's state and EMA is ~10 GB: one process at a time, not copies side by side
         res = {
-            s: compare(s, paper_levers if s == "paper" else levers, args.steps, args.warmup if s != "paper" else 1)
+            s: sequential(s, paper_levers, args.steps or SETUPS[s][4], args.rounds)
+            if s == "paper"
+            else compare(s, levers, args.steps, args.warmup)
             for s in setups
         }
     if args.json:
