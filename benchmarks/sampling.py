@@ -5,17 +5,23 @@
    step count is free at evaluation; the question is whether recall@1 stays inside the 1000-step 95 % bootstrap CI.
 2. Guidance: the time of one guided denoising step of the system's last unet with the conditional and null passes
    batched into one forward (what `diffusion.sample` does) against imagen-pytorch's two forwards one after the other.
+3. Scales: every scale of the sweep sampled one pass per scale against all scales in one pass
+   (`evaluate.batch_scales`): the time ratio, the largest pixel difference, recall@1 per scale of both.
+
+Steps and scales run `evaluation.generate`, the code notebook 04 runs, into a temporary folder.
 
 Needs a trained system (notebook 03) and its store:
     python benchmarks/sampling.py --params params/demo.yaml --system full_input
     python benchmarks/sampling.py --steps 1000,50 --max-clips 16        # quicker
     python benchmarks/sampling.py --only guidance --batch 16 --repeats 20
+    python benchmarks/sampling.py --only scales --max-clips 40 --rounds 2
     python benchmarks/sampling.py --quick    # smoke run: steps 8,4 on 8 clips, batch 2, 2 repeats (any model)
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,12 +39,13 @@ DEFAULTS = {
     "max_clips": (None, 8),
     "batch": (16, 2),
     "repeats": (10, 2),
+    "rounds": (2, 1),
 }
 
 
-def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
-    """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference."""
-    from slf_utils import diffusion, evaluation, layout
+def _bench_setup(cfg, system_name, max_clips=None, log=print):
+    """(store, clips, gallery, embedder) of a system's evaluation, at most `max_clips` clips."""
+    from slf_utils import evaluation, layout
     from slf_utils.store import open_store
 
     ev = evaluation.eval_params(cfg)
@@ -51,46 +58,104 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
         # shrinks with it (chance = 1/N of these identities)
         order = clips.groupby("identity").cumcount().sort_values(kind="stable").index
         clips = clips.loc[order[:max_clips]].sort_values("clip_id").reset_index(drop=True)
-    ids = clips["clip_id"].tolist()
-    model_dir = Path(cfg["results"]) / system_name / "model"
-    imagen, meta = diffusion.load_model(model_dir)
-    x = lay.build(store, ids, system.keep, meta["stats"] or evaluation.load_norm_stats(model_dir))
-    sr = system.mode == "super_resolution"
-    guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
     embedder = evaluation.make_embedder(cfg, store)
     gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
     n_ids = len(set(gallery.identities))
     log(
-        f"{system_name}: {len(ids)} test clips, {n_ids} identities (chance recall@1 {1 / n_ids:.3f}), scale {scale:g}, "
+        f"{system_name}: {len(clips)} test clips, {n_ids} identities (chance recall@1 {1 / n_ids:.3f}), "
         f"face model {ev['face_model']}"
     )
+    return store, clips, gallery, embedder
+
+
+def _generated(cfg, system_name, clips, store, scales, evaluate: dict, out) -> tuple[float, dict]:
+    """Seconds and {scale: images} of evaluation.generate (the code notebook 04 runs) with `evaluate` settings set,
+    writing into `out` instead of the system's eval folder."""
+    from slf_utils import evaluation
+    from slf_utils.config import deep_merge
+
+    c = deep_merge(cfg, {"evaluate": evaluate})
+    t = time.perf_counter()
+    samples = evaluation.generate(c, system_name, clips, store, scales=scales, log=lambda *a: None, out=out)
+    seconds = time.perf_counter() - t
+    ids = clips["clip_id"].tolist()
+    return seconds, {s: np.stack(images) for s, images, _ in evaluation._scales_of(Path(out), samples, scales, ids)}
+
+
+def _recall1(cfg, gallery, embedder, images) -> tuple:
+    from slf_utils import evaluation
+
+    ev = evaluation.eval_params(cfg)
+    emb, _ = embedder.embed(images)
+    hits = evaluation.retrieval_hits(
+        emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
+    )
+    return evaluation.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
+
+
+def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
+    """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference."""
+    store, clips, gallery, embedder = _bench_setup(cfg, system_name, max_clips, log)
+    log(f"  scale {scale:g}")
     rows = []
-    for steps in steps_list:
-        t = time.perf_counter()
-        images = diffusion.sample(
-            imagen,
-            x,
-            cond_scale=float(scale),
-            guides=guides,
-            steps=steps,
-            seed=ev["seed"],
-            use_ema=ev["use_ema"],
-            lowres_sample_noise_level=ev["lowres_sample_noise_level"],
-            batch_size=ev["batch_size"],
-        )
-        seconds = time.perf_counter() - t
-        emb, _ = embedder.embed(images)
-        hits = evaluation.retrieval_hits(
-            emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
-        )
-        value, lo, hi, n = evaluation.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
-        rows.append({"steps": steps, "seconds": seconds, "recall@1": value, "ci_low": lo, "ci_high": hi, "n": n})
-        log(f"  {steps:5d} steps: {seconds:8.1f} s  recall@1 {value:.3f} [{lo:.3f}, {hi:.3f}]")
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in steps_list:
+            seconds, images = _generated(
+                cfg, system_name, clips, store, [scale], {"sampling_steps": steps}, Path(tmp) / f"steps{steps}"
+            )
+            value, lo, hi, n = _recall1(cfg, gallery, embedder, images[scale])
+            rows.append({"steps": steps, "seconds": seconds, "recall@1": value, "ci_low": lo, "ci_high": hi, "n": n})
+            log(f"  {steps:5d} steps: {seconds:8.1f} s  recall@1 {value:.3f} [{lo:.3f}, {hi:.3f}]")
     ref = rows[0]
     for r in rows:
         r["speedup"] = ref["seconds"] / r["seconds"]
         r["inside_reference_ci"] = bool(ref["ci_low"] <= r["recall@1"] <= ref["ci_high"])
     return rows
+
+
+def scales_benchmark(cfg, system_name, scales=None, max_clips=None, rounds=2, steps=None, log=print) -> dict:
+    """evaluation.generate at every scale of the sweep, one pass per scale against every scale in one pass
+    (evaluate.batch_scales), interleaved for `rounds` rounds on the same clips, seed and steps: the time ratio, the
+    largest pixel difference of the faces, and recall@1 per scale of both. steps: sampling steps (default
+    evaluate.sampling_steps)."""
+    from slf_utils import evaluation
+
+    ev = evaluation.eval_params(cfg)
+    scales = [float(s) for s in (scales or ev["scales"])]
+    steps = steps or ev["sampling_steps"]
+    store, clips, gallery, embedder = _bench_setup(cfg, system_name, max_clips, log)
+    times, images = {False: [], True: []}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(rounds):
+            for batched in (False, True) if i % 2 == 0 else (True, False):
+                out = Path(tmp) / f"{batched}{i}"
+                settings = {"batch_scales": batched, "sampling_steps": steps}
+                seconds, images[batched] = _generated(cfg, system_name, clips, store, scales, settings, out)
+                times[batched].append(seconds)
+    per, together = float(np.median(times[False])), float(np.median(times[True]))
+    diff = max(int(np.abs(images[False][s].astype(int) - images[True][s]).max()) for s in scales)
+    recall = {
+        s: (_recall1(cfg, gallery, embedder, images[False][s])[0], _recall1(cfg, gallery, embedder, images[True][s])[0])
+        for s in scales
+    }
+    res = {
+        "scales": scales,
+        "clips": len(clips),
+        "batch_size": ev["batch_size"],
+        "sampling_steps": steps,
+        "per_scale_s": per,
+        "batched_s": together,
+        "speedup": per / together,
+        "max_pixel_diff": diff,
+        "recall@1": {str(s): r for s, r in recall.items()},
+        "same_recall": all(a == b for a, b in recall.values()),
+    }
+    log(
+        f"  all {len(scales)} scales of {len(clips)} clips: one pass per scale {per:.1f} s, all in one pass "
+        f"{together:.1f} s -> x{per / together:.2f} (median of {rounds}); faces differ by at most {diff} of 255; "
+        f"recall@1 {'the same at every scale' if res['same_recall'] else 'differs: ' + str(recall)}"
+    )
+    return res
 
 
 def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=print) -> dict:
@@ -164,8 +229,8 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
 
 
 def main(argv=None) -> dict:
-    """Run the benchmarks; returns {"steps": steps_benchmark rows, "guidance": guidance_benchmark dict} (the ones
-    run)."""
+    """Run the benchmarks; returns {"steps": steps_benchmark rows, "guidance": guidance_benchmark dict, "scales":
+    scales_benchmark dict} (the ones run)."""
     import torch
 
     from slf_utils.config import load_params
@@ -179,7 +244,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, help="batch of the guided-step benchmark (default 16)")
     ap.add_argument("--repeats", type=int, help="timed repeats of the guided step (default 10)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--only", choices=["steps", "guidance"], default=None)
+    ap.add_argument("--only", choices=["steps", "guidance", "scales"], default=None)
+    ap.add_argument("--scales", type=_ints, help="scales benchmark: comma list (default evaluate.scales)")
+    ap.add_argument("--rounds", type=int, help="scales benchmark: rounds of both variants (default 2)")
     ap.add_argument(
         "--quick",
         action="store_true",
@@ -193,7 +260,7 @@ def main(argv=None) -> dict:
     cfg = load_params(args.params)
     scale = args.scale if args.scale is not None else float(cfg["report"]["chosen_scale"])
     out = {}
-    if args.only != "guidance":
+    if args.only in (None, "steps"):
         rows = out["steps"] = steps_benchmark(cfg, args.system, args.steps, scale, args.max_clips)
         ref = rows[0]
         print(
@@ -206,8 +273,11 @@ def main(argv=None) -> dict:
                 f"{r['steps']:6d} {r['seconds']:9.1f} {r['speedup']:7.1f}x {r['recall@1']:9.3f}  "
                 f"{'yes' if r['inside_reference_ci'] else 'NO'}"
             )
-    if args.only != "steps":
+    if args.only in (None, "guidance"):
         out["guidance"] = guidance_benchmark(cfg, args.system, args.batch, scale, args.repeats)
+    if args.only in (None, "scales"):
+        steps = args.steps[-1] if args.quick else None  # quick: the fewest steps asked for
+        out["scales"] = scales_benchmark(cfg, args.system, args.scales, args.max_clips, args.rounds, steps)
     return out
 
 

@@ -22,6 +22,7 @@ import contextlib
 import functools
 import json
 import math
+import shutil
 import threading
 import time
 import warnings
@@ -34,6 +35,7 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 from accelerate.utils import parse_flag_from_env
+from einops import rearrange
 from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from tqdm.auto import tqdm
 
@@ -80,6 +82,8 @@ PRESET_KEYS = {
 FACE_PRIORS = ("none", "mean", "attribute_mean")
 # model.trainer.precision: auto (bf16 mixed precision where the device has it, else fp32), fp32, bf16 or fp16
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# model.trainer.compile auto: a CPU training compiles its unet from this many steps on (diffusion.compiles)
+AUTO_COMPILE_STEPS = 2000
 PRIOR_ATTRIBUTES = ("gender", "ethnicity", "age", "language")  # clip labels; age in decades
 CACHE_BYTES = 8 * 2**30  # above this, training batches are read from the store per step instead of precomputed
 
@@ -142,9 +146,19 @@ def _check_model_options(preset: dict, where: str):
             f"{where}: model.face_prior_attributes must be a non-empty list of distinct clip labels among "
             f"{', '.join(PRIOR_ATTRIBUTES)}, got {attrs!r}"
         )
-    precision = preset.get("trainer", {}).get("precision", "fp32")
+    trainer = preset.get("trainer", {})
+    precision = trainer.get("precision", "fp32")
     if precision not in PRECISIONS:
         raise ParamsError(f"{where}: model.trainer.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    compile_ = trainer.get("compile", False)
+    if not (isinstance(compile_, bool) or compile_ == "auto"):
+        raise ParamsError(f"{where}: model.trainer.compile must be false, true or auto, got {compile_!r}")
+    if not isinstance(trainer.get("channels_last", False), bool):
+        raise ParamsError(
+            f"{where}: model.trainer.channels_last must be true or false, got {trainer['channels_last']!r}"
+        )
+    if trainer.get("foreach") and trainer.get("fused"):
+        raise ParamsError(f"{where}: model.trainer: Adam runs foreach or fused, not both: set one of them to false")
     if preset.get("latent") is None:
         return
     preset["latent"] = latent = autoencoder.check_config(preset["latent"], f"{where}: model.latent")
@@ -244,10 +258,72 @@ def training_precision(requested: str = "fp32") -> str:
 
 
 def trainer_options(preset: dict) -> dict:
-    """The preset's ImagenTrainer arguments, its precision resolved (Accelerate's mixed_precision; fp32 = none)."""
-    opts = dict(preset.get("trainer", {}))
+    """The preset's ImagenTrainer arguments, its precision resolved (Accelerate's mixed_precision; fp32 = none) and
+    the workbook's own speed levers (compile, channels_last: make_trainer applies them) left out."""
+    opts = {k: v for k, v in preset.get("trainer", {}).items() if k not in ("compile", "channels_last")}
     precision = training_precision(opts.pop("precision", "fp32"))
     return opts | ({} if precision == "fp32" else {"precision": precision})
+
+
+def make_trainer(imagen, k: int, preset: dict, t_cfg: dict) -> ImagenTrainer:
+    """The ImagenTrainer of unet k as training runs it (benchmarks/train_speed.py times this one): the preset's
+    trainer options (model.trainer), train.lr, train.ema, the learning-rate schedule, and the speed levers
+    model.trainer.channels_last and model.trainer.compile."""
+    # train.lr_schedule cosine: the learning rate decays to 0 over train.steps; a constant rate leaves the last
+    # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
+    schedule = {"cosine_decay_max_steps": int(t_cfg["steps"])} if t_cfg["lr_schedule"] == "cosine" else {}
+    warmup = int(t_cfg["warmup_steps"])
+    options = trainer_options(preset)
+    _allow_precision(options)
+    unet = imagen.unets[k - 1]
+    if preset.get("trainer", {}).get("channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+    trainer = ImagenTrainer(
+        imagen,
+        only_train_unet_number=k,
+        use_ema=bool(t_cfg["ema"]),
+        lr=float(t_cfg["lr"]),
+        verbose=False,
+        **schedule,
+        **({"warmup_steps": warmup} if warmup else {}),
+        **options,
+    )
+    if compiles(preset.get("trainer", {}).get("compile", False), trainer.device, int(t_cfg["steps"])):
+        _compile_unet(unet)
+    return trainer
+
+
+def compiles(requested, device, steps: int) -> bool:
+    """model.trainer.compile -> whether the unet is compiled. `auto`: on a CUDA device, and on a CPU with a C++
+    compiler (inductor writes C++ there) for a training of at least AUTO_COMPILE_STEPS steps. Measured on the demo's
+    unets (benchmarks/train_speed.py, README: training speed): a compiled CPU step takes ~0.55x an eager one, after a
+    first step that compiles for minutes with an empty inductor cache and ~20 s with a filled one; so a compiled
+    training with an empty cache pays back after ~3,000 steps, with a filled one after a few hundred."""
+    if requested is False:
+        return False
+    if torch.device(device).type == "cuda":
+        return True
+    import torch._inductor.config as inductor  # only here: importing inductor takes a while
+
+    compilers = [c for c in inductor.cpp.cxx if c]
+    if requested is True and not any(shutil.which(c) for c in compilers):
+        raise RuntimeError(
+            f"model.trainer.compile: true on a CPU needs a C++ compiler (inductor writes C++; none of {compilers} "
+            "found): install one (g++), or set compile: auto, which trains eager without one"
+        )
+    return requested is True or (steps >= AUTO_COMPILE_STEPS and any(shutil.which(c) for c in compilers))
+
+
+def _compile_unet(unet):
+    """torch.compile (inductor) of a unet's forward. imagen-pytorch calls `unet.forward` directly (p_losses), so the
+    instance's forward is replaced rather than the module wrapped: state-dict keys, checkpoints and Accelerate's
+    wrappers stay as they are with eager. fallback_random: random draws inside the unet (the cond-drop mask) come
+    from torch's generator as in eager, so a compiled run draws what the eager run draws."""
+    # einops registers a backend per tensor type on first use and the compiled graph is guarded on that registry:
+    # register tensors and parameters now, or the first eager use after the first compiled call recompiles it all
+    for t in (torch.zeros(1), torch.nn.Parameter(torch.zeros(1))):
+        rearrange(t, "a -> a")
+    unet.forward = torch.compile(unet.forward, options={"fallback_random": True})
 
 
 def _allow_precision(options: dict):
@@ -766,6 +842,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
             "requested": preset.get("trainer", {}).get("precision", "fp32"),
             "used": next((t["precision"] for t in timing.values()), None),
         },
+        "compiled": any(t["compiled"] for t in timing.values()),  # model.trainer.compile resolved
         "processes": _processes().num_processes,  # the effective batch is batch_size x processes
         "batch_cache": "precomputed" if data.batches.cached else "per-step store reads",
         "face_prior": None
@@ -794,7 +871,7 @@ def _check_resume(ck, system, preset, layout, path):
             ("system", ck["system"], system.name),
             ("mode", ck["mode"], system.mode),
             ("keep", list(ck["keep"]), list(system.keep)),
-            ("preset", ck["preset"], preset),
+            ("preset", _learned(ck["preset"]), _learned(preset)),
             ("layout", ck["layout_hash"], layout.hash),
         )
         if a != b
@@ -806,6 +883,13 @@ def _check_resume(ck, system, preset, layout, path):
         )
 
 
+def _learned(preset: dict) -> dict:
+    """The preset less the speed levers, which change how fast a model trains, not what it learns: a checkpoint
+    trained eager resumes compiled and back."""
+    trainer = {k: v for k, v in preset.get("trainer", {}).items() if k not in ("compile", "channels_last")}
+    return {**preset, "trainer": trainer}
+
+
 def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) -> dict:
     """Train unet k of recipe `r` on `data` (data.encode: what the unet learns instead of the batch's faces)."""
     layout, system, preset, t_cfg, batches, encode = r.layout, r.system, r.preset, r.train, data.batches, data.encode
@@ -813,21 +897,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
     accum, every, seed = max(1, int(t_cfg.get("grad_accum", 1))), int(t_cfg["checkpoint_every"]), int(t_cfg["seed"])
     p_drop, noise_sd = float(t_cfg["attribute_dropout"]), float(t_cfg["feature_noise"])
     droppable = [n for n in layout.dropout_constituents if n in system.keep] if p_drop > 0 else []
-    # train.lr_schedule cosine: the learning rate decays to 0 over train.steps; a constant rate leaves the last
-    # weights as noisy as the last batches (on the demo, recall moved by +-0.05 between checkpoints)
-    schedule = {"cosine_decay_max_steps": steps} if t_cfg["lr_schedule"] == "cosine" else {}
-    warmup = int(t_cfg["warmup_steps"])
-    _allow_precision(trainer_options(preset))
-    trainer = ImagenTrainer(
-        imagen,
-        only_train_unet_number=k,
-        use_ema=bool(t_cfg["ema"]),
-        lr=float(t_cfg["lr"]),
-        verbose=False,
-        **schedule,
-        **({"warmup_steps": warmup} if warmup else {}),
-        **trainer_options(preset),
-    )
+    trainer = make_trainer(imagen, k, preset, t_cfg)
     key = str(k)
     start = int(state["steps"].get(key, 0))
     if key in state["optim"]:
@@ -835,7 +905,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
     for name in (f"scheduler{k - 1}", f"warmup{k - 1}"):
         if exists(getattr(trainer, name, None)) and name in state.get("schedulers", {}).get(key, {}):
             getattr(trainer, name).load_state_dict(state["schedulers"][key][name])
-    if schedule:
+    if t_cfg["lr_schedule"] == "cosine":
         # a run resumed with more steps goes on from the rate it had reached and ends at 0 at its new last step
         # (one that had already decayed to 0 stays there: extend a cosine run before it ends, or start anew)
         getattr(trainer, f"scheduler{k - 1}").T_max = steps
@@ -895,6 +965,7 @@ def _train_unet(imagen, k, r: Recipe, data: TrainingSet, state, records, out) ->
         "data_wait_share": float(t[:, 1].sum() / t[:, 0].sum()) if len(t) else None,
         "device": str(trainer.device),
         "precision": {"no": "fp32"}.get(trainer.accelerator.mixed_precision, trainer.accelerator.mixed_precision),
+        "compiled": compiles(preset.get("trainer", {}).get("compile", False), trainer.device, steps),
     }
 
 
@@ -1071,7 +1142,11 @@ def _guided_forward(
     unet, x, time_, *, cond_scale=1.0, remove_parallel_component=False, keep_parallel_frac=0.0, _doubled=None, **kwargs
 ):
     """Classifier-free guidance null + (cond - null) * s with the conditional and null passes in one batch.
-    s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly)."""
+    s = 1: conditional only; s = 0: null only (the feature rows are ignored exactly). In a pass of several scales
+    (_ROWS.scales: one scale per row) each row gets its own s."""
+    scales = getattr(_ROWS, "scales", None)
+    if scales is not None and len(scales) == len(x):
+        return _rowwise_guided_forward(unet, x, time_, scales, _doubled, **kwargs)
     if cond_scale == 1:
         return unet.forward(x, time_, **kwargs)
     if cond_scale == 0:
@@ -1095,6 +1170,80 @@ def _guided_forward(
         _CFG_MASK.mask = None
     cond, null = out[:b], out[b:]
     return null + (cond - null) * cond_scale
+
+
+_ROWS = threading.local()  # a pass of several scales: .scales (one per row), .noise (_TiledNoise)
+
+
+def _rowwise_guided_forward(unet, x, time_, scales, _doubled, **kwargs):
+    """Guidance with a scale per row: one forward of the conditional rows (s != 0) and the null rows (s != 1), then
+    null + (cond - null) * s row by row (s = 1 rows are their conditional output, s = 0 rows their null output,
+    exactly, as one call per scale gives them)."""
+    cond, null = (scales != 0).nonzero().squeeze(1), (scales != 1).nonzero().squeeze(1)
+    n = len(x)
+
+    def pick(t):
+        return torch.cat((t[cond], t[null])) if torch.is_tensor(t) and t.ndim and t.shape[0] == n else t
+
+    def pick_kw(k, v):  # the feature rows, guide and noise level are the same tensors at every step: gather once
+        if _doubled is None or not torch.is_tensor(v):
+            return pick(v)
+        if k not in _doubled or not _same_tensor(_doubled[k][0], v):
+            _doubled[k] = (v, pick(v))
+        return _doubled[k][1]
+
+    _CFG_MASK.mask = torch.cat((torch.ones(len(cond), dtype=torch.bool), torch.zeros(len(null), dtype=torch.bool)))
+    try:
+        out = unet.forward(pick(x), pick(time_), cond_drop_prob=0.5, **{k: pick_kw(k, v) for k, v in kwargs.items()})
+    finally:
+        _CFG_MASK.mask = None
+    c, u = out.new_zeros((n, *out.shape[1:])), out.new_zeros((n, *out.shape[1:]))
+    c[cond], u[null] = out[: len(cond)], out[len(cond) :]
+    return u + (c - u) * scales.to(out).view(-1, *[1] * (out.ndim - 1))
+
+
+class _TiledNoise:
+    """imagen-pytorch's `torch` during a pass of several scales: a noise draw for the pass's rows (scales x clips,
+    scale-major) is the draw of one call of the whole seeding chunk (`chunk` clips), its rows [lo, hi) taken and
+    repeated once per scale. The generator then advances exactly as in one call per scale, so every scale of a clip
+    gets the noise that call gives it."""
+
+    def __init__(self, chunk: int, lo: int, hi: int, copies: int):
+        self.chunk, self.lo, self.hi, self.copies = chunk, lo, hi, copies
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    def _tile(self, shape, memory_format=torch.contiguous_format, **kw):
+        # randn_like fills a tensor in its memory order (a guide is channels-last): draw the chunk in the same layout
+        shape = tuple(shape)
+        rows = (self.chunk, *shape[1:]) if shape and shape[0] == (self.hi - self.lo) * self.copies else shape
+        noise = torch.empty(rows, memory_format=memory_format, **kw).normal_()
+        if rows == shape:
+            return noise
+        return noise[self.lo : self.hi].repeat(self.copies, *[1] * (len(shape) - 1))
+
+    def randn(self, *shape, **kw):
+        return self._tile(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape, **kw)
+
+    def randn_like(self, x):
+        return self._tile(x.shape, _layout(x), dtype=x.dtype, device=x.device)
+
+
+def _layout(x: torch.Tensor):
+    """The memory format of an image batch: channels-last or contiguous."""
+    cl = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+@contextlib.contextmanager
+def _rows(scales, noise: _TiledNoise):
+    """A pass of several scales: per-row guidance scales and tiled noise draws inside imagen-pytorch."""
+    _ROWS.scales, ip.torch = scales, noise
+    try:
+        yield
+    finally:
+        _ROWS.scales, ip.torch = None, torch
 
 
 @contextlib.contextmanager
@@ -1160,7 +1309,10 @@ def sample(
     batched. Deterministic for (seed, batch_size). A model with a face prior (`imagen.face_prior`) samples residuals
     and adds the mean face back; under attribute_mean, `labels` (a DataFrame, one row per sample, with the prior's
     attribute columns) pick each sample's mean face. A latent model (`imagen.latent_codec`) samples latents and
-    decodes them."""
+    decodes them.
+
+    `cond_scale` a list of scales: faces (len(cond_scale), B, S, S, 3), every scale of a clip in the same pass
+    (at most batch_size images a pass), with the noise and so the faces of one call per scale (float noise aside)."""
     mode = mode_of(imagen)
     if mode == "super_resolution" and guides is None:
         raise ValueError("a super-resolution model samples from image guides: pass guides (B, 8, 8, 3) uint8")
@@ -1176,31 +1328,60 @@ def sample(
     groups = prior.groups_of(labels, n=len(X)) if prior is not None else None
     if groups is not None and len(groups) != len(X):
         raise ValueError(f"{len(groups)} label rows for {len(X)} feature matrices")
+    many = isinstance(cond_scale, (list, tuple, np.ndarray))
+    scales = [float(s) for s in (cond_scale if many else [cond_scale])]
+    per_pass = max(1, batch_size // len(scales)) if many else batch_size  # clips per pass
+    size = codec.image_size if codec is not None else imagen.image_sizes[-1]
     outs = []
     with _sampling(imagen, steps, use_ema), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        for i in range(0, len(X), batch_size):
-            torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
-            kw = dict(
-                text_embeds=X[i : i + batch_size].to(device),
-                cond_scale=cond_scale,
-                use_tqdm=False,
-                lowres_sample_noise_level=lowres_sample_noise_level,  # None: Imagen's own (the preset's)
-                cfg_remove_parallel_component=False,
-            )
-            g = groups[i : i + batch_size] if groups is not None else None
-            if mode == "super_resolution":
-                start = guides[i : i + batch_size].to(device)
-                if prior is not None:  # in residual space, as imagen made the low-res condition in training
-                    start = prior.to_model(start, g, resize=imagen.resize_to)
-                kw.update(start_at_unet_number=2, start_image_or_video=start)
-            img = imagen.sample(**kw)
-            if prior is not None:
-                img = prior.from_model(img, g, resize=imagen.resize_to)
-            if codec is not None:
-                img = codec.from_model(img)
-            outs.append((img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    size = codec.image_size if codec is not None else imagen.image_sizes[-1]
-    return np.concatenate(outs) if outs else np.zeros((0, size, size, 3), np.uint8)
+        for i in range(0, len(X), batch_size):  # a seeding chunk: its noise is a function of (seed, i)
+            n = min(batch_size, len(X) - i)
+            for lo in range(0, n, per_pass):
+                hi = min(n, lo + per_pass)
+                torch.manual_seed(int(np.random.SeedSequence([seed, i]).generate_state(1)[0]))
+                rows = slice(i + lo, i + hi)
+                if not many:
+                    img = _sample_pass(imagen, X[rows], guides, groups, rows, cond_scale, lowres_sample_noise_level)
+                else:
+                    per_row = torch.tensor(scales).repeat_interleave(hi - lo)
+                    with _rows(per_row, _TiledNoise(n, lo, hi, len(scales))):
+                        # imagen checks that a scale other than 1 has guidance; the rows' own scales come from _ROWS
+                        some = next((s for s in scales if s != 1), 1.0)
+                        img = _sample_pass(
+                            imagen, X[rows], guides, groups, rows, some, lowres_sample_noise_level, len(scales)
+                        )
+                faces = (img.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+                outs.append(faces.reshape(len(scales), hi - lo, *faces.shape[1:]))
+    out = np.concatenate(outs, axis=1) if outs else np.zeros((len(scales), 0, size, size, 3), np.uint8)
+    return out if many else out[0]
+
+
+def _sample_pass(imagen, X, guides, groups, rows, cond_scale, noise_level, copies=1) -> torch.Tensor:
+    """One imagen.sample of the clips `rows` (their feature matrices X), `copies` times over (scale-major: a pass of
+    several scales), the face prior and latent decoding undone: (copies x clips, 3, S, S) in [0, 1]."""
+    device, prior, codec = imagen.device, getattr(imagen, "face_prior", None), getattr(imagen, "latent_codec", None)
+    g = np.tile(groups[rows], copies) if groups is not None else None
+    kw = dict(
+        text_embeds=(X.repeat(copies, 1, 1) if copies > 1 else X).to(device),
+        cond_scale=cond_scale,
+        use_tqdm=False,
+        lowres_sample_noise_level=noise_level,  # None: Imagen's own (the preset's)
+        cfg_remove_parallel_component=False,
+    )
+    if guides is not None:
+        start = guides[rows]
+        if copies > 1:  # in the guides' layout (channels-last: they come from (B, g, g, 3)), as a one-scale call has it
+            start = start.repeat(copies, 1, 1, 1).contiguous(memory_format=_layout(start))
+        start = start.to(device)
+        if prior is not None:  # in residual space, as imagen made the low-res condition in training
+            start = prior.to_model(start, g, resize=imagen.resize_to)
+        kw.update(start_at_unet_number=2, start_image_or_video=start)
+    img = imagen.sample(**kw)
+    if prior is not None:
+        img = prior.from_model(img, g, resize=imagen.resize_to)
+    if codec is not None:
+        img = codec.from_model(img)
+    return img
 
 
 # ---------------------------------------------------------------------- command line (for accelerate launch)

@@ -1066,14 +1066,15 @@ def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path
     return [(model_dir / f"fold{k}", clips[fold == k], int(k)) for k in sorted(set(fold))]
 
 
-def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print) -> pd.DataFrame:
-    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample) with the model that
-    answers it (model_parts), save the PNGs and samples.csv. Scales whose images exist for the same sampling
-    parameters are skipped. Returns samples."""
+def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print, out=None) -> pd.DataFrame:
+    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample, and across scales with
+    evaluate.batch_scales) with the model that answers it (model_parts), save the PNGs and samples.csv into `out`
+    (default the system's eval folder). Scales whose images exist for the same sampling parameters are skipped.
+    Returns samples."""
     from slf_utils import diffusion
 
     ev = eval_params(cfg)
-    out = eval_dir(cfg, system_name)
+    out = Path(out) if exists(out) else eval_dir(cfg, system_name)
     system = diffusion.resolve_recipe(cfg, system_name).system
     if system.mode not in ("generation", "super_resolution"):
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
@@ -1105,12 +1106,12 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
             x = lay.build(store, ids, system.keep, stats)
             sr = system.mode == "super_resolution"
             guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
-        for scale in todo:
+        for group in [todo] if ev["batch_scales"] and todo else [[s] for s in todo]:
             t = time.time()
             images = diffusion.sample(
                 imagen,
                 x,
-                cond_scale=float(scale),
+                cond_scale=[float(s) for s in group] if len(group) > 1 else float(group[0]),
                 guides=guides,
                 steps=ev["sampling_steps"],
                 seed=ev["seed"],
@@ -1119,15 +1120,18 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
                 batch_size=ev["batch_size"],
                 labels=part,  # a face prior under attribute_mean picks each clip's mean face from its labels
             )
-            rows = write_samples(out, ids, part["identity"], images, scale, sample_hash)
-            # this part's rows of the scale, and those of clips no longer queried (as before folds: one scale's rows
-            # are exactly the current clips')
-            gone = samples["clip_id"].isin(ids) | ~samples["clip_id"].isin(clips["clip_id"])
-            stale = (samples["scale"].astype(float) == float(scale)) & gone
-            samples = pd.concat([samples[~stale], pd.DataFrame(rows)], ignore_index=True)
-            _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: an interrupted run resumes
+            for scale, faces in zip(group, images if len(group) > 1 else [images]):
+                rows = write_samples(out, ids, part["identity"], faces, scale, sample_hash)
+                # this part's rows of the scale, and those of clips no longer queried (as before folds: one scale's
+                # rows are exactly the current clips')
+                gone = samples["clip_id"].isin(ids) | ~samples["clip_id"].isin(clips["clip_id"])
+                stale = (samples["scale"].astype(float) == float(scale)) & gone
+                samples = pd.concat([samples[~stale], pd.DataFrame(rows)], ignore_index=True)
+                _write_csv(out / "samples.csv", samples[SAMPLE_COLUMNS])  # after every scale: a run resumes
             where = "" if model_dir.name == "model" else f" ({model_dir.name})"
-            log(f"{system_name}: scale {scale:g}{where}: {len(ids)} faces in {time.time() - t:.1f} s")
+            at = f"scale {group[0]:g}" if len(group) == 1 else f"scales {', '.join(f'{s:g}' for s in group)}"
+            each = " each" if len(group) > 1 else ""
+            log(f"{system_name}: {at}{where}: {len(ids)} faces{each} in {time.time() - t:.1f} s")
     return samples
 
 

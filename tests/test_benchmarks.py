@@ -20,7 +20,8 @@ def load_benchmark(name):
 def test_sampling_benchmark_quick_mode(tmp_path):
     """Train the tiny preset's full_input (super-resolution) for 4 steps on 4 identities x 4 clips, then run the
     sampling benchmark's command line in quick mode: one row per requested step count with a recall@1 in [0, 1]
-    inside its CI, positive times, and the guided-step timing of the last unet."""
+    inside its CI, positive times, the guided-step timing of the last unet, and every scale in one pass against one
+    pass per scale (evaluation.generate both times)."""
     from slf_utils import diffusion
     from slf_utils.config import load_params
     from slf_utils.layout import Layout, synthetic_store
@@ -66,6 +67,11 @@ def test_sampling_benchmark_quick_mode(tmp_path):
     assert g["speedup"] == pytest.approx(g["sequential_s"] / g["batched_s"])
     assert g["max_abs_diff"] < 1e-4  # batched guidance is the same computation
     assert g["source"].endswith("model")  # the trained checkpoint, not the untrained preset
+    s = out["scales"]  # every scale of the sweep, one pass per scale against all in one pass (evaluate.batch_scales)
+    assert s["scales"] == [float(x) for x in cfg["evaluate"]["scales"]] and s["clips"] == 8 and s["sampling_steps"] == 2
+    assert s["speedup"] == pytest.approx(s["per_scale_s"] / s["batched_s"])
+    assert s["max_pixel_diff"] <= 1  # the same faces (the same noise per clip and scale), float rounding aside
+    assert set(s["recall@1"]) == {str(x) for x in s["scales"]}
 
 
 @pytest.mark.slow
@@ -105,3 +111,27 @@ def test_kernel_env_benchmark_sees_the_page_faults_dasks_malloc_setting_costs():
     med = load_benchmark("kernel_env").main(["--steps", "20", "--rounds", "1", "--clips", "16"])
     dask, kernel = med["Dask worker's"], med["grid kernel's"]
     assert dask["minflt"] > 2 * kernel["minflt"] and dask["sys"] > kernel["sys"]
+
+
+@pytest.mark.slow
+def test_train_speed_compares_levers_side_by_side_on_the_trainer_training_builds():
+    """`benchmarks/train_speed.py` on the demo generation unet (params/demo.yaml's speaker_embeddings_only, through
+    diffusion.make_trainer): a second eager run (`same`) learns exactly what eager learns, fused Adam the same within
+    float noise, plain Adam (no foreach) exactly; every row has its ratio and projected whole training."""
+    res = load_benchmark("train_speed").main(
+        ["--setups", "demo_generation", "--levers", "same,fused,plain", "--steps", "3", "--warmup", "1"]
+    )
+    rows = {r["lever"]: r for r in res["demo_generation"]["rows"]}
+    assert list(rows) == ["eager", "same", "fused", "plain"]
+    eager = rows["eager"]
+    assert eager["system"] == "speaker_embeddings_only" and eager["batch"] == 16 and eager["train_steps"] == 3500
+    assert eager["eager_over_lever"] == 1 and eager["whole_training_ratio"] == 1 and eager["max_loss_diff"] == 0
+    assert rows["same"]["max_loss_diff"] == 0 and rows["plain"]["max_loss_diff"] == 0  # the same arithmetic
+    assert rows["fused"]["max_loss_diff"] < 1e-4  # at most float noise (another summation order), not another model
+    for r in rows.values():
+        assert len(r["step_seconds"]) == 4 and r["seconds_per_step"] > 0 and 0.1 < r["eager_over_lever"] < 10
+        times = r["step_seconds"][1:]
+        assert r["seconds_per_step"] == pytest.approx(sorted(times)[1], abs=1e-4)  # the median of the timed steps
+        assert r["projected_train_s"] == pytest.approx(
+            3500 * eager["seconds_per_step"] / r["eager_over_lever"] + max(r["first_step_extra_s"], 0)
+        )

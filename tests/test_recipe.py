@@ -99,3 +99,18 @@ def test_a_recipe_is_validated_once_and_the_training_set_is_what_training_reads(
     torch.testing.assert_close(residual, (images - mu + 0.5).clamp(0, 1))
     out = diffusion.train(cfg, "speaker_embeddings_only_prior", out_dir=tmp_path / "m")
     assert out["recipe_hash"] == r.hash
+
+
+@pytest.mark.slow
+def test_a_compiled_unet_trains_to_the_recorded_first_losses(project, tmp_path):
+    """model.trainer.compile: true (torch.compile, inductor) changes how fast, not what is learned: the
+    super-resolution system's first five losses at seed 7 are the eager ones recorded in first_losses.json within
+    float noise, and training says the unet was compiled (the first run in a fresh inductor cache compiles for ~1 min
+    on one CPU thread; later runs read the cache)."""
+    want = json.loads(FIRST_LOSSES.read_text())["full_input"]["2"]
+    cfg = load_params(write_params(project, model={"preset": "tiny", "trainer": {"compile": True}}))
+    r = diffusion.train(cfg, "full_input", out_dir=tmp_path / "compiled")
+    got = pd.read_csv(tmp_path / "compiled" / "loss.csv").sort_values("step")["loss"].to_numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert r["compiled"] is True
+    assert json.loads((tmp_path / "compiled" / "provenance.json").read_text())["compiled"] is True
