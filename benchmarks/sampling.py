@@ -38,10 +38,10 @@ DEFAULTS = {
 
 def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
     """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference."""
-    from slf_utils import diffusion, evaluation, layout
+    from slf_utils import diffusion, evaluation, layout, recognisers, retrieval, stats
     from slf_utils.store import open_store
 
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     store = open_store(cfg)
     lay = layout.load_layout(cfg)
     system = layout.load_systems(cfg["systems_file"], lay)[system_name]
@@ -57,7 +57,7 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
     x = lay.build(store, ids, system.keep, meta["stats"] or evaluation.load_norm_stats(model_dir))
     sr = system.mode == "super_resolution"
     guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
-    embedder = evaluation.make_embedder(cfg, store)
+    embedder = recognisers.make_embedder(cfg, store)
     gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
     n_ids = len(set(gallery.identities))
     log(
@@ -80,10 +80,10 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
         )
         seconds = time.perf_counter() - t
         emb, _ = embedder.embed(images)
-        hits = evaluation.retrieval_hits(
+        hits = retrieval.retrieval_hits(
             emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
         )
-        value, lo, hi, n = evaluation.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
+        value, lo, hi, n = stats.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
         rows.append({"steps": steps, "seconds": seconds, "recall@1": value, "ci_low": lo, "ci_high": hi, "n": n})
         log(f"  {steps:5d} steps: {seconds:8.1f} s  recall@1 {value:.3f} [{lo:.3f}, {hi:.3f}]")
     ref = rows[0]
