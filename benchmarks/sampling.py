@@ -16,10 +16,21 @@ Needs a trained system (notebook 03) and its store:
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import slf_utils  # noqa: E402,F401  (offline switches before imagen-pytorch & co)
+from slf_utils import diffusion, evaluation, recognisers, retrieval, stats  # noqa: E402
+from slf_utils.config import load_params  # noqa: E402
+from slf_utils.store import open_store  # noqa: E402
 
 
 def _ints(s: str) -> list[int]:
@@ -37,26 +48,25 @@ DEFAULTS = {
 
 
 def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
-    """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference."""
-    from slf_utils import diffusion, evaluation, layout, recognisers, retrieval, stats
-    from slf_utils.store import open_store
-
+    """recall@1 [CI] and seconds per steps count; the first entry of steps_list is the reference. The faces are
+    sampled by the code notebook 04 runs (evaluation.load_sampler, evaluation.sample_faces), each model of the system
+    (one, or one per identity fold) loaded once before the clock starts."""
     ev = recognisers.eval_params(cfg)
     store = open_store(cfg)
-    lay = layout.load_layout(cfg)
-    system = layout.load_systems(cfg["systems_file"], lay)[system_name]
-    clips = evaluation.eval_clips(store, lay, system.keep)
+    recipe = diffusion.resolve_recipe(cfg, system_name)
+    system = recipe.system
+    clips = evaluation.eval_clips(store, recipe.layout, system.keep)
     if max_clips:
         # one clip per identity first, so that a small run still has as many identities as it can; the gallery
         # shrinks with it (chance = 1/N of these identities)
         order = clips.groupby("identity").cumcount().sort_values(kind="stable").index
         clips = clips.loc[order[:max_clips]].sort_values("clip_id").reset_index(drop=True)
     ids = clips["clip_id"].tolist()
-    model_dir = Path(cfg["results"]) / system_name / "model"
-    imagen, meta = diffusion.load_model(model_dir)
-    x = lay.build(store, ids, system.keep, meta["stats"] or evaluation.load_norm_stats(model_dir))
-    sr = system.mode == "super_resolution"
-    guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
+    parts = [
+        (part, evaluation.load_sampler(cfg, system_name, system, model_dir, part, fold, store))
+        for model_dir, part, fold in evaluation.model_parts(cfg, system_name, store, clips)
+    ]
+    query_ids = [i for part, _ in parts for i in part["identity"]]  # the clips in the order they are sampled
     embedder = recognisers.make_embedder(cfg, store)
     gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
     n_ids = len(set(gallery.identities))
@@ -67,22 +77,11 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
     rows = []
     for steps in steps_list:
         t = time.perf_counter()
-        images = diffusion.sample(
-            imagen,
-            x,
-            cond_scale=float(scale),
-            guides=guides,
-            steps=steps,
-            seed=ev["seed"],
-            use_ema=ev["use_ema"],
-            lowres_sample_noise_level=ev["lowres_sample_noise_level"],
-            batch_size=ev["batch_size"],
-        )
+        at_steps = ev | {"sampling_steps": steps}
+        images = [im for part, sampler in parts for im in evaluation.sample_faces(sampler, part, scale, at_steps)]
         seconds = time.perf_counter() - t
         emb, _ = embedder.embed(images)
-        hits = retrieval.retrieval_hits(
-            emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
-        )
+        hits = retrieval.retrieval_hits(emb, query_ids, gallery.embeddings, gallery.identities, (1,), ev["metric"])
         value, lo, hi, n = stats.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
         rows.append({"steps": steps, "seconds": seconds, "recall@1": value, "ci_low": lo, "ci_high": hi, "n": n})
         log(f"  {steps:5d} steps: {seconds:8.1f} s  recall@1 {value:.3f} [{lo:.3f}, {hi:.3f}]")
@@ -95,18 +94,12 @@ def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=pri
 
 def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=print) -> dict:
     """Seconds per guided denoising step of the last unet: both passes batched vs one after the other."""
-    import torch
-
-    from slf_utils import diffusion
-
     model_dir = Path(cfg["results"]) / system_name / "model"
     if (model_dir / "checkpoint.pt").exists():
         imagen, _ = diffusion.load_model(model_dir)
         source = str(model_dir)
     else:  # no trained model: the preset's untrained unets cost the same per step
-        from slf_utils import layout
-
-        system = layout.load_systems(cfg["systems_file"], layout.load_layout(cfg))[system_name]
+        system = diffusion.resolve_recipe(cfg, system_name).system
         imagen = diffusion.build_imagen(system.mode, diffusion.resolve_preset(cfg["model"]))
         imagen.eval()
         source = "untrained preset " + str(cfg["model"].get("preset"))
@@ -166,10 +159,6 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
 def main(argv=None) -> dict:
     """Run the benchmarks; returns {"steps": steps_benchmark rows, "guidance": guidance_benchmark dict} (the ones
     run)."""
-    import torch
-
-    from slf_utils.config import load_params
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params/demo.yaml")
     ap.add_argument("--system", default="full_input")

@@ -264,7 +264,6 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     samples = _existing_samples(out)
     for model_dir, part, fold in model_parts(cfg, system_name, store, clips):
-        lay = diffusion.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
         ids = part["clip_id"].tolist()
         sample_hash = params_hash(
             {
@@ -280,30 +279,10 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
         )
         todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
         if todo:
-            imagen, meta = diffusion.load_model(model_dir)
-            if set(meta.get("keep", system.keep)) != set(system.keep):
-                raise ValueError(
-                    f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now "
-                    f"says {system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
-                )
-            stats = meta.get("stats") or load_norm_stats(model_dir)
-            x = lay.build(store, ids, system.keep, stats)
-            sr = system.mode == "super_resolution"
-            guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
+            sampler = load_sampler(cfg, system_name, system, model_dir, part, fold, store)
         for scale in todo:
             t = time.time()
-            images = diffusion.sample(
-                imagen,
-                x,
-                cond_scale=float(scale),
-                guides=guides,
-                steps=ev["sampling_steps"],
-                seed=ev["seed"],
-                use_ema=ev["use_ema"],
-                lowres_sample_noise_level=ev["lowres_sample_noise_level"],
-                batch_size=ev["batch_size"],
-                labels=part,  # a face prior under attribute_mean picks each clip's mean face from its labels
-            )
+            images = sample_faces(sampler, part, scale, ev)
             rows = write_samples(out, ids, part["identity"], images, scale, sample_hash)
             # this part's rows of the scale, and those of clips no longer queried (as before folds: one scale's rows
             # are exactly the current clips')
@@ -314,6 +293,43 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
             where = "" if model_dir.name == "model" else f" ({model_dir.name})"
             log(f"{system_name}: scale {scale:g}{where}: {len(ids)} faces in {time.time() - t:.1f} s")
     return samples
+
+
+def load_sampler(cfg, system_name, system, model_dir: Path, part: pd.DataFrame, fold, store) -> tuple:
+    """(imagen, feature matrix, guides or None) of one model (model_parts) and the clips `part` it answers, as
+    generate samples them: the model loaded, its constituents checked against the system's, the features built
+    with the layout of its fold and the statistics it was trained with."""
+    lay = diffusion.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
+    ids = part["clip_id"].tolist()
+    imagen, meta = diffusion.load_model(model_dir)
+    if set(meta.get("keep", system.keep)) != set(system.keep):
+        raise ValueError(
+            f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now "
+            f"says {system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
+        )
+    stats = meta.get("stats") or load_norm_stats(model_dir)
+    x = lay.build(store, ids, system.keep, stats)
+    sr = system.mode == "super_resolution"
+    guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
+    return imagen, x, guides
+
+
+def sample_faces(sampler: tuple, part: pd.DataFrame, scale, ev: dict) -> np.ndarray:
+    """One scale's faces of the clips `part` (load_sampler's sampler), with the sampling parameters of `ev`
+    (eval_params: steps, seed, EMA, low-res noise, batch size)."""
+    imagen, x, guides = sampler
+    return diffusion.sample(
+        imagen,
+        x,
+        cond_scale=float(scale),
+        guides=guides,
+        steps=ev["sampling_steps"],
+        seed=ev["seed"],
+        use_ema=ev["use_ema"],
+        lowres_sample_noise_level=ev["lowres_sample_noise_level"],
+        batch_size=ev["batch_size"],
+        labels=part,  # a face prior under attribute_mean picks each clip's mean face from its labels
+    )
 
 
 def write_samples(out: Path, ids, identities, images, scale, sample_hash) -> list[dict]:
