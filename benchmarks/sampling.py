@@ -21,11 +21,22 @@ Needs a trained system (notebook 03) and its store:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import slf_utils  # noqa: E402,F401  (offline switches before imagen-pytorch & co)
+from slf_utils import diffusion, evaluation, recognisers, retrieval, stats  # noqa: E402
+from slf_utils.config import deep_merge, load_params  # noqa: E402
+from slf_utils.store import open_store  # noqa: E402
 
 
 def _ints(s: str) -> list[int]:
@@ -45,20 +56,16 @@ DEFAULTS = {
 
 def _bench_setup(cfg, system_name, max_clips=None, log=print):
     """(store, clips, gallery, embedder) of a system's evaluation, at most `max_clips` clips."""
-    from slf_utils import evaluation, layout
-    from slf_utils.store import open_store
-
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     store = open_store(cfg)
-    lay = layout.load_layout(cfg)
-    system = layout.load_systems(cfg["systems_file"], lay)[system_name]
-    clips = evaluation.eval_clips(store, lay, system.keep)
+    recipe = diffusion.resolve_recipe(cfg, system_name)  # the system as training resolved it
+    clips = evaluation.eval_clips(store, recipe.layout, recipe.system.keep)
     if max_clips:
         # one clip per identity first, so that a small run still has as many identities as it can; the gallery
         # shrinks with it (chance = 1/N of these identities)
         order = clips.groupby("identity").cumcount().sort_values(kind="stable").index
         clips = clips.loc[order[:max_clips]].sort_values("clip_id").reset_index(drop=True)
-    embedder = evaluation.make_embedder(cfg, store)
+    embedder = recognisers.make_embedder(cfg, store)
     gallery = evaluation.prepare_gallery(cfg, store, embedder, None, clips)
     n_ids = len(set(gallery.identities))
     log(
@@ -71,9 +78,6 @@ def _bench_setup(cfg, system_name, max_clips=None, log=print):
 def _generated(cfg, system_name, clips, store, scales, evaluate: dict, out) -> tuple[float, dict]:
     """Seconds and {scale: images} of evaluation.generate (the code notebook 04 runs) with `evaluate` settings set,
     writing into `out` instead of the system's eval folder."""
-    from slf_utils import evaluation
-    from slf_utils.config import deep_merge
-
     c = deep_merge(cfg, {"evaluate": evaluate})
     t = time.perf_counter()
     samples = evaluation.generate(c, system_name, clips, store, scales=scales, log=lambda *a: None, out=out)
@@ -83,14 +87,10 @@ def _generated(cfg, system_name, clips, store, scales, evaluate: dict, out) -> t
 
 
 def _recall1(cfg, gallery, embedder, images) -> tuple:
-    from slf_utils import evaluation
-
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     emb, _ = embedder.embed(images)
-    hits = evaluation.retrieval_hits(
-        emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"]
-    )
-    return evaluation.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
+    hits = retrieval.retrieval_hits(emb, gallery.identities, gallery.embeddings, gallery.identities, (1,), ev["metric"])
+    return stats.bootstrap_ci(hits[1].astype(float), ev["bootstrap"], ev["seed"])
 
 
 def steps_benchmark(cfg, system_name, steps_list, scale, max_clips=None, log=print) -> list[dict]:
@@ -118,9 +118,7 @@ def scales_benchmark(cfg, system_name, scales=None, max_clips=None, rounds=2, st
     (evaluate.batch_scales), interleaved for `rounds` rounds on the same clips, seed and steps: the time ratio, the
     largest pixel difference of the faces, and recall@1 per scale of both. steps: sampling steps (default
     evaluate.sampling_steps)."""
-    from slf_utils import evaluation
-
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     scales = [float(s) for s in (scales or ev["scales"])]
     steps = steps or ev["sampling_steps"]
     store, clips, gallery, embedder = _bench_setup(cfg, system_name, max_clips, log)
@@ -160,18 +158,13 @@ def scales_benchmark(cfg, system_name, scales=None, max_clips=None, rounds=2, st
 
 def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=print) -> dict:
     """Seconds per guided denoising step of the last unet: both passes batched vs one after the other."""
-    import torch
-
-    from slf_utils import diffusion
 
     model_dir = Path(cfg["results"]) / system_name / "model"
     if (model_dir / "checkpoint.pt").exists():
         imagen, _ = diffusion.load_model(model_dir)
         source = str(model_dir)
     else:  # no trained model: the preset's untrained unets cost the same per step
-        from slf_utils import layout
-
-        system = layout.load_systems(cfg["systems_file"], layout.load_layout(cfg))[system_name]
+        system = diffusion.resolve_recipe(cfg, system_name).system
         imagen = diffusion.build_imagen(system.mode, diffusion.resolve_preset(cfg["model"]))
         imagen.eval()
         source = "untrained preset " + str(cfg["model"].get("preset"))
@@ -231,9 +224,6 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
 def main(argv=None) -> dict:
     """Run the benchmarks; returns {"steps": steps_benchmark rows, "guidance": guidance_benchmark dict, "scales":
     scales_benchmark dict} (the ones run)."""
-    import torch
-
-    from slf_utils.config import load_params
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default="params/demo.yaml")

@@ -36,11 +36,11 @@ retrained model rewrites it and a reused one writes nothing. `run_speech_stage`.
 Evaluation on its own (`evaluate`), as the voice encoder's (slf_utils.voice_encoder.evaluate): for each split, the
 queries are the speech embeddings of its clips (read back from the stage), the gallery the face encoder's embeddings
 of every clip of the split with a face; recall@k of the speaker's identity under the bench's two protocols (`paper`,
-`identity`: the query's own face left out), identity-cluster bootstrap intervals, exact chance (evaluation.chance_hits:
+`identity`: the query's own face left out), identity-cluster bootstrap intervals, exact chance (retrieval.chance_hits:
 a random ordering of the gallery each query is ranked in), the mean cosine of a speech embedding to its own face's.
 With identity folds each fold's queries are ranked among its own clips' faces, embedded by the pair that never saw
 the fold (the space its queries are in; nested stages for the models: run_speech_stage). Ceiling rows (system
-`contrastive_face`): each face's own embedding as the query. `results/<grid>/contrastive/metrics.csv` (evaluation's
+`contrastive_face`): each face's own embedding as the query. `results/<grid>/contrastive/metrics.csv` (the tables'
 columns plus `split`), `hits.csv`, `provenance.json`; the model, its loss curve and provenance in
 `contrastive/model/`. `recall_table` puts these rows beside the voice encoder's (`voice_encoder/metrics.csv`,
 notebook 06) in one tidy table with a `method` column. The galleries differ (the contrastive face encoder's space,
@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slf_utils import evaluation
+from slf_utils import recognisers, retrieval, stats, tables
 from slf_utils import voice_encoder as V
 from slf_utils.config import atomic_write_json, atomic_write_text, exists, params_hash, provenance
 from slf_utils.folds import identity_folds, n_folds
@@ -583,9 +583,9 @@ def _face_gallery(cfg, store: Store, model, ids, idents, ct, models) -> tuple[np
 
 def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash: str, face_hash=None, models=None):
     """Speech -> face retrieval in the shared space for each split (see the module's docstring): (metrics, hits),
-    with a `split` column beside evaluation's columns. With identity folds and `models` (voice_encoder.fold_models'),
+    with a `split` column beside the tables' columns. With identity folds and `models` (voice_encoder.fold_models'),
     each fold's queries are ranked against its own clips' faces in the space of the pair without that fold."""
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     ct = cfg["contrastive"]
     ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
     with_face = (
@@ -604,22 +604,22 @@ def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash:
         gallery, groups = _face_gallery(cfg, store, model, ids, idents, ct, models)
         q = [c for c in ids if c in voices]
         queries = store.load_stacked(STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
-        own = evaluation.own_entries(q, ids)
-        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, "cosine", groups)
-        r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, idents, ks, groups=groups)
+        own = retrieval.own_entries(q, ids)
+        hits = retrieval.protocol_hits(queries, own, gallery, idents, ks, "cosine", groups)
+        r = tables.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
+        r += tables.chance_rows(SYSTEM, idents, ks, groups=groups)
         cos = np.full(len(ids), np.nan)
         if q:
             cos[own] = (queries * gallery[own]).sum(1)  # both unit vectors
-        r.append(evaluation.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
-        r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine", groups)
-        r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
+        r.append(tables.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
+        r.append(tables.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
+        ceiling = retrieval.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine", groups)
+        r += tables.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
         rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
-            hit_frames.append(evaluation.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
+            hit_frames.append(tables.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
     metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=evaluation.HIT_COLUMNS)
+    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=tables.HIT_COLUMNS)
     return metrics, hits
 
 
@@ -673,8 +673,8 @@ def comparison(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     t = table[table["split"] == split]
     for method in dict.fromkeys(t["method"]):
         m = t[t["method"] == method]
-        for p in evaluation.PROTOCOLS:
-            view = evaluation.at_protocol(m[m["role"] == "method"], p).set_index("metric")
+        for p in retrieval.PROTOCOLS:
+            view = tables.at_protocol(m[m["role"] == "method"], p).set_index("metric")
             ceiling = m[(m["role"] == "ceiling") & (m["protocol"] == p)].set_index("metric")
             row = {"method": method, "embedding_space": m["embedding_space"].iloc[0], "protocol": p}
             row.update({k: cell(view.loc[k]) for k in view.index if k.startswith("recall@")})
@@ -689,7 +689,7 @@ def comparison(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
 
 def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     """recall@k of the contrastive pair minus the voice encoder's on the same clips (per split, protocol and k),
-    with a paired bootstrap interval over identities (evaluation.paired_difference): columns split, protocol,
+    with a paired bootstrap interval over identities (stats.paired_difference): columns split, protocol,
     metric, difference, ci_low, ci_high, n. `hits`: the contrastive hits (default: `contrastive/hits.csv`). Empty
     where either method's hits are missing."""
     cols = ["split", "protocol", "metric", "difference", "ci_low", "ci_high", "n"]
@@ -698,7 +698,7 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
         hits = pd.read_csv(ct_path)
     if hits is None or not ve_path.exists():
         return pd.DataFrame(columns=cols)
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     a = hits[hits["system"] == SYSTEM]
     b = pd.read_csv(ve_path)
     b = b[b["system"] == V.SYSTEM]
@@ -706,7 +706,7 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     m = a.merge(b, on=keys, suffixes=("_a", "_b"))
     rows = []
     for (split, protocol, k), g in m.groupby(["split", "protocol", "k"], sort=False):
-        d = evaluation.paired_difference(g["hit_a"], g["hit_b"], g["identity_a"], ev["bootstrap"], ev["seed"])
+        d = stats.paired_difference(g["hit_a"], g["hit_b"], g["identity_a"], ev["bootstrap"], ev["seed"])
         rows.append([split, protocol, f"recall@{k}", *d])
     return pd.DataFrame(rows, columns=cols)
 
@@ -739,7 +739,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     out = out_dir(cfg)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     prov = {
         "system": SYSTEM,
         "face_embeddings": faces,
@@ -798,7 +798,7 @@ def plot_training(result: dict):
         tx.set_ylabel("temperature", color="C3")
     ax.set(title="contrastive pre-training: symmetric InfoNCE", xlabel="step", ylabel="loss")
     ax.legend(fontsize=8, loc="upper right")
-    t = evaluation.at_protocol(result["table"], "identity")
+    t = tables.at_protocol(result["table"], "identity")
     t = t[t["split"] == "test"]
     ax = axes[1]
     for i, method in enumerate(dict.fromkeys(t["method"])):

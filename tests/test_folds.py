@@ -17,7 +17,18 @@ import torch
 import yaml
 
 from slf_utils import contrastive as C
-from slf_utils import diffusion, evaluation, face_decoder, folds
+from slf_utils import (
+    diffusion,
+    evaluation,
+    face_decoder,
+    folds,
+    recognisers,
+    references,
+    report_tables,
+    retrieval,
+    summary,
+    tables,
+)
 from slf_utils import voice_encoder as V
 from slf_utils.config import ParamsError, load_params
 from slf_utils.folds import (
@@ -177,9 +188,7 @@ def test_validation_and_test_identities_are_disjoint_in_every_fold_and_every_fol
     if shape == "demo":  # 90 test queries of 30 identities against the closed set's 80 of 40
         assert "90 test queries of 30 identities, against 80 of 40" in line and "1.15x wider" in line
     else:  # the report's Unseen speakers paragraph says it, from the store
-        from slf_utils import report
-
-        assert line in report._unseen_line(cfg) and "scales chosen on validation speakers" in report._unseen_line(cfg)
+        assert line in summary._unseen_line(cfg) and "scales chosen on validation speakers" in summary._unseen_line(cfg)
 
 
 def training_clips_of(clips, fold_of, k):
@@ -256,7 +265,7 @@ def test_a_planted_gallery_clip_is_refused_with_its_name(project, monkeypatch, t
     other = clips[(clips["identity"].map(fold_of) == 1) & (clips["split"] == "test")]
     gallery = SimpleNamespace(clip_ids=other["clip_id"].tolist(), identities=other["identity"].tolist())
     with pytest.raises(ValueError, match=rf"attribute_mean \(identity fold 1\): .*{planted}"):
-        evaluation.reference_images("attribute_mean", store, gallery, 32, cfg)
+        references.reference_images("attribute_mean", store, gallery, 32, cfg)
     assert not (tmp_path / "d1" / "meta.json").exists() and not (tmp_path / "n2" / "checkpoint.pt").exists()
 
 
@@ -267,9 +276,9 @@ def test_each_fold_model_answers_its_own_identities_and_identity_mean_is_skipped
     metrics = evaluation.run(cfg, "no_image_guide", **QUIET)
     store = open_store(cfg)
     n = len(evaluation.eval_clips(store))
-    samples = evaluation._existing_samples(evaluation.eval_dir(cfg, "no_image_guide"))
+    samples = evaluation._existing_samples(tables.eval_dir(cfg, "no_image_guide"))
     assert len(samples) == n and samples["clip_id"].is_unique
-    prov = json.loads((evaluation.eval_dir(cfg, "no_image_guide") / "provenance.json").read_text())
+    prov = json.loads((tables.eval_dir(cfg, "no_image_guide") / "provenance.json").read_text())
     fold_of = identity_folds(cfg, store.clips())
     assert [p["split"]["fold"] for p in prov["model_provenance"]] == [0, 1, 2]
     for p, k in zip(prov["model_provenance"], range(FOLDS)):  # the other identities' training clips (2 each) only
@@ -286,8 +295,8 @@ def test_attribute_mean_under_folds_is_the_mean_of_the_other_folds_training_face
     store = open_store(cfg)
     fold_of = identity_folds(cfg, store.clips())
     queries = evaluation.eval_clips(store)
-    g = evaluation.prepare_gallery(cfg, store, evaluation.make_embedder(cfg, store))
-    ids, images = evaluation.reference_images("attribute_mean", store, g, 32, cfg)
+    g = evaluation.prepare_gallery(cfg, store, recognisers.make_embedder(cfg, store))
+    ids, images = references.reference_images("attribute_mean", store, g, 32, cfg)
     assert ids == queries["clip_id"].tolist()
     clips = store.clips()
     faces = store.load_stacked("preprocess", clips["clip_id"].tolist(), keys=["face"])["face"].astype(np.float64)
@@ -300,7 +309,7 @@ def test_attribute_mean_under_folds_is_the_mean_of_the_other_folds_training_face
             same = train & (clips["gender"] == q["gender"])
         want = np.round(faces[same.to_numpy()].mean(0)).astype(np.uint8)
         np.testing.assert_array_equal(img, want)
-    assert evaluation.reference_images("identity_mean", store, g, 32, cfg) == ([], [])
+    assert references.reference_images("identity_mean", store, g, 32, cfg) == ([], [])
 
 
 # ------------------------------------------------------------------------------------------------ per-fold galleries
@@ -314,22 +323,22 @@ def test_per_fold_gallery_ranks_each_query_among_its_own_fold_and_chance_is_exac
     g = rng.normal(size=(8, 4)).astype(np.float32) * 10
     own = np.arange(8)
     q = g[[3, 4, 5, 0, 1, 2, 0, 1]] + 0.01  # each query sits on an image of the other fold
-    nn = evaluation.ranked_neighbours(q, own, g, "l2", groups)
+    nn = retrieval.ranked_neighbours(q, own, g, "l2", groups)
     for i, row in enumerate(nn):
         ranked = row[row >= 0]
         assert {groups[j] for j in ranked} == {groups[i]} and len(ranked) == groups.count(groups[i])
-    one = evaluation.ranked_neighbours(q, own, g, "l2")
+    one = retrieval.ranked_neighbours(q, own, g, "l2")
     assert all(groups[one[i][0]] != groups[i] for i in range(8))  # one gallery: the planted neighbour comes first
-    hits = evaluation.protocol_hits(q, own, g, ids, (1, 2), "l2", groups)
+    hits = retrieval.protocol_hits(q, own, g, ids, (1, 2), "l2", groups)
     assert hits["paper"][2][:3].all()  # fold A has 2 identities: top-2 of its own fold always holds the query's
-    chance = evaluation.chance_hits(ids, ks=(1, 2), groups=groups)
+    chance = retrieval.chance_hits(ids, ks=(1, 2), groups=groups)
     third, half, fifth, quarter = 1 / 3, 1 / 2, 1 / 5, 1 / 4
     np.testing.assert_allclose(chance["paper"][1], [2 * third, 2 * third, third, 2 * fifth, 2 * fifth, 2 * fifth,
                                                     2 * fifth, fifth])  # fmt: skip
     np.testing.assert_allclose(chance["identity"][1], [half, half, 0, quarter, quarter, quarter, quarter, 0])
     # k = 2 by counting every ordering of the fold's clips (own clip left out under `identity`)
     for i in range(8):
-        for protocol in evaluation.PROTOCOLS:
+        for protocol in retrieval.PROTOCOLS:
             pool = [j for j in range(8) if groups[j] == groups[i] and not (protocol == "identity" and j == i)]
             hit = Fraction(0)
             orders = list(itertools.permutations(pool))
@@ -337,11 +346,11 @@ def test_per_fold_gallery_ranks_each_query_among_its_own_fold_and_chance_is_exac
                 first = list(dict.fromkeys(ids[j] for j in order))[:2]
                 hit += ids[i] in first
             assert chance[protocol][2][i] == pytest.approx(float(hit / len(orders))), (i, protocol)
-    one_gallery = evaluation.chance_hits(ids, ks=(1,))
+    one_gallery = retrieval.chance_hits(ids, ks=(1,))
     assert one_gallery["paper"][1][0] == pytest.approx(2 / 8)  # without folds: 2 of all 8 clips
     # the random row orders its own fold only, and matches the exact chance on average
     queries = np.tile(own, 2000)
-    r = evaluation.random_selection_hits(ids[queries], ids, (1,), 0, None, groups, queries)
+    r = retrieval.random_selection_hits(ids[queries], ids, (1,), 0, None, groups, queries)
     np.testing.assert_allclose(r[1].reshape(2000, -1).mean(0), chance["paper"][1], atol=0.04)
 
 
@@ -352,23 +361,23 @@ def test_every_query_is_ranked_among_its_own_folds_faces_in_the_evaluation(proje
     gallery = evaluation.eval_clips(store)
     fold = gallery["identity"].map(fold_of).to_numpy()
     calls = []
-    ranked = evaluation.ranked_neighbours
+    ranked = retrieval.ranked_neighbours
 
     def spy(queries, own, emb, metric="l2", groups=None):
         nn = ranked(queries, own, emb, metric, groups)
         calls.append((np.asarray(own), nn))
         return nn
 
-    monkeypatch.setattr(evaluation, "ranked_neighbours", spy)
+    monkeypatch.setattr(retrieval, "ranked_neighbours", spy)
     metrics = evaluation.run(cfg, "bicubic", **QUIET)
     assert calls
     for own, nn in calls:
         for i, row in zip(own, nn):
             assert set(fold[row[row >= 0]]) == {fold[i]}  # never an image of another fold's identity
-    want = evaluation.chance_hits(gallery["identity"], ks=(1,), groups=fold.tolist())
+    want = retrieval.chance_hits(gallery["identity"], ks=(1,), groups=fold.tolist())
     test = (gallery["split"] == "test").to_numpy()
     got = metrics[(metrics["metric"] == "chance@1") & (metrics["split"] == "test")].set_index("protocol")["value"]
-    for p in evaluation.PROTOCOLS:
+    for p in retrieval.PROTOCOLS:
         assert got[p] == pytest.approx(want[p][1][test].mean())
     assert got["paper"] > 1 / len(set(gallery["identity"]))  # smaller galleries: above one gallery's 1/N
 
@@ -490,10 +499,10 @@ def test_retraining_one_fold_changes_the_scored_embeddings(project, monkeypatch)
     assert ids2 == ids
     assert not np.allclose(after[fold == k], before[fold == k])  # its new faces are scored
     np.testing.assert_allclose(after[fold != k], before[fold != k])
-    out = evaluation.eval_dir(cfg, system)
+    out = tables.eval_dir(cfg, system)
     samples = evaluation._existing_samples(out).set_index("clip_id").loc[ids]
     images = [evaluation.read_image(out / p) for p in samples["image"]]
-    np.testing.assert_allclose(after, evaluation.make_embedder(cfg, store).embed(images)[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(after, recognisers.make_embedder(cfg, store).embed(images)[0], rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------ direct decoders
@@ -504,7 +513,7 @@ def test_a_direct_decoder_trains_and_decodes_per_fold(project):
     metrics = evaluation.run(cfg, "face_to_face_direct", log=lambda *_: None)
     store = open_store(cfg)
     queries = evaluation.eval_clips(store)
-    samples = evaluation._existing_samples(evaluation.eval_dir(cfg, "face_to_face_direct"))
+    samples = evaluation._existing_samples(tables.eval_dir(cfg, "face_to_face_direct"))
     assert samples["clip_id"].tolist() == queries["clip_id"].tolist()  # the queries' order, whatever the folds
     # each query's face is its own fold's decoder's
     fold_of = identity_folds(cfg, store.clips())
@@ -514,22 +523,21 @@ def test_a_direct_decoder_trains_and_decodes_per_fold(project):
         cfg, "face_to_face_direct", [q["clip_id"]], store, directory=result["folds"][k]["model_dir"], fold=k
     )[0]
     np.testing.assert_array_equal(
-        own, evaluation.read_image(evaluation.eval_dir(cfg, "face_to_face_direct") / samples["image"].iloc[0])
+        own, evaluation.read_image(tables.eval_dir(cfg, "face_to_face_direct") / samples["image"].iloc[0])
     )
     assert metrics["metric"].eq("recall@1").any()
 
 
 def test_rows_are_shown_against_attribute_mean_where_identity_mean_cannot_exist():
-    from slf_utils import report
 
     def row(system, v):
         return [system, np.nan, "identity", "test", "recall@1", v, v - 0.1, v + 0.1, 10]
 
-    cols = evaluation.METRIC_COLUMNS
+    cols = tables.METRIC_COLUMNS
     closed = evaluation.pd.DataFrame([row("identity_mean", 0.6), row("attribute_mean", 0.2)], columns=cols)
-    assert report._ceiling(closed) == ("identity_mean", 0.6)
+    assert report_tables._ceiling(closed) == ("identity_mean", 0.6)
     unseen = evaluation.pd.DataFrame([row("attribute_mean", 0.2), row("x", 0.1)], columns=cols)
-    assert report._ceiling(unseen) == ("attribute_mean", 0.2)
-    table = report.headline_table(unseen, {"x": np.nan, "attribute_mean": np.nan})
+    assert report_tables._ceiling(unseen) == ("attribute_mean", 0.2)
+    table = report_tables.headline_table(unseen, {"x": np.nan, "attribute_mean": np.nan})
     assert table.set_index("system").loc["x", "of_ceiling"] == pytest.approx(0.5)
-    assert "vs attribute_mean" in report.pretty_headline(table).columns
+    assert "vs attribute_mean" in report_tables.pretty_headline(table).columns

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from slf_utils import differences, figures, report, report_tables, retrieval, significance, stats, tables
 from slf_utils import evaluation as ev
-from slf_utils import report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -19,26 +19,26 @@ def test_significance_hand_worked_example():
     r_all = {1: 0.30, 3: 0.60, 5: 0.75, 10: 0.90}
     r_without = {1: 0.15, 3: 0.40, 5: 0.60, 10: 0.90}
     # increases 100, 50, 25, 0 %; weights 1, 1/3, 1/5, 1/10 -> (100 + 50/3 + 5) / (1 + 1/3 + 1/5 + 1/10)
-    w = report.k_weights("inverse", (1, 3, 5, 10))
+    w = significance.k_weights("inverse", (1, 3, 5, 10))
     assert sum(w.values()) == pytest.approx(1) and w[1] / w[3] == pytest.approx(3)
-    s = report.significance(r_all, r_without, w)
+    s = significance.significance(r_all, r_without, w)
     assert s == pytest.approx((100 + 50 / 3 + 5) / (1 + 1 / 3 + 1 / 5 + 1 / 10))  # 74.49
-    assert report.band(s) == "significant"
-    assert report.significance(r_all, r_without, report.k_weights("uniform")) == pytest.approx(43.75)
-    assert report.significance(r_all, r_without, report.k_weights([1, 0, 0, 0])) == pytest.approx(100)
-    assert report.recall_increase(0.2, 0.25) == pytest.approx(-20)
+    assert significance.band(s) == "significant"
+    assert significance.significance(r_all, r_without, significance.k_weights("uniform")) == pytest.approx(43.75)
+    assert significance.significance(r_all, r_without, significance.k_weights([1, 0, 0, 0])) == pytest.approx(100)
+    assert significance.recall_increase(0.2, 0.25) == pytest.approx(-20)
 
 
 def test_significance_when_recall_without_the_input_is_zero():
-    w = report.k_weights("inverse", (1, 3))
-    assert report.recall_increase(0.1, 0.0) == float("inf")
-    assert np.isnan(report.recall_increase(0.0, 0.0))
-    s = report.significance({1: 0.1, 3: 0.3}, {1: 0.0, 3: 0.2}, w)
-    assert s == float("inf") and report.fmt_s(s) == "inf" and "unbounded" in report.band(s)
+    w = significance.k_weights("inverse", (1, 3))
+    assert significance.recall_increase(0.1, 0.0) == float("inf")
+    assert np.isnan(significance.recall_increase(0.0, 0.0))
+    s = significance.significance({1: 0.1, 3: 0.3}, {1: 0.0, 3: 0.2}, w)
+    assert s == float("inf") and significance.fmt_s(s) == "inf" and "unbounded" in significance.band(s)
     # 0/0 at k=1 is undefined: left out, S is the k=3 increase alone
-    assert report.significance({1: 0.0, 3: 0.3}, {1: 0.0, 3: 0.2}, w) == pytest.approx(50)
-    assert np.isnan(report.significance({1: 0.0, 3: 0.0}, {1: 0.0, 3: 0.0}, w))
-    assert report.band(float("nan")) == "undefined" and report.fmt_s(float("nan")) == "undefined"
+    assert significance.significance({1: 0.0, 3: 0.3}, {1: 0.0, 3: 0.2}, w) == pytest.approx(50)
+    assert np.isnan(significance.significance({1: 0.0, 3: 0.0}, {1: 0.0, 3: 0.0}, w))
+    assert significance.band(float("nan")) == "undefined" and significance.fmt_s(float("nan")) == "undefined"
 
 
 def test_bands():
@@ -54,10 +54,10 @@ def test_bands():
         98: "profound",
     }
     for s, name in cases.items():
-        assert report.band(s) == name, s
-    assert report.band(-5).startswith("negative")
+        assert significance.band(s) == name, s
+    assert significance.band(-5).startswith("negative")
     with pytest.raises(ValueError):
-        report.k_weights("quadratic")
+        significance.k_weights("quadratic")
 
 
 def test_bootstrap_significance_is_paired_and_contains_estimate():
@@ -70,11 +70,11 @@ def test_bootstrap_significance_is_paired_and_contains_estimate():
         )
 
     a, b = frame(0.2), frame(0.1)
-    w = report.k_weights("inverse", (1, 3))
+    w = significance.k_weights("inverse", (1, 3))
     ra = a.groupby("k")["hit"].mean().to_dict()
     rb = b.groupby("k")["hit"].mean().to_dict()
-    s = report.significance(ra, rb, w)
-    lo, hi = report.bootstrap_significance(a, b, w, n_boot=500, seed=0)
+    s = significance.significance(ra, rb, w)
+    lo, hi = significance.bootstrap_significance(a, b, w, n_boot=500, seed=0)
     assert lo < s < hi and lo > 0
 
 
@@ -104,7 +104,7 @@ def keep_share(hits, share):
 def exact_hits(rng, n, p1):
     """{protocol: {k: hits}} with exactly round(p n) hits (paper) and round(IDENTITY round(p n)) (identity): recall
     is known, so best scales and S are too."""
-    paper = {k: rng.permutation(np.arange(n) < round(min(1, p1 + (k - 1) * 0.08) * n)) for k in ev.KS}
+    paper = {k: rng.permutation(np.arange(n) < round(min(1, p1 + (k - 1) * 0.08) * n)) for k in retrieval.KS}
     return {"paper": paper, "identity": {k: keep_share(h, IDENTITY) for k, h in paper.items()}}
 
 
@@ -115,31 +115,31 @@ def write_synthetic_results(cfg, store):
     faces = store.load_stacked("preprocess", ids)["face"]
     rng = np.random.default_rng(0)
     for system in SYSTEMS:
-        out = ev.eval_dir(cfg, system)
+        out = tables.eval_dir(cfg, system)
         out.mkdir(parents=True, exist_ok=True)
-        rows = ev.chance_rows(system, idents) + [ev.constant_row(system, "n_unsampled", 0.0, len(ids))]
+        rows = tables.chance_rows(system, idents) + [tables.constant_row(system, "n_unsampled", 0.0, len(ids))]
         hit_frames, samples = [], []
         if system == "random":
-            hits = {p: ev.random_selection_hits(idents, idents, seed=0) for p in ev.PROTOCOLS}
-            rows += ev.recall_rows(system, np.nan, hits, 200, clusters=idents)
-            hit_frames.append(ev.hit_frame(system, np.nan, ids, idents, hits))
+            hits = {p: retrieval.random_selection_hits(idents, idents, seed=0) for p in retrieval.PROTOCOLS}
+            rows += tables.recall_rows(system, np.nan, hits, 200, clusters=idents)
+            hit_frames.append(tables.hit_frame(system, np.nan, ids, idents, hits))
         else:
             scales = [np.nan] if system in REFERENCE else range(0, 9, 2)
             for scale in scales:
                 p1 = REFERENCE[system] if system in REFERENCE else PEAK[system] * np.exp(-((scale - 3) ** 2) / 8)
                 hits = exact_hits(rng, len(ids), p1)
-                rows += ev.recall_rows(system, scale, hits, 200, clusters=idents)
-                rows.append(ev.metric_row(system, scale, "psnr", 20 + rng.normal(0, 1, len(ids)) - scale, 200))
-                rows.append(ev.metric_row(system, scale, "ssim", rng.random(len(ids)) / (1 + scale), 200))
-                rows.append(ev.metric_row(system, scale, "gender_acc", (rng.random(len(ids)) < 0.8) * 1.0, 200))
+                rows += tables.recall_rows(system, scale, hits, 200, clusters=idents)
+                rows.append(tables.metric_row(system, scale, "psnr", 20 + rng.normal(0, 1, len(ids)) - scale, 200))
+                rows.append(tables.metric_row(system, scale, "ssim", rng.random(len(ids)) / (1 + scale), 200))
+                rows.append(tables.metric_row(system, scale, "gender_acc", (rng.random(len(ids)) < 0.8) * 1.0, 200))
                 top1 = GUIDE_TOP1.get(system, 0.1)
-                rows.append(ev.metric_row(system, scale, "guide_top1", np.arange(len(ids)) < top1 * len(ids), 200))
-                hit_frames.append(ev.hit_frame(system, scale, ids, idents, hits))
+                rows.append(tables.metric_row(system, scale, "guide_top1", np.arange(len(ids)) < top1 * len(ids), 200))
+                hit_frames.append(tables.hit_frame(system, scale, ids, idents, hits))
                 shift = 0 if np.isnan(scale) else 10 * scale
                 images = [np.clip(face.astype(int) + shift, 0, 255).astype(np.uint8) for face in faces]
                 samples += ev.write_samples(out, ids, idents, images, scale, "x")
             pd.DataFrame(samples).to_csv(out / "samples.csv", index=False)
-        pd.DataFrame(rows, columns=ev.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
+        pd.DataFrame(rows, columns=tables.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
         pd.concat(hit_frames).to_csv(out / "hits.csv", index=False)
 
 
@@ -213,7 +213,7 @@ def test_report_from_synthetic_results(synthetic_results):
     def r(system, k, n=12):
         return round(min(1, PEAK[system] * np.exp(-((2 - 3) ** 2) / 8) + (k - 1) * 0.08) * n) / n
 
-    weights = {k: (1 / k) / sum(1 / j for j in ev.KS) for k in ev.KS}
+    weights = {k: (1 / k) / sum(1 / j for j in retrieval.KS) for k in retrieval.KS}
     want = sum(
         w * (r("full_input", k) - r("no_image_guide", k)) / r("no_image_guide", k) * 100 for k, w in weights.items()
     )
@@ -233,8 +233,8 @@ def test_report_from_synthetic_results(synthetic_results):
     # scale 0: 1 hit of 12 (paper 1, identity round(0.75)); its exact interval [0.002, 0.385] holds chance 1/11
     assert ng["scale0_recall@1"] == pytest.approx(1 / 12) and ng["scale0_at_chance"]
     # 0 hits of 40 (expected 0.7 at chance 0.017) is at chance; 0 of 400 is below it
-    assert report._binomial_interval(0, 40) == pytest.approx((0.0, 1 - 0.025 ** (1 / 40)))
-    assert report._binomial_interval(0, 400)[1] < 0.017 < report._binomial_interval(0, 40)[1]
+    assert stats.binomial_interval(0, 40) == pytest.approx((0.0, 1 - 0.025 ** (1 / 40)))
+    assert stats.binomial_interval(0, 400)[1] < 0.017 < stats.binomial_interval(0, 40)[1]
     # the bicubic floor and the guide: super-resolution systems only
     assert fi["above_floor"] and fi["guide_kept"] and not ps["above_floor"] and not ps["guide_kept"]
     assert pd.isna(ng["above_floor"]) and pd.isna(ng["guide_kept"])
@@ -271,7 +271,7 @@ def test_report_from_synthetic_results(synthetic_results):
 
 def test_recall_figure_has_a_row_of_panels_per_protocol_and_reference_lines(synthetic_results):
     metrics = report.load_all(synthetic_results)
-    fig = report.plot_recall_vs_scale(metrics, report.system_titles(synthetic_results))
+    fig = figures.plot_recall_vs_scale(metrics, report.system_titles(synthetic_results))
     axes = fig.get_axes()
     assert [ax.get_title().split(")")[1].split(",")[0].strip() for ax in axes] == [
         "identity protocol",
@@ -290,13 +290,15 @@ def test_recall_figure_has_a_row_of_panels_per_protocol_and_reference_lines(synt
 def test_differences_table_of_a_system_with_itself_is_zero(synthetic_results):
     cfg = synthetic_results
     hits = {"full_input": report.load_hits(cfg, "full_input")}
-    diff = report.differences_table(
+    diff = differences.differences_table(
         [("full_input", "full_input")], {("best", "identity"): {"full_input": 2.0}}, hits, ks=(1, 3)
     )
     assert list(diff["k"]) == [1, 3] and (diff[["difference", "ci_low", "ci_high"]] == 0).all().all()
     assert (diff["n_clips"] == 12).all() and (diff["n_identities"] == 6).all()
     # the report leaves such a pair out, and pairs with a system that was not evaluated
-    assert report.difference_pairs([["full_input", "full_input"], ["full_input", "nope"]], {}, ["full_input"]) == []
+    assert (
+        differences.difference_pairs([["full_input", "full_input"], ["full_input", "nope"]], {}, ["full_input"]) == []
+    )
 
 
 def test_report_with_nothing_evaluated(tmp_path):
@@ -366,7 +368,7 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
     out = report.report_dir(cfg)
     for stem in ("recall_vs_scale", "samples_systems", "samples_scales"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.pdf").exists()
-    m = pd.read_csv(ev.eval_dir(cfg, "full_input") / "metrics.csv")
+    m = pd.read_csv(tables.eval_dir(cfg, "full_input") / "metrics.csv")
     assert set(m["scale"].dropna()) == {0, 2} and {"guide_top1", "n_unsampled"} <= set(m["metric"])
     headline = (out / "headline.md").read_text()
     assert "Bicubic upscaling" in headline and "Random selection" in headline and "reference" in headline
@@ -377,7 +379,7 @@ def test_headline_shows_guide_consistency_only_for_systems_given_the_guide():
     rows += [(s, 1.0, "both", "guide_top1", 0.9) for s in ("sr", "gen")]
     rows += [(s, np.nan, "both", "chance@1", 0.025) for s in ("sr", "gen")]
     m = pd.DataFrame(rows, columns=["system", "scale", "protocol", "metric", "value"]).assign(ci_low=0.4, ci_high=0.6)
-    t = report.headline_table(m, {"sr": 1.0, "gen": 1.0}, modes={"sr": "super_resolution", "gen": "generation"})
+    t = report_tables.headline_table(m, {"sr": 1.0, "gen": 1.0}, modes={"sr": "super_resolution", "gen": "generation"})
     assert t.set_index("system")["guide_top1"].to_dict() == pytest.approx({"sr": 0.9, "gen": np.nan}, nan_ok=True)
     assert t["x_chance"].tolist() == pytest.approx([20.0, 20.0])
 
@@ -399,7 +401,7 @@ def test_recall_figure_gives_every_system_its_own_colour_past_ten():
                     "n": 10,
                 }
             )
-    fig = report.plot_recall_vs_scale(pd.DataFrame(rows), ks=(1,), protocols=("identity",))
+    fig = figures.plot_recall_vs_scale(pd.DataFrame(rows), ks=(1,), protocols=("identity",))
     lines = [ln for ln in fig.axes[0].get_lines() if not ln.get_label().startswith("_")]
     assert len(lines) == 13 and len({ln.get_color() for ln in lines}) == 13
 
@@ -409,8 +411,8 @@ def test_best_scales_are_chosen_on_validation_clips_only(synthetic_results):
     validation rows peak at scale 4, so every table reports the test clips at scale 4, and the optimistic column
     shows what choosing on the test clips would have claimed."""
     cfg = synthetic_results
-    path = ev.eval_dir(cfg, "full_input") / "metrics.csv"
-    test = ev.load_metrics(path)
+    path = tables.eval_dir(cfg, "full_input") / "metrics.csv"
+    test = tables.load_metrics(path)
     recall = test["metric"].str.startswith("recall@")
     planted = test.copy()
     planted.loc[recall & (planted["scale"] == 8), ["value", "ci_low", "ci_high"]] = 1.0
@@ -485,7 +487,7 @@ def test_a_pair_named_decoder_that_also_changes_the_training_inputs_is_flagged(t
     assert one[("face_to_face", "face_to_face_direct")] and one[("s2f_direct_predicted", "speech_to_face_direct")]
     assert "train_on" not in set(rd.loc[rd["a"] == "face_to_face", "key"])
     assert set(rd.loc[rd["a"] == "s2f_direct_predicted", "key"]) == {"train_on"}
-    assert "FLAG: differs in more than decoder**: `train_on`" in report.pretty_recipe_differences(rd)
+    assert "FLAG: differs in more than decoder**: `train_on`" in differences.pretty_recipe_differences(rd)
     for grid in ("compare.yaml", "demo-open.yaml"):
         cfg = load_params(ROOT / "params" / grid)
         named = report.recipe_differences(cfg, [tuple(x) for x in cfg["report"]["differences"]])
@@ -500,14 +502,14 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
 
     cfg = synthetic_results
     cfg["grid"]["seeds"] = [0, 1]
-    src = ev.eval_dir(cfg, "full_input")
+    src = tables.eval_dir(cfg, "full_input")
     dst = src.parent / "seed1" / "eval"
     shutil.copytree(src, dst)
-    hits = ev.load_hits(dst / "hits.csv")
+    hits = tables.load_hits(dst / "hits.csv")
     hit1 = hits.index[(hits["k"] == 1) & (hits["hit"] == 1)]
     hits.loc[hit1[::3], "hit"] = 0
     hits.to_csv(dst / "hits.csv", index=False)
-    m = ev.load_metrics(dst / "metrics.csv")
+    m = tables.load_metrics(dst / "metrics.csv")
     for (scale, protocol), g in hits[hits["k"] == 1].groupby(["scale", "protocol"]):
         at = (m["metric"] == "recall@1") & (m["protocol"] == protocol) & np.isclose(m["scale"], scale)
         m.loc[at, "value"] = g["hit"].mean()
@@ -547,13 +549,13 @@ def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_
     ]:
         rows.append(dict(system=system, scale=scale, protocol="identity", split="test", metric=metric, value=value,
                          ci_low=value, ci_high=value, n=6))  # fmt: skip
-    m = pd.DataFrame(rows, columns=ev.METRIC_COLUMNS)
-    head = report.headline_table(m, {"full_input": 3.0})
-    assert np.isnan(head["x_chance"].iloc[0]) and report.pretty_headline(head)["× chance"].iloc[0] == "–"
-    checks = report.learning_checks(m, {"full_input": 3.0}, {"full_input": "super_resolution"})
+    m = pd.DataFrame(rows, columns=tables.METRIC_COLUMNS)
+    head = report_tables.headline_table(m, {"full_input": 3.0})
+    assert np.isnan(head["x_chance"].iloc[0]) and report_tables.pretty_headline(head)["× chance"].iloc[0] == "–"
+    checks = report_tables.learning_checks(m, {"full_input": 3.0}, {"full_input": "super_resolution"})
     assert np.isnan(checks["x_chance"].iloc[0]) and not checks["ci_above_chance"].iloc[0]
-    assert report.pretty_checks(checks)["× chance"].iloc[0] == "–"
-    assert report.times_chance(0.2, 0.1) == pytest.approx(2)
+    assert report_tables.pretty_checks(checks)["× chance"].iloc[0] == "–"
+    assert report_tables.times_chance(0.2, 0.1) == pytest.approx(2)
     # such a grid's report leads with the paper protocol; one with a second clip per speaker with the identity one
     assert report.lead_protocol(m) == "paper"
     assert report.lead_protocol(m.assign(value=m["value"].where(m["metric"] != "chance@1", 0.017))) == "identity"
@@ -593,7 +595,7 @@ def test_a_one_run_reference_pairs_with_every_seed_and_two_seeded_systems_pair_s
     }
     scales = {("best", "identity"): {"full_input": 2.0, "bicubic": np.nan, "pure_sr": 2.0}}
     pairs = [("full_input", "bicubic"), ("full_input", "pure_sr"), ("bicubic", "full_input")]
-    d = report.differences_table(pairs, scales, hits, ks=(1,), n_boot=2000).set_index(["a", "b"])
+    d = differences.differences_table(pairs, scales, hits, ks=(1,), n_boot=2000).set_index(["a", "b"])
     fb = d.loc[("full_input", "bicubic")]
     assert fb["difference"] == pytest.approx((41 + 45 + 39) / 3 / 80 - 32 / 80) == pytest.approx(0.1208, abs=1e-4)
     assert (fb["seeds_a"], fb["seeds_b"], fb["seed_pairs"], fb["n_clips"], fb["n_identities"]) == (3, 1, 3, 80, 40)
@@ -601,16 +603,16 @@ def test_a_one_run_reference_pairs_with_every_seed_and_two_seeded_systems_pair_s
     assert fb["ci_low"] < fb["difference"] < fb["ci_high"]
     assert d.loc[("bicubic", "full_input"), "difference"] == pytest.approx(-fb["difference"])
     seed0 = {**hits, "full_input": hits["full_input"][hits["full_input"]["seed"] == 0]}
-    old = report.differences_table(pairs[:1], scales, seed0, ks=(1,), n_boot=2000).iloc[0]
+    old = differences.differences_table(pairs[:1], scales, seed0, ks=(1,), n_boot=2000).iloc[0]
     assert old["difference"] == pytest.approx(9 / 80) and old["seeds_a"] == 1  # what the report said before
     assert fb["ci_high"] - fb["ci_low"] > old["ci_high"] - old["ci_low"]
     # 3 seeds against 2: seeds 0 and 1, the ones both have, pair seed by seed (seed 2 of full_input has no partner)
     fp = d.loc[("full_input", "pure_sr")]
     assert (fp["seeds_a"], fp["seeds_b"], fp["seed_pairs"]) == (3, 2, 2)
     assert fp["difference"] == pytest.approx(((41 - 35) + (45 - 37)) / 2 / 80)
-    pretty = report.pretty_differences(d.reset_index().assign(factor="method", one_factor=True))
+    pretty = differences.pretty_differences(d.reset_index().assign(factor="method", one_factor=True))
     assert list(pretty["seeds (a, b)"]) == ["3, 1", "3, 2", "1, 3"]
-    seeds_md = report.pretty_seed_differences(d.reset_index(), "identity")
+    seeds_md = differences.pretty_seed_differences(d.reset_index(), "identity")
     assert seeds_md.iloc[0, 3] == f"+0.121 [{fb['ci_low']:+.3f}, {fb['ci_high']:+.3f}]"
     assert seeds_md.iloc[0, 4] == fb["per_seed"]
 
@@ -623,8 +625,8 @@ def test_the_learning_checks_count_the_hits_of_every_seed_on_every_clip():
         rows.append(dict(system="g", scale=scale, protocol="identity", split="val", metric=metric, value=value,
                          ci_low=value - 0.1 * (value > 0), ci_high=value, n=40))  # fmt: skip
     m = pd.DataFrame(rows)
-    one = report.learning_checks(m.assign(n_seeds=1), {"g": 2.0}, {"g": "generation"}).iloc[0]
-    three = report.learning_checks(m.assign(n_seeds=3), {"g": 2.0}, {"g": "generation"}).iloc[0]
+    one = report_tables.learning_checks(m.assign(n_seeds=1), {"g": 2.0}, {"g": "generation"}).iloc[0]
+    three = report_tables.learning_checks(m.assign(n_seeds=3), {"g": 2.0}, {"g": "generation"}).iloc[0]
     assert one["scale0_at_chance"] and one["passes"]
     assert not three["scale0_at_chance"] and not three["passes"]
 
@@ -649,10 +651,10 @@ def test_bootstrap_significance_resamples_seeds_where_a_system_has_several():
             for k in (1, 3)
         )
 
-    w = report.k_weights("inverse", (1, 3))
-    two = report.bootstrap_significance(frame({0: 30, 1: 50}), frame({0: 20}), w, n_boot=1000, seed=0)
-    mean = report.bootstrap_significance(frame({0: 40}), frame({0: 20}), w, n_boot=1000, seed=0)
-    s = report.significance({1: 40 / 80, 3: 50 / 80}, {1: 20 / 80, 3: 30 / 80}, w)
+    w = significance.k_weights("inverse", (1, 3))
+    two = significance.bootstrap_significance(frame({0: 30, 1: 50}), frame({0: 20}), w, n_boot=1000, seed=0)
+    mean = significance.bootstrap_significance(frame({0: 40}), frame({0: 20}), w, n_boot=1000, seed=0)
+    s = significance.significance({1: 40 / 80, 3: 50 / 80}, {1: 20 / 80, 3: 30 / 80}, w)
     assert two[0] < s < two[1] and mean[0] < s < mean[1]
     assert two[1] - two[0] > mean[1] - mean[0]
 
@@ -679,15 +681,15 @@ def write_one_clip_test_list(cfg):
         "bicubic": {np.nan: hits(1)},
     }
     for system, by_scale in runs.items():
-        out = ev.eval_dir(cfg, system)
+        out = tables.eval_dir(cfg, system)
         out.mkdir(parents=True, exist_ok=True)
-        rows, frames = ev.chance_rows(system, ids, ks, splits), []
+        rows, frames = tables.chance_rows(system, ids, ks, splits), []
         for scale, h in by_scale.items():
-            rows += ev.recall_rows(system, scale, h, 200, clusters=ids, splits=splits)
+            rows += tables.recall_rows(system, scale, h, 200, clusters=ids, splits=splits)
             for s, n in (("test", 6), ("val", 12)):  # every output reproduces its guide
-                rows.append(ev.metric_row(system, scale, "guide_top1", np.ones(n), 200, split=s))
-            frames.append(ev.hit_frame(system, scale, clips, ids, h, splits))
-        pd.DataFrame(rows, columns=ev.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
+                rows.append(tables.metric_row(system, scale, "guide_top1", np.ones(n), 200, split=s))
+            frames.append(tables.hit_frame(system, scale, clips, ids, h, splits))
+        pd.DataFrame(rows, columns=tables.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
         pd.concat(frames).to_csv(out / "hits.csv", index=False)
 
 
@@ -716,8 +718,10 @@ def test_a_one_clip_per_speaker_test_list_leads_with_paper_but_checks_learning_o
     assert ps["recall@1"] == pytest.approx(1 / 12) and not ps["ci_above_chance"] and not ps["passes"]
     assert fi["best_scale"] == 2.0 and fi["recall@1"] == pytest.approx(11 / 12) and fi["passes"]
     # what the checks said before: the paper protocol's validation rows, where keeping the guide is enough
-    val = report.combine_seeds(report.load_all(cfg), {}).pipe(ev.at_split, "val")
-    paper = report.learning_checks(ev.at_protocol(val, "paper"), {"pure_sr": 2.0}, {"pure_sr": "super_resolution"})
+    val = report_tables.combine_seeds(report.load_all(cfg), {}).pipe(tables.at_split, "val")
+    paper = report_tables.learning_checks(
+        tables.at_protocol(val, "paper"), {"pure_sr": 2.0}, {"pure_sr": "super_resolution"}
+    )
     assert paper["recall@1"].iloc[0] == 1.0 and paper["passes"].iloc[0]
     summary = (report.report_dir(cfg) / "summary.md").read_text()
     assert "Led by the paper protocol" in summary and "learning checks read the identity protocol of the val" in summary

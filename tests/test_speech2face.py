@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import evaluation, face_decoder, grid, report
+from slf_utils import evaluation, face_decoder, figures, grid, report, report_tables, tables
 from slf_utils.config import ROOT, ParamsError, load_params
 from slf_utils.layout import Layout, load_systems, synthetic_store
 from slf_utils.preprocessing import guide_of
@@ -234,7 +234,7 @@ def test_face_to_face_beats_speech_to_face(compared):
     cfg, metrics, _ = compared
     f2f, s2f = recall1(metrics["face_to_face_direct"]), recall1(metrics["speech_to_face_direct"])
     assert f2f >= 0.75 and f2f > s2f + 0.4, (f2f, s2f)  # measured: 1.0 against 0.25 (chance 1/6)
-    out = evaluation.eval_dir(cfg, "face_to_face_direct")
+    out = tables.eval_dir(cfg, "face_to_face_direct")
     samples = pd.read_csv(out / "samples.csv")
     assert len(samples) == 12 and samples["scale"].isna().all() and (out / samples["image"].iloc[0]).exists()
     prov = json.loads((out / "provenance.json").read_text())
@@ -250,12 +250,12 @@ def test_report_draws_direct_decoders_as_one_point_and_says_face_to_face_sees_th
     checks = res["checks"].set_index("system")
     assert set(checks.index) == {"face_to_face_direct", "speech_to_face_direct"}  # judged; the references are not
     assert bool(checks.loc["face_to_face_direct", "ci_above_chance"])
-    assert "no scale" in set(report.pretty_checks(checks.reset_index())["best scale"])
+    assert "no scale" in set(report_tables.pretty_checks(checks.reset_index())["best scale"])
     table = res["tables"]["table_best_scale"][0]
     assert {"face_to_face_direct", "speech_to_face_direct"} <= set(table["system"])
     diff = res["differences"]
     assert len(diff[(diff["a"] == "face_to_face_direct") & (diff["protocol"] == "identity")]) == 4  # 2 scales x k
-    fig = report.plot_recall_vs_scale(res["metrics"], report.system_titles(cfg))
+    fig = figures.plot_recall_vs_scale(res["metrics"], report.system_titles(cfg))
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert "Face to Face (direct decoder, true embedding) (no scale)" in labels
     assert "Identity mean face (reference)" in labels

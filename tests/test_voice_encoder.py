@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import evaluation, layout
+from slf_utils import layout, recognisers
 from slf_utils import voice_encoder as V
 from slf_utils.config import DEFAULTS, ParamsError, load_params
 from slf_utils.preprocessing import SAMPLE_RATE, guide_of
@@ -114,7 +114,7 @@ def test_face_embeddings_dlib_are_resumable_and_reject_a_face_the_recogniser_can
         raise AssertionError("a finished face was embedded again")
 
     with monkeypatch.context() as m:
-        m.setattr(evaluation.FaceEmbedder, "embed", no_embedding)
+        m.setattr(recognisers.FaceEmbedder, "embed", no_embedding)
         again = V.run_face_embeddings(cfg, store, log=lambda *a: None)
     assert (again["computed"], again["done"], again["rejected"], again["embedding_dim"]) == (0, 3, 1, 128)
     assert again["params_hash"] == first["params_hash"]
