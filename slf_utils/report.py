@@ -14,13 +14,24 @@ learning checks read the identity protocol of the clips that choose wherever tho
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from slf_utils import diffusion, layout
-from slf_utils.config import FACTORS, atomic_write_text, deep_merge, default, exists, seed_overrides, seeds_of
+from slf_utils import diffusion, findings, layout
+from slf_utils.config import (
+    FACTORS,
+    atomic_write_json,
+    atomic_write_text,
+    deep_merge,
+    default,
+    exists,
+    provenance,
+    seed_overrides,
+    seeds_of,
+)
 from slf_utils.differences import (
     difference_pairs,
     differences_table,
@@ -354,5 +365,23 @@ def run(cfg, log=print) -> dict:
         result["figures"]["samples_scales"] = save_figure(grid, out, "samples_scales")
 
     result["summary"] = write_summary(out, cfg, metrics, result, weights, missing, chosen)
+    atomic_write_json(out / "provenance.json", provenance({"grid": cfg["name"], "params_file": cfg.get("params_file")}))
     log(f"report: {len(found)} system(s) -> {out}")
     return result
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m slf_utils.report")
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("findings", help="write docs/findings/<grid>.md from a finished grid's report")
+    f.add_argument("results", help="the grid's results folder, e.g. results/demo")
+    f.add_argument("--out", default=None, help="the page (default docs/findings/<grid>.md)")
+    args = ap.parse_args(argv)
+    try:
+        print(findings.write(args.results, args.out))
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
