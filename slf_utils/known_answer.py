@@ -57,8 +57,8 @@ from slf_utils.config import (
     params_hash,
 )
 from slf_utils.demo_corpus import _clean_partial, _rng, encode_mp4, fake_youtube_id, ffmpeg_exe
-from slf_utils.evaluation import _gray, face_embedder
 from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image, resize
+from slf_utils.recognisers import face_embedder, gray_face
 from slf_utils.store import normalise_gender
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,8 @@ def corpus_crops(corpus_dir, clip_ids=None) -> tuple[list[dict], np.ndarray]:
 
 
 def _view(images, size: int, crop: float) -> np.ndarray:
-    # at `size` px first (what a model of that size draws), then the eigenfaces view of that (evaluation._gray)
-    return np.stack([_gray(resize(np.asarray(im), size), size, crop) for im in images])
+    # at `size` px first (what a model of that size draws), then the eigenfaces view of that (recognisers.gray_face)
+    return np.stack([gray_face(resize(np.asarray(im), size), size, crop) for im in images])
 
 
 def fit_code_basis(crops_by_identity: np.ndarray, components: int, size: int, crop: float) -> dict:

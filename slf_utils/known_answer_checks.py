@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from slf_utils import features
-from slf_utils.evaluation import face_embedder, retrieval_hits
 from slf_utils.known_answer import DETECTOR, corpus_crops, face_code_of
 from slf_utils.preprocessing import decode, read_image
+from slf_utils.recognisers import face_embedder
+from slf_utils.retrieval import retrieval_hits
 
 
 def read_codes(corpus_dir) -> tuple[list[str], np.ndarray]:

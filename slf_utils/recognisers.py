@@ -99,7 +99,8 @@ def _deepface_embed_fn(model_name, detector_backend, upscale_to):
     return embed
 
 
-def _gray(img, size, crop=1.0):
+def gray_face(img, size, crop=1.0):
+    """The eigenfaces recogniser's view of a face: grey, the central `crop` of it, at `size` px."""
     g = cv2.cvtColor(to_rgb(img), cv2.COLOR_RGB2GRAY) if np.asarray(img).ndim == 3 else np.asarray(img)
     # the stored crops are expanded around the face box (preprocess.expand_h/w): keep the central part, where the
     # face is; hair and background would otherwise dominate the principal components
@@ -114,7 +115,7 @@ def _gray(img, size, crop=1.0):
 def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: float = 0.6) -> dict:
     """PCA basis of real training faces (central `crop` fraction, grayscale, `size` px, standardised):
     {'mean', 'basis' (C, size*size), 'singular_values', 'size', 'crop'}."""
-    x = np.stack([_gray(f, size, crop) for f in train_faces])
+    x = np.stack([gray_face(f, size, crop) for f in train_faces])
     if len(x) < 2:
         raise ValueError("eigenfaces needs at least 2 training faces")
     mean = x.mean(0)
@@ -125,7 +126,7 @@ def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: floa
 
 def _eigenfaces_embed_fn(pca):
     def embed(images):
-        x = np.stack([_gray(im, pca["size"], pca["crop"]) for im in images])
+        x = np.stack([gray_face(im, pca["size"], pca["crop"]) for im in images])
         return (x - pca["mean"]) @ pca["basis"].T, np.ones(len(images), bool)
 
     return embed

@@ -347,3 +347,20 @@ def test_notebooks_run_at_once_from_one_folder_do_not_share_kernel_sockets(tmp_p
         printed = [o.get("text", "") for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", [])]
         assert "".join(printed).strip() == str(i * 7), (i, printed)
     assert not list(tmp_path.glob("kernel-ipc*"))  # no socket files left in the working folder
+
+
+def test_the_same_grid_run_twice_on_one_machine_gives_identical_numbers(tmp_path, finished_grid):
+    """Repeatability (issue 28 item 5): the whole tiny grid again from nothing, in another folder (preprocessing,
+    features, training, sampling, scoring, the report), gives the very same metrics, hits and headline as the first
+    run, which was itself interrupted after one system and resumed."""
+    tmp, p, _, _ = finished_grid
+    q = tiny_grid(tmp_path, yaml.safe_load(p.read_text())["data"]["manifest"])
+    table = grid.run(q)
+    assert (table["status"] == "done").all(), table
+    a, b = tmp / "results" / "tiny", tmp_path / "results" / "tiny"
+    for system in ("full_input", "speaker_embeddings_only"):
+        for name in ("metrics.csv", "hits.csv"):
+            pd.testing.assert_frame_equal(
+                pd.read_csv(a / system / "eval" / name), pd.read_csv(b / system / "eval" / name)
+            )
+    assert (a / "report" / "headline.md").read_text() == (b / "report" / "headline.md").read_text()
