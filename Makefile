@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export SLF_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test demo lab lint format venv clean-venv
+.PHONY: test test-all demo lab lint format venv clean-venv
 
 venv: $(STAMP)
 
@@ -32,7 +32,12 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Two tiers: `make test` (lint, unit and integration tests; under 10 minutes) after every change, `make test-all`
+# (the end-to-end tier too: grids, papermill runs, faults, benchmarks, the known-answer bench) in CI.
 test: lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(STAMP)

@@ -22,6 +22,7 @@ import numpy as np
 
 from slf_utils import known_answer as ka
 from slf_utils import known_answer_checks as checks
+from slf_utils.references import read_codes
 
 
 def main(argv=None):
@@ -44,7 +45,7 @@ def main(argv=None):
         clips = list(csv.DictReader(open(corpus / "manifest.csv", newline="")))
         t_emb = time.time()
         emb = checks.voice_embeddings(corpus, clips)
-        ids, codes = checks.read_codes(corpus)
+        ids, codes = read_codes(corpus)
         code_of = dict(zip(ids, codes))
         groups = [c["identity"] for c in clips]
         r2 = checks.code_recovery(emb, groups, np.stack([code_of[g] for g in groups]))

@@ -54,13 +54,14 @@ from slf_utils.recognisers import (
     eval_params,
     make_embedder,
 )
-from slf_utils.references import reference_images, reference_kind
+from slf_utils.references import oracle_inputs, reference_images, reference_kind
 from slf_utils.retrieval import (
     KS,
     PROTOCOLS,
     _members,
     _scatter,
     gallery_groups,
+    oracle_hits,
     own_entries,
     protocol_hits,
     random_selection_hits,
@@ -479,7 +480,18 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     if len(clips) < n_all:
         note(f"{n_all - len(clips)} of {n_all} held-out clips have no face: not in the gallery")
     rows, hit_frames = chance_rows(system_name, idents, ks, splits, groups), []
-    if kind == "random":
+    if kind == "oracle":
+        # no images: the planted codes of a known-answer corpus ranked like every system (oracle_hits)
+        found = oracle_inputs(cfg, store, clips)
+        sampled = ids if not isinstance(found, str) else []
+        if isinstance(found, str):
+            note(f"{found}: the oracle row is skipped")
+        else:
+            hits = oracle_hits(*found, idents, ks, seed, groups)
+            rows += recall_rows(system_name, np.nan, hits, boot, seed, idents, splits)
+            hit_frames.append(hit_frame(system_name, np.nan, ids, idents, hits, splits))
+            prov["oracle"] = {"link_strength": found[2], "code_components": int(found[1].shape[1])}
+    elif kind == "random":
         # no model, no images: one seeded random ordering of the gallery clips (of its group) per query
         own = np.arange(len(ids))
         hits = {

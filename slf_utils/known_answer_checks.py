@@ -11,17 +11,11 @@ from pathlib import Path
 import numpy as np
 
 from slf_utils import features
-from slf_utils.known_answer import DETECTOR, corpus_crops, face_code_of
+from slf_utils.known_answer import DETECTOR, corpus_crops
 from slf_utils.preprocessing import decode, read_image
-from slf_utils.recognisers import face_embedder
+from slf_utils.recognisers import face_code_of, face_embedder
+from slf_utils.references import read_codes
 from slf_utils.retrieval import retrieval_hits
-
-
-def read_codes(corpus_dir) -> tuple[list[str], np.ndarray]:
-    """(identities, face codes (N, components)) from a corpus's codes.csv."""
-    rows = list(csv.DictReader(open(Path(corpus_dir) / "codes.csv", newline="")))
-    cols = [k for k in rows[0] if k.startswith("face_")]
-    return [r["identity"] for r in rows], np.array([[float(r[c]) for c in cols] for r in rows])
 
 
 def voice_embeddings(corpus_dir, clips: list[dict]) -> np.ndarray:

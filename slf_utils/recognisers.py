@@ -13,6 +13,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -130,6 +131,26 @@ def _eigenfaces_embed_fn(pca):
         return (x - pca["mean"]) @ pca["basis"].T, np.ones(len(images), bool)
 
     return embed
+
+
+def code_view(images, size: int, crop: float) -> np.ndarray:
+    """The known-answer corpus's view of face crops (slf_utils.known_answer): at `size` px first (what a model of that
+    size draws), then the eigenfaces view of that (gray_face)."""
+    return np.stack([gray_face(resize(np.asarray(im), size), size, crop) for im in images])
+
+
+def load_code_basis(path) -> dict:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def face_code_of(images, basis) -> np.ndarray:
+    """(n, components) codes of face crops (the workbook's stored faces, any size; RGB uint8) in a known-answer
+    corpus's face-code space: `basis` a dict from known_answer.fit_code_basis or the path of a corpus's
+    code_basis.npz. An identity's face code in codes.csv is the mean of its images' codes."""
+    b = load_code_basis(basis) if isinstance(basis, (str, Path)) else basis
+    x = code_view(images, int(b["size"]), float(b["crop"]))
+    return (x - b["mean"]) @ b["basis"].T / b["scale"]
 
 
 def face_embedder(

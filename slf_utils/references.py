@@ -6,20 +6,25 @@ bicubically to the grid's super-resolution output size: the floor of any super-r
 them, where identity_mean cannot exist), `real_face` (the query's own real face at the output size: a perfect
 reconstruction; under the identity protocol it shows what reproducing the very image is worth, which at 16 px is less
 than the identity mean), `random` (a seeded random ranking per query, retrieval.random_selection_hits; mode `none`
-in older systems files).
+in older systems files), `oracle` (a known-answer corpus's planted voice code ranked against each gallery image's
+face code, retrieval.oracle_hits: the ceiling of any reading of the voice; no images, skipped on other corpora).
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists
+from slf_utils.config import default, exists
 from slf_utils.folds import identity_folds, training_clips
 from slf_utils.preprocessing import resize, to_rgb
+from slf_utils.recognisers import face_code_of
 
-REFERENCES = ("bicubic", "identity_mean", "attribute_mean", "real_face", "random")
+REFERENCES = ("bicubic", "identity_mean", "attribute_mean", "real_face", "random", "oracle")
 
 ATTRIBUTE_MEAN_BY = ("gender", "ethnicity")  # attribute_mean: the training faces sharing these labels, where known
 
@@ -29,8 +34,8 @@ FLOOR, CEILING, OPEN_CEILING = "bicubic", "identity_mean", "attribute_mean"
 
 
 def reference_kind(system) -> str | None:
-    """The reference row a system is (`bicubic`, `identity_mean`, `real_face`, `random`), or None for a trained
-    system."""
+    """The reference row a system is (`bicubic`, `identity_mean`, `real_face`, `random`, `oracle`, ...), or None for
+    a trained system."""
     if system.mode == "none":  # systems files from before `reference`: random selection
         return "random"
     if system.mode != "reference":
@@ -107,3 +112,37 @@ def reference_images(kind: str, store, gallery, size: int, cfg=None) -> tuple[li
             found |= dict(zip([c for c, _ in mine], attribute_means(store, [c for c, _ in mine], size, train)))
     ids = [c for c in gallery.clip_ids if c in found]
     return ids, [found[c] for c in ids]
+
+
+# ---------------------------------------------------------------------------------------------- the oracle
+def read_codes(corpus_dir, which: str = "face") -> tuple[list[str], np.ndarray]:
+    """(identities, codes (N, components)) from a known-answer corpus's codes.csv: `which` face or voice."""
+    codes = pd.read_csv(Path(corpus_dir) / "codes.csv", dtype={"identity": str})
+    return codes["identity"].tolist(), codes.filter(regex=rf"^{which}_\d+$").to_numpy(np.float64)
+
+
+def corpus_link_strength(cfg) -> float | None:
+    """The link strength the known-answer corpus in data.root was built with (its build record), None where data.root
+    holds no known-answer corpus (the demo, VoxCeleb2)."""
+    stamp = Path(default(cfg["data"].get("root"), ".")) / ".build" / "settings.json"
+    if not stamp.exists():
+        return None
+    return json.loads(stamp.read_text()).get("settings", {}).get("link_strength")
+
+
+def oracle_inputs(cfg, store, clips: pd.DataFrame):
+    """(voice code of each clip's identity, face code of each clip's stored face, link strength) for the `oracle` row
+    from the known-answer corpus in data.root (codes.csv, code_basis.npz, the strength it was built with), or a
+    sentence saying why there are none (a corpus without planted codes: the demo, VoxCeleb2)."""
+    root = Path(default(cfg["data"].get("root"), "."))
+    strength = corpus_link_strength(cfg)
+    missing = [f for f in ("codes.csv", "code_basis.npz") if not (root / f).exists()]
+    if missing or strength is None:
+        return f"the corpus in {root} has no planted codes ({', '.join(missing) or 'no build record'})"
+    ids, voice = read_codes(root, "voice")
+    at = dict(zip(ids, voice))
+    unknown = sorted(set(clips["identity"]) - set(at))
+    if unknown:
+        return f"{len(unknown)} identities of the gallery are not in {root / 'codes.csv'}, e.g. {unknown[:3]}"
+    faces = store.load_stacked("preprocess", clips["clip_id"].tolist(), keys=["face"])["face"]
+    return np.stack([at[i] for i in clips["identity"]]), face_code_of(faces, root / "code_basis.npz"), float(strength)

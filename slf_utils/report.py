@@ -131,24 +131,26 @@ def system_notes(cfg) -> dict:
         return {}
 
 
-def best_scales(metrics: pd.DataFrame, guide_min: dict | None = None) -> dict:
-    """{system: scale} maximising recall@1 in a protocol view, ties broken by recall@3 then the smaller scale.
+def best_scales(metrics: pd.DataFrame, guide_min: dict | None = None, by=("recall@1", "recall@3")) -> dict:
+    """{system: scale} maximising recall@1 in a protocol view, ties broken by recall@3 then the smaller scale (`by`:
+    the metric and its tie-breaker; the known-answer controls choose at their own k, slf_utils.controls).
     `guide_min` {system: g}: for these (the super-resolution systems) only scales whose guide_top1 is at least g
     compete, while any does: a scale at which the outputs no longer reproduce their guide is not a super-resolution
     of that guide, however well it is recognised. Systems without a scale (the reference rows) map to NaN."""
+    first, second = by
     out = {}
     for system, m in metrics.groupby("system", sort=False):
-        r = m[m["metric"].isin(["recall@1", "recall@3", "guide_top1"])].pivot_table(
+        r = m[m["metric"].isin([first, second, "guide_top1"])].pivot_table(
             index="scale", columns="metric", values="value", dropna=False
         )
-        if r.empty or "recall@1" not in r:
+        if r.empty or first not in r:
             out[system] = np.nan
             continue
-        r = r.reset_index().assign(r3=r.get("recall@3", pd.Series(0, index=r.index)).to_numpy())
+        r = r.reset_index().assign(r3=r.get(second, pd.Series(0, index=r.index)).to_numpy())
         g = (guide_min or {}).get(system)
         if exists(g) and "guide_top1" in r and (r["guide_top1"] >= g).any():
             r = r[r["guide_top1"] >= g]
-        r = r.sort_values(["recall@1", "r3", "scale"], ascending=[False, False, True])
+        r = r.sort_values([first, "r3", "scale"], ascending=[False, False, True])
         out[system] = float(r["scale"].iloc[0])
     return out
 

@@ -224,6 +224,20 @@ def random_selection_hits(query_ids, gallery_ids, ks=KS, seed=0, exclude=None, g
     return hits_from_rankings(ranked, list(query_ids), ks)
 
 
+def oracle_hits(voice, faces, strength: float, gallery_ids, ks=KS, seed=0, groups=None) -> dict[str, dict]:
+    """The known-answer oracle (issue 26), ranked like every system: query i (gallery clip i) is its identity's
+    planted voice code voice[i], gallery clip j its image's face code faces[j]; gallery images are ranked by the
+    Bayes-optimal distance |v - s c|^2 (v = s c + sqrt(1 - s^2) noise). At s = 0 every image ties: a seeded random
+    order (random_selection_hits, the `random` row's). {protocol: {k: (N,) bool}} as protocol_hits."""
+    own = np.arange(len(gallery_ids))
+    if strength > 0:
+        return protocol_hits(voice, own, float(strength) * np.asarray(faces), gallery_ids, ks, "l2", groups)
+    return {
+        p: random_selection_hits(gallery_ids, gallery_ids, ks, seed, own if p == "identity" else None, groups, own)
+        for p in PROTOCOLS
+    }
+
+
 def own_entries(clip_ids, gallery_clip_ids) -> np.ndarray:
     """Gallery index of each of `clip_ids` (every one must be in the gallery)."""
     pos = {c: i for i, c in enumerate(gallery_clip_ids)}

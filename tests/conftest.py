@@ -33,3 +33,36 @@ def demo_corpus_small(debs_dir):
     from slf_utils import demo_corpus
 
     return demo_corpus.build(CACHE / "corpus4", identities=4, seed=0, debs_dir=debs_dir)
+
+
+# the known-answer corpora of the tests (issue 26): 30 identities x 3 images (1 train, 2 held out), 90 clips a strength
+KA_SMALL = {"identities": 30, "images_per_identity": 3, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def ka_small_settings():
+    return dict(KA_SMALL)
+
+
+@pytest.fixture(scope="session")
+def ka_cache(debs_dir):
+    """The known-answer builder's cache (faces, espeak-ng), kept in .cache/tests beside the Debian packages."""
+    return CACHE / "known_answer"
+
+
+@pytest.fixture(scope="session")
+def ka_small(ka_cache):
+    """A known-answer corpus at link strength 1 (built once, kept in .cache/tests). Returns the corpus folder."""
+    from slf_utils import known_answer as ka
+
+    ka.build(CACHE / "ka30-s1", cache=ka_cache, progress=False, link_strength=1.0, **KA_SMALL)
+    return CACHE / "ka30-s1"
+
+
+@pytest.fixture(scope="session")
+def ka_small_null(ka_cache, ka_small):
+    """The same faces at link strength 0 (the null control); only the voices are made again."""
+    from slf_utils import known_answer as ka
+
+    ka.build(CACHE / "ka30-s0", cache=ka_cache, progress=False, link_strength=0.0, **KA_SMALL)
+    return CACHE / "ka30-s0"

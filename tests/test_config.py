@@ -230,3 +230,15 @@ def test_grid_files_written_as_differences_resolve_as_the_flat_files_did(tmp_pat
     for o, n in zip(old, new):  # every pair the flat file compared is still compared (issue 25 added pairs)
         assert o["report"].pop("differences") <= n["report"].pop("differences")
     assert old == new
+
+
+def test_the_parameter_page_is_generated_from_the_schema_and_is_current():
+    from slf_utils.config import SCHEMA, parameters_table
+
+    table = parameters_table()
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert len(rows) == len(SCHEMA)
+    assert "| `data.known_answer.link_strength` |" in table
+    assert "the ORL faces' 40 subjects" in table  # the schema's comment is the key's note
+    page = (ROOT / "docs" / "parameters.md").read_text()
+    assert page == table, "docs/parameters.md is stale: python -m slf_utils.config parameters --out docs/parameters.md"

@@ -27,10 +27,13 @@ SCORING = {
     "summary",
 }
 REPORT = {"report", "report_tables", "differences", "figures", "summary", "significance"}
-WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT
+# the known-answer controls read finished grids: the report and the scoring floor, the layout and the encoders' stage
+# names (which rows are speech), never the evaluation protocol
+CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "contrastive"}}
+WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
 # circle even counting in-function imports
-LIMITED = SCORING | {"evaluation", "report"}
+LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS)
 CHECKED = LIMITED | {"voice_encoder", "contrastive"}
 
 
@@ -164,6 +167,12 @@ def test_the_scoring_floor_imports_only_the_floors_below_it():
     encoder."""
     wrong = {m: sorted(t for t in imports(m) if _floor(t) not in BASE | SCORING) for m in SCORING if m in MODULES}
     assert {m: t for m, t in wrong.items() if t} == {}
+
+
+@pytest.mark.parametrize("module", sorted(CONTROLS))
+def test_modules_above_the_report_import_only_what_they_are_allowed(module):
+    wrong = sorted(t for t in imports(module) if _floor(t) not in CONTROLS[module])
+    assert wrong == []
 
 
 @pytest.mark.parametrize("module", sorted(WITHOUT_EVALUATION))

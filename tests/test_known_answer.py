@@ -14,35 +14,14 @@ from slf_utils import known_answer as ka
 from slf_utils import known_answer_checks as checks
 from slf_utils import preprocessing as P
 from slf_utils.config import ParamsError, load_params
-from slf_utils.evaluation import face_embedder
+from slf_utils.recognisers import face_code_of, face_embedder, load_code_basis
+from slf_utils.references import read_codes
 from slf_utils.store import Store
-
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / "tests"
-SMALL = {"identities": 30, "images_per_identity": 3, "seed": 0}  # 90 clips a strength
 
 
 def rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope="session")
-def ka_cache(debs_dir):
-    return CACHE / "known_answer"
-
-
-@pytest.fixture(scope="session")
-def ka_small(ka_cache):
-    """30 identities x 3 images at link strength 1 (built once, kept in .cache/tests). Returns the corpus folder."""
-    ka.build(CACHE / "ka30-s1", cache=ka_cache, progress=False, link_strength=1.0, **SMALL)
-    return CACHE / "ka30-s1"
-
-
-@pytest.fixture(scope="session")
-def ka_small_null(ka_cache, ka_small):
-    """The same faces at link strength 0 (the null control); only the voices are made again."""
-    ka.build(CACHE / "ka30-s0", cache=ka_cache, progress=False, link_strength=0.0, **SMALL)
-    return CACHE / "ka30-s0"
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -221,20 +200,20 @@ def test_manifest_passes_the_workbook_loaders_and_a_preprocessing_run(ka_small, 
     assert sorted(done.clip_id) == first
     # the oracle's projection reads the workbook's own crops like the builder's: the same code, up to the video codec
     faces = store.load_stacked("preprocess", first, keys=["face"])["face"]
-    basis = ka.load_code_basis(ka_small / "code_basis.npz")
-    ours = ka.face_code_of(faces, basis)
+    basis = load_code_basis(ka_small / "code_basis.npz")
+    ours = face_code_of(faces, basis)
     rows_, mine = ka.corpus_crops(ka_small, first)
     assert [r["clip_id"] for r in rows_] == first
-    theirs = ka.face_code_of(mine, basis)
+    theirs = face_code_of(mine, basis)
     assert np.corrcoef(ours.ravel(), theirs.ravel())[0, 1] > 0.95
 
 
-def test_identities_are_distinct_and_their_variants_recognisable(ka_small, ka_cache):
+def test_identities_are_distinct_and_their_variants_recognisable(ka_small, ka_cache, ka_small_settings):
     codes = rows(ka_small / "codes.csv")
     distinct = np.array([float(r["distinctness"]) for r in codes])
     assert (distinct >= ka.settings()["min_distance"]).all()
     # recomputed from the kept candidates' own faces: the recorded distances are the recogniser's
-    faces = np.load(ka.faces_path(ka.settings(**SMALL), ka_cache))
+    faces = np.load(ka.faces_path(ka.settings(**ka_small_settings), ka_cache))
     frames = [ka.frame_of(f) for f in ka.generate(faces["latent"])]
     emb, _ = face_embedder("Dlib", ka.DETECTOR).embed(frames)
     d = np.linalg.norm(emb[:, None] - emb[None], axis=2) + np.diag(np.full(len(emb), np.inf))
@@ -251,7 +230,7 @@ def test_planted_code_is_recoverable_at_strength_1_and_not_at_0(ka_small, ka_sma
     r2 = {}
     for s, corpus in ((1.0, ka_small), (0.0, ka_small_null)):
         clips = [c for c in rows(corpus / "manifest.csv") if int(c["image"]) <= 2]  # 60 clips: 2 an identity
-        ids, codes = checks.read_codes(corpus)
+        ids, codes = read_codes(corpus)
         code_of = dict(zip(ids, codes))
         emb = checks.voice_embeddings(corpus, clips)
         groups = [c["identity"] for c in clips]
@@ -282,12 +261,14 @@ def test_a_detector_that_keeps_too_few_faces_is_refused(monkeypatch):
         ka.select_identities({**s, "min_distance": 2.0})
 
 
-def test_ensure_builds_what_the_grid_asks_for_and_leaves_a_finished_corpus(ka_small, ka_cache, tmp_path):
+def test_ensure_builds_what_the_grid_asks_for_and_leaves_a_finished_corpus(
+    ka_small, ka_cache, ka_small_settings, tmp_path
+):
     data = {
         "kind": "manifest",
         "root": str(ka_small),
         "manifest": str(ka_small / "manifest.csv"),
-        "known_answer": {"build": True, "cache": str(ka_cache), "link_strength": 1.0, **SMALL},
+        "known_answer": {"build": True, "cache": str(ka_cache), "link_strength": 1.0, **ka_small_settings},
     }
     cfg = load_params(_grid(tmp_path, data))
     before = (ka_small / "manifest.csv").stat().st_mtime_ns

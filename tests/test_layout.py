@@ -123,6 +123,7 @@ def test_systems_are_declared_with_modes_and_paper_numbers(systems, layout):
         "identity_mean": ("reference", None),
         "attribute_mean": ("reference", None),
         "real_face": ("reference", None),
+        "oracle": ("reference", None),  # the known-answer corpus's planted code (issue 26, tests/test_controls.py)
         "face_to_face": ("generation", None),  # Speech2Face (issue 12, tests/test_speech2face.py)
         "speech_to_face": ("generation", None),
         "face_to_face_direct": ("generation", None),
