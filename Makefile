@@ -35,7 +35,7 @@ format: $(STAMP)
 # Two tiers: `make test` (lint, unit and integration tests; under 10 minutes) after every change, `make test-all`
 # (the end-to-end tier too: grids, papermill runs, faults, benchmarks, the known-answer bench) in CI.
 test: lint
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest tests/unit tests/integration -m "not slow" $(PYTEST_ARGS)
 
 test-all: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -9,7 +9,7 @@
   --unet N` runs the same code on every GPU (one unet per launch: ImagenTrainer allows one trainer per process when
   distributed). Each process draws its own batches, so the effective batch is batch_size x processes. Processes on
   CPUs (gloo): `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N ...` (`--cpu --num_processes N`
-  starts a single process unless given an mpirun hostfile); tests/test_distributed.py checks the all-reduce.
+  starts a single process unless given an mpirun hostfile); tests/e2e/test_distributed.py checks the all-reduce.
 * Model options (preset keys, overridable per grid, per system in systems.yaml and per grid system_overrides):
   `face_prior` (the model learns the residual from a mean face: FacePrior) and `latent` (the unets run on the latents
   of a small autoencoder, slf_utils.autoencoder; generation only).

@@ -10,6 +10,17 @@ import pytest  # noqa: E402
 import slf_utils  # noqa: E402,F401  (sets the offline switches before torch & co are imported)
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "tests"
+E2E = Path(__file__).resolve().parent / "e2e"
+
+
+# Three tiers: tests/unit (no training, no corpus), tests/integration (tiny presets, synthetic stores, small corpora)
+# and tests/e2e (grids, papermill, the paper path, faults, benchmarks, the environment). Everything in tests/e2e, and
+# the few end-to-end tests that stay beside their module's other tests, carry the `slow` mark: `make test` deselects
+# it, `make test-all` (CI) runs it.
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,6 +28,17 @@ def _one_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A results folder with a synthetic store (4 identities x 4 clips, 32 px faces; each identity its own gender x
+    ethnicity) for helpers.write_params's grid files."""
+    from slf_utils.layout import synthetic_store
+
+    tmp = tmp_path_factory.mktemp("project")
+    synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
+    return tmp
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 from slf_utils import findings, report
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _finished_grid(tmp_path, recall="0.512", rev="abc1234"):

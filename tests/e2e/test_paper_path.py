@@ -1,6 +1,6 @@
 """Issue 11.5: the paper preset's cascades build, train a step and sample on CPU (SPEC §6).
 
-Each cascade runs in its own Python process (`python tests/test_paper_path.py MODE`), so that its memory is given
+Each cascade runs in its own Python process (`python tests/e2e/test_paper_path.py MODE`), so that its memory is given
 back before the next one: ~1.1 G parameters, a training step of batch 2 and a 2-step sample (unguided).
 
 Measured on a 2-core machine shared with other jobs (load average 3-7, so slower than an idle one; 361 CPU-seconds
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BATCH = 2
 # parameters of the paper's unets, counted on the built models (imagen-pytorch 2.1.0). The first unet of the
 # super-resolution cascade is conditioned on the 8x8 guide (lowres_cond: a 6-channel input, and the time

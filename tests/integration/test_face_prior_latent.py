@@ -1,14 +1,14 @@
 """Issue 13 items 3 and 4: the face prior (residual from a mean face) and latent diffusion (a small autoencoder)."""
 
 import cv2
+import helpers
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from slf_utils import autoencoder, diffusion, references
 from slf_utils.config import ParamsError, load_params
-from slf_utils.layout import Layout, load_systems, synthetic_store
+from slf_utils.layout import Layout, load_systems
 from slf_utils.store import open_store
 
 ATTRS = ["gender", "ethnicity"]
@@ -16,28 +16,7 @@ TINY_LATENT = {"downsample": 2, "width": 8, "steps": 3, "batch_size": 4, "lr": 3
 
 
 def write_params(tmp_path, name="t", model=None, system_overrides=None, **train):
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(
-        yaml.safe_dump(
-            {
-                "name": name,
-                "results": str(tmp_path / "results"),
-                "model": {"preset": "tiny", **(model or {})},
-                "train": {"steps": 2, "batch_size": 4, "lr": 3e-3, "ema": False, "seed": 0, "checkpoint_every": 2}
-                | train,
-                "system_overrides": system_overrides or {},
-            }
-        )
-    )
-    return p
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A synthetic store: 4 identities x 4 clips, 32 px faces; each identity its own gender x ethnicity."""
-    tmp = tmp_path_factory.mktemp("prior")
-    synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
-    return tmp
+    return helpers.write_params(tmp_path, name, train=train, model=model, system_overrides=system_overrides or {})
 
 
 def _faces01(store, ids, size=16):

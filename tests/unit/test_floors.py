@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parent.parent / "slf_utils"
+PACKAGE = Path(__file__).resolve().parents[2] / "slf_utils"
 MAX_LINES = 650
 # what the scoring floor may import: configuration, folds, the store and preprocessing (and what these stand on)
 BASE = {"env", "locks", "config", "folds", "store", "preprocessing"}

@@ -5,6 +5,7 @@ import json
 import math
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
@@ -36,34 +37,7 @@ CASCADE_UNET = {
 
 
 def write_params(tmp_path, name="t", **train):
-    p = tmp_path / f"{name}.yaml"
-    p.write_text(
-        yaml.safe_dump(
-            {
-                "name": name,
-                "results": str(tmp_path / "results"),
-                "model": {"preset": "tiny"},
-                "train": {
-                    "steps": 4,
-                    "batch_size": 4,
-                    "lr": 3e-3,
-                    "ema": True,
-                    "seed": 0,
-                    "checkpoint_every": 2,
-                    **train,
-                },
-            }
-        )
-    )
-    return p
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A results folder with a synthetic store (4 identities x 4 clips, 32 px faces) and a params file."""
-    tmp = tmp_path_factory.mktemp("project")
-    synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
-    return tmp
+    return helpers.write_params(tmp_path, name, train={"steps": 4, "ema": True, **train})
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import yaml
 from slf_utils import differences, figures, report, report_tables, retrieval, significance, stats, tables
 from slf_utils import evaluation as ev
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ significance

@@ -367,7 +367,7 @@ def test_compare_grid_end_to_end_on_the_tiny_preset(tmp_path, demo_corpus_small)
     encoder runs after features and before the Speech2Face trainings, every step finishes, the report holds every
     system with the direct decoders as one point; then a second grid reusing the first copies every step but the
     report."""
-    from tests.test_grid import records, tiny_grid
+    from tests.e2e.test_grid import records, tiny_grid
 
     compare = yaml.safe_load((ROOT / "params" / "compare.yaml").read_text())
     systems = ["full_input", "speaker_embeddings_only", *S2F, "bicubic", "identity_mean", "random"]

@@ -4,42 +4,24 @@ are; the same seed gives the first losses it gave before the refactor (tests/dat
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from slf_utils import diffusion
 from slf_utils.config import ParamsError, load_params
-from slf_utils.layout import synthetic_store
 from slf_utils.store import open_store
 
 torch.set_num_threads(1)
-FIRST_LOSSES = Path(__file__).parent / "data" / "first_losses.json"
+FIRST_LOSSES = Path(__file__).parent / "data" / "first_losses.json"  # tests/integration/data
 
 
-def write_params(tmp_path, **extra):
-    p = tmp_path / "t.yaml"
-    p.write_text(
-        yaml.safe_dump(
-            {
-                "name": "t",
-                "results": str(tmp_path / "results"),
-                "model": {"preset": "tiny"},
-                "train": {"steps": 5, "batch_size": 4, "lr": 3e-3, "ema": False, "seed": 7, "checkpoint_every": 5},
-                **extra,
-            }
-        )
-    )
-    return p
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("recipe")
-    synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
-    return tmp
+def write_params(tmp_path, train=None, **extra):
+    # the settings the first losses were recorded with (5 steps at seed 7)
+    train = {"steps": 5, "seed": 7, "checkpoint_every": 5, **(train or {})}
+    return helpers.write_params(tmp_path, train=train, **extra)
 
 
 def test_the_same_seed_gives_the_first_losses_recorded_before_the_refactor(project):

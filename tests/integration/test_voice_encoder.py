@@ -16,7 +16,7 @@ from slf_utils import voice_encoder as V
 from slf_utils.config import DEFAULTS, ParamsError, load_params
 from slf_utils.preprocessing import SAMPLE_RATE, guide_of
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def grid_file(tmp_path, name="ve", **sections) -> Path:

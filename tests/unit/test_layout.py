@@ -70,7 +70,7 @@ def test_layout_fits_the_matrix_and_has_the_reference_rows(layout):
         "mel": (112, 223),
         "face_embedding": (224, 230),  # Speech2Face (issue 12): a 4096-d VGG-Face vector wrapped over 6 rows
         "voice_face_embedding": (230, 236),
-        "contrastive_speech": (240, 241),  # SCLDM's contrastive speech embedding (tests/test_contrastive.py)
+        "contrastive_speech": (240, 241),  # SCLDM (test_contrastive.py)
     }
     for c in layout.constituents.values():
         assert 0 <= c.rows[0] < c.rows[1] <= 256 and c.col + c.width <= 768
@@ -123,16 +123,16 @@ def test_systems_are_declared_with_modes_and_paper_numbers(systems, layout):
         "identity_mean": ("reference", None),
         "attribute_mean": ("reference", None),
         "real_face": ("reference", None),
-        "oracle": ("reference", None),  # the known-answer corpus's planted code (issue 26, tests/test_controls.py)
-        "face_to_face": ("generation", None),  # Speech2Face (issue 12, tests/test_speech2face.py)
+        "oracle": ("reference", None),  # the planted code (issue 26, test_controls.py)
+        "face_to_face": ("generation", None),  # Speech2Face (issue 12, tests/integration/test_speech2face.py)
         "speech_to_face": ("generation", None),
         "face_to_face_direct": ("generation", None),
         "speech_to_face_direct": ("generation", None),
-        "full_input_prior": ("super_resolution", None),  # face prior, latent: tests/test_face_prior_latent.py
+        "full_input_prior": ("super_resolution", None),  # test_face_prior_latent.py
         "full_input_attribute_prior": ("super_resolution", None),
         "speaker_embeddings_only_prior": ("generation", None),
         "speaker_embeddings_only_latent": ("generation", None),
-        "contrastive_speech": ("generation", None),  # SCLDM's contrastive pre-training: tests/test_contrastive.py
+        "contrastive_speech": ("generation", None),  # SCLDM (test_contrastive.py)
     }
     assert {n: (s.mode, s.paper_no) for n, s in systems.items()} == expected
     # everything but the Speech2Face embeddings (the true one is the answer): they are not in the group `all`

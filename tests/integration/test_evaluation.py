@@ -13,7 +13,7 @@ from slf_utils import diffusion as real_diffusion
 from slf_utils import evaluation as ev
 from slf_utils import image_metrics, recognisers, references, retrieval, stats, tables
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def orl(subject, image):
