@@ -532,7 +532,8 @@ def _client(scheduler: str | None, workers: int | None, threads: int):
         "distributed.admin.system-monitor.interval": "2s",
     }
     with dask.config.set(quiet):
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, memory_limit=0, dashboard_address=None)
+        # ":0": a free port for the dashboard, so a second grid on the machine starts without a port warning
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, memory_limit=0, dashboard_address=":0")
         return Client(cluster)
 
 
