@@ -296,7 +296,7 @@ def make_trainer(imagen, k: int, preset: dict, t_cfg: dict) -> ImagenTrainer:
 def compiles(requested, device, steps: int) -> bool:
     """model.trainer.compile -> whether the unet is compiled. `auto`: on a CUDA device, and on a CPU with a C++
     compiler (inductor writes C++ there) for a training of at least AUTO_COMPILE_STEPS steps. Measured on the demo's
-    unets (benchmarks/train_speed.py, README: training speed): a compiled CPU step takes ~0.55x an eager one, after a
+    unets (benchmarks/train_speed.py, a loaded machine): a compiled CPU step takes ~0.55x an eager one, after a
     first step that compiles for minutes with an empty inductor cache and ~20 s with a filled one; so a compiled
     training with an empty cache pays back after ~3,000 steps, with a filled one after a few hundred."""
     if requested is False:
