@@ -989,11 +989,10 @@ def atomic_save_npz(path, **arrays):
 
 def _schema_notes() -> dict:
     # the comment after a key in SCHEMA's source is its note in the table (one place says what a key means)
-    import inspect
     import re
 
     notes = {}
-    for line in inspect.getsource(inspect.getmodule(_schema_notes)).splitlines():
+    for line in Path(__file__).read_text().splitlines():
         m = re.match(r'\s+"([\w.]+)": .*?#\s*(.+)$', line)
         if m and m.group(1) in SCHEMA:
             notes[m.group(1)] = m.group(2).strip()
@@ -1017,8 +1016,8 @@ def parameters_table() -> str:
     for key in SCHEMA:
         d = _get(DEFAULTS, key)
         shown = "–" if d is None else json.dumps(d) if not isinstance(d, str) else d
-        cells = [f"`{key}`", f"`{shown}`".replace("|", "\\|"), _describe(key), notes.get(key, "")]
-        lines.append("| " + " | ".join(c.replace("|", "\\|") if i > 1 else c for i, c in enumerate(cells)) + " |")
+        cells = [f"`{shown}`", _describe(key), notes.get(key, "")]
+        lines.append(f"| `{key}` | " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
