@@ -35,7 +35,8 @@ import torch  # noqa: E402
 
 import slf_utils  # noqa: E402,F401  (offline switches before imagen-pytorch & co)
 from slf_utils import diffusion, evaluation, recognisers, retrieval, stats  # noqa: E402
-from slf_utils.config import deep_merge, load_params  # noqa: E402
+from slf_utils.basics import deep_merge  # noqa: E402
+from slf_utils.config import load_params  # noqa: E402
 from slf_utils.store import open_store  # noqa: E402
 
 

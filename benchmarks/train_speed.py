@@ -35,7 +35,8 @@ from pathlib import Path
 import torch
 
 from slf_utils import diffusion
-from slf_utils.config import ROOT, load_params
+from slf_utils.basics import ROOT
+from slf_utils.config import load_params
 
 # name: (grid file, system, unet number, batch (None: the recipe's), default timed steps)
 SETUPS = {

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from slf_utils.config import ParamsError, atomic_write, exists
+from slf_utils.basics import ParamsError, atomic_write, exists
 
 FORMAT = "slf-autoencoder/1"
 FILE = "autoencoder.pt"

@@ -62,7 +62,7 @@ from torch import nn
 
 from slf_utils import recognisers, retrieval, stats, tables
 from slf_utils import voice_encoder as V
-from slf_utils.config import atomic_write_json, atomic_write_text, exists, params_hash, provenance
+from slf_utils.basics import atomic_write_json, atomic_write_text, exists, params_hash, provenance
 from slf_utils.folds import identity_folds, n_folds
 from slf_utils.folds import training_clips as training_split  # this module's training_clips adds the pair's inputs
 from slf_utils.store import Store, open_store

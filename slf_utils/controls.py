@@ -35,7 +35,8 @@ import numpy as np
 import pandas as pd
 
 from slf_utils import contrastive, layout, report, voice_encoder
-from slf_utils.config import atomic_write_text, load_params
+from slf_utils.basics import atomic_write_text
+from slf_utils.config import load_params
 from slf_utils.differences import differences_table
 from slf_utils.figures import save_figure
 from slf_utils.references import FLOOR, corpus_link_strength

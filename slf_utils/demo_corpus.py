@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slf_utils.config import atomic_write, atomic_write_json, atomic_write_text, default, exists, params_hash
+from slf_utils.basics import atomic_write, atomic_write_json, atomic_write_text, default, exists, params_hash
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from imagen_pytorch import Imagen, ImagenTrainer, NullUnet, Unet
 from tqdm.auto import tqdm
 
 from slf_utils import autoencoder
-from slf_utils.config import (
+from slf_utils.basics import (
     ParamsError,
     _get,
     atomic_save_npz,
@@ -53,8 +53,8 @@ from slf_utils.config import (
     provenance,
     read_yaml,
     resolve,
-    system_dir,
 )
+from slf_utils.config import system_dir
 from slf_utils.folds import fold_stage, n_folds, training_ids
 from slf_utils.layout import Layout, System, load_layout, load_systems
 from slf_utils.store import open_store

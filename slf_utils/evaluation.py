@@ -32,7 +32,7 @@ import pandas as pd
 from PIL import Image
 
 from slf_utils import diffusion, face_decoder, layout
-from slf_utils.config import (
+from slf_utils.basics import (
     atomic_save_npz,
     atomic_write,
     atomic_write_json,
@@ -41,8 +41,8 @@ from slf_utils.config import (
     exists,
     params_hash,
     provenance,
-    system_dir,
 )
+from slf_utils.config import system_dir
 from slf_utils.folds import HELD_OUT, fold_roles, identity_folds, n_folds, roles_line
 from slf_utils.image_metrics import guide_consistency, psnr, ssim
 from slf_utils.preprocessing import read_image, resize, to_rgb

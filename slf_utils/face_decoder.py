@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slf_utils.config import (
+from slf_utils.basics import (
     atomic_save_npz,
     atomic_write,
     atomic_write_json,
@@ -53,8 +53,8 @@ from slf_utils.config import (
     exists,
     params_hash,
     provenance,
-    system_dir,
 )
+from slf_utils.config import system_dir
 from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
 from slf_utils.store import Store, open_store

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists, params_hash, provenance, resolve
+from slf_utils.basics import exists, params_hash, provenance, resolve
 from slf_utils.preprocessing import SAMPLE_RATE, get_client, run_clips
 from slf_utils.store import AUDIO_STAGE, Store, open_store, safe_key
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from slf_utils.config import atomic_write, exists
+from slf_utils.basics import atomic_write, exists
 from slf_utils.preprocessing import read_image
 from slf_utils.references import REFERENCES
 from slf_utils.retrieval import PROTOCOLS

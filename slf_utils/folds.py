@@ -23,7 +23,7 @@ from itertools import combinations
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 
 # The gallery: the real faces of every held-out clip. `val` ones choose, `test` ones report; both are queries and
 # ranked against, so no model may train on either.

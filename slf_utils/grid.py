@@ -37,24 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 
-from slf_utils.config import (
-    ROOT,
-    _get,
-    atomic_write_json,
-    corpus_builder,
-    deep_merge,
-    default,
-    exists,
-    flat,
-    load_params,
-    params_hash,
-    resolve,
-    seed_overrides,
-    seeds_of,
-    system_dir,
-)
+from slf_utils.basics import ROOT, _get, atomic_write_json, deep_merge, default, exists, flat, params_hash, resolve
+from slf_utils.config import corpus_builder, load_params, parse_set, seed_overrides, seeds_of, system_dir
 from slf_utils.locks import WriterLock
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -660,21 +645,6 @@ def _alive(pid) -> bool:
         return True
     except (OSError, TypeError, ValueError):
         return False
-
-
-def parse_set(pairs: list[str]) -> dict:
-    """`--set train.steps=100 --set evaluate.scales=[0,3]` -> nested overrides (values parsed as YAML)."""
-    out: dict = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair}: expected KEY=VALUE, e.g. train.steps=100")
-        d = out
-        *head, last = key.split(".")
-        for part in head:
-            d = d.setdefault(part, {})
-        d[last] = yaml.safe_load(value)
-    return out
 
 
 def main(argv=None):

@@ -45,18 +45,17 @@ import cv2
 import numpy as np
 
 from slf_utils import espeak
-from slf_utils.config import (
-    DEFAULTS,
+from slf_utils.basics import (
     ParamsError,
     atomic_save_npz,
     atomic_write,
     atomic_write_json,
     atomic_write_text,
-    check_section,
     default,
     params_hash,
 )
 from slf_utils.demo_corpus import _clean_partial, _rng, encode_mp4, fake_youtube_id, ffmpeg_exe
+from slf_utils.parameters import DEFAULTS, check_section
 from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image
 from slf_utils.recognisers import code_view, face_code_of, face_embedder
 from slf_utils.store import normalise_gender

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slf_utils.config import ParamsError, default, exists, params_hash, read_yaml, resolve
+from slf_utils.basics import ParamsError, default, exists, params_hash, read_yaml, resolve
 
 ENCODERS = ("age", "onehot", "array")
 # Which frames of an array fill a constituent's rows (`select:`): `first` in stored order; for sliding windows

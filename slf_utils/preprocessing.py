@@ -23,7 +23,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import DEFAULTS, ParamsError, default, exists, params_hash, provenance, resolve
+from slf_utils.basics import ParamsError, default, exists, params_hash, provenance, resolve
+from slf_utils.parameters import DEFAULTS
 from slf_utils.store import AUDIO_STAGE, Store, normalise_gender, open_store
 
 SAMPLE_RATE = 16000

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import default, exists
+from slf_utils.basics import default, exists
 from slf_utils.env import install_dlib_weights
 from slf_utils.folds import training_clips
 from slf_utils.image_metrics import upscale

@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import default, exists
+from slf_utils.basics import default, exists
 from slf_utils.folds import identity_folds, training_clips
 from slf_utils.preprocessing import resize, to_rgb
 from slf_utils.recognisers import face_code_of

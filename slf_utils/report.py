@@ -21,17 +21,8 @@ import numpy as np
 import pandas as pd
 
 from slf_utils import diffusion, findings, layout
-from slf_utils.config import (
-    FACTORS,
-    atomic_write_json,
-    atomic_write_text,
-    deep_merge,
-    default,
-    exists,
-    provenance,
-    seed_overrides,
-    seeds_of,
-)
+from slf_utils.basics import atomic_write_json, atomic_write_text, deep_merge, default, exists, provenance
+from slf_utils.config import FACTORS, seed_overrides, seeds_of
 from slf_utils.differences import (
     difference_pairs,
     differences_table,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import DEFAULTS, exists
+from slf_utils.basics import exists
+from slf_utils.parameters import DEFAULTS
 from slf_utils.references import CEILING, FLOOR, OPEN_CEILING, REFERENCES
 from slf_utils.retrieval import PROTOCOLS
 from slf_utils.stats import binomial_interval, two_level_ci

@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import default
+from slf_utils.basics import default
 from slf_utils.folds import identity_folds, per_fold_gallery
 
 KS = (1, 3, 5, 10)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 
 
 def bootstrap_means(values, clusters=None, n_boot: int = 1000, seed: int = 0) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from slf_utils.config import atomic_write_text
+from slf_utils.basics import atomic_write_text
 from slf_utils.differences import pretty_differences, pretty_seed_differences
 from slf_utils.folds import n_folds, roles_line
 from slf_utils.references import REFERENCES

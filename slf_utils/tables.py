@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists, system_dir
+from slf_utils.basics import exists
+from slf_utils.config import system_dir
 from slf_utils.folds import HELD_OUT
 from slf_utils.retrieval import KS, chance_hits
 from slf_utils.stats import bootstrap_ci

@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slf_utils import recognisers, retrieval, tables
-from slf_utils.config import (
+from slf_utils.basics import (
     atomic_write,
     atomic_write_json,
     atomic_write_text,

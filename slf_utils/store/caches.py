@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 from slf_utils.store.files import StoreError, file_name, npz_layout, publish, safe_key, verify
 from slf_utils.store.index import AUDIO_STAGE, Index
 

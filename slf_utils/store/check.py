@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 from slf_utils.locks import lock_busy
 from slf_utils.store.caches import SEGMENT, Caches, segment_meta
 from slf_utils.store.files import StoreError, file_name, is_temp, npz_meta, safe_key, stale_temp, verify

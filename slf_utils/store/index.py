@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 from slf_utils.locks import WriterLock
 from slf_utils.store.files import (
     META,

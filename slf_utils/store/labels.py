@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from slf_utils.config import exists
+from slf_utils.basics import exists
 from slf_utils.store.index import Index
 
 CLIP_COLUMNS = ("clip_id", "identity", "split", "video", "audio", "face", "gender", "age", "ethnicity", "language")

@@ -6,7 +6,7 @@ import math
 import pytest
 import yaml
 
-from slf_utils.config import ROOT
+from slf_utils.basics import ROOT
 
 
 def load_benchmark(name):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from slf_utils.config import ROOT
+from slf_utils.basics import ROOT
 from slf_utils.layout import synthetic_store
 
 # diffusion.main (the `python -m slf_utils.diffusion` entry point) with one addition: after training, every rank

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from slf_utils.config import ROOT
+from slf_utils.basics import ROOT
 
 
 def _run(tmp_path, faults, clips):

@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from slf_utils import grid
-from slf_utils.config import ROOT, atomic_write_json
+from slf_utils import config, grid
+from slf_utils.basics import ROOT, atomic_write_json
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +129,7 @@ def test_dry_run_and_set_overrides(finished_grid, capsys):
     assert grid.main(["run", str(p), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count(" skip") == 7 and " run" not in out  # 01, 02, 2 x (03, 04), 05: all done already
-    assert grid.parse_set(["train.steps=7", "evaluate.scales=[0,2]"]) == {
+    assert config.parse_set(["train.steps=7", "evaluate.scales=[0,2]"]) == {
         "train": {"steps": 7},
         "evaluate": {"scales": [0, 2]},
     }
@@ -137,7 +137,7 @@ def test_dry_run_and_set_overrides(finished_grid, capsys):
     st = grid.status(p, {"train": {"steps": 5}}).set_index(["step", "system"])["status"]
     assert st[("preprocess", "")] == "done" and st[("train", "full_input")] == "stale"
     with pytest.raises(SystemExit, match="--set steps: expected KEY=VALUE"):
-        grid.parse_set(["steps"])
+        config.parse_set(["steps"])
 
 
 def _hashes(p, overrides=None) -> dict:

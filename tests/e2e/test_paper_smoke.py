@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from slf_utils import diffusion
-from slf_utils.config import ROOT, ParamsError, flat, load_params
+from slf_utils.basics import ROOT, ParamsError, flat
+from slf_utils.config import load_params
 
 PAPER, SMOKE = ROOT / "params" / "paper.yaml", ROOT / "params" / "paper-smoke.yaml"
 # every resolved key on which the smoke grid differs from the paper grid, and why

@@ -16,7 +16,9 @@ import yaml
 from slf_utils import contrastive as C
 from slf_utils import grid, layout
 from slf_utils import voice_encoder as V
-from slf_utils.config import DEFAULTS, ROOT, ParamsError, load_params
+from slf_utils.basics import ROOT, ParamsError
+from slf_utils.config import load_params
+from slf_utils.parameters import DEFAULTS
 
 QUIET = dict(log=lambda *a: None)
 SMALL = {"steps": 100, "batch_size": 8, "hidden": 64, "dim": 32, "channels": [8, 16], "mel_channels": [16]}

@@ -201,7 +201,8 @@ def test_the_bench_runs_end_to_end_on_a_small_known_answer_corpus(ka_small, ka_c
     import yaml
 
     from slf_utils import controls, grid
-    from slf_utils.config import ROOT, load_params
+    from slf_utils.basics import ROOT
+    from slf_utils.config import load_params
 
     systems = ["speaker_embeddings_only", "attribute_mean", "oracle"]  # the sensitivity pair and the oracle
     spec = {

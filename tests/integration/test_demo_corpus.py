@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from slf_utils import demo_corpus as dc
-from slf_utils.config import ROOT
+from slf_utils.basics import ROOT
 
 CACHE = ROOT / ".cache" / "tests"
 

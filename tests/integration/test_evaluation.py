@@ -307,7 +307,7 @@ def orl_crops(size=64) -> dict:
             except preprocessing.Reject:  # a few ORL images defeat the Haar detector: the face-filling image
                 box = (0, 10, 92, 92)
             crops[(s, i)] = preprocessing.crop_face(img, box, size)[0]
-    from slf_utils.config import atomic_save_npz
+    from slf_utils.basics import atomic_save_npz
 
     atomic_save_npz(path, **{f"{s}_{i}": v for (s, i), v in crops.items()})
     return crops
@@ -459,7 +459,7 @@ def fake_diffusion(calls):
 
 
 def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
-    from slf_utils.config import atomic_save_npz
+    from slf_utils.basics import atomic_save_npz
     from slf_utils.layout import Layout
 
     cfg, store = synthetic
@@ -511,7 +511,7 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
 
 def fake_model(cfg, store, monkeypatch, clip_ids):
     """The fake diffusion module, returning the real faces of `clip_ids`, and the norm stats a model dir needs."""
-    from slf_utils.config import atomic_save_npz
+    from slf_utils.basics import atomic_save_npz
     from slf_utils.layout import Layout
 
     calls = []

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from slf_utils import autoencoder, diffusion, references
-from slf_utils.config import ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_systems
 from slf_utils.store import open_store
 
@@ -274,7 +275,7 @@ def test_model_options_per_system_and_their_errors(project, tmp_path):
 def test_latent_vs_pixel_benchmark_runs():
     import importlib.util
 
-    from slf_utils.config import ROOT
+    from slf_utils.basics import ROOT
 
     spec = importlib.util.spec_from_file_location("bench_lvp", ROOT / "benchmarks" / "latent_vs_pixel.py")
     mod = importlib.util.module_from_spec(spec)

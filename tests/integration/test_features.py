@@ -12,7 +12,8 @@ from test_preprocessing import GOOD, make_cfg, make_corpus
 
 from slf_utils import features as F
 from slf_utils import preprocessing as P
-from slf_utils.config import ROOT, load_params, params_hash
+from slf_utils.basics import ROOT, params_hash
+from slf_utils.config import load_params
 from slf_utils.store import Store
 
 SR = 16000

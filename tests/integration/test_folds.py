@@ -30,7 +30,8 @@ from slf_utils import (
     tables,
 )
 from slf_utils import voice_encoder as V
-from slf_utils.config import ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
 from slf_utils.folds import (
     HELD_OUT,
     check_training_set,

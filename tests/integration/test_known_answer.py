@@ -13,7 +13,8 @@ from slf_utils import espeak, grid
 from slf_utils import known_answer as ka
 from slf_utils import known_answer_checks as checks
 from slf_utils import preprocessing as P
-from slf_utils.config import ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
 from slf_utils.recognisers import face_code_of, face_embedder, load_code_basis
 from slf_utils.references import read_codes
 from slf_utils.store import Store

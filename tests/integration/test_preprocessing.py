@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 
 from slf_utils import preprocessing as P
-from slf_utils.config import ParamsError, load_params, params_hash
+from slf_utils.basics import ParamsError, params_hash
+from slf_utils.config import load_params
 from slf_utils.store import Store
 
 SR = 16000

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from slf_utils import diffusion
-from slf_utils.config import ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
 from slf_utils.store import open_store
 
 torch.set_num_threads(1)

@@ -463,7 +463,8 @@ def test_a_pair_named_decoder_that_also_changes_the_training_inputs_is_flagged(t
     face_to_face_direct (both trained on and fed the true embedding) is the decoder alone; two direct decoders fed the
     prediction and trained on true vs predicted embeddings are a pure `training_inputs` pair. The pairs the params
     files name are all one factor (or `method`)."""
-    from slf_utils.config import ROOT, load_params
+    from slf_utils.basics import ROOT
+    from slf_utils.config import load_params
 
     systems = tmp_path / "systems.yaml"
     extra = {"title": "Direct decoder trained on predictions", "mode": "generation", "decoder": "direct"}

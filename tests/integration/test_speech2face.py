@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from slf_utils import evaluation, face_decoder, figures, grid, report, report_tables, tables
-from slf_utils.config import ROOT, ParamsError, load_params
+from slf_utils.basics import ROOT, ParamsError
+from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_systems, synthetic_store
 from slf_utils.preprocessing import guide_of
 

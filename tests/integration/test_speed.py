@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from slf_utils import diffusion
-from slf_utils.config import ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
 from slf_utils.layout import synthetic_store
 
 TRAIN = {"steps": 2, "batch_size": 4, "lr": 3e-3, "ema": False, "seed": 0, "checkpoint_every": 2}

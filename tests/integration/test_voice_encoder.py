@@ -13,7 +13,9 @@ import yaml
 
 from slf_utils import layout, recognisers
 from slf_utils import voice_encoder as V
-from slf_utils.config import DEFAULTS, ParamsError, load_params
+from slf_utils.basics import ParamsError
+from slf_utils.config import load_params
+from slf_utils.parameters import DEFAULTS
 from slf_utils.preprocessing import SAMPLE_RATE, guide_of
 
 ROOT = Path(__file__).resolve().parents[2]

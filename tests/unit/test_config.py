@@ -4,7 +4,8 @@ import sys
 import pytest
 import yaml
 
-from slf_utils.config import ROOT, ParamsError, atomic_write_text, load_params, params_hash, provenance, resolve
+from slf_utils.basics import ROOT, ParamsError, atomic_write_text, params_hash, provenance, resolve
+from slf_utils.config import load_params
 
 
 def _write(tmp_path, text):
@@ -83,7 +84,7 @@ def test_provenance_has_versions_and_revision():
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
-    from slf_utils.config import atomic_write
+    from slf_utils.basics import atomic_write
 
     f = tmp_path / "x.txt"
     atomic_write_text(f, "old")
@@ -125,11 +126,12 @@ def test_model_sources_are_hub_ids_unless_they_name_a_folder(tmp_path):
 
 
 def test_schema_covers_every_key_and_the_defaults_obey_it():
-    from slf_utils.config import DEFAULTS, SCHEMA, _check_keys, flat
+    from slf_utils.basics import flat
+    from slf_utils.parameters import DEFAULTS, SCHEMA, check_keys
 
     keys = {k.split(".")[0] if k.startswith("model.") else k for k in flat(DEFAULTS)}
     assert keys == set(SCHEMA)
-    _check_keys(DEFAULTS, "defaults")
+    check_keys(DEFAULTS, "defaults")
 
 
 # ------------------------------------------------------------------------------------------ extends (issue 21)
@@ -183,6 +185,18 @@ def test_an_error_names_the_file_of_the_chain_that_has_the_key(tmp_path):
     assert str(e.value).startswith(f"{tmp_path / 'c.yaml'}: systems: unknown system(s) 'full_inptu'")
 
 
+def test_set_pairs_become_nested_overrides_parsed_as_yaml():
+    from slf_utils.config import parse_set
+
+    assert parse_set(["train.steps=7", "evaluate.scales=[0,2]", "name=x"]) == {
+        "train": {"steps": 7},
+        "evaluate": {"scales": [0, 2]},
+        "name": "x",
+    }
+    with pytest.raises(SystemExit, match="--set steps: expected KEY=VALUE"):
+        parse_set(["steps"])
+
+
 def test_show_prints_each_resolved_key_with_the_file_that_set_it(tmp_path, capsys):
     from slf_utils.config import main
 
@@ -233,12 +247,13 @@ def test_grid_files_written_as_differences_resolve_as_the_flat_files_did(tmp_pat
 
 
 def test_the_parameter_page_is_generated_from_the_schema_and_is_current():
-    from slf_utils.config import SCHEMA, parameters_table
+    from slf_utils.parameters import SCHEMA, parameters_table
 
     table = parameters_table()
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert len(rows) == len(SCHEMA)
     assert "| `data.known_answer.link_strength` |" in table
-    assert "the ORL faces' 40 subjects" in table  # the schema's comment is the key's note
+    assert "the ORL faces' 40 subjects" in table  # the declaration's note is the key's note
+    assert "| `train.lr_schedule` | `constant` | one of constant, cosine | cosine: decays to 0 over" in table
     page = (ROOT / "docs" / "parameters.md").read_text()
     assert page == table, "docs/parameters.md is stale: python -m slf_utils.config parameters --out docs/parameters.md"

@@ -12,7 +12,9 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "slf_utils"
 MAX_LINES = 650
 # what the scoring floor may import: configuration, folds, the store and preprocessing (and what these stand on)
-BASE = {"env", "locks", "config", "folds", "store", "preprocessing"}
+BASE = {"env", "locks", "basics", "parameters", "config", "folds", "store", "preprocessing"}
+# the configuration floor: basics (imports nothing of the project) <- parameters <- config (grid files, the CLI)
+CONFIG = {"basics": set(), "parameters": {"basics"}, "config": {"basics", "parameters"}}
 SCORING = {
     "retrieval",
     "stats",
@@ -33,7 +35,7 @@ CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "c
 WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
 # circle even counting in-function imports
-LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS)
+LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS) | set(CONFIG)
 CHECKED = LIMITED | {"voice_encoder", "contrastive"}
 
 
@@ -173,6 +175,12 @@ def test_the_scoring_floor_imports_only_the_floors_below_it():
 def test_modules_above_the_report_import_only_what_they_are_allowed(module):
     wrong = sorted(t for t in imports(module) if _floor(t) not in CONTROLS[module])
     assert wrong == []
+
+
+@pytest.mark.parametrize("module", sorted(CONFIG))
+def test_the_configuration_floor_imports_only_below_it(module):
+    """basics, parameters and config stand under every other module: config.main no longer imports the grid."""
+    assert set(imports(module)) <= CONFIG[module]
 
 
 @pytest.mark.parametrize("module", sorted(WITHOUT_EVALUATION))

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from slf_utils.config import ROOT, ParamsError
+from slf_utils.basics import ROOT, ParamsError
 from slf_utils.layout import Layout, load_systems, plot_layout, synthetic_store
 
 LAYOUT = ROOT / "params" / "layout.yaml"
