@@ -211,7 +211,7 @@ DEFAULTS = {
         "bootstrap": 1000,
         "seed": 0,
         "batch_size": 64,
-        # sample all scales of a clip in one pass (diffusion.sample; the same faces as one pass per scale): fewer,
+        # sample all scales of a clip in one pass (sampling.sample; the same faces as one pass per scale): fewer,
         # larger unet forwards, worth it where a forward of batch_size clips leaves the device idle (a GPU); on a CPU
         # measured ~1.0-1.2x (README: sampling speed). An interrupted evaluation then resumes per model, not per scale
         "batch_scales": False,
@@ -348,7 +348,7 @@ RECOGNISERS = (  # eigenfaces (slf_utils.evaluation) and deepface 0.0.103's reco
     "GhostFaceNet", "Buffalo_L",
 )  # fmt: skip
 SPEAKER_INPUTS = ("speaker", "speaker_windows")
-# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.Recipe.flat) that
+# The factor a pair of report.differences names (its third entry) and the recipe keys (recipe.Recipe.flat) that
 # factor may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
 # `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
 FACTORS = {
