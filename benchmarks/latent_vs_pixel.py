@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from imagen_pytorch import ImagenTrainer
 
-from slf_utils import autoencoder, diffusion
+from slf_utils import autoencoder, diffusion, recipe
 
 
 def _step_seconds(imagen, images, X, steps: int) -> float:
@@ -53,7 +53,7 @@ def _autoencoder_step_seconds(size, latent, batch, steps) -> tuple[float, int]:
 
 
 def compare(preset_name, size, downsample, batch, steps, channels=4, width=32) -> dict:
-    base = diffusion.resolve_preset({"preset": preset_name})
+    base = recipe.resolve_preset({"preset": preset_name})
     base["unets"] = base["unets"][:1]
     base.pop("latent", None)
     pixel = copy.deepcopy(base)

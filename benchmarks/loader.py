@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slf_utils import diffusion
+from slf_utils import diffusion, recipe, training_data
 from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_layout, load_systems, synthetic_store
 from slf_utils.preprocessing import resize
@@ -88,13 +88,13 @@ def main(argv=None):
     layout = load_layout(cfg) if cfg else Layout.load("params/layout.yaml")
     system = load_systems(cfg["systems_file"] if cfg else "params/systems.yaml", layout)[args.system]
     store = open_store(cfg) if cfg else None
-    ids = diffusion.train_clip_ids(store, layout, system.keep) if store else []
+    ids = training_data.train_clip_ids(store, layout, system.keep) if store else []
     if len(ids) < args.batch:
         tmp = tempfile.mkdtemp(prefix="slf_loader_")
         print(f"building a synthetic store of {args.clips} clips in {tmp} ...", flush=True)
         store = synthetic_store(Path(tmp), n_identities=max(1, args.clips // 4), clips_per_identity=4, face_size=64)
-        ids = diffusion.train_clip_ids(store, layout, system.keep)
-    preset = diffusion.resolve_preset(cfg["model"] if cfg else {"preset": "demo"})
+        ids = training_data.train_clip_ids(store, layout, system.keep)
+    preset = recipe.resolve_preset(cfg["model"] if cfg else {"preset": "demo"})
     size = max(preset[system.mode]["image_sizes"])
     stats = layout.fit(store, ids, system.keep)
     rng = np.random.default_rng(0)
@@ -102,9 +102,9 @@ def main(argv=None):
     drop = {n: np.zeros(args.batch, bool) for n in layout.dropout_constituents if n in system.keep}
 
     t = time.perf_counter()
-    cached = diffusion._Batches(store, layout, system.keep, stats, ids, size, cache=True)
+    cached = training_data._Batches(store, layout, system.keep, stats, ids, size, cache=True)
     precompute_s = time.perf_counter() - t
-    per_batch = diffusion._Batches(store, layout, system.keep, stats, ids, size, cache=False)
+    per_batch = training_data._Batches(store, layout, system.keep, stats, ids, size, cache=False)
     con = sqlite3.connect(store.db)
     results = {
         "reference-style (per sample)": rate(

@@ -13,7 +13,7 @@ multiply-add - and neither the elementwise ops (normalisation, activations, the 
 also how model-FLOPs utilisation (MFU) is defined, so FLOPs / (peak x MFU) is the time at that utilisation. FLOPs
 per sample are independent of the batch (checked: --batch changes nothing per sample) and of the feature rows kept
 (masked rows are computed too). Sampling: one unet forward per step and image, two with classifier-free guidance
-(the conditional and the null pass; the workbook batches them), one at scales 0 and 1 (diffusion._guided_forward).
+(the conditional and the null pass; the workbook batches them), one at scales 0 and 1 (sampling._guided_forward).
 
 What is measured (--time-steps N): each trained unet in an ImagenTrainer set up as diffusion._train_unet sets it up
 (the preset's trainer options, train.lr and train.ema; CUDA when there is one, else the CPU), --warmup untimed
@@ -175,12 +175,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import slf_utils  # noqa: F401  (offline switches before imagen_pytorch)
-    from slf_utils import diffusion
+    from slf_utils import recipe
     from slf_utils.config import load_params
     from slf_utils.layout import load_layout, load_systems
 
     cfg = load_params(args.params)
-    preset = diffusion.resolve_preset(cfg["model"])
+    preset = recipe.resolve_preset(cfg["model"])
     systems = load_systems(cfg["systems_file"], load_layout(cfg))
     n_systems = {m: sum(systems[s].mode == m for s in cfg["systems"]) for m in ("generation", "super_resolution")}
     t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """fp32 against bf16 mixed precision (model.trainer.precision) for training steps, side by side in one process: the
 demo preset's unet (super-resolution, 8 -> 16 px) and one unet of the paper preset, each in an ImagenTrainer as
-diffusion._train_unet makes it (diffusion.trainer_options, the precision replaced), on random faces and feature rows
-(40 of 256 filled) of the real shapes. The CPU unless there is a CUDA device (Accelerate's choice, as in training).
+diffusion._train_unet makes it (imagen_trainer.trainer_options, the precision replaced), on random faces and feature
+rows (40 of 256 filled) of the real shapes. The CPU unless there is a CUDA device (Accelerate's choice, as in training).
 
     python benchmarks/precision.py                          # demo at batch 16, paper unet 1 (32 px) at batch 2
     python benchmarks/precision.py --paper-unet 2 --paper-mode super_resolution --steps 20 --paper-steps 1
@@ -23,12 +23,14 @@ import torch
 def time_steps(mode: str, preset: dict, k: int, batch: int, precision: str, steps: int, warmup: int) -> dict:
     from imagen_pytorch import ImagenTrainer
 
-    from slf_utils import diffusion
+    from slf_utils import diffusion, imagen_trainer
 
     torch.manual_seed(0)
     imagen = diffusion.build_imagen(mode, preset)
-    options = diffusion.trainer_options({**preset, "trainer": {**preset.get("trainer", {}), "precision": precision}})
-    diffusion._allow_precision(options)  # Accelerate keeps one precision per process: this one from now on
+    options = imagen_trainer.trainer_options(
+        {**preset, "trainer": {**preset.get("trainer", {}), "precision": precision}}
+    )
+    imagen_trainer._allow_precision(options)  # Accelerate keeps one precision per process: this one from now on
     trainer = ImagenTrainer(imagen, only_train_unet_number=k, use_ema=False, lr=1e-4, verbose=False, **options)
     size, dim = max(preset[mode]["image_sizes"]), preset["text_embed_dim"]
     images = torch.rand(batch, 3, size, size, device=trainer.device)
@@ -69,14 +71,14 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import slf_utils  # noqa: F401  (offline switches before imagen_pytorch)
-    from slf_utils import diffusion
+    from slf_utils import recipe
 
     runs = [("demo", "super_resolution", 2, args.batch, args.steps, args.warmup)]
     if args.paper_steps:
         runs.append(("paper", args.paper_mode, args.paper_unet, args.paper_batch, args.paper_steps, args.paper_warmup))
     rows = []
     for name, mode, k, batch, steps, warmup in runs:
-        preset = diffusion.resolve_preset({"preset": name})
+        preset = recipe.resolve_preset({"preset": name})
         res = {p: time_steps(mode, preset, k, batch, p, steps, warmup) for p in ("fp32", "bf16")}
         row = {
             "preset": name,

@@ -4,7 +4,7 @@
    reference code's setting) against fewer steps (250, 100, 50). imagen-pytorch trains in continuous time, so the
    step count is free at evaluation; the question is whether recall@1 stays inside the 1000-step 95 % bootstrap CI.
 2. Guidance: the time of one guided denoising step of the system's last unet with the conditional and null passes
-   batched into one forward (what `diffusion.sample` does) against imagen-pytorch's two forwards one after the other.
+   batched into one forward (what `sampling.sample` does) against imagen-pytorch's two forwards one after the other.
 3. Scales: every scale of the sweep sampled one pass per scale against all scales in one pass
    (`evaluate.batch_scales`): the time ratio, the largest pixel difference, recall@1 per scale of both.
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import slf_utils  # noqa: E402,F401  (offline switches before imagen-pytorch & co)
-from slf_utils import diffusion, evaluation, recognisers, retrieval, stats  # noqa: E402
+from slf_utils import diffusion, evaluation, recipe, recognisers, retrieval, sampling, stats  # noqa: E402
 from slf_utils.basics import deep_merge  # noqa: E402
 from slf_utils.config import load_params  # noqa: E402
 from slf_utils.store import open_store  # noqa: E402
@@ -59,8 +59,8 @@ def _bench_setup(cfg, system_name, max_clips=None, log=print):
     """(store, clips, gallery, embedder) of a system's evaluation, at most `max_clips` clips."""
     ev = recognisers.eval_params(cfg)
     store = open_store(cfg)
-    recipe = diffusion.resolve_recipe(cfg, system_name)  # the system as training resolved it
-    clips = evaluation.eval_clips(store, recipe.layout, recipe.system.keep)
+    r = recipe.resolve_recipe(cfg, system_name)  # the system as training resolved it
+    clips = evaluation.eval_clips(store, r.layout, r.system.keep)
     if max_clips:
         # one clip per identity first, so that a small run still has as many identities as it can; the gallery
         # shrinks with it (chance = 1/N of these identities)
@@ -162,11 +162,11 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
 
     model_dir = Path(cfg["results"]) / system_name / "model"
     if (model_dir / "checkpoint.pt").exists():
-        imagen, _ = diffusion.load_model(model_dir)
+        imagen, _ = sampling.load_model(model_dir)
         source = str(model_dir)
     else:  # no trained model: the preset's untrained unets cost the same per step
-        system = diffusion.resolve_recipe(cfg, system_name).system
-        imagen = diffusion.build_imagen(system.mode, diffusion.resolve_preset(cfg["model"]))
+        system = recipe.resolve_recipe(cfg, system_name).system
+        imagen = diffusion.build_imagen(system.mode, recipe.resolve_preset(cfg["model"]))
         imagen.eval()
         source = "untrained preset " + str(cfg["model"].get("preset"))
     k = diffusion.trained_unets(imagen)[-1]
@@ -199,8 +199,8 @@ def guidance_benchmark(cfg, system_name, batch=16, scale=3.0, repeats=10, log=pr
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts))
 
-    # diffusion._sampling installs the batched guidance exactly as diffusion.sample uses it (steps, EMA untouched)
-    with torch.inference_mode(), diffusion._sampling(imagen, None, False):
+    # sampling._sampling installs the batched guidance exactly as sampling.sample uses it (steps, EMA untouched)
+    with torch.inference_mode(), sampling._sampling(imagen, None, False):
         diff = (sequential() - batched()).abs().max().item()
         seq, bat = timed(sequential), timed(batched)
     res = {

@@ -1,5 +1,5 @@
 """Training speed levers (issue 29), side by side: training steps of a system's unet in the ImagenTrainer that
-training builds (diffusion.make_trainer, the recipe of params/<grid>.yaml resolved by diffusion.resolve_recipe),
+training builds (imagen_trainer.make_trainer, the recipe of params/<grid>.yaml resolved by recipe.resolve_recipe),
 eager against each lever in one process, interleaved step by step in a new random order every round so that the
 machine's noise hits all of them, on the same random batches of the real shapes from the same seed.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from slf_utils import diffusion
+from slf_utils import diffusion, imagen_trainer, recipe
 from slf_utils.basics import ROOT
 from slf_utils.config import load_params
 
@@ -57,7 +57,7 @@ ROWS_FILLED = 40  # feature rows of 256 that carry values (the rest are zero: im
 
 def recipe_of(setup: str):
     params, system, k, batch, steps = SETUPS[setup]
-    r = diffusion.resolve_recipe(load_params(ROOT / params), system)
+    r = recipe.resolve_recipe(load_params(ROOT / params), system)
     return r, k, batch or int(r.train["batch_size"]), steps
 
 
@@ -88,7 +88,7 @@ class Run:
         self.name, self.k = name, k
         torch.manual_seed(r.seed)
         self.imagen = diffusion.build_imagen(r.mode, preset)
-        self.trainer = diffusion.make_trainer(self.imagen, k, preset, r.train)
+        self.trainer = imagen_trainer.make_trainer(self.imagen, k, preset, r.train)
         self.times, self.losses = [], []
 
     def step(self, images, X, seed: int):

@@ -25,7 +25,7 @@ from slf_utils.basics import (
 )
 from slf_utils.parameters import DEFAULTS, check_keys, parameters_table
 
-# The factor a pair of report.differences names (its third entry) and the recipe keys (diffusion.Recipe.flat) that
+# The factor a pair of report.differences names (its third entry) and the recipe keys (recipe.Recipe.flat) that
 # factor may change: a pair whose systems differ anywhere else measures more than its factor, and the report flags it.
 # `method`: two whole pipelines compared as they are (not an ablation: nothing is flagged, everything is listed).
 FACTORS = {

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from slf_utils import diffusion, face_decoder, layout
+from slf_utils import face_decoder, layout, recipe, sampling
 from slf_utils.basics import (
     atomic_save_npz,
     atomic_write,
@@ -91,7 +91,7 @@ SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 def output_size(cfg) -> int:
     """Side of the faces the grid's super-resolution models produce (the last image size of its model preset): the
     reference images are drawn at it, so PSNR, SSIM and the face recogniser compare like with like."""
-    return int(diffusion.resolve_preset(cfg["model"])["super_resolution"]["image_sizes"][-1])
+    return int(recipe.resolve_preset(cfg["model"])["super_resolution"]["image_sizes"][-1])
 
 
 @dataclass
@@ -255,13 +255,13 @@ def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path
 
 
 def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=print, out=None) -> pd.DataFrame:
-    """Sample every clip at every scale (seeded; batched across clips by diffusion.sample, and across scales with
+    """Sample every clip at every scale (seeded; batched across clips by sampling.sample, and across scales with
     evaluate.batch_scales) with the model that answers it (model_parts), save the PNGs and samples.csv into `out`
     (default the system's eval folder). Scales whose images exist for the same sampling parameters are skipped.
     Returns samples."""
     ev = eval_params(cfg)
     out = Path(out) if exists(out) else eval_dir(cfg, system_name)
-    system = diffusion.resolve_recipe(cfg, system_name).system
+    system = recipe.resolve_recipe(cfg, system_name).system
     if system.mode not in ("generation", "super_resolution"):
         raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     samples = _existing_samples(out)
@@ -304,9 +304,9 @@ def load_sampler(cfg, system_name, system, model_dir: Path, part: pd.DataFrame, 
     """(imagen, feature matrix, guides or None) of one model (model_parts) and the clips `part` it answers, as
     generate samples them: the model loaded, its constituents checked against the system's, the features built
     with the layout of its fold and the statistics it was trained with."""
-    lay = diffusion.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
+    lay = recipe.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
     ids = part["clip_id"].tolist()
-    imagen, meta = diffusion.load_model(model_dir)
+    imagen, meta = sampling.load_model(model_dir)
     if set(meta.get("keep", system.keep)) != set(system.keep):
         raise ValueError(
             f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now "
@@ -323,7 +323,7 @@ def sample_faces(sampler: tuple, part: pd.DataFrame, scale, ev: dict) -> np.ndar
     """One scale's faces of the clips `part` (load_sampler's sampler), or with a list of scales each scale's faces
     from one pass, with the sampling parameters of `ev` (eval_params: steps, seed, EMA, low-res noise, batch size)."""
     imagen, x, guides = sampler
-    return diffusion.sample(
+    return sampling.sample(
         imagen,
         x,
         cond_scale=[float(s) for s in scale] if isinstance(scale, (list, tuple)) else float(scale),

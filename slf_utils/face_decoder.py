@@ -57,6 +57,8 @@ from slf_utils.basics import (
 from slf_utils.config import system_dir
 from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
+from slf_utils.preprocessing import resize, to_rgb
+from slf_utils.recipe import resolve_preset, resolve_recipe
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -148,8 +150,6 @@ class Perceptual(nn.Module):
 def output_size(cfg, system: System) -> int:
     """The side of the faces the grid's model preset produces in the system's mode (what its diffusion systems
     draw, so every system is scored at the same size)."""
-    from slf_utils.diffusion import resolve_preset
-
     return int(max(resolve_preset(cfg["model"])[system.mode]["image_sizes"]))
 
 
@@ -180,8 +180,6 @@ def stats_for(stats: dict, train_on: str, name: str) -> dict:
 
 def load_faces(store: Store, clip_ids, size: int) -> np.ndarray:
     """(N, size, size, 3) uint8 stored face crops (`preprocess`/`face`), resized only."""
-    from slf_utils.preprocessing import resize, to_rgb
-
     faces = store.load_stacked("preprocess", list(clip_ids), keys=["face"])["face"]
     return np.stack([to_rgb(f) if f.shape[0] == size else resize(to_rgb(f), size) for f in faces])
 
@@ -192,9 +190,7 @@ def _to_images(x: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- training
 def _recipe(cfg, system_name, fold=None):
-    """The system's diffusion.Recipe (its `train` is the face_decoder section, the system's overrides merged)."""
-    from slf_utils.diffusion import resolve_recipe
-
+    """The system's recipe.Recipe (its `train` is the face_decoder section, the system's overrides merged)."""
     r = resolve_recipe(cfg, system_name, fold)
     if r.system.decoder != "direct":
         raise ValueError(f"{system_name}: decoder {r.system.decoder}, not direct (slf_utils.diffusion trains it)")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils import diffusion, findings, layout
+from slf_utils import findings, layout, recipe
 from slf_utils.basics import atomic_write_json, atomic_write_text, deep_merge, default, exists, provenance
 from slf_utils.config import FACTORS, seed_overrides, seeds_of
 from slf_utils.differences import (
@@ -156,7 +156,7 @@ def lead_protocol(metrics: pd.DataFrame) -> str:
 
 
 def recipe_differences(cfg, pairs) -> pd.DataFrame:
-    """Every way the two systems of each pair differ (diffusion.Recipe.flat), with the factor the pair names and whether
+    """Every way the two systems of each pair differ (recipe.Recipe.flat), with the factor the pair names and whether
     the pair differs in more than it (`one_factor` False: a flag). Columns a, b, factor, key, value_a, value_b,
     within_factor, one_factor."""
     cols = ["a", "b", "factor", "key", "value_a", "value_b", "within_factor", "one_factor"]
@@ -164,7 +164,7 @@ def recipe_differences(cfg, pairs) -> pd.DataFrame:
     for a, b, factor in pairs:
         for s in (a, b):
             if s not in recipes:
-                recipes[s] = diffusion.resolve_recipe(cfg, s).flat()
+                recipes[s] = recipe.resolve_recipe(cfg, s).flat()
         ra, rb = recipes[a], recipes[b]
         allowed = FACTORS.get(factor, ())
         diff = [k for k in dict.fromkeys([*ra, *rb]) if str(ra.get(k)) != str(rb.get(k))]

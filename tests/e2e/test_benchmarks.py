@@ -116,8 +116,8 @@ def test_kernel_env_benchmark_sees_the_page_faults_dasks_malloc_setting_costs():
 @pytest.mark.slow
 def test_train_speed_compares_levers_side_by_side_on_the_trainer_training_builds():
     """`benchmarks/train_speed.py` on the demo generation unet (params/demo.yaml's speaker_embeddings_only, through
-    diffusion.make_trainer): a second eager run (`same`) learns exactly what eager learns, fused Adam the same within
-    float noise, plain Adam (no foreach) exactly; every row has its ratio and projected whole training."""
+    imagen_trainer.make_trainer): a second eager run (`same`) learns exactly what eager learns, fused Adam the same
+    within float noise, plain Adam (no foreach) exactly; every row has its ratio and projected whole training."""
     res = load_benchmark("train_speed").main(
         ["--setups", "demo_generation", "--levers", "same,fused,plain", "--steps", "3", "--warmup", "1"]
     )

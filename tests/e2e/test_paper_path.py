@@ -56,10 +56,10 @@ def run_cascade(mode: str) -> dict:
     import torch
     from imagen_pytorch import ImagenTrainer
 
-    from slf_utils import diffusion
+    from slf_utils import diffusion, imagen_trainer, recipe, sampling
 
     t_start = time.perf_counter()
-    preset = diffusion.resolve_preset({"preset": "paper"})
+    preset = recipe.resolve_preset({"preset": "paper"})
     torch.manual_seed(0)
     t0 = time.perf_counter()
     imagen = diffusion.build_imagen(mode, preset)
@@ -85,7 +85,12 @@ def run_cascade(mode: str) -> dict:
     for k in TRAIN[mode]:
         # as diffusion._train_unet builds it, without EMA (a copy of every unet: +4 GB, and not what is tested here)
         trainer = ImagenTrainer(
-            imagen, only_train_unet_number=k, use_ema=False, lr=1e-4, verbose=False, **diffusion.trainer_options(preset)
+            imagen,
+            only_train_unet_number=k,
+            use_ema=False,
+            lr=1e-4,
+            verbose=False,
+            **imagen_trainer.trainer_options(preset),
         )
         t0 = time.perf_counter()
         loss = diffusion._loss_step(trainer, images, X, k, BATCH)
@@ -108,7 +113,7 @@ def run_cascade(mode: str) -> dict:
     t0 = time.perf_counter()
     with torch.no_grad():
         # unguided (one pass per step): guidance is tested on the tiny preset; this checks the paper unets run
-        faces = diffusion.sample(imagen, X, cond_scale=1.0, guides=guides, steps=2, seed=0)
+        faces = sampling.sample(imagen, X, cond_scale=1.0, guides=guides, steps=2, seed=0)
     res["sample_seconds"] = time.perf_counter() - t0
     res["sample_raw_shape"] = list(raw[0].shape)
     res["sample_raw_range"] = [float(raw[0].min()), float(raw[0].max())]
@@ -166,9 +171,9 @@ def test_paper_flops_counts_per_sample_exactly_on_the_meta_device():
     spec = importlib.util.spec_from_file_location("bench_paper_flops", ROOT / "benchmarks" / "paper_flops.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    from slf_utils import diffusion
+    from slf_utils import recipe
 
-    preset = diffusion.resolve_preset({"preset": "tiny", "super_resolution": {"image_sizes": [8, 16, 32]}})
+    preset = recipe.resolve_preset({"preset": "tiny", "super_resolution": {"image_sizes": [8, 16, 32]}})
     preset["unets"] = preset["unets"] * 2
     meta = bench.unet_flops("super_resolution", preset, batch=3, device="meta")
     cpu = bench.unet_flops("super_resolution", preset, batch=1, device="cpu")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from slf_utils import diffusion
+from slf_utils import recipe
 from slf_utils.basics import ROOT, ParamsError, flat
 from slf_utils.config import load_params
 
@@ -59,8 +59,8 @@ def test_the_smoke_grid_differs_from_the_paper_grid_only_in_the_declared_keys():
 def test_the_smoke_unets_are_the_papers_narrowed():
     """The resolved presets differ in the unets' widths and depths only: same cascade, image sizes, noise schedules,
     conditioning, low-res and trainer settings; each unet keeps its levels and attention pattern."""
-    paper = diffusion.resolve_preset(load_params(PAPER)["model"])
-    smoke = diffusion.resolve_preset(load_params(SMOKE)["model"])
+    paper = recipe.resolve_preset(load_params(PAPER)["model"])
+    smoke = recipe.resolve_preset(load_params(SMOKE)["model"])
     assert {k for k in paper.keys() | smoke.keys() if paper.get(k) != smoke.get(k)} == {"unets", "unet_common"}
     assert set(smoke["unet_common"]) == {"attn_heads", "attn_dim_head"} and paper["unet_common"] == {}
     assert len(smoke["unets"]) == len(paper["unets"]) == 2

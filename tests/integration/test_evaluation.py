@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from slf_utils import diffusion as real_diffusion
 from slf_utils import evaluation as ev
-from slf_utils import image_metrics, recognisers, references, retrieval, stats, tables
+from slf_utils import image_metrics, recipe, recognisers, references, retrieval, stats, tables
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -423,10 +422,10 @@ def test_run_random_selection_writes_chance_rows_only(synthetic):
     assert set(tables.load_hits(out / "hits.csv")["protocol"]) == {"paper", "identity"}
 
 
-def fake_diffusion(calls):
-    """Stands in for slf_utils.diffusion: a 'perfect' generator that returns each clip's real face at 32 px
+def fake_sampling(calls):
+    """Stands in for slf_utils.sampling: a 'perfect' generator that returns each clip's real face at 32 px
     (scale 0: the faces of the next clip, i.e. wrong identities), so every number is known in advance."""
-    mod = types.ModuleType("slf_utils.diffusion")
+    mod = types.ModuleType("slf_utils.sampling")
 
     def load_model(model_dir):
         return {"model_dir": str(model_dir)}, {}
@@ -450,12 +449,17 @@ def fake_diffusion(calls):
             faces = np.roll(faces, 2, axis=0)  # clips are ordered by identity, 2 test clips each
         return np.stack([ev.resize(f, 32) for f in faces])
 
-    def resolve_preset(model_cfg):  # the output size of the reference rows: the fake's 32 px
-        return {"super_resolution": {"image_sizes": [8, 32]}}
-
-    mod.load_model, mod.sample, mod.resolve_preset = load_model, sample, resolve_preset
-    mod.resolve_recipe = real_diffusion.resolve_recipe  # the system as training resolves it: real
+    mod.load_model, mod.sample = load_model, sample
     return mod
+
+
+def fake_recipe(monkeypatch):
+    """Evaluation's slf_utils.recipe with the output size of the reference rows the fake's 32 px; the system as
+    training resolves it: real."""
+    mod = types.ModuleType("slf_utils.recipe")
+    mod.resolve_preset = lambda model_cfg: {"super_resolution": {"image_sizes": [8, 32]}}
+    mod.resolve_recipe = recipe.resolve_recipe
+    monkeypatch.setattr(ev, "recipe", mod)
 
 
 def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
@@ -464,10 +468,11 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
 
     cfg, store = synthetic
     calls = []
-    fake = fake_diffusion(calls)
+    fake = fake_sampling(calls)
     test_ids = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
     fake.faces = store.load_stacked("preprocess", test_ids)["face"]
-    monkeypatch.setattr(ev, "diffusion", fake)  # evaluation's diffusion module
+    monkeypatch.setattr(ev, "sampling", fake)  # evaluation's sampling module
+    fake_recipe(monkeypatch)
     model_dir = Path(cfg["results"]) / "full_input" / "model"
     train_ids = store.clips(split="train")["clip_id"].tolist()
     atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
@@ -510,14 +515,15 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
 
 
 def fake_model(cfg, store, monkeypatch, clip_ids):
-    """The fake diffusion module, returning the real faces of `clip_ids`, and the norm stats a model dir needs."""
+    """The fake sampling module, returning the real faces of `clip_ids`, and the norm stats a model dir needs."""
     from slf_utils.basics import atomic_save_npz
     from slf_utils.layout import Layout
 
     calls = []
-    fake = fake_diffusion(calls)
+    fake = fake_sampling(calls)
     fake.faces = store.load_stacked("preprocess", clip_ids)["face"]
-    monkeypatch.setattr(ev, "diffusion", fake)  # evaluation's diffusion module
+    monkeypatch.setattr(ev, "sampling", fake)  # evaluation's sampling module
+    fake_recipe(monkeypatch)
     model_dir = Path(cfg["results"]) / "full_input" / "model"
     train_ids = store.clips(split="train")["clip_id"].tolist()
     atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slf_utils import autoencoder, diffusion, references
+from slf_utils import autoencoder, diffusion, recipe, references, sampling, training_data
 from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_systems
@@ -21,7 +21,7 @@ def write_params(tmp_path, name="t", model=None, system_overrides=None, **train)
 
 
 def _faces01(store, ids, size=16):
-    return torch.from_numpy(diffusion.load_faces(store, ids, size)).permute(0, 3, 1, 2).float() / 255
+    return torch.from_numpy(training_data.load_faces(store, ids, size)).permute(0, 3, 1, 2).float() / 255
 
 
 def _uint8(x):
@@ -32,7 +32,7 @@ def _uint8(x):
 def test_face_prior_round_trip_and_means(project, kind):
     store = open_store({"results": str(project / "results")})
     train_ids = store.clips(split="train")["clip_id"].tolist()
-    prior = diffusion.FacePrior.fit(kind, ATTRS, store, train_ids, 16)
+    prior = training_data.FacePrior.fit(kind, ATTRS, store, train_ids, 16)
     clips = store.clips()
     faces = _faces01(store, clips["clip_id"].tolist())
     groups = prior.groups_of(clips)
@@ -48,7 +48,7 @@ def test_face_prior_round_trip_and_means(project, kind):
     back = _uint8(prior.from_model(m, groups))
     assert np.array_equal(back[inside.permute(0, 2, 3, 1).numpy()], _uint8(faces)[inside.permute(0, 2, 3, 1).numpy()])
     # a checkpoint from before (no gain) reads at gain 1/2: half the amplitude, never clipped
-    old = diffusion.FacePrior.from_state({k: v for k, v in prior.state().items() if k != "gain"})
+    old = training_data.FacePrior.from_state({k: v for k, v in prior.state().items() if k != "gain"})
     assert old.gain == 0.5 and torch.allclose(2 * old.to_model(faces, groups) - 1, faces - prior.mu(groups), atol=1e-6)
     train = _faces01(store, train_ids).double()
     assert torch.allclose(prior.means[0].double(), train.mean(0), atol=1e-6)  # the training faces' mean
@@ -80,25 +80,25 @@ def test_training_feeds_the_unet_residuals_and_sampling_adds_the_mean_back(proje
     store = open_store(cfg)
     layout = Layout.load(cfg["layout"])
     keep = load_systems(cfg["systems_file"], layout)["no_image_guide"].keep
-    ids = diffusion.train_clip_ids(store, layout, keep)
-    prior = diffusion.FacePrior.fit("mean", ATTRS, store, ids, 16)
+    ids = training_data.train_clip_ids(store, layout, keep)
+    prior = training_data.FacePrior.fit("mean", ATTRS, store, ids, 16)
     mapped = prior.to_model(_faces01(store, ids), np.zeros(len(ids), int))
     for batch in seen:
         d = (batch[:, None] - mapped[None]).abs().flatten(2).amax(-1)  # each image is one training face, mapped
         assert (d.min(1).values < 1e-6).all()
     assert result["face_prior"]["kind"] == "mean"
 
-    imagen, meta = diffusion.load_model(result["model_dir"])
+    imagen, meta = sampling.load_model(result["model_dir"])
     assert meta["face_prior"] == "mean" and torch.allclose(imagen.face_prior.means, prior.means)
     imagen.unets[0].final_conv.weight.data.zero_()
     imagen.unets[0].final_conv.bias.data.zero_()
     X = np.random.default_rng(0).normal(size=(3, 256, 768)).astype(np.float32)
-    out = diffusion.sample(imagen, X, cond_scale=2.0, steps=4, seed=0)
+    out = sampling.sample(imagen, X, cond_scale=2.0, steps=4, seed=0)
     mu = _uint8(prior.means[[0, 0, 0]])
     assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
     assert np.abs(out.astype(int) - mu).max() <= 1
     imagen.face_prior = None  # the same model read as a plain pixel model samples grey
-    assert np.abs(diffusion.sample(imagen, X, cond_scale=2.0, steps=4, seed=0).astype(int) - 128).max() <= 1
+    assert np.abs(sampling.sample(imagen, X, cond_scale=2.0, steps=4, seed=0).astype(int) - 128).max() <= 1
 
 
 def test_super_resolution_with_the_attribute_prior(project, tmp_path):
@@ -108,14 +108,14 @@ def test_super_resolution_with_the_attribute_prior(project, tmp_path):
     over = {"full_input": {"model": {"face_prior": "attribute_mean", "imagen": {"pred_objectives": "x_start"}}}}
     cfg = load_params(write_params(project, "sr", system_overrides=over))
     result = diffusion.train(cfg, "full_input", out_dir=tmp_path / "model")
-    imagen, meta = diffusion.load_model(result["model_dir"])
+    imagen, meta = sampling.load_model(result["model_dir"])
     prior = imagen.face_prior
     assert meta["face_prior"] == "attribute_mean" and prior.attributes == ATTRS
     store = open_store(cfg)
     test = store.clips(split="test")
     ids = test["clip_id"].tolist()
     groups = prior.groups_of(test)
-    guides = diffusion.load_guides(store, ids)
+    guides = training_data.load_guides(store, ids)
     # training: imagen resizes the (residual) image it is given to the guide size; sampling: the stored guide, mapped
     lowres = imagen.resize_to(prior.to_model(_faces01(store, ids), groups), 8)
     start = prior.to_model(torch.from_numpy(guides).permute(0, 3, 1, 2).float() / 255, groups, imagen.resize_to)
@@ -129,7 +129,7 @@ def test_super_resolution_with_the_attribute_prior(project, tmp_path):
     X = np.zeros((len(ids), 256, 768), np.float32)
     starts, real = [], imagen.sample
     imagen.sample = lambda **kw: starts.append(kw["start_image_or_video"]) or real(**kw)
-    out = diffusion.sample(imagen, X, 1.0, guides=guides, steps=4, seed=0, labels=test)
+    out = sampling.sample(imagen, X, 1.0, guides=guides, steps=4, seed=0, labels=test)
     assert torch.allclose(starts[0], start, atol=1e-6)  # sample() starts from the guide mapped this way
     del imagen.sample
     assert np.abs(out.astype(int) - _uint8(prior.mu(groups))).max() <= 1
@@ -137,7 +137,7 @@ def test_super_resolution_with_the_attribute_prior(project, tmp_path):
     d = ((out[:, None].astype(float) - rows[None]) ** 2).sum((2, 3, 4))
     assert (d.argmin(1) == groups).all() and len(set(groups)) == 4
     with pytest.raises(ValueError, match="labels"):
-        diffusion.sample(imagen, X, 1.0, guides=guides, steps=2)
+        sampling.sample(imagen, X, 1.0, guides=guides, steps=2)
 
 
 def _smooth_faces(n, size, seed=1):
@@ -216,14 +216,14 @@ def test_latent_and_pixel_systems_train_and_sample(project, tmp_path, monkeypatc
         seen.clear()
         result = diffusion.train(cfg, system, out_dir=tmp_path / system)
         shapes[system] = seen[0]
-        imagen, meta = diffusion.load_model(result["model_dir"])
-        out = diffusion.sample(imagen, X, cond_scale=2.0, steps=3, seed=0)
+        imagen, meta = sampling.load_model(result["model_dir"])
+        out = sampling.sample(imagen, X, cond_scale=2.0, steps=3, seed=0)
         assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8, system
-        assert np.array_equal(out, diffusion.sample(imagen, X, cond_scale=2.0, steps=3, seed=0))
+        assert np.array_equal(out, sampling.sample(imagen, X, cond_scale=2.0, steps=3, seed=0))
     assert shapes == {"speaker_embeddings_only": (4, 4, 8, 8), "no_image_guide": (4, 3, 16, 16)}
     latent_dir = tmp_path / "speaker_embeddings_only"
     assert autoencoder.is_finished(latent_dir / autoencoder.FILE)
-    imagen, meta = diffusion.load_model(latent_dir)
+    imagen, meta = sampling.load_model(latent_dir)
     assert imagen.channels == 4 and imagen.image_sizes == (8,) and meta["latent"]["downsample"] == 2
     again = diffusion.train(
         cfg, "speaker_embeddings_only", out_dir=latent_dir
@@ -239,12 +239,12 @@ def test_model_options_per_system_and_their_errors(project, tmp_path):
     assert systems["full_input_prior"].model == {"face_prior": "mean"}
     assert systems["full_input_prior"].keep == systems["full_input"].keep
     cfg = load_params(write_params(project, "opts"))
-    assert diffusion.system_model(cfg, systems["full_input_prior"]) == {"preset": "tiny", "face_prior": "mean"}
-    assert diffusion.system_model(cfg, systems["speaker_embeddings_only_latent"])["preset"] == "demo_latent"
+    assert recipe.system_model(cfg, systems["full_input_prior"]) == {"preset": "tiny", "face_prior": "mean"}
+    assert recipe.system_model(cfg, systems["speaker_embeddings_only_latent"])["preset"] == "demo_latent"
     over = load_params(
         write_params(project, "opts2", system_overrides={"full_input_prior": {"model": {"face_prior": "none"}}})
     )
-    assert diffusion.system_model(over, systems["full_input_prior"])["face_prior"] == "none"  # the grid's wins
+    assert recipe.system_model(over, systems["full_input_prior"])["face_prior"] == "none"  # the grid's wins
 
     for bad, key in (
         ({"face_prior": "median"}, "model.face_prior"),
@@ -258,8 +258,8 @@ def test_model_options_per_system_and_their_errors(project, tmp_path):
         ({"latent": {}, "face_prior": "mean"}, "model.face_prior"),
     ):
         with pytest.raises(ParamsError, match=key):
-            diffusion.resolve_preset({"preset": "tiny", **bad})
-    latent = diffusion.resolve_preset({"preset": "tiny", "latent": {"downsample": 2}})["latent"]
+            recipe.resolve_preset({"preset": "tiny", **bad})
+    latent = recipe.resolve_preset({"preset": "tiny", "latent": {"downsample": 2}})["latent"]
     assert latent == autoencoder.DEFAULTS | {"downsample": 2}
     sr = load_params(
         write_params(project, "srlat", system_overrides={"full_input": {"model": {"latent": TINY_LATENT}}})

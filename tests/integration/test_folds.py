@@ -22,6 +22,7 @@ from slf_utils import (
     evaluation,
     face_decoder,
     folds,
+    recipe,
     recognisers,
     references,
     report_tables,
@@ -416,7 +417,7 @@ def test_nested_crossfitting_no_fold_k_input_comes_from_an_encoder_that_saw_fold
         enc = prov["encoders"]
         trainings |= {e["model_hash"] for e in enc.values()}
         fold_k = {i for i, f in fold_of.items() if f == k}
-        r = diffusion.resolve_recipe(cfg, "speech_to_face" if stage == V.VOICE_STAGE else "contrastive_speech", k)
+        r = recipe.resolve_recipe(cfg, "speech_to_face" if stage == V.VOICE_STAGE else "contrastive_speech", k)
         assert r.layout.stages(r.system.keep) == [fold_stage(stage, k)]  # fold k's recipe reads its own copy
         read = training_ids(store, r.layout.stages(r.system.keep), cfg, k)
         queries = clips.loc[clips["identity"].isin(fold_k) & clips["split"].isin(HELD_OUT), "clip_id"]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from slf_utils import diffusion
+from slf_utils import diffusion, recipe
 from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
 from slf_utils.store import open_store
@@ -57,8 +57,8 @@ def test_the_same_seed_gives_the_first_losses_recorded_before_the_refactor(proje
 def test_any_training_setting_changes_the_recipe_hash_and_evaluation_settings_do_not(
     project, tmp_path, change, changes_hash
 ):
-    base = diffusion.resolve_recipe(load_params(write_params(tmp_path)), "full_input")
-    changed = diffusion.resolve_recipe(load_params(write_params(tmp_path, **change)), "full_input")
+    base = recipe.resolve_recipe(load_params(write_params(tmp_path)), "full_input")
+    changed = recipe.resolve_recipe(load_params(write_params(tmp_path, **change)), "full_input")
     assert (base.hash != changed.hash) is changes_hash
     assert base.seed == 7 and base.fold is None
 
@@ -66,12 +66,12 @@ def test_any_training_setting_changes_the_recipe_hash_and_evaluation_settings_do
 def test_a_recipe_is_validated_once_and_the_training_set_is_what_training_reads(project, tmp_path):
     cfg = load_params(write_params(project))
     with pytest.raises(ParamsError, match="no system 'nope'"):
-        diffusion.resolve_recipe(cfg, "nope")
+        recipe.resolve_recipe(cfg, "nope")
     with pytest.raises(ParamsError, match="latent diffusion is generation only"):
-        diffusion.resolve_recipe(
+        recipe.resolve_recipe(
             load_params(write_params(project, model={"preset": "tiny", "latent": {"downsample": 2}})), "full_input"
         )
-    r = diffusion.resolve_recipe(cfg, "speaker_embeddings_only_prior")
+    r = recipe.resolve_recipe(cfg, "speaker_embeddings_only_prior")
     assert r.preset["face_prior"] == "mean" and r.preset["cond_drop_prob"] == cfg["train"]["cond_drop_prob"]
     data = diffusion.training_set(r, open_store(cfg), tmp_path)
     assert data.ids == sorted(open_store(cfg).clips(split="train")["clip_id"])

@@ -449,11 +449,11 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     assert not diff.loc[diff["b"] == "no_image_guide", "one_factor"].any()
     assert diff.loc[diff["b"] == "pure_sr", "one_factor"].all()
     # a recipe changes with a model option of the system and with its training settings
-    from slf_utils import diffusion
+    from slf_utils import recipe
 
-    base = diffusion.resolve_recipe(cfg, "full_input").flat()
+    base = recipe.resolve_recipe(cfg, "full_input").flat()
     cfg["system_overrides"] = {"full_input": {"train": {"steps": 7}, "model": {"face_prior": "mean"}}}
-    changed = diffusion.resolve_recipe(cfg, "full_input").flat()
+    changed = recipe.resolve_recipe(cfg, "full_input").flat()
     assert {k for k in base if base[k] != changed[k]} == {"train.steps", "model.face_prior"}
 
 

@@ -35,7 +35,9 @@ CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "c
 WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
 # circle even counting in-function imports
-LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS) | set(CONFIG)
+# the diffusion model's modules (presets and recipes, training data, trainer, training, sampling) and the direct decoder
+DIFFUSION = {"recipe", "training_data", "imagen_trainer", "diffusion", "sampling", "face_decoder"}
+LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS) | set(CONFIG) | DIFFUSION
 CHECKED = LIMITED | {"voice_encoder", "contrastive"}
 
 
