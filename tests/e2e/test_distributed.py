@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from slf_utils.config import ROOT
-from slf_utils.layout import synthetic_store
+from slf_utils.synthetic import synthetic_store
 
 # diffusion.main (the `python -m slf_utils.diffusion` entry point) with one addition: after training, every rank
 # saves its own copy of the trained unet and the losses of its own batches. Only rank 0 writes the checkpoint.

@@ -14,8 +14,9 @@ import yaml
 
 from slf_utils import diffusion
 from slf_utils.config import ROOT, ParamsError, load_params
-from slf_utils.layout import Layout, load_systems, synthetic_store
+from slf_utils.layout import Layout, load_systems
 from slf_utils.store import open_store
+from slf_utils.synthetic import synthetic_store
 
 TINY_UNET = {
     "dim": 8,

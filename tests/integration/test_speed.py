@@ -11,7 +11,7 @@ import yaml
 
 from slf_utils import diffusion
 from slf_utils.config import ParamsError, load_params
-from slf_utils.layout import synthetic_store
+from slf_utils.synthetic import synthetic_store
 
 TRAIN = {"steps": 2, "batch_size": 4, "lr": 3e-3, "ema": False, "seed": 0, "checkpoint_every": 2}
 

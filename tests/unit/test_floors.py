@@ -32,9 +32,21 @@ REPORT = {"report", "report_tables", "differences", "figures", "summary", "signi
 CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "contrastive"}}
 WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
-# circle even counting in-function imports
+# circle even counting in-function imports; and the rooms split to size since (layout, preprocessing, features, ...)
 LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS)
+LIMITED |= {
+    "preprocessing",
+    "parallel",
+    "features",
+    "speech_models",
+    "demo_corpus",
+    "demo_voices",
+    "synthetic",
+}
 CHECKED = LIMITED | {"voice_encoder", "contrastive"}
+# split and free of hidden imports, but still on the circle config.parse_set -> grid -> layout -> config (parse_set
+# imports the grid in a function): into LIMITED once parse_set lives in config
+SPLIT = {"grid", "notebook_run", "layout", "constituents"}
 
 
 def _modules() -> dict[str, Path]:
@@ -132,7 +144,7 @@ def _floor(module: str) -> str:
 
 def test_the_graph_is_read_from_the_source():
     """The graph builder sees what it must: the modules of this floor, top-level and in-function imports apart."""
-    assert set(CHECKED) <= set(MODULES) and "store.api" in MODULES
+    assert set(CHECKED | SPLIT) <= set(MODULES) and "store.api" in MODULES
     assert "retrieval" in imports("tables") and "stats" in imports("tables")
     assert {"retrieval", "stats", "tables"} <= set(imports("contrastive"))
     top, every = graph(in_functions=False), graph()
@@ -182,13 +194,13 @@ def test_encoders_and_report_import_nothing_from_evaluation(module):
     assert "evaluation" not in reachable(graph(in_functions=False), module)
 
 
-@pytest.mark.parametrize("module", sorted(LIMITED))
+@pytest.mark.parametrize("module", sorted(LIMITED | SPLIT))
 def test_split_modules_are_under_the_line_limit(module):
     n = len(MODULES[module].read_text().splitlines())
     assert n <= MAX_LINES, f"slf_utils/{module.replace('.', '/')}.py has {n} lines (limit {MAX_LINES})"
 
 
-@pytest.mark.parametrize("module", sorted(CHECKED))
+@pytest.mark.parametrize("module", sorted(CHECKED | SPLIT))
 def test_no_project_import_hides_in_a_function(module):
     """A project module imported inside a function hides an arrow of the graph (a heavy optional third-party
     dependency may still be imported there)."""
