@@ -1,7 +1,7 @@
 """Feature extraction benchmark: our extractor vs a reference-style pipeline, same clips, same models, same params.
 
 (a) ours: decode each file once, then every constituent from that audio; the whole clip and all sliding windows
-    go through the speaker model together (`features.speaker_embeddings`).
+    go through the speaker model together (`speech_models.speaker_embeddings`).
 (b) reference-style (as in the paper's code): every extractor decodes the file again, the speaker model is
     called once per window (`VoiceEncoder.embed_utterance` / `encode_batch` per segment), and the short-term
     features come from pyAudioAnalysis' own per-frame loop (`features.pyaudio_features_reference`; ours is its
@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import slf_utils  # noqa: E402,F401  (offline switches before torch & co)
 from slf_utils import features as F  # noqa: E402
 from slf_utils import preprocessing as P  # noqa: E402
+from slf_utils import speech_models  # noqa: E402
 from slf_utils.config import load_params  # noqa: E402
 
 ALL = ("speaker", "speaker_windows", "pyaudio", "mel")
@@ -70,7 +71,7 @@ def reference(path, cfg, backend):
     whole = one(prep)
     audio = load_audio(path, seconds)
     prep = backend.prepare(audio) if hasattr(backend, "prepare") else audio
-    bounds = F.window_bounds(len(prep), f["windows"])
+    bounds = speech_models.window_bounds(len(prep), f["windows"])
     windows = np.stack([one(prep[s : s + n]) for s, n in bounds])
     audio = load_audio(path, seconds)
     pa = F.pyaudio_features_reference(audio, f["frame_window"], f["frame_step"])  # pyAudioAnalysis' own loop

@@ -3,9 +3,9 @@
     python benchmarks/kernel_env.py [--steps 150] [--rounds 2] [--system speaker_embeddings_only]
 
 Dask's nanny starts workers with `distributed.nanny.pre-spawn-environ` (MALLOC_TRIM_THRESHOLD_=65536 among it), and a
-papermill kernel started from a worker inherits it. `grid.kernel_environ` drops the malloc setting. Each round trains
-`--steps` steps in a fresh process under each environment (alternating, a synthetic store in a temporary folder) and
-reads the process's wall time, user and system CPU and minor page faults; printed are the medians and their ratios.
+papermill kernel started from a worker inherits it. `notebook_run.kernel_environ` drops the malloc setting. Each round
+trains `--steps` steps in a fresh process under each environment (alternating, a synthetic store in a temporary folder)
+and reads the process's wall time, user and system CPU and minor page faults; printed are the medians and their ratios.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def run(env: dict, params: str, results: str, system: str, steps: int, tmp: Path
 
 
 def main(argv=None):
-    from slf_utils import grid
-    from slf_utils.layout import synthetic_store
+    from slf_utils.notebook_run import kernel_environ
+    from slf_utils.synthetic import synthetic_store
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=150)
@@ -65,7 +65,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     dask_env = dask_worker_environ()
-    envs = {"Dask worker's": dask_env, "grid kernel's": grid.kernel_environ(1, dask_env)}
+    envs = {"Dask worker's": dask_env, "grid kernel's": kernel_environ(1, dask_env)}
     print(f"Dask worker adds: {json.dumps({k: v for k, v in dask_env.items() if os.environ.get(k) != v})}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,9 +25,10 @@ import torch
 
 from slf_utils import diffusion, recipe, training_data
 from slf_utils.config import load_params
-from slf_utils.layout import Layout, load_layout, load_systems, synthetic_store
+from slf_utils.layout import Layout, load_layout, load_systems
 from slf_utils.preprocessing import resize
 from slf_utils.store import open_store
+from slf_utils.synthetic import synthetic_store
 
 
 def reference_batch(store, con, layout, keep, stats, clip_ids, size):

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from slf_utils.basics import atomic_write_json, exists
-from slf_utils.demo_corpus import apt_download, unpack_voices
+from slf_utils.demo_voices import apt_download, unpack_voices
 
 PACKAGES = ("espeak-ng", "libespeak-ng1", "espeak-ng-data")
 SR = 16000

@@ -7,11 +7,11 @@ that reads the `contrastive_speech` stage runs the contrastive pre-training (not
 voice encoder too where both run and its face encoder is the recogniser, whose face_embedding stage notebook 06 also
 writes), and the trainings of those systems wait for it.
 
-Each step is a notebook run with the papermill parameters (params_file, system, overrides). Its executed notebook,
-log and run record (status, hash of what it depends on and the list of those inputs, timings, error) are saved beside
-its outputs, so an interrupted grid resumes where it stopped and a changed parameter reruns only the steps that
-depend on it. The hash covers the parameters a step reads, the contents of the files it reads (manifest, test list,
-model presets, layout, systems file: `_input_files`), its upstream steps' hashes and its notebook; `status` and
+Each step is a notebook run (slf_utils.notebook_run) with the papermill parameters (params_file, system, overrides). Its
+executed notebook, log and run record (status, hash of what it depends on and the list of those inputs, timings, error)
+are saved beside its outputs, so an interrupted grid resumes where it stopped and a changed parameter reruns only the
+steps that depend on it. The hash covers the parameters a step reads, the contents of the files it reads (manifest, test
+list, model presets, layout, systems file: `_input_files`), its upstream steps' hashes and its notebook; `status` and
 `--dry-run` name what changed for a stale step.
 `grid.reuse` lists other grids' results folders: a step done there with the same hash is copied, not run (`reused`).
 Steps run on a Dask distributed client: a local cluster by default, or a scheduler address (a SLURM cluster through
@@ -29,9 +29,7 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +38,9 @@ import pandas as pd
 
 from slf_utils.basics import ROOT, _get, atomic_write_json, deep_merge, default, exists, flat, params_hash, resolve
 from slf_utils.config import corpus_builder, load_params, parse_set, seed_overrides, seeds_of, system_dir
+from slf_utils.layout import load_layout, load_systems
 from slf_utils.locks import WriterLock
+from slf_utils.notebook_run import kernel_environ, run_notebook
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = {
@@ -141,7 +141,7 @@ def _input_files(cfg: dict, reads) -> dict:
             files["data.manifest"] = data["manifest"]
         if data["kind"] == "voxceleb" and exists(data["test_list"]) and not data["demo_corpus"]["build"]:
             files["data.test_list"] = data["test_list"]
-    if "model" in reads:  # the model presets (recipe.resolve_preset's default file)
+    if "model" in reads:  # the model presets (diffusion.resolve_preset's default file)
         files["model.presets_file"] = resolve(cfg["model"].get("presets_file", "params/presets.yaml"))
     return files
 
@@ -242,8 +242,6 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
 
 
 def _system_specs(cfg) -> dict:
-    from slf_utils.layout import load_layout, load_systems
-
     return load_systems(cfg["systems_file"], load_layout(cfg))
 
 
@@ -256,8 +254,6 @@ def _untrained_systems(cfg, specs=None) -> set:
 def voice_encoder_systems(cfg, specs=None, systems=None) -> set:
     """Systems of `systems` (default the grid's) that read a stage the voice encoder (notebook 06) writes: through
     a kept constituent's source stage or a direct decoder's `train_on`."""
-    from slf_utils.layout import load_layout
-
     specs = specs if exists(specs) else _system_specs(cfg)
     layout = load_layout(cfg)
     return {
@@ -270,8 +266,6 @@ def voice_encoder_systems(cfg, specs=None, systems=None) -> set:
 def contrastive_systems(cfg, specs=None, systems=None) -> set:
     """Systems of `systems` (default the grid's) that read a stage the contrastive pre-training (notebook 07)
     writes: through a kept constituent's source stage or a direct decoder's `train_on`."""
-    from slf_utils.layout import load_layout
-
     specs = specs if exists(specs) else _system_specs(cfg)
     layout = load_layout(cfg)
     return {
@@ -288,25 +282,6 @@ def contrastive_reads(cfg) -> tuple:
         return READS["contrastive"]
     face = ("speech2face.face_model", *(k for k in READS["voice_encoder"] if k.startswith("evaluate.")))
     return (*READS["contrastive"], *face)
-
-
-def kernel_environ(threads: int, env=None) -> dict:
-    """The environment a step's kernel runs in: `env` (default os.environ) with one BLAS/torch thread per worker, so
-    parallel steps don't fight, and without Dask's MALLOC_TRIM_THRESHOLD_.
-
-    Dask's nanny starts its workers with MALLOC_TRIM_THRESHOLD_=65536 (distributed.nanny.pre-spawn-environ), which a
-    kernel would inherit: glibc then returns every freed block above 64 KB to the OS and faults it back in on the
-    next training step (150 demo-preset steps: 9 M page faults and 1.5x the wall time, half of it in the kernel;
-    `python benchmarks/kernel_env.py`). A step's kernel exits when it is done, which returns its memory anyway."""
-    env = {k: v for k, v in (os.environ if env is None else env).items() if k != "MALLOC_TRIM_THRESHOLD_"}
-    return env | {
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "SLF_THREADS": str(threads),
-        "TQDM_MININTERVAL": "10",
-        # torch/imagen-pytorch deprecation notices would otherwise fill the terminal once per notebook
-        "PYTHONWARNINGS": env.get("PYTHONWARNINGS", "ignore::FutureWarning"),
-    }
 
 
 def execute(step: Step, params_file: str, overrides: dict, threads: int, *upstream_ok: bool) -> bool:
@@ -412,73 +387,6 @@ def reused(step: Step) -> bool:
         atomic_write_json(step.record_path, {**rec, "reused_from": str(root), "reused_at": time.time()})
         return True
     return False
-
-
-def run_notebook(nb, out, parameters: dict, log_file, cwd=ROOT):
-    """papermill-execute `nb` into `out` with `parameters`, its outputs logged to `log_file` (an open file). The
-    kernel is shut down without the interrupt jupyter_client sends first (see `kernel_manager_class`)."""
-    import papermill as pm
-
-    return pm.execute_notebook(
-        str(nb),
-        str(out),
-        parameters=parameters,
-        cwd=str(cwd),
-        kernel_name="python3",
-        progress_bar=False,
-        log_output=True,
-        stdout_file=log_file,
-        stderr_file=log_file,
-        kernel_manager_class=kernel_manager_class(),
-    )
-
-
-_KERNEL_MANAGER = None
-
-
-def kernel_manager_class():
-    """jupyter_client's AsyncKernelManager whose graceful shutdown does not interrupt the kernel first.
-
-    jupyter_client always sends SIGINT before the shutdown request. papermill's last request (kernel_info, right
-    after the last cell) is answered before its handler returns, so on a loaded machine the interrupt can land in
-    that handler: ipykernel catches the KeyboardInterrupt and prints `[IPKernelApp] ERROR | KeyboardInterrupt caught
-    in kernel.` in a run where nothing failed. When papermill shuts a kernel down it has finished with it, so there
-    is nothing to interrupt: the shutdown request ends the kernel (ipykernel then stops its own subprocesses), and
-    a kernel that does not end (a cell still running because the client was stopped) is still terminated (SIGTERM,
-    then SIGKILL, within `shutdown_wait_time`). Restarts and `now=True` shutdowns keep the interrupt. The kernel's
-    log level is untouched: real kernel errors still print.
-
-    It also talks to the kernel over IPC (Unix sockets in the kernel's runtime folder) instead of TCP on localhost:
-    ipykernel warns, once per kernel, that TCP without CurveZMQ keys "is susceptible to eavesdropping", which a grid
-    printed dozens of times and users read as a security problem; a Unix socket is not reachable from the network."""
-    global _KERNEL_MANAGER
-    if _KERNEL_MANAGER is None:
-        from jupyter_client import AsyncKernelManager
-
-        class NoInterruptShutdownKernelManager(AsyncKernelManager):
-            _skip_interrupt = False
-
-            def __init__(self, **kwargs):
-                super().__init__(**{"transport": "ipc", **kwargs})
-                if self.transport == "ipc" and "ip" not in kwargs:
-                    # jupyter_client's default IPC name is `kernel-ipc` in the working folder, shared by every kernel
-                    # started there: two grid workers then bind the same sockets and read each other's messages
-                    # (Invalid Signature). A name of its own in the temporary folder, short enough for a socket.
-                    self.ip = os.path.join(tempfile.gettempdir(), f"slf-kernel-{uuid.uuid4().hex[:12]}-ipc")
-
-            async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
-                self._skip_interrupt = not now and not restart
-                try:
-                    await super().shutdown_kernel(now=now, restart=restart)
-                finally:
-                    self._skip_interrupt = False
-
-            async def _async_interrupt_kernel(self) -> None:
-                if not self._skip_interrupt:
-                    await super()._async_interrupt_kernel()
-
-        _KERNEL_MANAGER = NoInterruptShutdownKernelManager
-    return _KERNEL_MANAGER
 
 
 def _write_record(step: Step, status: str, started: float | None = None, error: dict | None = None):

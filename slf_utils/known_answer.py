@@ -54,7 +54,8 @@ from slf_utils.basics import (
     default,
     params_hash,
 )
-from slf_utils.demo_corpus import _clean_partial, _rng, encode_mp4, fake_youtube_id, ffmpeg_exe
+from slf_utils.demo_corpus import _clean_partial, encode_mp4, fake_youtube_id, ffmpeg_exe
+from slf_utils.demo_voices import _rng
 from slf_utils.parameters import DEFAULTS, check_section
 from slf_utils.preprocessing import Reject, crop_face, estimate_age_gender, largest_face, read_image
 from slf_utils.recognisers import code_view, face_code_of, face_embedder

@@ -10,21 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
-from slf_utils import features
 from slf_utils.known_answer import DETECTOR, corpus_crops
 from slf_utils.preprocessing import decode, read_image
 from slf_utils.recognisers import face_code_of, face_embedder
 from slf_utils.references import read_codes
 from slf_utils.retrieval import retrieval_hits
+from slf_utils.speech_models import speaker_backend, speaker_embeddings
 
 
 def voice_embeddings(corpus_dir, clips: list[dict]) -> np.ndarray:
-    """Whole-clip Resemblyzer embeddings (the workbook's speaker path, features.speaker_embeddings) of manifest rows."""
-    backend = features.speaker_backend("resemblyzer")
+    """Whole-clip Resemblyzer embeddings (the workbook's speaker path, speech_models.speaker_embeddings) of manifest
+    rows."""
+    backend = speaker_backend("resemblyzer")
     out = []
     for c in clips:
         audio, _ = decode(Path(corpus_dir) / c["video"], frame=False)
-        out.append(features.speaker_embeddings(audio, backend, [], whole=True, sliding=False)[0])
+        out.append(speaker_embeddings(audio, backend, [], whole=True, sliding=False)[0])
     return np.stack(out)
 
 

@@ -1,4 +1,5 @@
-"""The 256 x 768 feature matrix (the paper's Table 1) and the ablation systems, both declared in `params/`.
+"""The 256 x 768 feature matrix (the paper's Table 1) and the ablation systems, both declared in `params/`; one
+constituent's declaration and rows: slf_utils.constituents.
 
 `Layout.load(path)` reads and validates the declaration; `layout.fit(store, train_ids)` computes normalisation
 statistics; `layout.build(store, ids, keep, stats)` assembles a batch of matrices with one `load_stacked` per stage
@@ -9,103 +10,29 @@ kept leaves zero rows, which imagen-pytorch masks to its learned null token: an 
 
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 
 from slf_utils.basics import ParamsError, default, exists, params_hash, read_yaml, resolve
+from slf_utils.constituents import (
+    check_overlaps,
+    encode_labels,
+    frames,
+    parse_constituent,
+    stage_bounds,
+    vectors,
+    wrap_vectors,
+)
 
-ENCODERS = ("age", "onehot", "array")
-# Which frames of an array fill a constituent's rows (`select:`): `first` in stored order; for sliding windows
-# (`source.bounds` names the stage's (W, 2) [start, length] array) `longest_first` (the longest windows first, then
-# shorter ones, each length in time order) or `pool_per_length` (one row per window length, the mean of its windows,
-# longest first).
-SELECTIONS = ("first", "longest_first", "pool_per_length")
-NORMALISERS = ("none", "standard")
 MODES = ("generation", "super_resolution", "reference", "none")  # none: random selection, before `reference`
 # How a trained system turns its feature rows into a face (`decoder:` in systems.yaml): `diffusion` (the imagen model
 # of the grid's preset, slf_utils.diffusion) or `direct` (a feed-forward embedding -> face network trained with an L1
 # loss, slf_utils.face_decoder: Speech2Face's face decoder; no conditional scale).
 DECODERS = ("diffusion", "direct")
-_CONSTITUENT_KEYS = {
-    "rows",
-    "col",
-    "width",
-    "encoder",
-    "source",
-    "classes",
-    "aliases",
-    "unknown",
-    "normalise",
-    "scale",
-    "overflow",
-    "select",
-    "wrap",
-}
 _SYSTEM_KEYS = {"title", "mode", "keep", "drop", "paper_no", "decoder", "train_on", "note", "model"}
 _STD_FLOOR = 1e-6  # a constant column (std 0) stays at 0 instead of exploding
-
-
-def _is_missing(v) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v)) or (isinstance(v, str) and not v.strip())
-
-
-def _norm_label(v) -> str:
-    """Canonical spelling of a class label: 'Man' -> 'man', 'latino_hispanic' -> 'latino hispanic',
-    'pt_BR' -> 'pt-br'."""
-    return re.sub(r"\s+", " ", str(v).strip().lower().replace("_", "-"))
-
-
-@dataclass
-class Constituent:
-    name: str
-    rows: tuple[int, int]
-    col: int
-    width: int
-    encoder: str
-    source: dict
-    normalise: str = "none"
-    scale: float = 1.0
-    classes: list = field(default_factory=list)
-    aliases: dict = field(default_factory=dict)
-    unknown: str = "error"
-    overflow: str = "error"
-    select: str = "first"
-    wrap: bool = False  # one vector per clip spread over consecutive rows, `width` columns each
-
-    @property
-    def n_rows(self) -> int:
-        return self.rows[1] - self.rows[0]
-
-    @property
-    def stage(self):
-        return self.source.get("stage")
-
-    def class_index(self, label):
-        """Column of a label, or None (missing / unknown with unknown=zero). Matching ignores case, '_' vs '-'
-        and ' ' vs '-'; a region suffix falls back to the language ('pt-br' -> 'pt')."""
-        if _is_missing(label):
-            return None
-        lut = self._lut()
-        s = _norm_label(label)
-        for cand in (s, s.replace("-", " "), s.replace(" ", "-"), re.split(r"[-@. ]", s)[0]):
-            if cand in lut:
-                return lut[cand]
-        if self.unknown == "error":
-            raise ValueError(f"{self.name}: unknown label {label!r} (classes: {', '.join(self.classes)})")
-        return None
-
-    def _lut(self) -> dict:
-        if not hasattr(self, "_lut_cache"):
-            lut = {_norm_label(c): i for i, c in enumerate(self.classes)}
-            lut.update({_norm_label(c).replace("-", " "): i for i, c in enumerate(self.classes)})
-            for a, c in self.aliases.items():
-                lut.setdefault(_norm_label(a), lut[_norm_label(c)])
-            self._lut_cache = lut
-        return self._lut_cache
 
 
 @dataclass(frozen=True)
@@ -119,7 +46,7 @@ class System:
     # direct decoder: the constituent its decoder is trained from (default: the one it keeps, which it is fed at test)
     train_on: str | None = None
     note: str | None = None  # a caveat the report prints beside the system (e.g. that it sees the answer)
-    # model options of this system (recipe.system_model merges them over the grid's `model`), e.g. face_prior
+    # model options of this system (diffusion.system_model merges them over the grid's `model`), e.g. face_prior
     model: dict = field(default_factory=dict, hash=False)
 
 
@@ -173,8 +100,8 @@ class Layout:
             raise ParamsError(f"{where}: the matrix is at most 256 x 768, got rows={rows}, cols={cols}")
         if not isinstance(raw.get("constituents"), dict) or not raw["constituents"]:
             raise ParamsError(f"{where}: `constituents` must be a non-empty mapping")
-        cons = {name: _constituent(name, spec, where, rows, cols) for name, spec in raw["constituents"].items()}
-        _check_overlaps(cons, where)
+        cons = {name: parse_constituent(name, spec, where, rows, cols) for name, spec in raw["constituents"].items()}
+        check_overlaps(cons, where)
         groups = raw.get("groups") or {}
         for g, members in groups.items():
             if g in cons:
@@ -251,10 +178,10 @@ class Layout:
             for i in range(0, len(clip_ids), chunk):
                 arrays, lengths = store.load_stacked(c.stage, clip_ids[i : i + chunk], with_lengths=True)
                 if c.wrap:  # statistics per entry of the vector, before it is spread over rows
-                    x = _vectors(c, arrays[c.source["key"]]).astype(np.float64)  # (clips, D)
+                    x = vectors(c, arrays[c.source["key"]]).astype(np.float64)  # (clips, D)
                 else:
-                    a, valid = _frames(
-                        c, arrays[c.source["key"]], lengths[c.source["key"]], warn=False, bounds=_bounds(c, arrays)
+                    a, valid = frames(
+                        c, arrays[c.source["key"]], lengths[c.source["key"]], warn=False, bounds=stage_bounds(c, arrays)
                     )
                     x = a[valid].astype(np.float64)  # (frames, d)
                 s = x.sum(0) if s is None else s + x.sum(0)
@@ -286,13 +213,13 @@ class Layout:
             c = self.constituents[n]
             if c.encoder == "array" and c.wrap:
                 arrays, _ = loaded[c.stage]
-                v = _vectors(c, arrays[c.source["key"]])
+                v = vectors(c, arrays[c.source["key"]])
                 if c.normalise == "standard":
                     v = (v - stats[f"{n}.mean"]) / stats[f"{n}.std"]
-                block = _wrap(c, v * np.float32(c.scale))
+                block = wrap_vectors(c, v * np.float32(c.scale))
             elif c.encoder == "array":
                 arrays, lengths = loaded[c.stage]
-                a, valid = _frames(c, arrays[c.source["key"]], lengths[c.source["key"]], bounds=_bounds(c, arrays))
+                a, valid = frames(c, arrays[c.source["key"]], lengths[c.source["key"]], bounds=stage_bounds(c, arrays))
                 if c.normalise == "standard":
                     a = (a - stats[f"{n}.mean"]) / stats[f"{n}.std"]
                 a = np.where(valid[..., None], a * np.float32(c.scale), 0.0)
@@ -300,7 +227,7 @@ class Layout:
                 block[:, : a.shape[1], : a.shape[2]] = a
             else:
                 col = labels.loc[clip_ids, c.source["label"]].to_numpy(object)
-                block = _encode_labels(c, col) * np.float32(c.scale)
+                block = encode_labels(c, col) * np.float32(c.scale)
             out[n] = np.clip(block, -self.clip, self.clip, out=block)
         return out
 
@@ -374,236 +301,6 @@ class Blocks:
 
     def batch(self, index, drop=None, out=None) -> np.ndarray:
         return self.layout.assemble(self.blocks, self.keep, index=np.asarray(index), drop=drop, out=out)
-
-
-# ---------------------------------------------------------------------- helpers
-def _bounds(c: Constituent, arrays: dict):
-    """The stacked window bounds (N, W, 2) a `select` other than `first` needs, from the same stage's arrays."""
-    if c.select == "first":
-        return None
-    key = c.source["bounds"]
-    if key not in arrays:
-        raise KeyError(
-            f"{c.name}: select: {c.select} needs the window bounds array '{key}' (source.bounds) in store stage "
-            f"'{c.stage}', which has {sorted(arrays)}"
-        )
-    return arrays[key]
-
-
-def _select_windows(c: Constituent, a: np.ndarray, lengths: np.ndarray, bounds) -> tuple[np.ndarray, np.ndarray]:
-    """Window embeddings (N, W, d) reordered (`longest_first`) or pooled per window length (`pool_per_length`),
-    with their new lengths. `bounds` (N, W, 2) = [start, length] per window (seconds); padding windows go last."""
-    bounds = np.asarray(bounds, np.float64)
-    if bounds.ndim != 3 or bounds.shape[:2] != a.shape[:2] or bounds.shape[2] < 2:
-        raise ValueError(
-            f"{c.name}: window bounds '{c.source['bounds']}' have shape {bounds.shape}, expected "
-            f"({a.shape[0]}, {a.shape[1]}, 2) for {c.stage}/{c.source['key']} {a.shape}"
-        )
-    valid = np.arange(a.shape[1])[None, :] < lengths[:, None]
-    size = np.round(bounds[..., 1], 6)  # seconds stored as float32: equal lengths compare equal after rounding
-    if c.select == "longest_first":
-        # sort by (padding last, longest first, earliest start first); keep only what can fill rows when the
-        # rest would be truncated anyway (overflow: error still sees every window and refuses)
-        order = np.lexsort((bounds[..., 0], -size, ~valid), axis=-1)
-        if c.overflow == "truncate":
-            order = order[:, : c.n_rows]
-        return np.take_along_axis(a, order[..., None], axis=1), lengths
-    # pool_per_length: every distinct length of the batch, longest first; a clip's rows are its own lengths
-    sizes = np.unique(size[valid])[::-1]
-    member = (size[..., None] == sizes) & valid[..., None]  # (N, W, L)
-    count = member.sum(1)  # (N, L)
-    pooled = np.einsum("nwd,nwl->nld", a, member.astype(np.float32)) / np.maximum(count, 1)[..., None]
-    order = np.argsort(count == 0, axis=1, kind="stable")  # the clip's present lengths first, still longest first
-    return np.take_along_axis(pooled, order[..., None], axis=1).astype(np.float32), (count > 0).sum(1)
-
-
-def _frames(c: Constituent, a: np.ndarray, lengths: np.ndarray, warn=True, bounds=None):
-    """A stacked array as (N, frames, d) float32 limited to the constituent's rows, and (N, frames) validity.
-    A constituent with `select` other than `first` chooses its frames among windows with `bounds` (N, W, 2)."""
-    a = np.asarray(a, np.float32)
-    if a.ndim == 2:  # one vector per clip, e.g. a whole-clip embedding -> one row
-        a = a[:, None, :]
-        lengths = np.ones(len(a), np.int64)
-    if a.ndim != 3:
-        raise ValueError(f"{c.name}: expected (N, frames, d) arrays from {c.stage}, got shape {a.shape}")
-    if a.shape[2] > c.width:
-        raise ValueError(
-            f"{c.name}: {c.stage}/{c.source['key']} has {a.shape[2]} columns, the layout reserves "
-            f"{c.width} (params: width)"
-        )
-    lengths = np.asarray(lengths)
-    if c.select != "first":
-        a, lengths = _select_windows(c, a, lengths, bounds)
-    if a.shape[1] > c.n_rows:
-        if c.overflow == "error":
-            raise ValueError(f"{c.name}: {a.shape[1]} frames do not fit its {c.n_rows} rows (overflow: error)")
-        if warn and c.select == "first":  # another `select` declares which frames it keeps: nothing to warn about
-            warnings.warn(
-                f"{c.name}: {int((lengths > c.n_rows).sum())} clip(s) have more than {c.n_rows} frames; "
-                f"the first {c.n_rows} are used",
-                stacklevel=3,
-            )
-        a = a[:, : c.n_rows]
-    valid = np.arange(a.shape[1])[None, :] < lengths[:, None]
-    return a, valid
-
-
-def _vectors(c: Constituent, a) -> np.ndarray:
-    """(N, D) float32: the one vector per clip a `wrap` constituent reads (a stored (D,) array, or (1, D))."""
-    a = np.asarray(a, np.float32)
-    if a.ndim == 3 and a.shape[1] == 1:
-        a = a[:, 0]
-    if a.ndim != 2:
-        raise ValueError(
-            f"{c.name}: wrap spreads one vector per clip over rows; {c.stage}/{c.source['key']} has shape "
-            f"{a.shape[1:]} per clip (params: wrap)"
-        )
-    return a
-
-
-def _wrap(c: Constituent, v: np.ndarray) -> np.ndarray:
-    """(N, n_rows, width) block of vectors (N, D): entries [r*width, (r+1)*width) fill row r, the last row's tail
-    and any rows after it stay zero. More entries than n_rows*width: `overflow: error` refuses, `truncate` keeps the
-    first ones with a warning."""
-    n, d = v.shape
-    room = c.n_rows * c.width
-    if d > room:
-        need = -(-d // c.width)
-        if c.overflow == "error":
-            raise ValueError(
-                f"{c.name}: a {d}-d vector needs {need} rows of {c.width} columns, the layout reserves {c.n_rows} "
-                f"(rows {c.rows[0]}-{c.rows[1] - 1}; overflow: error)"
-            )
-        warnings.warn(f"{c.name}: {d}-d vectors truncated to the {room} entries of {c.n_rows} rows", stacklevel=3)
-        v, d = v[:, :room], room
-    flat = np.zeros((n, room), np.float32)
-    flat[:, :d] = v
-    return flat.reshape(n, c.n_rows, c.width)
-
-
-def _encode_labels(c: Constituent, values) -> np.ndarray:
-    """(N, 1, width) float32 rows of a label constituent."""
-    out = np.zeros((len(values), 1, c.width), np.float32)
-    if c.encoder == "age":
-        for i, v in enumerate(values):
-            if _is_missing(v):
-                out[i, 0, 1] = 1.0  # the missing flag keeps the row non-zero: "age unknown" is information
-            else:
-                out[i, 0, 0] = float(v) / 100.0
-        return out
-    unknown = set()
-    for i, v in enumerate(values):
-        j = c.class_index(v)
-        if j is None:
-            if not _is_missing(v):
-                unknown.add(str(v))
-            continue
-        out[i, 0, j] = 1.0
-    if unknown:
-        warnings.warn(f"{c.name}: labels outside the class list left empty: {sorted(unknown)}", stacklevel=3)
-    return out
-
-
-def _constituent(name, spec, where, max_rows, max_cols) -> Constituent:
-    key = f"{where}: constituents.{name}"
-    if not isinstance(spec, dict):
-        raise ParamsError(f"{key} must be a mapping")
-    extra = set(spec) - _CONSTITUENT_KEYS
-    if extra:
-        raise ParamsError(f"{key}: unknown key(s) {sorted(extra)} (known: {', '.join(sorted(_CONSTITUENT_KEYS))})")
-    enc = spec.get("encoder")
-    if enc not in ENCODERS:
-        raise ParamsError(f"{key}.encoder must be one of {', '.join(ENCODERS)}, got {enc!r}")
-    rows = spec.get("rows")
-    if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, int) for r in rows)):
-        raise ParamsError(f"{key}.rows must be [start, end), got {rows!r}")
-    if not 0 <= rows[0] < rows[1] <= max_rows:
-        raise ParamsError(f"{key}.rows {rows} must lie within [0, {max_rows}) and be non-empty")
-    if enc != "array" and rows[1] - rows[0] != 1:
-        raise ParamsError(f"{key}.rows: a {enc} constituent takes exactly one row, got {rows}")
-    source = spec.get("source") or {}
-    if enc == "array" and not (isinstance(source.get("stage"), str) and isinstance(source.get("key"), str)):
-        raise ParamsError(f"{key}.source must give the store `stage` and array `key`, got {source!r}")
-    if enc != "array" and not isinstance(source.get("label"), str):
-        raise ParamsError(f"{key}.source must name the clip-table `label`, got {source!r}")
-    classes = [str(c) for c in spec.get("classes") or []]
-    aliases = {str(a): str(c) for a, c in (spec.get("aliases") or {}).items()}
-    if enc == "onehot":
-        if not classes:
-            raise ParamsError(f"{key}.classes: a onehot constituent needs its class list")
-        normed = [_norm_label(c) for c in classes]
-        dup = sorted({c for c in normed if normed.count(c) > 1})
-        if dup:
-            raise ParamsError(f"{key}.classes: duplicate classes {dup} would share a column")
-        for a, c in aliases.items():
-            if _norm_label(c) not in normed:
-                raise ParamsError(f"{key}.aliases.{a}: '{c}' is not one of its classes")
-    natural = {"age": 2, "onehot": len(classes)}.get(enc)
-    width = spec.get("width", natural)
-    if not isinstance(width, int) or width < 1:
-        raise ParamsError(f"{key}.width must be a positive int, got {width!r}")
-    if exists(natural) and width < natural:
-        raise ParamsError(f"{key}.width {width} is smaller than its {natural} columns")
-    col = spec.get("col", 0)
-    if not isinstance(col, int) or col < 0 or col + width > max_cols:
-        raise ParamsError(f"{key}: columns [{col}, {col + width}) exceed the {max_cols} columns")
-    norm = spec.get("normalise", "none")
-    if norm not in NORMALISERS:
-        raise ParamsError(f"{key}.normalise must be one of {', '.join(NORMALISERS)}, got {norm!r}")
-    if norm == "standard" and enc != "array":
-        raise ParamsError(f"{key}.normalise: standard applies to array constituents only")
-    scale = spec.get("scale", 1.0)
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
-        raise ParamsError(f"{key}.scale must be a number, got {scale!r}")
-    unknown = spec.get("unknown", "error")
-    overflow = spec.get("overflow", "error")
-    if unknown not in ("error", "zero") or overflow not in ("error", "truncate"):
-        raise ParamsError(f"{key}: unknown must be error|zero and overflow error|truncate")
-    select = spec.get("select", "first")
-    if select not in SELECTIONS:
-        raise ParamsError(f"{key}.select must be one of {', '.join(SELECTIONS)}, got {select!r}")
-    if select != "first" and enc != "array":
-        raise ParamsError(f"{key}.select: {select} applies to array constituents only")
-    wrap = spec.get("wrap", False)
-    if not isinstance(wrap, bool):
-        raise ParamsError(f"{key}.wrap must be true or false, got {wrap!r}")
-    if wrap and (enc != "array" or select != "first"):
-        raise ParamsError(f"{key}.wrap: spreads one stored vector over rows: encoder array with select first only")
-    if select != "first" and not isinstance(source.get("bounds"), str):
-        raise ParamsError(
-            f"{key}.source.bounds: select: {select} needs the stage's window bounds array ([start, length] per "
-            f"window, e.g. bounds: window), got {source.get('bounds')!r}"
-        )
-    return Constituent(
-        name,
-        (rows[0], rows[1]),
-        col,
-        width,
-        enc,
-        dict(source),
-        norm,
-        float(scale),
-        classes,
-        aliases,
-        unknown,
-        overflow,
-        select,
-        wrap,
-    )
-
-
-def _check_overlaps(cons: dict, where):
-    items = list(cons.values())
-    for i, a in enumerate(items):
-        for b in items[i + 1 :]:
-            rows = a.rows[0] < b.rows[1] and b.rows[0] < a.rows[1]
-            cols = a.col < b.col + b.width and b.col < a.col + a.width
-            if rows and cols:
-                raise ParamsError(
-                    f"{where}: constituents '{a.name}' (rows {a.rows[0]}-{a.rows[1] - 1}, cols {a.col}-"
-                    f"{a.col + a.width - 1}) and '{b.name}' (rows {b.rows[0]}-{b.rows[1] - 1}, cols {b.col}-"
-                    f"{b.col + b.width - 1}) overlap"
-                )
 
 
 def load_layout(cfg) -> Layout:
@@ -731,106 +428,3 @@ def plot_layout(layout: Layout, keep=None):
     )
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     return fig
-
-
-# ---------------------------------------------------------------------- synthetic data
-def synthetic_store(
-    root,
-    n_identities=4,
-    clips_per_identity=4,
-    face_size=32,
-    guide_size=8,
-    speaker_dim=256,
-    windows=5,
-    frames=(79, 81),
-    seed=0,
-    layout: Layout | None = None,
-    audio_seconds=24.0,
-    face_dim=128,
-    voice_noise=1.0,
-    contrastive_dim=128,
-):
-    """A Store filled with random arrays shaped like the layout's sources and faces whose colours depend on the
-    identity: for tests, benchmarks and trying the pipeline without data. Half of each identity's clips are
-    `test`. With a `layout`, window and frame counts fill its speaker_windows, pyaudio and mel rows exactly.
-    `windows`: a count (3 s windows at 1 s steps) or the (size, hop) pairs of `features.windows`, cut from a clip
-    of `audio_seconds` as notebook 02 does; `speaker_windows/window` holds their [start, length] in seconds.
-    With `face_dim` (0: none), the Speech2Face stages: `face_embedding` (the identity's own unit vector x 10 plus a
-    little noise: the true embedding determines the face's identity) and `voice_face_embedding` (the same plus noise
-    of sd `voice_noise` per entry: a voice encoder's imperfect prediction), drawn from a generator of their own so the
-    other arrays are the same with or without them. With `contrastive_dim` (0: none), the `contrastive_speech` stage
-    (slf_utils.contrastive): a unit vector near the identity's own, from a generator of its own too. Returns the
-    Store."""
-    import pandas as pd
-
-    if exists(layout):
-        c = layout.constituents
-        windows = c["speaker_windows"].n_rows if "speaker_windows" in c else windows
-        frames = tuple(c[n].n_rows if n in c else f for n, f in zip(("pyaudio", "mel"), frames))
-
-    from slf_utils.features import window_bounds
-    from slf_utils.preprocessing import SAMPLE_RATE, guide_of
-    from slf_utils.store import Store
-
-    if isinstance(windows, (int, np.integer)):
-        bounds = np.stack([np.arange(windows), np.full(windows, 3.0)], 1).astype(np.float32)
-    else:
-        bounds = (window_bounds(int(round(audio_seconds * SAMPLE_RATE)), windows) / SAMPLE_RATE).astype(np.float32)
-
-    store = Store(Path(root))
-    rng = np.random.default_rng(seed)
-    genders, eths = ["Man", "woman"], ["asian", "indian", "black", "white", "middle eastern", "latino hispanic"]
-    langs = ["fr", "pt_BR", "es", "en", "de"]
-    rows = []
-    for i in range(n_identities):
-        for j in range(clips_per_identity):
-            rows.append(
-                {
-                    "clip_id": f"id{i:05d}/yt{j:03d}/{j:05d}",
-                    "identity": f"id{i:05d}",
-                    "split": "train" if j < max(1, clips_per_identity // 2) else "test",
-                    "gender": genders[i % 2],
-                    "age": float(20 + 7 * i) if i % 3 else None,
-                    "ethnicity": eths[i % len(eths)],
-                    "language": langs[i % len(langs)],
-                }
-            )
-    store.add_clips(pd.DataFrame(rows))
-    yy, xx = np.mgrid[0:face_size, 0:face_size] / face_size
-    for r in rows:
-        i = int(r["identity"][2:])
-        voice = rng.normal(size=speaker_dim).astype(np.float32) + i
-        colour = np.array([(i * 67) % 256, (i * 131 + 60) % 256, (i * 29 + 120) % 256], np.float32)
-        blob = np.exp(-((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.08)[..., None]
-        face = np.clip(blob * colour + (1 - blob) * 40 + rng.normal(0, 4, (face_size, face_size, 3)), 0, 255)
-        face = face.astype(np.uint8)
-        store.put(r["clip_id"], "preprocess", {"face": face, "guide": guide_of(face, guide_size)}, "synthetic")
-        store.put(r["clip_id"], "audio", {"audio": np.zeros(160, np.float32)}, "synthetic")  # its own stage
-        store.put(r["clip_id"], "speaker", {"embedding": voice}, "synthetic")
-        store.put(
-            r["clip_id"],
-            "speaker_windows",
-            {"embedding": voice + rng.normal(0, 0.1, (len(bounds), speaker_dim)).astype(np.float32), "window": bounds},
-            "synthetic",
-        )
-        n = int(rng.integers(frames[0] - 3, frames[0] + 1))
-        store.put(r["clip_id"], "pyaudio", {"frames": rng.normal(i, 1, (n, 68)).astype(np.float32)}, "synthetic")
-        n = int(rng.integers(frames[1] - 3, frames[1] + 1))
-        store.put(r["clip_id"], "mel", {"frames": rng.normal(-20 + i, 3, (n, 128)).astype(np.float32)}, "synthetic")
-    if face_dim:
-        s2f = np.random.default_rng(seed + 7919)
-        axes = s2f.normal(size=(n_identities, face_dim))
-        axes = 10 * axes / np.linalg.norm(axes, axis=1, keepdims=True)
-        for r in rows:
-            true = axes[int(r["identity"][2:])] + s2f.normal(0, 0.1, face_dim)
-            pred = true + s2f.normal(0, voice_noise, face_dim)
-            store.put(r["clip_id"], "face_embedding", {"embedding": true.astype(np.float32)}, "synthetic")
-            store.put(r["clip_id"], "voice_face_embedding", {"embedding": pred.astype(np.float32)}, "synthetic")
-    if contrastive_dim:
-        ct = np.random.default_rng(seed + 104729)
-        axes = ct.normal(size=(n_identities, contrastive_dim))
-        for r in rows:
-            e = axes[int(r["identity"][2:])] + ct.normal(0, 0.3, contrastive_dim)
-            e = (e / np.linalg.norm(e)).astype(np.float32)
-            store.put(r["clip_id"], "contrastive_speech", {"embedding": e}, "synthetic")
-    return store

@@ -23,7 +23,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from slf_utils import demo_corpus
 from slf_utils.basics import ParamsError, default, exists, params_hash, provenance, resolve
+from slf_utils.parallel import get_client, run_clips
 from slf_utils.parameters import DEFAULTS
 from slf_utils.store import AUDIO_STAGE, Store, normalise_gender, open_store
 
@@ -508,45 +510,6 @@ def list_clips(cfg) -> pd.DataFrame:
     return assign_validation(clips, data.get("validation"), int(data["identity_folds"]["folds"]))
 
 
-# ------------------------------------------------------------------ running many clips
-def get_client(cfg, client=None):
-    """The Dask client to use: the one given, else one connected to features.scheduler, else None (local)."""
-    if exists(client):
-        return client
-    address = cfg.get("features", {}).get("scheduler")
-    if exists(address):
-        from distributed import Client
-
-        return Client(address)
-    return None
-
-
-def run_clips(fn, items: list, client=None, desc: str = "", **kwargs):
-    """Yield fn(item, **kwargs) for every item, as they complete, with a progress bar (clips/s and ETA).
-
-    With a Dask client the calls run on its workers and results stream back to this process, which is the
-    only one writing to the store. Locally they run one after another (the machine's cores are better spent
-    inside ffmpeg, torch and numpy)."""
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(items), desc=desc, unit="clip", smoothing=0.1)
-    try:
-        if exists(client) and items:
-            from distributed import as_completed
-
-            futures = client.map(fn, items, pure=False, **kwargs)
-            for fut in as_completed(futures):
-                yield fut.result()
-                bar.update(1)
-                fut.release()
-        else:
-            for item in items:
-                yield fn(item, **kwargs)
-                bar.update(1)
-    finally:
-        bar.close()
-
-
 def run(cfg, store: Store | None = None, client=None, clip_ids=None) -> pd.DataFrame:
     """Preprocess every clip of the configured source that is not finished with the current parameters.
     Returns a per-stage summary (done/rejected counts); `store.rejects()` has the reasons."""
@@ -607,8 +570,6 @@ def ensure_demo_corpus(cfg) -> None:
     data = cfg["data"]
     if not data["demo_corpus"]["build"]:
         return
-    from slf_utils import demo_corpus
-
     if data["kind"] == "manifest" and not Path(data["manifest"]).exists():
         demo_corpus.build(data["root"], identities=data["demo_corpus"]["identities"])
     if data["kind"] == "voxceleb":  # the trees are remade only when their corpus or test_identities changed

@@ -34,7 +34,7 @@ def _one_thread():
 def project(tmp_path_factory):
     """A results folder with a synthetic store (4 identities x 4 clips, 32 px faces; each identity its own gender x
     ethnicity) for helpers.write_params's grid files."""
-    from slf_utils.layout import synthetic_store
+    from slf_utils.synthetic import synthetic_store
 
     tmp = tmp_path_factory.mktemp("project")
     synthetic_store(tmp / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)

@@ -24,7 +24,8 @@ def test_sampling_benchmark_quick_mode(tmp_path):
     pass per scale (evaluation.generate both times)."""
     from slf_utils import diffusion
     from slf_utils.config import load_params
-    from slf_utils.layout import Layout, synthetic_store
+    from slf_utils.layout import Layout
+    from slf_utils.synthetic import synthetic_store
 
     p = tmp_path / "grid.yaml"
     p.write_text(

@@ -11,6 +11,7 @@ import yaml
 
 from slf_utils import config, grid
 from slf_utils.basics import ROOT, atomic_write_json
+from slf_utils.notebook_run import kernel_environ, run_notebook
 
 pytestmark = pytest.mark.slow
 
@@ -219,7 +220,7 @@ def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_pat
     """Issue 11: jupyter_client interrupts a kernel before shutting it down; when the kernel was still in a handler
     (papermill's final kernel_info, on a loaded machine) ipykernel printed `[IPKernelApp] ERROR | KeyboardInterrupt
     caught in kernel.` although nothing failed. The grid's notebook runs do not interrupt a finished kernel: same
-    notebook, plain papermill prints the line, grid.run_notebook does not; a cell error is still reported."""
+    notebook, plain papermill prints the line, notebook_run.run_notebook does not; a cell error is still reported."""
     import nbformat
     import papermill as pm
 
@@ -236,7 +237,7 @@ def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_pat
     assert "susceptible to eavesdropping" in plain  # and ipykernel's TCP warning (issue 28: a grid is quiet)
 
     with open(tmp_path / "log.txt", "w") as log:
-        grid.run_notebook(path, tmp_path / "grid.ipynb", {"x": 2}, log, cwd=tmp_path)
+        run_notebook(path, tmp_path / "grid.ipynb", {"x": 2}, log, cwd=tmp_path)
     err = capfd.readouterr().err
     assert "ERROR" not in err and "KeyboardInterrupt" not in err and "WARNING" not in err, err
     assert "x = 2" in (tmp_path / "grid.ipynb").read_text()  # parameters injected, notebook saved
@@ -244,7 +245,7 @@ def test_a_finished_notebook_shuts_its_kernel_down_without_an_error_line(tmp_pat
     nb.cells.append(nbformat.v4.new_code_cell("raise ValueError('real failure')"))
     nbformat.write(nb, path)
     with open(tmp_path / "log.txt", "w") as log, pytest.raises(pm.PapermillExecutionError, match="real failure"):
-        grid.run_notebook(path, tmp_path / "fail.ipynb", {}, log, cwd=tmp_path)
+        run_notebook(path, tmp_path / "fail.ipynb", {}, log, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("grid_file", sorted(p.name for p in (ROOT / "params").glob("*.yaml")))
@@ -270,7 +271,7 @@ def test_kernel_environment_drops_dasks_malloc_trim_and_pins_threads():
     pre = dask.config.get("distributed.nanny.pre-spawn-environ")
     assert "MALLOC_TRIM_THRESHOLD_" in pre  # what the benchmark compares against still exists
     worker = {"PATH": "/usr/bin", "MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "8"}
-    env = grid.kernel_environ(2, worker)
+    env = kernel_environ(2, worker)
     assert "MALLOC_TRIM_THRESHOLD_" not in env and env["PATH"] == "/usr/bin"
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["SLF_THREADS"] == "2"
     assert worker["OMP_NUM_THREADS"] == "8"  # the worker's own mapping is left as it was
@@ -321,7 +322,7 @@ def test_progress_lines_count_steps_and_estimate_what_is_left_from_the_steps_tha
 def _run_one(args):
     path, out, x, cwd = args
     with open(f"{out}.log", "w") as log:
-        grid.run_notebook(path, out, {"x": x}, log, cwd=cwd)
+        run_notebook(path, out, {"x": x}, log, cwd=cwd)
     return out
 
 

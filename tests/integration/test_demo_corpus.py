@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from slf_utils import demo_corpus as dc
+from slf_utils import demo_voices as dv
 from slf_utils.basics import ROOT
 
 CACHE = ROOT / ".cache" / "tests"
@@ -89,9 +90,9 @@ def small(demo_corpus_small):
 def all_sets(demo_corpus_small, debs_dir):
     """The 40 selected voice sets of the unpacked packages with their (cached) F0 and utterance length."""
     voices = demo_corpus_small.parent / ".voices"
-    found = dc.find_voice_sets(voices)
+    found = dv.find_voice_sets(voices)
     sets = dc.select_voice_sets(found, seed=0)
-    return found, sets, dc.voice_stats(sets, voices, debs_dir / "voice_stats.json")
+    return found, sets, dv.voice_stats(sets, voices, debs_dir / "voice_stats.json")
 
 
 # ------------------------------------------------------------------------------------------- voices & pairing
@@ -116,8 +117,8 @@ def test_voice_sets_found(all_sets):
 
 def test_voice_stats_cached(all_sets, demo_corpus_small, debs_dir, monkeypatch):
     _, sets, stats = all_sets
-    monkeypatch.setattr(dc, "_probe", lambda *a, **k: pytest.fail("F0 recomputed despite the cache"))
-    assert dc.voice_stats(sets, demo_corpus_small.parent / ".voices", debs_dir / "voice_stats.json") == stats
+    monkeypatch.setattr(dv, "_probe", lambda *a, **k: pytest.fail("F0 recomputed despite the cache"))
+    assert dv.voice_stats(sets, demo_corpus_small.parent / ".voices", debs_dir / "voice_stats.json") == stats
 
 
 def test_pairing_all_40_gender_matched(all_sets, small):
@@ -143,7 +144,7 @@ def test_pairing_all_40_gender_matched(all_sets, small):
 
 
 def test_pairing_few_female_voices():
-    sets = [dc.VoiceSet(f"pkg/v{i:02d}", "pkg", "xx", (f"v{i}.ogg",)) for i in range(40)]
+    sets = [dv.VoiceSet(f"pkg/v{i:02d}", "pkg", "xx", (f"v{i}.ogg",)) for i in range(40)]
     f0 = {v.name: 100.0 + i for i, v in enumerate(sets)}  # 100..139 Hz: all "male" ...
     f0["pkg/v05"], f0["pkg/v17"] = 210.0, 190.0  # ... but two
     pairs = dc.pair(sets, f0, seed=3)
@@ -324,7 +325,7 @@ def test_clip_from_an_older_plan_is_remade(killed_build, debs_dir):
 
 def test_missing_apt_get_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    with pytest.raises(dc.DemoCorpusError) as e:
+    with pytest.raises(dv.DemoCorpusError) as e:
         dc.build(tmp_path / "corpus", identities=1, debs_dir=tmp_path / "debs", progress=False)
     msg = str(e.value)
     assert "apt-get not found" in msg and "klettres-data" in msg and "ktuberling-data" in msg
@@ -338,14 +339,14 @@ def test_empty_package_lists_without_root(tmp_path, monkeypatch):
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: str(fake) if name == "apt-get" else None)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(dc.DemoCorpusError, match="sudo apt-get update"):
-        dc.fetch_debs(tmp_path / "debs")
+    with pytest.raises(dv.DemoCorpusError, match="sudo apt-get update"):
+        dv.fetch_debs(tmp_path / "debs")
 
 
 def test_debs_already_present_need_no_apt(debs_dir, small, monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
-    debs = dc.fetch_debs(debs_dir)
-    assert set(debs) == set(dc.PACKAGES) and all(p.suffix == ".deb" for p in debs.values())
+    debs = dv.fetch_debs(debs_dir)
+    assert set(debs) == set(dv.PACKAGES) and all(p.suffix == ".deb" for p in debs.values())
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb to make a package")
@@ -358,7 +359,7 @@ def test_python_deb_extractor(tmp_path):
     (pkg / "usr/share/klettres/xx").mkdir(parents=True)
     (pkg / "usr/share/klettres/xx/a.ogg").write_bytes(b"not really ogg")
     subprocess.run(["dpkg-deb", "-Zxz", "-b", str(pkg), str(tmp_path / "tiny.deb")], check=True, capture_output=True)
-    dc._extract_deb_python(tmp_path / "tiny.deb", tmp_path / "out")
+    dv._extract_deb_python(tmp_path / "tiny.deb", tmp_path / "out")
     assert (tmp_path / "out/usr/share/klettres/xx/a.ogg").read_bytes() == b"not really ogg"
 
 

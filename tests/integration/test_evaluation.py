@@ -392,7 +392,8 @@ def tiny_cfg(tmp_path, systems=("full_input", "random"), **evaluate):
 
 @pytest.fixture
 def synthetic(tmp_path):
-    from slf_utils.layout import Layout, synthetic_store
+    from slf_utils.layout import Layout
+    from slf_utils.synthetic import synthetic_store
 
     cfg = tiny_cfg(tmp_path)
     store = synthetic_store(

@@ -12,6 +12,7 @@ from test_preprocessing import GOOD, make_cfg, make_corpus
 
 from slf_utils import features as F
 from slf_utils import preprocessing as P
+from slf_utils import speech_models as SM
 from slf_utils.basics import ROOT, params_hash
 from slf_utils.config import load_params
 from slf_utils.store import Store
@@ -182,7 +183,7 @@ def ecapa_folders(tmp_path_factory):
     (spk / "hyperparams.yaml").write_text(SPEAKER_YAML)
     (lang / "embedding_model.ckpt").hardlink_to(spk / "embedding_model.ckpt")
     torch.save(Classifier(input_size=192, out_neurons=45).state_dict(), lang / "classifier.ckpt")
-    _label_encoder(list(F.COMMONLANGUAGE_CODES), lang / "label_encoder.txt")
+    _label_encoder(list(SM.COMMONLANGUAGE_CODES), lang / "label_encoder.txt")
     (lang / "hyperparams.yaml").write_text(LANGUAGE_YAML)
     return spk, lang
 
@@ -243,13 +244,15 @@ def test_shapes_and_dtypes_of_every_constituent(feature_run):
 
 
 def test_window_counts_for_a_24s_clip():
-    b = F.window_bounds(24 * SR, DEFAULT_WINDOWS)
+    b = SM.window_bounds(24 * SR, DEFAULT_WINDOWS)
     sizes = (b[:, 1] // SR).tolist()
     assert [sizes.count(s) for s in (3, 6, 12, 24)] == [22, 10, 4, 1]
     assert len(b) == 37 and (b.sum(axis=1) <= 24 * SR).all()
     assert (b[sizes.index(12) :][:4, 0] // SR).tolist() == [0, 4, 8, 12]
     # a 6 s clip: 4 + 1, and the 12 s and 24 s windows fall back to the whole clip once each
-    assert F.window_bounds(6 * SR, DEFAULT_WINDOWS).tolist() == [[s * SR, 3 * SR] for s in range(4)] + [[0, 6 * SR]] * 3
+    assert (
+        SM.window_bounds(6 * SR, DEFAULT_WINDOWS).tolist() == [[s * SR, 3 * SR] for s in range(4)] + [[0, 6 * SR]] * 3
+    )
 
 
 def test_pyaudio_and_mel_share_frames():
@@ -323,10 +326,10 @@ def test_short_term_features_equal_pyaudioanalysis_with_silence_and_other_frames
 
 
 def test_resemblyzer_batched_equals_embed_utterance():
-    backend = F.speaker_backend("resemblyzer")
+    backend = SM.speaker_backend("resemblyzer")
     rng = np.random.default_rng(1)
     audio = backend.prepare((0.05 * rng.normal(size=7 * SR)).astype(np.float32))
-    whole, win, bounds = F.speaker_embeddings(audio, backend, [[3, 1], [6, 2], [12, 4]])
+    whole, win, bounds = SM.speaker_embeddings(audio, backend, [[3, 1], [6, 2], [12, 4]])
     assert win.shape == (len(bounds), 256) == (5 + 1 + 1, 256)
     assert np.allclose(whole, backend.model.embed_utterance(audio), atol=1e-5)
     for (s, n), e in zip(bounds, win):
@@ -336,13 +339,13 @@ def test_resemblyzer_batched_equals_embed_utterance():
 def test_same_voice_is_closer_than_different_voices(demo_corpus_small):
     """Two clips of one demo voice vs clips of other voices (real speech from the demo corpus)."""
     clips = P.read_manifest(demo_corpus_small)
-    backend = F.speaker_backend("resemblyzer")
+    backend = SM.speaker_backend("resemblyzer")
     ids = clips.identity.unique()[:3]
     emb = {}
     for ident in ids:
         for row in clips[clips.identity == ident].head(2).itertuples():
             audio, _ = P.decode(row.video, frame=False)
-            emb[row.clip_id] = (ident, F.speaker_embeddings(audio, backend, [], sliding=False)[0])
+            emb[row.clip_id] = (ident, SM.speaker_embeddings(audio, backend, [], sliding=False)[0])
     keys = list(emb)
     for a in keys:  # the other clip of the same voice is the nearest of all clips
         cos = {b: float(emb[a][1] @ emb[b][1]) for b in keys if b != a}
@@ -369,11 +372,11 @@ def test_speechbrain_loads_an_ecapa_model_from_a_local_folder(ecapa_folders, tmp
 
 def test_speechbrain_backend_equals_direct_model_call(ecapa_folders, tmp_path):
     spk, _ = ecapa_folders
-    backend = F.speaker_backend("speechbrain", str(spk), tmp_path / "models")
+    backend = SM.speaker_backend("speechbrain", str(spk), tmp_path / "models")
     assert backend.describe() == {"backend": "speechbrain", "source": str(spk), "dim": 192}
     rng = np.random.default_rng(2)
     audio = (0.1 * rng.normal(size=3 * SR)).astype(np.float32)
-    whole, win, bounds = F.speaker_embeddings(audio, backend, [[1, 1], [2, 1]])
+    whole, win, bounds = SM.speaker_embeddings(audio, backend, [[1, 1], [2, 1]])
     assert win.shape == (3 + 2, 192) and whole.shape == (192,)
     assert np.allclose(whole, _direct_ecapa(spk, audio)[0], atol=1e-4)
     direct = _direct_ecapa(spk, np.stack([audio[s : s + n] for s, n in bounds[:3]]))  # the 1 s windows
@@ -405,7 +408,7 @@ def test_speechbrain_speaker_and_language_through_the_store(ecapa_folders, featu
     logp = store.get(cid, "language")["logprobs"]
     assert logp.shape == (45,) and logp.dtype == np.float32
     code = store.clips().set_index("clip_id").loc[cid, "language"]
-    assert code == list(F.COMMONLANGUAGE_CODES.values())[int(np.argmax(logp))]
+    assert code == list(SM.COMMONLANGUAGE_CODES.values())[int(np.argmax(logp))]
     # the classical features did not depend on the speaker backend: untouched
     assert {c: store.path(c, "pyaudio").stat().st_mtime_ns for c in mtimes} == mtimes
     # back to the module's parameters for the tests that follow

@@ -44,9 +44,9 @@ from slf_utils.folds import (
     training_clips,
     training_ids,
 )
-from slf_utils.layout import synthetic_store
 from slf_utils.preprocessing import assign_validation
 from slf_utils.store import Store, open_store
+from slf_utils.synthetic import synthetic_store
 
 torch.set_num_threads(1)
 FOLDS = 3

@@ -146,7 +146,8 @@ def write_synthetic_results(cfg, store):
 @pytest.fixture
 def synthetic_results(tmp_path):
     from slf_utils.config import load_params
-    from slf_utils.layout import Layout, synthetic_store
+    from slf_utils.layout import Layout
+    from slf_utils.synthetic import synthetic_store
 
     grid = {
         "name": "reporttest",
@@ -317,7 +318,8 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
     import papermill as pm
 
     from slf_utils.config import load_params
-    from slf_utils.layout import Layout, synthetic_store
+    from slf_utils.layout import Layout
+    from slf_utils.synthetic import synthetic_store
 
     grid = {
         "name": "nbtest",

@@ -15,8 +15,9 @@ import yaml
 from slf_utils import evaluation, face_decoder, figures, grid, report, report_tables, tables
 from slf_utils.basics import ROOT, ParamsError
 from slf_utils.config import load_params
-from slf_utils.layout import Layout, load_systems, synthetic_store
+from slf_utils.layout import Layout, load_systems
 from slf_utils.preprocessing import guide_of
+from slf_utils.synthetic import synthetic_store
 
 LAYOUT = ROOT / "params" / "layout.yaml"
 SYSTEMS = ROOT / "params" / "systems.yaml"

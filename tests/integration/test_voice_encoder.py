@@ -11,12 +11,13 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import layout, recognisers
+from slf_utils import recognisers
 from slf_utils import voice_encoder as V
 from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
 from slf_utils.parameters import DEFAULTS
 from slf_utils.preprocessing import SAMPLE_RATE, guide_of
+from slf_utils.synthetic import synthetic_store
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -37,10 +38,10 @@ def synthetic_cfg(tmp_path, folds=0, **encoder):
 
 
 def distinct_store(root, audio=False, seed=0):
-    """layout.synthetic_store with 4 identities x 4 clips (2 train, 2 test), its faces replaced by a bright spot at
+    """synthetic_store with 4 identities x 4 clips (2 train, 2 test), its faces replaced by a bright spot at
     a place of the identity's own (per-image standardised eigenfaces see shape, not the colour synthetic_store
     varies), and with `audio`, 1 s of a tone of the identity's own pitch in noise."""
-    store = layout.synthetic_store(root, n_identities=4, clips_per_identity=4, face_size=32, seed=seed)
+    store = synthetic_store(root, n_identities=4, clips_per_identity=4, face_size=32, seed=seed)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:32, 0:32] / 32
     spots = [(0.4, 0.4), (0.4, 0.6), (0.6, 0.4), (0.6, 0.6)]
@@ -90,7 +91,7 @@ def test_face_embeddings_dlib_are_resumable_and_reject_a_face_the_recogniser_can
     grey image has no face and is rejected with the reason; a second run embeds nothing; another recogniser
     recomputes the stage."""
     cfg = load_params(grid_file(tmp_path, evaluate={"bootstrap": 50}))
-    store = layout.synthetic_store(tmp_path / "store", n_identities=2, clips_per_identity=2, face_size=64)
+    store = synthetic_store(tmp_path / "store", n_identities=2, clips_per_identity=2, face_size=64)
     ids = store.clips()["clip_id"].tolist()
     faces = [orl_square(1, 1), orl_square(1, 2), orl_square(2, 1), np.full((64, 64, 3), 128, np.uint8)]
     for cid, face in zip(ids, faces):

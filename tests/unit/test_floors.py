@@ -34,10 +34,12 @@ REPORT = {"report", "report_tables", "differences", "figures", "summary", "signi
 CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "contrastive"}}
 WITHOUT_EVALUATION = {"voice_encoder", "contrastive"} | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
-# circle even counting in-function imports
+# circle even counting in-function imports; and the rooms split to size since (layout, preprocessing, features, ...)
 # the diffusion model's modules (presets and recipes, training data, trainer, training, sampling) and the direct decoder
 DIFFUSION = {"recipe", "training_data", "imagen_trainer", "diffusion", "sampling", "face_decoder"}
 LIMITED = SCORING | {"evaluation", "report"} | set(CONTROLS) | set(CONFIG) | DIFFUSION
+LIMITED |= {"preprocessing", "parallel", "features", "speech_models", "demo_corpus", "demo_voices", "synthetic"}
+LIMITED |= {"grid", "notebook_run", "layout", "constituents"}
 CHECKED = LIMITED | {"voice_encoder", "contrastive"}
 
 

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from slf_utils.basics import ROOT, ParamsError
-from slf_utils.layout import Layout, load_systems, plot_layout, synthetic_store
+from slf_utils.layout import Layout, load_systems, plot_layout
+from slf_utils.synthetic import synthetic_store
 
 LAYOUT = ROOT / "params" / "layout.yaml"
 SYSTEMS = ROOT / "params" / "systems.yaml"
@@ -198,9 +199,9 @@ def test_c_one_hots_use_distinct_in_range_columns(layout):
     assert lang.class_index("Spanish") == lang.class_index("es") != lang.class_index("pt")
     assert lang.class_index("en_GB") == lang.class_index("English")
     with pytest.warns(UserWarning, match="klingon"):
-        from slf_utils.layout import _encode_labels
+        from slf_utils.constituents import encode_labels
 
-        row = _encode_labels(lang, ["klingon", "fr"])
+        row = encode_labels(lang, ["klingon", "fr"])
     assert row[0].sum() == 0 and row[1].sum() == 1  # unknown language: empty row = masked, not a wrong column
 
 
