@@ -44,7 +44,7 @@ from slf_utils.basics import (
 from slf_utils.config import load_params, system_dir
 from slf_utils.folds import n_folds
 from slf_utils.imagen_trainer import _processes, compiles, make_trainer
-from slf_utils.recipe import Recipe, resolve_recipe
+from slf_utils.recipe import Recipe, resolve_recipe, write_recipe
 from slf_utils.store import open_store
 from slf_utils.training_data import FacePrior, _Batches, load_faces, train_clip_ids
 
@@ -315,6 +315,7 @@ def _train(cfg, system_name, out: Path, unets, fold) -> dict:
         "latent": latent_info,
     }
     if _processes().is_main_process:
+        write_recipe(r, out)
         atomic_write_json(out / "provenance.json", provenance(info))
         fig = plot_loss(out)
         atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))

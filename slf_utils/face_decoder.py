@@ -58,7 +58,7 @@ from slf_utils.config import system_dir
 from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
 from slf_utils.preprocessing import resize, to_rgb
-from slf_utils.recipe import resolve_preset, resolve_recipe
+from slf_utils.recipe import resolve_preset, resolve_recipe, write_recipe
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -328,6 +328,7 @@ def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
         owner = sibling.parent if fold is None else sibling.parent.parent
         meta, reused = _finished(out, key), f"{owner.name}'s (same train_hash)"
     if meta is not None:
+        write_recipe(r, out)  # this system's own recipe, also where it shares another system's decoder
         log(f"{system_name}: decoder {meta['model_hash']} trained with these parameters: reused from {reused}")
         return _result(out, meta, system_name, reused)
 
@@ -373,6 +374,7 @@ def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
         "device": device,
     }
     prov = {"params": {k: fd[k] for k in fd}, "params_file": cfg.get("params_file"), "layout_hash": layout.hash, **meta}
+    write_recipe(r, out)
     atomic_write_json(out / "provenance.json", provenance(prov))
     fig = plot_loss(out)
     atomic_write(out / "loss.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))

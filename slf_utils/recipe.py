@@ -8,10 +8,12 @@ system of a grid file (resolve_recipe), which training, evaluation, the report a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from slf_utils import autoencoder
-from slf_utils.basics import ParamsError, _get, deep_merge, params_hash, read_yaml, resolve
+from slf_utils.basics import ParamsError, _get, atomic_write_json, deep_merge, params_hash, read_yaml, resolve
 from slf_utils.folds import fold_stage, n_folds
 from slf_utils.layout import Layout, System, load_layout, load_systems
 
@@ -248,3 +250,19 @@ def resolve_recipe(cfg, system_name: str, fold: int | None = None) -> Recipe:
 
 def _override_model(cfg, system) -> dict:
     return ((cfg.get("system_overrides") or {}).get(system.name) or {}).get("model") or {}
+
+
+RECIPE = "recipe.json"  # beside each trained model: the recipe it was trained from, read back instead of re-resolved
+
+
+def write_recipe(r: Recipe, model_dir) -> None:
+    """Save the recipe a model is trained from beside it (nanoGPT keeps the config in its checkpoint): the report
+    then describes the systems that trained, not what today's systems.yaml would resolve to."""
+    atomic_write_json(Path(model_dir) / RECIPE, {"system": r.name, "fold": r.fold, "hash": r.hash, "flat": r.flat()})
+
+
+def read_recipe(model_dir) -> dict | None:
+    """The recipe saved beside a trained model (write_recipe), None where there is none (not trained, or trained
+    before recipes were saved)."""
+    path = Path(model_dir) / RECIPE
+    return json.loads(path.read_text()) if path.exists() else None

@@ -22,7 +22,7 @@ import pandas as pd
 
 from slf_utils import findings, layout, recipe
 from slf_utils.basics import atomic_write_json, atomic_write_text, deep_merge, default, exists, provenance
-from slf_utils.config import FACTORS, seed_overrides, seeds_of
+from slf_utils.config import FACTORS, seed_overrides, seeds_of, system_dir
 from slf_utils.differences import (
     difference_pairs,
     differences_table,
@@ -30,6 +30,7 @@ from slf_utils.differences import (
     pretty_recipe_differences,
 )
 from slf_utils.figures import plot_recall_vs_scale, plot_sample_grid, plot_scale_grid, save_figure
+from slf_utils.folds import n_folds
 from slf_utils.report_tables import (
     NOTE_MARK,
     REPORT_EXTRAS,
@@ -155,6 +156,16 @@ def lead_protocol(metrics: pd.DataFrame) -> str:
     return PROTOCOLS[0] if chance.empty or chance.max() > 0 else PROTOCOLS[1]
 
 
+def trained_recipe(cfg, system: str) -> dict:
+    """Recipe.flat of a system as it was trained: the recipe.json saved beside its model (its first fold's with
+    identity folds: the folds differ only in `fold`); resolved from the grid files only where nothing trained (a
+    reference row) or the model predates saved recipes."""
+    fold = 0 if n_folds(cfg) else None
+    model = system_dir(cfg, system) / "model"
+    saved = recipe.read_recipe(model if fold is None else model / f"fold{fold}")
+    return saved["flat"] if saved else recipe.resolve_recipe(cfg, system, fold).flat()
+
+
 def recipe_differences(cfg, pairs) -> pd.DataFrame:
     """Every way the two systems of each pair differ (recipe.Recipe.flat), with the factor the pair names and whether
     the pair differs in more than it (`one_factor` False: a flag). Columns a, b, factor, key, value_a, value_b,
@@ -164,7 +175,7 @@ def recipe_differences(cfg, pairs) -> pd.DataFrame:
     for a, b, factor in pairs:
         for s in (a, b):
             if s not in recipes:
-                recipes[s] = recipe.resolve_recipe(cfg, s).flat()
+                recipes[s] = trained_recipe(cfg, s)
         ra, rb = recipes[a], recipes[b]
         allowed = FACTORS.get(factor, ())
         diff = [k for k in dict.fromkeys([*ra, *rb]) if str(ra.get(k)) != str(rb.get(k))]

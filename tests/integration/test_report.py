@@ -729,3 +729,52 @@ def test_a_one_clip_per_speaker_test_list_leads_with_paper_but_checks_learning_o
     summary = (report.report_dir(cfg) / "summary.md").read_text()
     assert "Led by the paper protocol" in summary and "learning checks read the identity protocol of the val" in summary
     assert "(identity protocol, val clips)" in summary
+
+
+def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_file(tmp_path):
+    """Resolve once (issue 27): training saves recipe.json beside each model; after systems.yaml is edited (Pure
+    Super-Resolution made to keep everything, as Full Input does), differences.md still lists how the two trained
+    systems differ, while the edited file alone would resolve them to the same recipe."""
+    from slf_utils import diffusion, recipe
+    from slf_utils.config import ROOT, load_params
+    from slf_utils.layout import Layout
+    from slf_utils.synthetic import synthetic_store
+
+    systems = tmp_path / "systems.yaml"
+    systems.write_text((ROOT / "params" / "systems.yaml").read_text())
+    grid = {
+        "name": "recipetest",
+        "results": str(tmp_path / "results"),
+        "systems_file": str(systems),
+        "systems": ["full_input", "pure_sr"],
+        "model": {"preset": "tiny"},
+        "train": {"steps": 1, "batch_size": 4, "checkpoint_every": 1},
+    }
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    cfg = load_params(p)
+    synthetic_store(
+        Path(cfg["results"]) / "store",
+        n_identities=4,
+        clips_per_identity=4,
+        layout=Layout.load(cfg["layout"]),
+        face_size=32,
+    )
+    for s in ("full_input", "pure_sr"):
+        diffusion.train(cfg, s)
+        saved = recipe.read_recipe(Path(cfg["results"]) / s / "model")
+        assert saved["hash"] == recipe.resolve_recipe(cfg, s).hash
+    pair = [("full_input", "pure_sr", "inputs")]
+    assert set(report.recipe_differences(cfg, pair)["key"]) == {"keep", "stages", "train_on"}
+
+    text = systems.read_text().replace(
+        "pure_sr:\n  title: Pure Super-Resolution\n  mode: super_resolution\n  keep: []",
+        "pure_sr:\n  title: Pure Super-Resolution\n  mode: super_resolution\n  keep: [all]",
+    )
+    assert text != systems.read_text()
+    systems.write_text(text)
+    edited = load_params(p)
+    assert recipe.resolve_recipe(edited, "pure_sr").hash == recipe.resolve_recipe(edited, "full_input").hash
+    rd = report.recipe_differences(edited, pair)
+    assert set(rd["key"]) == {"keep", "stages", "train_on"}  # the trained recipes, not the edited file
+    assert rd.set_index("key").loc["keep", "value_b"] == ""
