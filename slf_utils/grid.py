@@ -141,7 +141,7 @@ def _input_files(cfg: dict, reads) -> dict:
             files["data.manifest"] = data["manifest"]
         if data["kind"] == "voxceleb" and exists(data["test_list"]) and not data["demo_corpus"]["build"]:
             files["data.test_list"] = data["test_list"]
-    if "model" in reads:  # the model presets (diffusion.resolve_preset's default file)
+    if "model" in reads:  # the model presets (recipe.resolve_preset's default file)
         files["model.presets_file"] = resolve(cfg["model"].get("presets_file", "params/presets.yaml"))
     return files
 

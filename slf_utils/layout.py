@@ -46,7 +46,7 @@ class System:
     # direct decoder: the constituent its decoder is trained from (default: the one it keeps, which it is fed at test)
     train_on: str | None = None
     note: str | None = None  # a caveat the report prints beside the system (e.g. that it sees the answer)
-    # model options of this system (diffusion.system_model merges them over the grid's `model`), e.g. face_prior
+    # model options of this system (recipe.system_model merges them over the grid's `model`), e.g. face_prior
     model: dict = field(default_factory=dict, hash=False)
 
 

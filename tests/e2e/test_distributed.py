@@ -21,14 +21,14 @@ import sys
 
 import torch
 
-from slf_utils import diffusion
+from slf_utils import diffusion, imagen_trainer
 
 train_unet = diffusion._train_unet
 
 
 def dumping(imagen, k, recipe, data, state, records, out):
     result = train_unet(imagen, k, recipe, data, state, records, out)
-    p = diffusion._processes()
+    p = imagen_trainer._processes()
     torch.save(
         {
             "rank": p.process_index,
@@ -60,7 +60,7 @@ def test_accelerate_launch_two_cpu_processes_all_reduce_gradients(tmp_path):
 
     On CPU, `accelerate launch --cpu --num_processes 2` starts ONE process (its simple launcher spreads CPU
     processes only through mpirun); `--multi_gpu` is accelerate's torchrun launcher, and ACCELERATE_USE_CPU=1 keeps
-    its processes on the CPU, in a gloo process group (diffusion._processes)."""
+    its processes on the CPU, in a gloo process group (imagen_trainer._processes)."""
     synthetic_store(tmp_path / "results" / "store", n_identities=4, clips_per_identity=4, face_size=32)
     params = tmp_path / "t.yaml"
     params.write_text(

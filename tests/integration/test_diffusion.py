@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import diffusion
+from slf_utils import diffusion, imagen_trainer, recipe, sampling, training_data
 from slf_utils.basics import ROOT, ParamsError
 from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_systems
@@ -50,7 +50,7 @@ def trained(project):
 
 
 def test_paper_preset_is_spec_section_6():
-    p = diffusion.resolve_preset({"preset": "paper"})
+    p = recipe.resolve_preset({"preset": "paper"})
     u1, u2 = p["unets"]
     assert u1 == {
         "dim": 192,
@@ -74,15 +74,15 @@ def test_paper_preset_is_spec_section_6():
 
 def test_small_presets_keep_attention_at_the_lowest_resolution_and_overrides_apply():
     for name in ("demo", "tiny"):
-        p = diffusion.resolve_preset({"preset": name})
+        p = recipe.resolve_preset({"preset": name})
         for u in p["unets"]:
             assert not any(u["layer_attns"][:-1]), f"{name}: self-attention above the lowest resolution"
-    p = diffusion.resolve_preset({"preset": "tiny", "timesteps": 3, "generation": {"image_sizes": [32]}})
+    p = recipe.resolve_preset({"preset": "tiny", "timesteps": 3, "generation": {"image_sizes": [32]}})
     assert p["timesteps"] == 3 and p["generation"]["image_sizes"] == [32] and p["name"] == "tiny"
     with pytest.raises(ParamsError, match="unknown key"):
-        diffusion.resolve_preset({"preset": "tiny", "dimm": 3})
+        recipe.resolve_preset({"preset": "tiny", "dimm": 3})
     with pytest.raises(ParamsError, match="no preset 'huge'"):
-        diffusion.resolve_preset({"preset": "huge"})
+        recipe.resolve_preset({"preset": "huge"})
 
 
 @pytest.mark.parametrize("mode, sizes", [("generation", [32, 128]), ("super_resolution", [8, 32, 128])])
@@ -91,7 +91,7 @@ def test_tiny_cascade_trains_and_samples_with_guidance(mode, sizes):
     with cond_scale != 1."""
     from imagen_pytorch import ImagenTrainer
 
-    preset = diffusion.resolve_preset({"preset": "tiny", "unets": [CASCADE_UNET] * 2, mode: {"image_sizes": sizes}})
+    preset = recipe.resolve_preset({"preset": "tiny", "unets": [CASCADE_UNET] * 2, mode: {"image_sizes": sizes}})
     torch.manual_seed(0)
     imagen = diffusion.build_imagen(mode, preset)
     assert imagen.image_sizes == tuple(sizes) and diffusion.trained_unets(imagen) == (
@@ -107,7 +107,7 @@ def test_tiny_cascade_trains_and_samples_with_guidance(mode, sizes):
             trainer.update(unet_number=k)
         assert math.isfinite(loss)
     guides = (np.random.default_rng(0).random((2, 8, 8, 3)) * 255).astype(np.uint8) if mode != "generation" else None
-    out = diffusion.sample(imagen, X, cond_scale=3.0, guides=guides, steps=2, seed=0)
+    out = sampling.sample(imagen, X, cond_scale=3.0, guides=guides, steps=2, seed=0)
     assert out.shape == (2, 128, 128, 3) and out.dtype == np.uint8
 
 
@@ -124,11 +124,11 @@ def test_batched_guidance_equals_two_passes():
     with torch.no_grad():
         cond = unet.forward(x, t, cond_drop_prob=0.0, **kw)
         null = unet.forward(x, t, cond_drop_prob=1.0, **kw)
-        with diffusion._sampling(
-            diffusion.build_imagen("generation", diffusion.resolve_preset({"preset": "tiny"})), None, False
+        with sampling._sampling(
+            diffusion.build_imagen("generation", recipe.resolve_preset({"preset": "tiny"})), None, False
         ):
-            guided = diffusion._guided_forward(unet, x, t, cond_scale=2.5, **kw)
-            zero = diffusion._guided_forward(unet, x, t, cond_scale=0.0, **kw)
+            guided = sampling._guided_forward(unet, x, t, cond_scale=2.5, **kw)
+            zero = sampling._guided_forward(unet, x, t, cond_scale=0.0, **kw)
     assert torch.allclose(guided, null + (cond - null) * 2.5, atol=1e-4)
     assert torch.equal(zero, null)
 
@@ -136,7 +136,7 @@ def test_batched_guidance_equals_two_passes():
 def test_feature_row_path_is_computed_once_per_batch_with_the_same_faces(monkeypatch):
     from imagen_pytorch.imagen_pytorch import PerceiverResampler
 
-    preset = diffusion.resolve_preset({"preset": "tiny", "unet_common": {"attn_pool_text": True}})
+    preset = recipe.resolve_preset({"preset": "tiny", "unet_common": {"attn_pool_text": True}})
     torch.manual_seed(0)
     imagen = diffusion.build_imagen("generation", preset).eval()
     for p in imagen.parameters():
@@ -147,11 +147,11 @@ def test_feature_row_path_is_computed_once_per_batch_with_the_same_faces(monkeyp
     calls, pool = [], PerceiverResampler.forward
     monkeypatch.setattr(PerceiverResampler, "forward", lambda self, *a, **k: calls.append(1) or pool(self, *a, **k))
     # batch_size 2: the second batch has other rows, so a stale cache would show
-    memo = [diffusion.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
+    memo = [sampling.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
     assert len(calls) == 3 * 2  # once per batch and scale, not once per step
     assert "forward" not in vars(unet.text_to_cond) and "forward" not in vars(unet.attn_pool)
-    monkeypatch.setattr(diffusion, "_memoised", lambda fn, same: fn)
-    plain = [diffusion.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
+    monkeypatch.setattr(sampling, "_memoised", lambda fn, same: fn)
+    plain = [sampling.sample(imagen, X, cond_scale=s, steps=4, seed=0, batch_size=2) for s in (0.0, 1.0, 2.5)]
     for a, b in zip(memo, plain):
         assert np.array_equal(a, b)
     assert not np.array_equal(memo[0], memo[2])
@@ -161,10 +161,10 @@ def test_training_batches_reuse_buffers_correctly(project):
     cfg = load_params(write_params(project))
     store, layout = open_store(cfg), Layout.load(cfg["layout"])
     keep = load_systems(cfg["systems_file"], layout)["full_input"].keep
-    ids = diffusion.train_clip_ids(store, layout, keep)
+    ids = training_data.train_clip_ids(store, layout, keep)
     stats = layout.fit(store, ids, keep)
-    cached = diffusion._Batches(store, layout, keep, stats, ids, 16, cache=True)
-    fresh = diffusion._Batches(store, layout, keep, stats, ids, 16, cache=False)
+    cached = training_data._Batches(store, layout, keep, stats, ids, 16, cache=True)
+    fresh = training_data._Batches(store, layout, keep, stats, ids, 16, cache=False)
     rng = np.random.default_rng(0)
     for _ in range(4):
         index = rng.choice(len(ids), 4, replace=False)
@@ -179,10 +179,10 @@ def test_training_lowers_the_loss(project, tmp_path):
     store = open_store(cfg)
     layout = Layout.load(cfg["layout"])
     keep = load_systems(cfg["systems_file"], layout)["no_image_guide"].keep
-    ids = diffusion.train_clip_ids(store, layout, keep)
-    imagen, meta = diffusion.load_model(result["model_dir"])
+    ids = training_data.train_clip_ids(store, layout, keep)
+    imagen, meta = sampling.load_model(result["model_dir"])
     X = layout.build(store, ids, keep, meta["stats"])
-    images = torch.from_numpy(diffusion.load_faces(store, ids, 16)).permute(0, 3, 1, 2).float() / 255
+    images = torch.from_numpy(training_data.load_faces(store, ids, 16)).permute(0, 3, 1, 2).float() / 255
     torch.manual_seed(0)  # train() seeds the initial weights with train.seed
     initial = diffusion.build_imagen("generation", meta["preset"])
     before = diffusion.evaluate_loss(initial, images, X, 1, seeds=range(4))
@@ -285,22 +285,22 @@ def test_cond_scale_zero_ignores_the_feature_rows(trained):
     store = open_store(cfg)
     ids = store.clips(split="test")["clip_id"].tolist()[:3]
     for system, r in results.items():
-        imagen, meta = diffusion.load_model(r["model_dir"])
-        guides = diffusion.load_guides(store, ids) if meta["mode"] == "super_resolution" else None
+        imagen, meta = sampling.load_model(r["model_dir"])
+        guides = training_data.load_guides(store, ids) if meta["mode"] == "super_resolution" else None
         X1 = np.random.default_rng(1).normal(size=(3, 256, 768)).astype(np.float32)
         X2 = np.zeros_like(X1)
         X2[:, :5] = 3.0
-        same = [diffusion.sample(imagen, X, 0.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
+        same = [sampling.sample(imagen, X, 0.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
         assert np.array_equal(*same), system
-        guided = [diffusion.sample(imagen, X, 4.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
+        guided = [sampling.sample(imagen, X, 4.0, guides=guides, steps=3, seed=7) for X in (X1, X2)]
         assert not np.array_equal(*guided), system
-        again = diffusion.sample(imagen, X1, 4.0, guides=guides, steps=3, seed=7)
+        again = sampling.sample(imagen, X1, 4.0, guides=guides, steps=3, seed=7)
         assert np.array_equal(again, guided[0])  # deterministic for a seed
 
 
 def test_sampling_steps_and_ema_are_sampling_parameters(trained):
     _, results = trained
-    imagen, meta = diffusion.load_model(results["no_image_guide"]["model_dir"])
+    imagen, meta = sampling.load_model(results["no_image_guide"]["model_dir"])
     assert meta["has_ema"] and meta["preset"]["timesteps"] == 8
     unet = imagen.unets[0]
     calls = []
@@ -309,13 +309,13 @@ def test_sampling_steps_and_ema_are_sampling_parameters(trained):
     X = np.ones((2, 256, 768), np.float32)
     for steps in (2, 5):
         calls.clear()
-        diffusion.sample(imagen, X, 2.0, steps=steps, seed=0)
+        sampling.sample(imagen, X, 2.0, steps=steps, seed=0)
         assert len(calls) == steps  # one batched (cond + null) forward per step
     del unet.forward
     assert [s.num_timesteps for s in imagen.noise_schedulers] == [8]
     weights = {k: v.clone() for k, v in unet.state_dict().items()}
-    a = diffusion.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=True)
-    b = diffusion.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=False)
+    a = sampling.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=True)
+    b = sampling.sample(imagen, X, 2.0, steps=3, seed=0, use_ema=False)
     assert not np.array_equal(a, b)
     assert all(torch.equal(v, unet.state_dict()[k]) for k, v in weights.items())  # online weights restored
 
@@ -328,11 +328,11 @@ def test_d_training_and_evaluation_use_the_stored_crop_and_guide(project):
     store = open_store({"results": str(project / "results")})
     ids = store.clips(split="test")["clip_id"].tolist()
     stored = store.load_stacked("preprocess", ids)
-    assert np.array_equal(diffusion.load_faces(store, ids, 32), stored["face"])
-    assert np.array_equal(diffusion.load_guides(store, ids), stored["guide"])
-    faces16 = diffusion.load_faces(store, ids, 16)
+    assert np.array_equal(training_data.load_faces(store, ids, 32), stored["face"])
+    assert np.array_equal(training_data.load_guides(store, ids), stored["guide"])
+    faces16 = training_data.load_faces(store, ids, 16)
     assert np.array_equal(faces16[0], preprocessing.resize(stored["face"][0], 16))
-    imagen = diffusion.build_imagen("super_resolution", diffusion.resolve_preset({"preset": "tiny"}))
+    imagen = diffusion.build_imagen("super_resolution", recipe.resolve_preset({"preset": "tiny"}))
     x = torch.from_numpy(faces16).permute(0, 3, 1, 2).float() / 255
     lowres = imagen.resize_to(x, 8) * 255
     assert (lowres.permute(0, 2, 3, 1).numpy() - stored["guide"]).__abs__().max() <= 1.0
@@ -364,22 +364,20 @@ def test_notebook_03_runs_for_a_generation_and_a_super_resolution_system(project
 
 
 def test_lowres_noise_options_are_validated_and_used():
-    p = diffusion.resolve_preset({"preset": "paper"})
+    p = recipe.resolve_preset({"preset": "paper"})
     assert p["lowres_aug_range"] == [0.0, 1.0] and p["lowres_sample_noise_level"] == 0.2  # imagen-pytorch's
     for bad in ([0.5, 0.2], [0, 1.5], [0.1], "0,1"):
         with pytest.raises(ParamsError, match="lowres_aug_range"):
-            diffusion.resolve_preset({"preset": "tiny", "lowres_aug_range": bad})
+            recipe.resolve_preset({"preset": "tiny", "lowres_aug_range": bad})
     with pytest.raises(ParamsError, match="lowres_sample_noise_level"):
-        diffusion.resolve_preset({"preset": "tiny", "lowres_sample_noise_level": -0.1})
-    preset = diffusion.resolve_preset(
-        {"preset": "tiny", "lowres_aug_range": [0.1, 0.3], "lowres_sample_noise_level": 0}
-    )
+        recipe.resolve_preset({"preset": "tiny", "lowres_sample_noise_level": -0.1})
+    preset = recipe.resolve_preset({"preset": "tiny", "lowres_aug_range": [0.1, 0.3], "lowres_sample_noise_level": 0})
     imagen = diffusion.build_imagen("super_resolution", preset)
     t = imagen.lowres_noise_schedule.sample_random_times(10000, device=torch.device("cpu"))
     assert 0.1 <= t.min() and t.max() <= 0.3 and abs(t.mean().item() - 0.2) < 0.01
     assert imagen.lowres_sample_noise_level == 0
     paper_like = {"preset": "paper", "unets": [TINY_UNET], "super_resolution": {"image_sizes": [8, 16]}}
-    full = diffusion.build_imagen("super_resolution", diffusion.resolve_preset(paper_like))
+    full = diffusion.build_imagen("super_resolution", recipe.resolve_preset(paper_like))
     assert type(full.lowres_noise_schedule).__name__ == "GaussianDiffusionContinuousTimes"  # untouched default
 
 
@@ -417,9 +415,9 @@ def test_tiny_super_resolution_model_reproduces_its_guide(tmp_path):
     )
     cfg = load_params(p)
     diffusion.train(cfg, "pure_sr")
-    imagen, _ = diffusion.load_model(tmp_path / "results" / "pure_sr" / "model")
-    guides = diffusion.load_guides(store, ids)
-    out = diffusion.sample(imagen, np.zeros((len(ids), 256, 768), np.float32), 1.0, guides=guides, steps=8, seed=0)
+    imagen, _ = sampling.load_model(tmp_path / "results" / "pure_sr" / "model")
+    guides = training_data.load_guides(store, ids)
+    out = sampling.sample(imagen, np.zeros((len(ids), 256, 768), np.float32), 1.0, guides=guides, steps=8, seed=0)
     small = np.stack([cv2.resize(o, (8, 8), interpolation=cv2.INTER_AREA) for o in out]).astype(float)
     d = ((small[:, None] - guides[None].astype(float)) ** 2).sum((2, 3, 4))
     assert (d.argmin(1) == np.arange(len(ids))).all()
@@ -462,24 +460,24 @@ def test_two_seeds_give_different_weights_and_one_seed_twice_the_same(project, t
 
 
 def test_precision_auto_is_bf16_on_a_bf16_cuda_device_and_fp32_elsewhere(monkeypatch):
-    paper = diffusion.resolve_preset({"preset": "paper"})
+    paper = recipe.resolve_preset({"preset": "paper"})
     assert paper["trainer"]["precision"] == "auto"
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert diffusion.training_precision("auto") == "fp32"
-    assert diffusion.trainer_options(paper) == {"max_grad_norm": None}  # fp32: no mixed precision for Accelerate
+    assert imagen_trainer.training_precision("auto") == "fp32"
+    assert imagen_trainer.trainer_options(paper) == {"max_grad_norm": None}  # fp32: no mixed precision for Accelerate
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert diffusion.training_precision("auto") == "bf16"
-    assert diffusion.trainer_options(paper) == {"max_grad_norm": None, "precision": "bf16"}
+    assert imagen_trainer.training_precision("auto") == "bf16"
+    assert imagen_trainer.trainer_options(paper) == {"max_grad_norm": None, "precision": "bf16"}
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # ImagenTrainer trains on the CPU then
-    assert diffusion.training_precision("auto") == "fp32"
+    assert imagen_trainer.training_precision("auto") == "fp32"
     monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # e.g. a V100
-    assert diffusion.training_precision("auto") == "fp32"
-    assert [diffusion.training_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+    assert imagen_trainer.training_precision("auto") == "fp32"
+    assert [imagen_trainer.training_precision(p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
     with pytest.raises(ParamsError, match="model.trainer.precision must be one of auto, fp32, bf16, fp16"):
-        diffusion.resolve_preset({"preset": "tiny", "trainer": {"precision": "half"}})
+        recipe.resolve_preset({"preset": "tiny", "trainer": {"precision": "half"}})
 
 
 @pytest.mark.parametrize("requested, used", [("auto", "fp32"), ("bf16", "bf16")])
