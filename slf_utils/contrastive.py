@@ -33,16 +33,11 @@ Store stage `contrastive_speech`, key `embedding` (D,) float32: the L2-normalise
 with the speech inputs, train and test. Its parameter hash includes the model's hash (and the inputs' hashes), so a
 retrained model rewrites it and a reused one writes nothing. `run_speech_stage`.
 
-Evaluation on its own (`evaluate`), as the voice encoder's (slf_utils.voice_encoder.evaluate): for each split, the
-queries are the speech embeddings of its clips (read back from the stage), the gallery the face encoder's embeddings
-of every clip of the split with a face; recall@k of the speaker's identity under the bench's two protocols (`paper`,
-`identity`: the query's own face left out), identity-cluster bootstrap intervals, exact chance (retrieval.chance_hits:
-a random ordering of the gallery each query is ranked in), the mean cosine of a speech embedding to its own face's.
-With identity folds each fold's queries are ranked among its own clips' faces, embedded by the pair that never saw
-the fold (the space its queries are in; nested stages for the models: run_speech_stage). Ceiling rows (system
-`contrastive_face`): each face's own embedding as the query. `results/<grid>/contrastive/metrics.csv` (the tables'
-columns plus `split`), `hits.csv`, `provenance.json`; the model, its loss curve and provenance in
-`contrastive/model/`. `recall_table` puts these rows beside the voice encoder's (`voice_encoder/metrics.csv`,
+Evaluation on its own (`evaluate`: encoder_stage.evaluate, as the voice encoder's): the queries are the speech
+embeddings of a split's clips (read back from the stage), the gallery the face encoder's embeddings of every clip of
+the split with a face; with identity folds each fold's queries are ranked among its own clips' faces, embedded by the
+pair that never saw the fold (the space its queries are in). Ceiling rows (system `contrastive_face`): each face's
+own embedding as the query. `recall_table` puts these rows beside the voice encoder's (`voice_encoder/metrics.csv`,
 notebook 06) in one tidy table with a `method` column. The galleries differ (the contrastive face encoder's space,
 the recogniser's space): both rank the same test clips' faces, so chance and N are the same, but each method is
 scored in its own space.
@@ -60,9 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slf_utils import encoder_stage as S
 from slf_utils import recognisers, retrieval, stats, tables
 from slf_utils import voice_encoder as V
-from slf_utils.basics import atomic_write_json, atomic_write_text, exists, params_hash, provenance
+from slf_utils.basics import exists, params_hash
 from slf_utils.folds import identity_folds, n_folds
 from slf_utils.folds import training_clips as training_split  # this module's training_clips adds the pair's inputs
 from slf_utils.store import Store, open_store
@@ -75,35 +71,13 @@ MEL_STAGE = "mel"
 SPEECH_ENCODERS = ("mlp", "mel_conv")
 FACE_ENCODERS = ("cnn", "recogniser")
 POSITIVES = ("identity", "clip")
-SPLITS = V.SPLITS
-CHUNK = V.CHUNK
-METRICS_COLUMNS = V.METRICS_COLUMNS
 # the parameters the model depends on: only these enter its hash (checkpoint_every does not)
 COMMON_KEYS = (
-    "speech_encoder",
-    "face_encoder",
-    "dim",
-    "hidden",
-    "dropout",
-    "positives",
-    "temperature",
-    "max_logit_scale",
-    "steps",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "seed",
+    *("speech_encoder", "face_encoder", "dim", "hidden", "dropout", "positives", "temperature", "max_logit_scale"),
+    *("steps", "batch_size", "lr", "weight_decay", "seed"),
 )
 ENCODER_KEYS = {"mlp": ("speech_inputs",), "mel_conv": ("mel_channels",), "cnn": ("face_px", "channels", "augment")}
 TABLE_COLUMNS = ["method", "role", "embedding_space", "split", "protocol", "metric", "value", "ci_low", "ci_high", "n"]
-
-
-def out_dir(cfg) -> Path:
-    return Path(cfg["results"]) / SYSTEM
-
-
-def model_dir(cfg) -> Path:
-    return out_dir(cfg) / "model"
 
 
 def hashed_params(ct: dict) -> dict:
@@ -246,11 +220,6 @@ class MelInputs:
         return self.x[idx], self.n[idx]
 
 
-class VectorInputs(V.VectorInputs):
-    def batch(self, idx, rng=None):
-        return (super().batch(idx, rng),)
-
-
 class FaceImages:
     """Stored faces downsized to `px` (uint8 in memory, 3 px^2 bytes a clip). In training (an rng given, `augment`)
     each face is flipped left-right with probability 1/2 and shifted by up to 2 px (edge-padded)."""
@@ -279,8 +248,8 @@ class FaceImages:
 def load_faces(store: Store, clip_ids, px: int) -> np.ndarray:
     """(N, px, px, 3) uint8: the stored faces area-averaged (antialiased bilinear) to px, CHUNK clips at a time."""
     out = np.zeros((len(clip_ids), px, px, 3), np.uint8)
-    for start in range(0, len(clip_ids), CHUNK):
-        ids = list(clip_ids[start : start + CHUNK])
+    for start in range(0, len(clip_ids), S.CHUNK):
+        ids = list(clip_ids[start : start + S.CHUNK])
         x = torch.from_numpy(store.load_stacked(FACE_IMAGE_STAGE, ids, keys=["face"])["face"]).permute(0, 3, 1, 2)
         if x.shape[-1] != px:
             x = F.interpolate(x.float(), size=(px, px), mode="bilinear", antialias=True, align_corners=False)
@@ -290,15 +259,23 @@ def load_faces(store: Store, clip_ids, px: int) -> np.ndarray:
 
 def speech_inputs(store: Store, clip_ids, ct: dict):
     if ct["speech_encoder"] == "mlp":
-        return VectorInputs(V.vector_inputs(store, list(clip_ids), ct["speech_inputs"]))
+        return S.VectorInputs(S.vector_inputs(store, list(clip_ids), ct["speech_inputs"]))
     arr, lens = store.load_stacked(MEL_STAGE, list(clip_ids), with_lengths=True, keys=["frames"])
     return MelInputs(arr["frames"], lens["frames"])
 
 
 def face_inputs(store: Store, clip_ids, ct: dict, augment: bool = False):
     if ct["face_encoder"] == "recogniser":
-        return VectorInputs(store.load_stacked(V.FACE_STAGE, list(clip_ids), keys=["embedding"])["embedding"])
+        return S.VectorInputs(store.load_stacked(V.FACE_STAGE, list(clip_ids), keys=["embedding"])["embedding"])
     return FaceImages(load_faces(store, list(clip_ids), ct["face_px"]), augment)
+
+
+def with_face(store: Store, ct: dict, face_hash: str | None = None) -> set[str]:
+    """Clips with the face encoder's input (of `face_hash`, the face_embedding stage's parameter hash, for the
+    recogniser)."""
+    if ct["face_encoder"] == "recogniser":
+        return store.done(V.FACE_STAGE, face_hash)
+    return S.clips_with(store, [FACE_IMAGE_STAGE])
 
 
 def _standardise(module: nn.Module, inputs):
@@ -318,78 +295,44 @@ def _standardise(module: nn.Module, inputs):
 
 # ---------------------------------------------------------------------------------------------- training
 def train_pair(model: ContrastivePair, speech, faces, identities, ct, log=print, checkpoint=None, key=None):
-    """Adam on `info_nce` for `ct['steps']` steps of `ct['batch_size']` training clips (seeded epochs of shuffled
-    clips), the logit scale clamped to [0, ln max_logit_scale] after each step (CLIP). With `checkpoint` (a path)
-    the state is saved every `checkpoint_every` steps and a checkpoint of the same `key` is resumed from. Returns
-    the loss per step (step, loss, speech_to_face, face_to_speech, temperature)."""
-    torch.manual_seed(ct["seed"])
-    rng = np.random.default_rng(ct["seed"])
-    opt = torch.optim.Adam(model.parameters(), lr=ct["lr"], weight_decay=ct["weight_decay"])
+    """Adam on `info_nce` for `ct['steps']` steps of `ct['batch_size']` training clips (encoder_stage.train), the
+    logit scale clamped to [0, ln max_logit_scale] after each step (CLIP). Returns the loss per step (step, loss,
+    speech_to_face, face_to_speech, temperature)."""
     identities = np.asarray(identities)
     by_identity = ct["positives"] == "identity"
-    n, bs, steps = len(identities), min(ct["batch_size"], len(identities)), ct["steps"]
     max_scale = float(np.log(ct["max_logit_scale"]))
-    order, pos, start, history = rng.permutation(n), 0, 0, []
-    resumed = V.resume_training(checkpoint, key, model, opt, rng)
-    if exists(resumed):
-        order, pos, start, history = resumed
-        log(f"{SYSTEM}: resuming training at step {start} of {steps}")
-    model.train()
-    every, t0 = max(1, steps // 10), time.time()
-    for step in range(start, steps):
-        if pos + bs > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos : pos + bs]
-        pos += bs
+
+    def batch_loss(idx, rng):
         s = model.speech(*speech.batch(idx, rng))
         f = model.face(*faces.batch(idx, rng))
-        loss, parts = info_nce(s, f, model.logit_scale, identities[idx] if by_identity else None)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, max_scale)
-        history.append({"step": step + 1, "loss": loss.item(), **{k: float(v.detach()) for k, v in parts.items()}})
-        if (step + 1) % every == 0 or step + 1 == steps:
-            h = history[-1]
-            took = time.time() - t0
-            log(f"{SYSTEM}: step {step + 1}/{steps} loss {h['loss']:.4f} T {h['temperature']:.4f} ({took:.1f} s)")
-        if exists(checkpoint) and (step + 1) % ct["checkpoint_every"] == 0 and step + 1 < steps:
-            V.save_training(checkpoint, key, model, opt, rng, order, pos, step + 1, history)
-    model.eval()
-    return pd.DataFrame(history)
+        return info_nce(s, f, model.logit_scale, identities[idx] if by_identity else None)
+
+    @torch.no_grad()
+    def clamp():
+        model.logit_scale.clamp_(0, max_scale)
+
+    args = (model, ct, len(identities), batch_loss, SYSTEM, log, checkpoint, key)
+    return S.train(*args, after_step=clamp, shown=[("temperature", "T")])
 
 
-@torch.no_grad()
-def embed(encoder: nn.Module, inputs, batch_size: int = 256) -> np.ndarray:
+def embed(encoder: nn.Module, inputs) -> np.ndarray:
     """(N, D) L2-normalised embeddings of every item of `inputs`, in order."""
-    encoder.eval()
-    out = [
-        F.normalize(encoder(*inputs.batch(np.arange(i, min(i + batch_size, len(inputs))))), dim=1)
-        for i in range(0, len(inputs), batch_size)
-    ]
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    return S.predict(encoder, inputs, 256, unit=True)
 
 
 def training_clips(cfg, store: Store, face_hash: str | None = None) -> tuple[list, list]:
     """(clip ids, identities) of the training split with both the speech inputs and the face input (of
     `face_hash`, the face_embedding stage's parameter hash, for the recogniser)."""
-    ct = cfg["contrastive"]
-    usable = V.clips_with(store, speech_stages(ct))
-    faces = (
-        store.done(V.FACE_STAGE, face_hash)
-        if ct["face_encoder"] == "recogniser"
-        else V.clips_with(store, [FACE_IMAGE_STAGE])
-    )
+    usable = S.clips_with(store, speech_stages(cfg["contrastive"]))
     train = training_split(store, who=f"{SYSTEM} pair")  # the train split: never a gallery clip
-    train = train[train["clip_id"].isin(usable & faces)]
+    train = train[train["clip_id"].isin(usable & with_face(store, cfg["contrastive"], face_hash))]
     return train["clip_id"].tolist(), train["identity"].tolist()
 
 
 def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exclude=(), mdir=None):
     """Train the pair on the training split's clips with both inputs (less `exclude`: a cross-fitting fold), unless
-    `mdir` (default `contrastive/model/`) holds one trained with the same parameters on the same arrays. Returns
-    (model, meta, loss per step, trained now)."""
+    `mdir` (default `contrastive/model/`) holds one trained with the same parameters on the same arrays
+    (encoder_stage.ensure_model). Returns (model, meta, loss per step, trained now)."""
     ct = cfg["contrastive"]
     ids, idents = training_clips(cfg, store, face_hash)
     exclude = set(exclude)
@@ -400,63 +343,40 @@ def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exc
             f"({face_stage(ct)}); contrastive training needs at least 2 (run notebooks 01 and 02 first)"
         )
     stages = [*speech_stages(ct), face_stage(ct)]
-    key = params_hash({"pair": hashed_params(ct), "data": V.data_fingerprint(store, stages, ids)})
-    mdir = Path(mdir) if exists(mdir) else model_dir(cfg)
-    if (mdir / "meta.json").exists() and (mdir / "pair.pt").exists():
-        meta = json.loads((mdir / "meta.json").read_text())
-        if meta.get("train_hash") == key:
-            model, meta = load_model(mdir)
-            log(f"{SYSTEM}: model {meta['model_hash']} already trained with these parameters: reused")
-            # whom it learnt from: the nested cross-fitting's provenance checks it (V.fold_stage_provenance)
-            meta["train_identities"] = sorted(set(idents))
-            return model, meta, pd.read_csv(mdir / "loss.csv"), False
-    t0 = time.time()
-    (mdir / "meta.json").unlink(missing_ok=True)  # the old model is gone once training starts
-    speech = speech_inputs(store, ids, ct)
-    faces = face_inputs(store, ids, ct, augment=ct["augment"])
-    meta = {k: ct[k] for k in ("speech_encoder", "face_encoder", "dim", "hidden", "dropout", "temperature")}
-    meta.update({k: ct[k] for k in ("speech_inputs", "mel_channels", "face_px", "channels")})
-    meta["n_speech_in"] = int(speech.x.shape[-1])
-    meta["n_face_in"] = int(faces.x.shape[-1]) if ct["face_encoder"] == "recogniser" else None
-    torch.manual_seed(ct["seed"])  # the initial weights too
-    model = build_pair(meta)
-    with torch.no_grad():
-        _standardise(model.speech, speech)
-        _standardise(model.face, faces)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(
-        f"{SYSTEM}: training {ct['speech_encoder']} speech + {ct['face_encoder']} face encoders ({n_params:,} "
-        f"parameters) on {len(ids)} clips of {len(set(idents))} identities for {ct['steps']} steps"
-    )
-    history = train_pair(model, speech, faces, idents, ct, log, mdir / "checkpoint.pt", key)
-    seconds = round(time.time() - t0, 1)
-    V._save_torch(mdir / "pair.pt", model.state_dict())
-    meta.update(
-        {
-            "train_hash": key,
-            "model_hash": V._file_hash(mdir / "pair.pt"),
-            "face_stage_hash": face_hash,
-            "n_train_clips": len(ids),
-            "n_train_identities": len(set(idents)),
-            "train_identities": sorted(set(idents)),
-            "trainable_parameters": int(n_params),
-            "seconds": seconds,
-            "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
-            "final_temperature": float(1 / model.logit_scale.detach().exp()),
-        }
-    )
-    atomic_write_text(mdir / "loss.csv", history.to_csv(index=False))
-    atomic_write_json(mdir / "provenance.json", provenance({"params": hashed_params(ct), **meta}))
-    atomic_write_json(mdir / "meta.json", meta)  # last: a model exists once its meta does
-    (mdir / "checkpoint.pt").unlink(missing_ok=True)
-    log(f"{SYSTEM}: trained in {seconds} s, final loss {meta['final_loss']:.4f}, model {meta['model_hash']}")
-    return model, meta, history, True
+    key = params_hash({"pair": hashed_params(ct), "data": S.data_fingerprint(store, stages, ids)})
+    mdir = Path(mdir) if exists(mdir) else S.model_dir(cfg, SYSTEM)
+
+    def fresh():
+        speech = speech_inputs(store, ids, ct)
+        faces = face_inputs(store, ids, ct, augment=ct["augment"])
+        meta = {k: ct[k] for k in ("speech_encoder", "face_encoder", "dim", "hidden", "dropout", "temperature")}
+        meta.update({k: ct[k] for k in ("speech_inputs", "mel_channels", "face_px", "channels")})
+        meta["n_speech_in"] = int(speech.x.shape[-1])
+        meta["n_face_in"] = int(faces.x.shape[-1]) if ct["face_encoder"] == "recogniser" else None
+        torch.manual_seed(ct["seed"])  # the initial weights too
+        model = build_pair(meta)
+        with torch.no_grad():
+            _standardise(model.speech, speech)
+            _standardise(model.face, faces)
+
+        def fit(checkpoint):
+            history = train_pair(model, speech, faces, idents, ct, log, checkpoint, key)
+            return history, {
+                "face_stage_hash": face_hash,
+                "final_temperature": float(1 / model.logit_scale.detach().exp()),
+            }
+
+        return model, meta, fit
+
+    what = f"{ct['speech_encoder']} speech + {ct['face_encoder']} face encoders"
+    args = (load_model, fresh, hashed_params(ct), what, SYSTEM, log)
+    return S.ensure_model(mdir, key, ids, sorted(set(idents)), *args, weights="pair.pt")
 
 
 def stage_hash(store: Store, meta: dict) -> str:
     """The stage's parameter hash: the model's and its speech inputs' (their stages' parameter hashes)."""
     stages = speech_stages(meta)
-    return params_hash({"model": meta["model_hash"], "inputs": {s: V._input_hash(store, s) for s in stages}})
+    return params_hash({"model": meta["model_hash"], "inputs": {s: S.input_hash(store, s) for s in stages}})
 
 
 ALIGN_CLIPS = 20_000  # at most this many clips fit a fold's rotation onto the full model's space
@@ -476,7 +396,7 @@ def fold_rotations(store: Store, models: dict, folds: dict, seed: int = 0) -> di
     (only the cosines are trained), so its speech embeddings are rotated onto the full pair's, fitted on the clips
     that both trained on (the fold's training clips)."""
     full, meta = models[None][:2]
-    usable = V.clips_with(store, speech_stages(meta))
+    usable = S.clips_with(store, speech_stages(meta))
     rng = np.random.default_rng(seed)
     return {
         f: _rotation(
@@ -493,7 +413,7 @@ def _unit(e: np.ndarray) -> np.ndarray:
 
 def run_speech_stage(cfg, store: Store, models: dict, folds: dict, crossfit: dict, log=print) -> dict:
     """The `contrastive_speech` stage for every clip with the speech inputs, train and test, where it is missing or
-    was made by other models (`models`, `folds`: voice_encoder.fold_models). Closed set: a training clip's embedding
+    was made by other models (`models`, `folds`: encoder_stage.fold_models). Closed set: a training clip's embedding
     from the pair that left its fold out, rotated onto the full pair's space (fold_rotations), a held-out clip's from
     the full pair. Identity folds: each clip's from the pair without its fold, in that pair's space (no pair that saw
     it is involved: notebook 07 ranks each fold's queries against that pair's faces); and the nested stages
@@ -501,7 +421,7 @@ def run_speech_stage(cfg, store: Store, models: dict, folds: dict, crossfit: dic
     from the pair without folds j and k rotated onto the fold-k pair (fitted on the clips both trained on, none of
     fold k's). Returns a summary (params_hash, computed, done, fold_stages)."""
     meta = models[None][1]
-    hashes = {V.key_label(f): m[1]["model_hash"] for f, m in models.items()}
+    hashes = {S.key_label(f): m[1]["model_hash"] for f, m in models.items()}
     rotations = fold_rotations(store, models, folds, int(cfg["crossfit"]["seed"]))
 
     def with_fold(f, part):
@@ -517,37 +437,20 @@ def run_speech_stage(cfg, store: Store, models: dict, folds: dict, crossfit: dic
     prov = {"speech_encoder": meta["speech_encoder"], "train_hash": meta["train_hash"], **crossfit}
     prov["alignment"] = alignment
     summary = {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["dim"]}
-    out = V.fill_stage(
-        store,
-        STAGE,
-        params_hash({"stage": stage_hash(store, meta), "folds": folds, "models": hashes}),
-        speech_stages(meta),
-        lambda ids: V.routed(ids, folds, with_fold),
-        summary,
-        prov,
-        log,
-    )
-    out["fold_stages"] = V.write_fold_stages(
-        cfg,
-        store,
-        STAGE,
-        models,
-        folds,
-        lambda m: m[1],
-        _nested_embedder(cfg, store, models, folds, meta),
-        speech_stages(meta),
-        {**summary, "stage": stage_hash(store, meta)},
-        prov,
-        log,
-    )
+    sh, stages = stage_hash(store, meta), speech_stages(meta)
+    h = params_hash({"stage": sh, "folds": folds, "models": hashes})
+    out = S.fill_stage(store, STAGE, h, stages, lambda ids: S.routed(ids, folds, with_fold), summary, prov, log)
+    nested = _nested_embedder(cfg, store, models, folds, meta)
+    args = (models, folds, nested, stages, {**summary, "stage": sh}, prov, log)
+    out["fold_stages"] = S.write_fold_stages(cfg, store, STAGE, *args)
     return out
 
 
 def _nested_embedder(cfg, store: Store, models: dict, folds: dict, meta: dict):
-    """predict_with(outer, key, ids) of V.write_fold_stages: the speech embeddings of pair `key`, rotated onto the
-    pair without fold `outer` where `key` is another (the rotation fitted once, on the training clips of the folds
-    neither pair left out, seeded by crossfit.seed and the outer fold)."""
-    usable = V.clips_with(store, speech_stages(meta))
+    """predict_with(outer, key, ids) of encoder_stage.write_fold_stages: the speech embeddings of pair `key`, rotated
+    onto the pair without fold `outer` where `key` is another (the rotation fitted once, on the training clips of the
+    folds neither pair left out, seeded by crossfit.seed and the outer fold)."""
+    usable = S.clips_with(store, speech_stages(meta))
     train = set(training_split(store, who=f"{SYSTEM} pair alignment")["clip_id"]) & usable
     rotations = {}
 
@@ -582,45 +485,16 @@ def _face_gallery(cfg, store: Store, model, ids, idents, ct, models) -> tuple[np
 
 
 def evaluate(cfg, store: Store, model: ContrastivePair, meta: dict, speech_hash: str, face_hash=None, models=None):
-    """Speech -> face retrieval in the shared space for each split (see the module's docstring): (metrics, hits),
-    with a `split` column beside the tables' columns. With identity folds and `models` (voice_encoder.fold_models'),
-    each fold's queries are ranked against its own clips' faces in the space of the pair without that fold."""
-    ev = recognisers.eval_params(cfg)
-    ct = cfg["contrastive"]
-    ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
-    with_face = (
-        store.done(V.FACE_STAGE, face_hash)
-        if ct["face_encoder"] == "recogniser"
-        else V.clips_with(store, [FACE_IMAGE_STAGE])
-    )
-    voices = store.done(STAGE, speech_hash)
-    rows, hit_frames = [], []
-    for split in SPLITS:
-        g = store.clips(split=split)
-        g = g[g["clip_id"].isin(with_face)]
-        if g.empty:
-            continue
-        ids, idents = g["clip_id"].tolist(), g["identity"].tolist()
-        gallery, groups = _face_gallery(cfg, store, model, ids, idents, ct, models)
-        q = [c for c in ids if c in voices]
-        queries = store.load_stacked(STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
-        own = retrieval.own_entries(q, ids)
-        hits = retrieval.protocol_hits(queries, own, gallery, idents, ks, "cosine", groups)
-        r = tables.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += tables.chance_rows(SYSTEM, idents, ks, groups=groups)
-        cos = np.full(len(ids), np.nan)
-        if q:
-            cos[own] = (queries * gallery[own]).sum(1)  # both unit vectors
-        r.append(tables.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
-        r.append(tables.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = retrieval.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, "cosine", groups)
-        r += tables.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
-        rows += [{**x, "split": split} for x in r]
-        for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
-            hit_frames.append(tables.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
-    metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=tables.HIT_COLUMNS)
-    return metrics, hits
+    """Speech -> face retrieval in the shared space for each split (see the module's docstring,
+    encoder_stage.evaluate): (metrics, hits), with a `split` column beside the tables' columns. With identity folds
+    and `models` (encoder_stage.fold_models'), each fold's queries are ranked against its own clips' faces in the
+    space of the pair without that fold."""
+
+    def gallery(ids, idents):
+        return _face_gallery(cfg, store, model, ids, idents, cfg["contrastive"], models)
+
+    faces = with_face(store, cfg["contrastive"], face_hash)
+    return S.evaluate(cfg, store, SYSTEM, CEILING, STAGE, speech_hash, faces, gallery, unit=True)
 
 
 def recall_table(cfg, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -632,17 +506,17 @@ def recall_table(cfg, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
     are absent and `table.attrs['missing']` says so (nothing is computed for it here)."""
     space = {"cnn": "contrastive face encoder (CNN)", "recogniser": "contrastive projection of the recogniser"}
     ct = cfg["contrastive"]
-    path = out_dir(cfg) / "metrics.csv"
+    path = S.out_dir(cfg, SYSTEM) / "metrics.csv"
     if metrics is None:
-        metrics = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=METRICS_COLUMNS)
+        metrics = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=S.METRICS_COLUMNS)
     parts, missing = [], []
     if len(metrics):
         parts.append(_tidy(metrics, SYSTEM, CEILING, space[ct["face_encoder"]]))
     else:
         missing.append(f"contrastive: {path} not found (run notebook 07)")
-    ve = V.out_dir(cfg) / "metrics.csv"
+    ve = S.out_dir(cfg, V.SYSTEM) / "metrics.csv"
     if ve.exists():
-        prov = V.out_dir(cfg) / "provenance.json"
+        prov = ve.with_name("provenance.json")
         face_model = cfg["speech2face"]["face_model"]
         if prov.exists():
             face_model = json.loads(prov.read_text()).get("face_embeddings", {}).get("face_model", face_model)
@@ -665,10 +539,6 @@ def _tidy(metrics: pd.DataFrame, system: str, ceiling: str, space: str) -> pd.Da
 def comparison(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Notebook 07's view of `recall_table`: one row per method and protocol of `split`, recall@k value [95 % CI],
     chance@1, the ceiling's recall@1, the mean cosine of a query to its own face and the gallery size."""
-
-    def cell(r):
-        return f"{r['value']:.3f}" + (f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if pd.notna(r["ci_low"]) else "")
-
     out = []
     t = table[table["split"] == split]
     for method in dict.fromkeys(t["method"]):
@@ -677,13 +547,7 @@ def comparison(table: pd.DataFrame, split: str = "test") -> pd.DataFrame:
             view = tables.at_protocol(m[m["role"] == "method"], p).set_index("metric")
             ceiling = m[(m["role"] == "ceiling") & (m["protocol"] == p)].set_index("metric")
             row = {"method": method, "embedding_space": m["embedding_space"].iloc[0], "protocol": p}
-            row.update({k: cell(view.loc[k]) for k in view.index if k.startswith("recall@")})
-            row["chance@1"] = round(float(view.loc["chance@1", "value"]), 3)
-            row["ceiling@1"] = cell(ceiling.loc["recall@1"]) if "recall@1" in ceiling.index else ""
-            if "cosine_to_own_face" in view.index:
-                row["cosine_to_own_face"] = cell(view.loc["cosine_to_own_face"])
-            row["n"] = int(view.loc["chance@1", "n"])
-            out.append(row)
+            out.append({**row, **S.recall_row(view, ceiling)})
     return pd.DataFrame(out)
 
 
@@ -693,7 +557,7 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     metric, difference, ci_low, ci_high, n. `hits`: the contrastive hits (default: `contrastive/hits.csv`). Empty
     where either method's hits are missing."""
     cols = ["split", "protocol", "metric", "difference", "ci_low", "ci_high", "n"]
-    ve_path, ct_path = V.out_dir(cfg) / "hits.csv", out_dir(cfg) / "hits.csv"
+    ve_path, ct_path = S.out_dir(cfg, V.SYSTEM) / "hits.csv", S.out_dir(cfg, SYSTEM) / "hits.csv"
     if hits is None and ct_path.exists():
         hits = pd.read_csv(ct_path)
     if hits is None or not ve_path.exists():
@@ -711,10 +575,6 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def _fmt(row) -> str:
-    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
-
-
 # ---------------------------------------------------------------------------------------------- notebook 07
 def run(cfg, store: Store | None = None, log=print) -> dict:
     """Notebook 07: (with `face_encoder: recogniser`, the face_embedding stage), the contrastive pair (trained or
@@ -727,43 +587,20 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     ct = cfg["contrastive"]
     faces = V.run_face_embeddings(cfg, store, log) if ct["face_encoder"] == "recogniser" else None
     face_hash = faces["params_hash"] if faces else None
-    models, folds, crossfit = V.fold_models(
+    mdir = S.model_dir(cfg, SYSTEM)
+    models, folds, crossfit = S.fold_models(
         cfg,
         store,
-        lambda exclude, sub: ensure_model(cfg, store, face_hash, log, exclude, model_dir(cfg) / sub if sub else None),
+        lambda exclude, sub: ensure_model(cfg, store, face_hash, log, exclude, mdir / sub if sub else None),
         log,
     )
     model, meta, history, trained = models[None]
     stage = run_speech_stage(cfg, store, models, folds, crossfit, log)
     metrics, hits = evaluate(cfg, store, model, meta, stage["params_hash"], face_hash, models)
-    out = out_dir(cfg)
-    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
-    atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
-    ev = recognisers.eval_params(cfg)
-    prov = {
-        "system": SYSTEM,
-        "face_embeddings": faces,
-        "stage": stage,
-        "model": meta,
-        "retrieval": {
-            "metric": "cosine",
-            "ks": ev["ks"],
-            "queries": f"the {STAGE} stage of the split's clips",
-            "gallery": "the face encoder's embeddings of the split's clips",
-        },
-        "ci": f"95 % percentile bootstrap over identities, {ev['bootstrap']} resamples, seed {ev['seed']}",
-        "seconds": round(time.time() - t0, 1),
-    }
-    atomic_write_json(out / "provenance.json", provenance(prov))
-    for split in SPLITS:
-        mine = metrics[(metrics["split"] == split) & (metrics["system"] == SYSTEM)]
-        r1 = mine[mine["metric"] == "recall@1"].set_index("protocol")
-        if len(r1):
-            chance = mine[mine["metric"] == "chance@1"]["value"].iloc[0]
-            log(
-                f"{SYSTEM}: {split} speech->face recall@1 identity {_fmt(r1.loc['identity'])}, paper "
-                f"{_fmt(r1.loc['paper'])} (chance {chance:.3f})"
-            )
+    queries, gallery = f"the {STAGE} stage of the split's clips", "the face encoder's embeddings of the split's clips"
+    retrieval_ = {"metric": "cosine", "ks": recognisers.eval_params(cfg)["ks"], "queries": queries, "gallery": gallery}
+    prov = {"face_embeddings": faces, "stage": stage, "model": meta, "retrieval": retrieval_}
+    S.write_results(cfg, SYSTEM, metrics, hits, prov, t0, log, what="speech->face ")
     table = recall_table(cfg, metrics)
     for note in table.attrs["missing"]:
         log(note)
@@ -779,7 +616,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
         "face_embeddings": faces,
         "model": meta,
         "trained": trained,
-        "model_dir": str(model_dir(cfg)),
+        "model_dir": str(mdir),
     }
 
 
@@ -791,8 +628,7 @@ def plot_training(result: dict):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     loss, ax = result["loss"], axes[0]
     if len(loss):
-        ax.plot(loss["step"], loss["loss"], color="0.75", lw=0.8, label="per step")
-        ax.plot(loss["step"], loss["loss"].rolling(max(1, len(loss) // 50), min_periods=1).mean(), label="mean")
+        S.plot_loss(ax, loss)
         tx = ax.twinx()
         tx.plot(loss["step"], loss["temperature"], color="C3", lw=1, label="temperature")
         tx.set_ylabel("temperature", color="C3")
@@ -804,20 +640,11 @@ def plot_training(result: dict):
     for i, method in enumerate(dict.fromkeys(t["method"])):
         m = t[t["method"] == method]
         r = m[(m["role"] == "method") & m["metric"].str.startswith("recall@")]
-        ks = r["metric"].str.removeprefix("recall@").astype(int).to_numpy()
-        err = np.stack([r["value"] - r["ci_low"], r["ci_high"] - r["value"]])
-        ax.errorbar(ks + 0.1 * i, r["value"], yerr=err, marker="o", capsize=3, label=method, color=f"C{i}")
+        S.plot_recall(ax, r, i, label=method, color=f"C{i}")
         c = m[(m["role"] == "ceiling") & m["metric"].str.startswith("recall@")]
-        ax.plot(c["metric"].str.removeprefix("recall@").astype(int), c["value"], "--", color=f"C{i}", lw=0.8)
+        ax.plot(S.at_k(c, "recall@"), c["value"], "--", color=f"C{i}", lw=0.8)
         if i == 0:
             c = m[m["metric"].str.startswith("chance@")]
-            ax.plot(c["metric"].str.removeprefix("chance@").astype(int), c["value"], ":", color="0.4", label="chance")
-    ax.set(
-        title="test speech->face recall@k, identity protocol\n(dashed: real faces as queries)",
-        xlabel="k",
-        ylabel="recall",
-        ylim=(0, 1.05),
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+            ax.plot(S.at_k(c, "chance@"), c["value"], ":", color="0.4", label="chance")
+    S.finish_recall(ax, "test speech->face recall@k, identity protocol\n(dashed: real faces as queries)")
     return fig

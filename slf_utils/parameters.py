@@ -343,7 +343,7 @@ PARAMETERS = {
     },
     # Cross-fitting of the trained encoders' stages (voice_face_embedding, contrastive_speech): a training clip's value
     # comes from an encoder of `folds` that did not train on it, so models downstream train on inputs like the test
-    # ones (voice_encoder.fold_models). unit: clip, identity, or auto (identity when no held-out identity is in
+    # ones (encoder_stage.fold_models). unit: clip, identity, or auto (identity when no held-out identity is in
     # training). folds 0 or 1: no cross-fitting (training clips in-sample)
     "crossfit": {
         "folds": P(5, (int, ">= 0")),

@@ -19,9 +19,9 @@ Store stages (both key `embedding`, (D,) float32, one row per clip, train and te
   model trained downstream on this stage sees inputs as far from the truth as the ones it is tested on (in-sample, an
   MLP reproduces its training targets almost exactly: it would train on Face-to-Face's input and be tested on
   Speech-to-Face's). Layout normalisation is then fitted on those cross-fitted values too. With identity folds the
-  cross-fitting is nested (fold_models): fold k's models read `voice_face_embedding.fold<k>`, whose every value
-  comes from an encoder that never saw fold k (its own clips from the encoder without fold k, a clip of fold j from
-  the one without folds j and k), its provenance naming each encoder's folds and training identities.
+  cross-fitting is nested (encoder_stage.fold_models): fold k's models read `voice_face_embedding.fold<k>`, whose
+  every value comes from an encoder that never saw fold k (its own clips from the encoder without fold k, a clip of
+  fold j from the one without folds j and k), its provenance naming each encoder's folds and training identities.
 
 Voice encoder backends (`speech2face.voice_encoder.backend`), all trained from the training split's clips that have
 a face embedding:
@@ -56,7 +56,6 @@ under `identity`. Written to `results/<grid>/voice_encoder/metrics.csv` (tables.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from importlib import metadata
@@ -68,29 +67,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slf_utils import encoder_stage as S
 from slf_utils import recognisers, retrieval, tables
-from slf_utils.basics import (
-    atomic_write,
-    atomic_write_json,
-    atomic_write_text,
-    default,
-    exists,
-    params_hash,
-    provenance,
-    resolve,
-)
-from slf_utils.folds import (
-    HELD_OUT,
-    encoder_key,
-    encoder_keys,
-    fold_stage,
-    identity_folds,
-    key_name,
-    n_folds,
-    per_fold_gallery,
-    seeded_folds,
-    training_clips,
-)
+from slf_utils.basics import default, exists, params_hash, provenance, resolve
+from slf_utils.folds import per_fold_gallery, training_clips
 from slf_utils.preprocessing import SAMPLE_RATE
 from slf_utils.store import AUDIO_STAGE, Store, open_store
 
@@ -100,9 +80,7 @@ SYSTEM = "voice_encoder"
 CEILING = "real_face_embedding"  # each real face's own embedding as the query: what a perfect encoder would score
 BACKENDS = ("mlp", "ve_conv", "ast")
 AST_HUB = "MIT/ast-finetuned-audioset-10-10-0.4593"
-SPLITS = ("test", "train")
 N_FFT, WIN, HOP = 512, 400, 160  # the paper's STFT at 16 kHz: 25 ms Hann window, 10 ms hop, 512-point FFT
-CHUNK = 256  # clips read, embedded and written at a time
 # the parameters each backend's model depends on (besides the common ones): only these enter its hash
 COMMON_KEYS = ("backend", "dropout", "steps", "batch_size", "lr", "weight_decay", "seed", "loss")
 BACKEND_KEYS = {
@@ -110,7 +88,6 @@ BACKEND_KEYS = {
     "ve_conv": ("channels", "spectrogram", "n_mels", "seconds", "hidden"),
     "ast": ("ast_source", "ast_freeze", "seconds"),
 }
-METRICS_COLUMNS = tables.METRIC_COLUMNS  # its `split`: train or test
 
 
 def _version(pkg):
@@ -118,14 +95,6 @@ def _version(pkg):
         return metadata.version(pkg)
     except metadata.PackageNotFoundError:
         return None
-
-
-def out_dir(cfg) -> Path:
-    return Path(cfg["results"]) / SYSTEM
-
-
-def model_dir(cfg) -> Path:
-    return out_dir(cfg) / "model"
 
 
 # ---------------------------------------------------------------------------------------------- face embeddings
@@ -176,8 +145,8 @@ def run_face_embeddings(cfg, store: Store | None = None, log=print) -> dict:
     reason = f"{embedder.name}: no face found in the stored crop ({embedder.info.get('detector_backend')} detector)"
     if todo:
         log(f"{FACE_STAGE}: {len(todo)} of {len(clips)} faces to embed with {embedder.name}")
-    for start in range(0, len(todo), CHUNK):
-        ids = todo[start : start + CHUNK]
+    for start in range(0, len(todo), S.CHUNK):
+        ids = todo[start : start + S.CHUNK]
         faces = store.load_stacked("preprocess", ids, keys=["face"])["face"]
         results, errors = _embed_chunk(embedder, ids, faces)
         for rid, emb, det in results:
@@ -283,10 +252,16 @@ def spectrogram(audio: torch.Tensor, kind: str = "power_law", n_mels: int = 64) 
     return torch.log(s.abs().pow(2) @ fb + 1e-6).unsqueeze(1)
 
 
+def _as_tensor(batch: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
+
+
 class VEConv(nn.Module):
     """The Speech2Face voice encoder (the paper's Table 1) on raw audio: spectrogram, 4x4 conv-ReLU-BN blocks (2x1
     max-pooling in time after each block but the first two and the last two, stride 2 in the last two), average
     over time, FC-ReLU-Dropout-FC. With the paper's eight widths this is its layer list."""
+
+    featurize = staticmethod(_as_tensor)  # a batch of audio windows -> the forward's input
 
     def __init__(self, out_dim, channels, hidden=512, dropout=0.0, spectrogram="power_law", n_mels=64):
         super().__init__()
@@ -315,11 +290,12 @@ class VEConv(nn.Module):
 
 class ASTEncoder(nn.Module):
     """An Audio Spectrogram Transformer with a regression head (LayerNorm, Dropout, Linear to D) on its pooled
-    output. `freeze`: only the head trains (the transformer stays in eval mode)."""
+    output, its input the feature extractor `fe`'s (`featurize`). `freeze`: only the head trains (the transformer
+    stays in eval mode)."""
 
-    def __init__(self, ast, out_dim, dropout=0.0, freeze=False):
+    def __init__(self, ast, fe, out_dim, dropout=0.0, freeze=False):
         super().__init__()
-        self.ast, self.freeze = ast, freeze
+        self.ast, self.freeze, self.featurize = ast, freeze, _ast_featurize(fe)
         h = ast.config.hidden_size
         self.head = nn.Sequential(nn.LayerNorm(h), nn.Dropout(dropout), nn.Linear(h, out_dim))
         if freeze:
@@ -364,29 +340,25 @@ def _ast_featurize(fe):
     return featurize
 
 
-def _as_tensor(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32))
-
-
-def build_encoder(meta: dict):
-    """(model, featurize) from a model's meta (randomly initialised: load its state dict next)."""
+def build_encoder(meta: dict) -> nn.Module:
+    """The encoder of a model's meta (randomly initialised: load its state dict next)."""
     b = meta["backend"]
     if b == "mlp":
-        return MLPEncoder(meta["n_in"], meta["out_dim"], meta["hidden"], meta["dropout"]), _as_tensor
+        return MLPEncoder(meta["n_in"], meta["out_dim"], meta["hidden"], meta["dropout"])
     if b == "ve_conv":
         args = (meta["channels"], meta["hidden"], meta["dropout"], meta["spectrogram"], meta["n_mels"])
-        return VEConv(meta["out_dim"], *args), _as_tensor
+        return VEConv(meta["out_dim"], *args)
     if b == "ast":
         from transformers import ASTConfig, ASTFeatureExtractor, ASTModel
 
         ast = ASTModel(ASTConfig.from_dict(meta["ast_config"]))
         fe = ASTFeatureExtractor.from_dict(meta["ast_features"])
-        return ASTEncoder(ast, meta["out_dim"], meta["dropout"], meta["ast_freeze"]), _ast_featurize(fe)
+        return ASTEncoder(ast, fe, meta["out_dim"], meta["dropout"], meta["ast_freeze"])
     raise ValueError(f"speech2face.voice_encoder.backend must be one of {', '.join(BACKENDS)}, got {b!r}")
 
 
 def new_encoder(ve: dict, out_dim: int, n_in: int | None = None):
-    """(model, featurize, meta) of a fresh encoder for the voice_encoder parameters `ve`; an AST starts from its
+    """(model, meta) of a fresh encoder for the voice_encoder parameters `ve`; an AST starts from its
     pretrained weights."""
     meta = {"backend": ve["backend"], "out_dim": int(out_dim), "dropout": ve["dropout"]}
     meta.update({k: ve[k] for k in BACKEND_KEYS[ve["backend"]]})
@@ -396,49 +368,13 @@ def new_encoder(ve: dict, out_dim: int, n_in: int | None = None):
         ast, fe = load_ast(ve["ast_source"])
         meta["ast_config"] = json.loads(ast.config.to_json_string())
         meta["ast_features"] = fe.to_dict()
-        return ASTEncoder(ast, out_dim, ve["dropout"], ve["ast_freeze"]), _ast_featurize(fe), meta
-    model, featurize = build_encoder(meta)
-    return model, featurize, meta
+        return ASTEncoder(ast, fe, out_dim, ve["dropout"], ve["ast_freeze"]), meta
+    return build_encoder(meta), meta
 
 
 # ---------------------------------------------------------------------------------------------- inputs
 def input_stages(ve: dict) -> list[str]:
     return list(ve["inputs"]) if ve["backend"] == "mlp" else [AUDIO_STAGE]
-
-
-def clips_with(store: Store, stages) -> set[str]:
-    """Clips whose every one of `stages` is done."""
-    out = None
-    for s in stages:
-        ids = set(store.clips(stage=s)["clip_id"])
-        out = ids if out is None else out & ids
-    return out or set()
-
-
-def vector_inputs(store: Store, clip_ids, stages) -> np.ndarray:
-    """(N, F) float32: the stored embeddings of `stages` concatenated (`speaker_windows`: the mean of a clip's
-    windows)."""
-    parts = []
-    for s in stages:
-        if s == "speaker_windows":
-            arr, lens = store.load_stacked(s, clip_ids, with_lengths=True, keys=["embedding"])
-            e, n = arr["embedding"], lens["embedding"]
-            mask = (np.arange(e.shape[1])[None] < n[:, None])[..., None]
-            parts.append((e * mask).sum(1) / np.maximum(n, 1)[:, None])
-        else:
-            parts.append(store.load_stacked(s, clip_ids, keys=["embedding"])["embedding"].reshape(len(clip_ids), -1))
-    return np.concatenate(parts, 1).astype(np.float32)
-
-
-class VectorInputs:
-    def __init__(self, x: np.ndarray):
-        self.x = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-
-    def __len__(self):
-        return len(self.x)
-
-    def batch(self, idx, rng=None):
-        return self.x[np.asarray(idx)]
 
 
 def audio_window(audio: np.ndarray, n: int, offset: int = 0) -> np.ndarray:
@@ -474,90 +410,27 @@ class AudioInputs:
             a = self.audio(self.clip_ids[i])
             offset = int(rng.integers(0, max(1, len(a) - self.n + 1))) if rng is not None else 0
             windows.append(audio_window(a, self.n, offset))
-        return self.featurize(np.stack(windows))
+        return (self.featurize(np.stack(windows)),)
 
 
-def make_inputs(store, clip_ids, ve, featurize):
+def make_inputs(store, clip_ids, ve, model):
     if ve["backend"] == "mlp":
-        return VectorInputs(vector_inputs(store, list(clip_ids), ve["inputs"]))
-    return AudioInputs(store, clip_ids, ve["seconds"], featurize)
+        return S.VectorInputs(S.vector_inputs(store, list(clip_ids), ve["inputs"]))
+    return AudioInputs(store, clip_ids, ve["seconds"], model.featurize)
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _save_torch(path: Path, obj):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def save_training(checkpoint, key, model, opt, rng, order, pos, step, history):
-    """A resumable training state (model, optimizer, both RNGs, the epoch's order and position, the loss so far),
-    tagged with `key` so that a run with other settings does not resume from it. Shared by notebooks 06 and 07."""
-    state = {"key": key, "model": model.state_dict(), "optimizer": opt.state_dict()}
-    state.update({"rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()})
-    state.update({"order": order, "pos": pos, "step": step, "history": history})
-    _save_torch(Path(checkpoint), state)
-
-
-def resume_training(checkpoint, key, model, opt, rng):
-    """Restore `save_training`'s state into model, optimizer and RNGs when `checkpoint` holds one of this `key`:
-    (order, pos, step, history), else None."""
-    if not (exists(checkpoint) and Path(checkpoint).exists()):
-        return None
-    ck = torch.load(checkpoint, weights_only=False)
-    if ck.get("key") != key:
-        return None
-    model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
-    rng.bit_generator.state = ck["rng"]
-    torch.set_rng_state(ck["torch_rng"])
-    return ck["order"], ck["pos"], ck["step"], ck["history"]
-
-
 def train_encoder(
     model, inputs, targets, ve, log=print, checkpoint=None, key=None, decoder_layer=None, classifier=None
 ) -> pd.DataFrame:
-    """Adam on `speech2face_loss` for `ve['steps']` steps of `ve['batch_size']` clips (seeded epochs of shuffled
-    clips). With `checkpoint` (a path) the state is saved every `checkpoint_every` steps and a checkpoint of the
-    same `key` is resumed from. Returns the loss per step (columns step, loss and each term)."""
-    torch.manual_seed(ve["seed"])
-    rng = np.random.default_rng(ve["seed"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=ve["lr"], weight_decay=ve["weight_decay"])
+    """Adam on `speech2face_loss` for `ve['steps']` steps of `ve['batch_size']` clips (encoder_stage.train).
+    Returns the loss per step (columns step, loss and each term)."""
     y = torch.from_numpy(np.ascontiguousarray(targets, np.float32))
-    n, bs, steps = len(y), min(ve["batch_size"], len(y)), ve["steps"]
-    order, pos, start, history = rng.permutation(n), 0, 0, []
-    resumed = resume_training(checkpoint, key, model, opt, rng)
-    if exists(resumed):
-        order, pos, start, history = resumed
-        log(f"{SYSTEM}: resuming training at step {start} of {steps}")
-    model.train()
-    every = max(1, steps // 10)
-    t0 = time.time()
-    for step in range(start, steps):
-        if pos + bs > n:
-            order, pos = rng.permutation(n), 0
-        idx = order[pos : pos + bs]
-        pos += bs
-        loss, parts = speech2face_loss(model(inputs.batch(idx, rng)), y[idx], ve["loss"], decoder_layer, classifier)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append({"step": step + 1, "loss": loss.item(), **{k: v.item() for k, v in parts.items()}})
-        if (step + 1) % every == 0 or step + 1 == steps:
-            log(f"{SYSTEM}: step {step + 1}/{steps} loss {history[-1]['loss']:.4f} ({time.time() - t0:.1f} s)")
-        if exists(checkpoint) and (step + 1) % ve["checkpoint_every"] == 0 and step + 1 < steps:
-            save_training(checkpoint, key, model, opt, rng, order, pos, step + 1, history)
-    model.eval()
-    return pd.DataFrame(history)
 
+    def batch_loss(idx, rng):
+        return speech2face_loss(model(*inputs.batch(idx, rng)), y[idx], ve["loss"], decoder_layer, classifier)
 
-@torch.no_grad()
-def predict(model, inputs, batch_size: int = 64) -> np.ndarray:
-    """(N, D) raw encoder outputs for every clip of `inputs`, in order."""
-    model.eval()
-    out = [
-        model(inputs.batch(np.arange(i, min(i + batch_size, len(inputs))))) for i in range(0, len(inputs), batch_size)
-    ]
-    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
+    return S.train(model, ve, len(y), batch_loss, SYSTEM, log, checkpoint, key)
 
 
 def scaled(pred: np.ndarray, scale: float) -> np.ndarray:
@@ -570,61 +443,24 @@ def hashed_params(ve: dict) -> dict:
     return {k: ve[k] for k in (*COMMON_KEYS, *BACKEND_KEYS[ve["backend"]])}
 
 
-def data_fingerprint(store: Store, stages, clip_ids) -> str:
-    """Which versions of which arrays a model was trained on: each clip's (params hash, write sequence) per stage."""
-    want, h = set(clip_ids), hashlib.sha1()
-    for s in stages:
-        st = store.status(s)
-        st = st[st["clip_id"].isin(want) & (st["status"] == "done")].sort_values("clip_id")
-        h.update(s.encode())
-        h.update(st[["clip_id", "params_hash", "seq"]].to_csv(index=False).encode())
-    return h.hexdigest()[:12]
-
-
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
-
-
-def load_model(directory) -> tuple[nn.Module, object, dict]:
-    """(model in eval mode, featurize, meta) of a trained encoder folder (`voice_encoder/model`)."""
+def load_model(directory) -> tuple[nn.Module, dict]:
+    """(model in eval mode, meta) of a trained encoder folder (`voice_encoder/model`)."""
     directory = Path(directory)
     meta = json.loads((directory / "meta.json").read_text())
-    model, featurize = build_encoder(meta)
+    model = build_encoder(meta)
     model.load_state_dict(torch.load(directory / "encoder.pt", weights_only=True))
-    return model.eval(), featurize, meta
+    return model.eval(), meta
 
 
-def crossfit_folds(clips: pd.DataFrame, cf: dict) -> tuple[dict, str]:
-    """({training clip id: fold}, unit) of `crossfit` ({folds, unit, seed}): folds of clips or of identities (`auto`:
-    identities when no held-out identity is a training identity, the open-set regime; clips otherwise, where the
-    test clips' speakers are in training too), assigned by a seeded permutation. folds < 2: {} (no cross-fitting)."""
-    train = clips[clips["split"] == "train"]
-    unit = cf["unit"]
-    if unit == "auto":
-        held = set(clips.loc[clips["split"].isin(HELD_OUT), "identity"])
-        unit = "clip" if held & set(train["identity"]) else "identity"
-    if int(cf["folds"]) < 2:
-        return {}, unit
-    keys = train["clip_id"] if unit == "clip" else train["identity"]
-    fold_of = seeded_folds(keys, cf["folds"], cf["seed"])
-    return {c: fold_of[k] for c, k in zip(train["clip_id"], keys)}, unit
-
-
-def ensure_model(
-    cfg, store: Store, face_hash: str, log=print, exclude=(), mdir=None
-) -> tuple[nn.Module, object, dict, pd.DataFrame, bool]:
+def ensure_model(cfg, store: Store, face_hash: str, log=print, exclude=(), mdir=None):
     """Train the encoder on the training split's clips with a face embedding (of `face_hash`) and the inputs (less
     `exclude`: a cross-fitting fold), unless `mdir` (default `voice_encoder/model/`) holds one trained with the same
-    parameters on the same arrays. Returns (model, featurize, meta, loss per step, trained now)."""
+    parameters on the same arrays (encoder_stage.ensure_model). Returns (model, meta, loss per step, trained now)."""
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
     faces = store.done(FACE_STAGE, face_hash)
-    usable = clips_with(store, stages)
-    mdir = Path(default(mdir, model_dir(cfg)))
+    usable = S.clips_with(store, stages)
+    mdir = Path(default(mdir, S.model_dir(cfg, SYSTEM)))
     train = training_clips(store, who=f"{SYSTEM} ({mdir.name})")  # the train split: never a gallery clip
     exclude = set(exclude)
     ids = [c for c in train["clip_id"] if c in faces and c in usable and c not in exclude]
@@ -633,289 +469,78 @@ def ensure_model(
             f"{store}: no training clip has both a face embedding and the encoder's inputs {stages} "
             "(run notebooks 01 and 02 first)"
         )
-    key = params_hash({"encoder": hashed_params(ve), "data": data_fingerprint(store, [FACE_STAGE, *stages], ids)})
-    # whom it learnt from: the nested cross-fitting's provenance checks it (fold_stage_provenance)
+    key = params_hash({"encoder": hashed_params(ve), "data": S.data_fingerprint(store, [FACE_STAGE, *stages], ids)})
     idents = sorted(set(train.loc[train["clip_id"].isin(set(ids)), "identity"]))
-    if (mdir / "meta.json").exists() and (mdir / "encoder.pt").exists():
-        meta = json.loads((mdir / "meta.json").read_text())
-        if meta.get("train_hash") == key:
-            model, featurize, meta = load_model(mdir)
-            log(f"{SYSTEM}: model {meta['model_hash']} already trained with these parameters: reused")
-            return model, featurize, meta | {"train_identities": idents}, pd.read_csv(mdir / "loss.csv"), False
-    t0 = time.time()
-    (mdir / "meta.json").unlink(missing_ok=True)  # the old model is gone once training starts
-    targets = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"].astype(np.float32)
-    x = vector_inputs(store, ids, ve["inputs"]) if ve["backend"] == "mlp" else None
-    torch.manual_seed(ve["seed"])  # the initial weights too
-    model, featurize, meta = new_encoder(ve, targets.shape[1], None if x is None else x.shape[1])
-    if ve["backend"] == "mlp":
-        model.mean.copy_(torch.from_numpy(x.mean(0)))
-        model.std.copy_(torch.from_numpy(x.std(0) + 1e-6))
-        inputs = VectorInputs(x)
-    else:
-        inputs = AudioInputs(store, ids, ve["seconds"], featurize)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log(f"{SYSTEM}: training {ve['backend']} ({n_params:,} parameters) on {len(ids)} clips for {ve['steps']} steps")
-    history = train_encoder(model, inputs, targets, ve, log, mdir / "checkpoint.pt", key)
-    seconds = round(time.time() - t0, 1)
-    _save_torch(mdir / "encoder.pt", model.state_dict())
-    meta.update(
-        {
-            "train_hash": key,
-            "model_hash": _file_hash(mdir / "encoder.pt"),
-            "scale": float(np.median(np.linalg.norm(targets, axis=1))),
-            "face_stage_hash": face_hash,
-            "n_train_clips": len(ids),
-            "n_train_identities": len(idents),
-            "train_identities": idents,
-            "trainable_parameters": int(n_params),
-            "seconds": seconds,
-            "final_loss": float(history["loss"].iloc[-1]) if len(history) else None,
-        }
-    )
-    atomic_write_text(mdir / "loss.csv", history.to_csv(index=False))
-    atomic_write_json(mdir / "provenance.json", provenance({"params": hashed_params(ve), **meta}))
-    atomic_write_json(mdir / "meta.json", meta)  # last: a model exists once its meta does
-    (mdir / "checkpoint.pt").unlink(missing_ok=True)
-    log(f"{SYSTEM}: trained in {seconds} s, final loss {meta['final_loss']:.4f}, model {meta['model_hash']}")
-    return model, featurize, meta, history, True
 
+    def fresh():
+        targets = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"].astype(np.float32)
+        x = S.vector_inputs(store, ids, ve["inputs"]) if ve["backend"] == "mlp" else None
+        torch.manual_seed(ve["seed"])  # the initial weights too
+        model, meta = new_encoder(ve, targets.shape[1], None if x is None else x.shape[1])
+        if ve["backend"] == "mlp":
+            model.mean.copy_(torch.from_numpy(x.mean(0)))
+            model.std.copy_(torch.from_numpy(x.std(0) + 1e-6))
+            inputs = S.VectorInputs(x)
+        else:
+            inputs = AudioInputs(store, ids, ve["seconds"], model.featurize)
 
-def _input_hash(store: Store, stage: str):
-    return store.provenance("preprocess" if stage == AUDIO_STAGE else stage).get("params_hash")
+        def fit(checkpoint):
+            history = train_encoder(model, inputs, targets, ve, log, checkpoint, key)
+            return history, {"scale": float(np.median(np.linalg.norm(targets, axis=1))), "face_stage_hash": face_hash}
 
+        return model, meta, fit
 
-def fill_stage(store: Store, stage: str, h: str, inputs, compute, summary: dict, prov: dict, log=print) -> dict:
-    """Write `stage` (array `embedding`) for every clip with all of `inputs` that has no row of parameter hash `h`:
-    `compute(ids)` gives their (n, D) rows, CHUNK clips a transaction. Provenance is `prov` plus the returned
-    summary (stage, params_hash, `summary`, computed, done, seconds). Shared by notebooks 06 and 07."""
-    t0 = time.time()
-    finished = store.finished(stage, h)
-    todo = sorted(c for c in clips_with(store, inputs) if c not in finished)
-    for start in range(0, len(todo), CHUNK):
-        ids = todo[start : start + CHUNK]
-        store.put_many(stage, [(c, {"embedding": e}) for c, e in zip(ids, compute(ids))], h)
-    out = {"stage": stage, "params_hash": h, **summary, "computed": len(todo), "done": len(store.done(stage, h))}
-    out["seconds"] = round(time.time() - t0, 2)
-    store.set_provenance(stage, provenance({**prov, **out}))
-    if todo:
-        log(f"{stage}: {len(todo)} clips written in {out['seconds']} s")
-    return out
-
-
-def fold_models(cfg, store: Store, ensure, log=print) -> tuple[dict, dict, dict]:
-    """The encoders of a cross-fitted stage: ({None: the one trained on every training clip, key: one trained without
-    some clips}, {clip: the key of the encoder that writes its value in the stage}, provenance). `ensure(exclude,
-    subfolder)` trains (or reuses) one encoder; shared by notebooks 06 and 07. Every result is (model, ..., meta, ...)
-    with meta['model_hash'].
-
-    Closed set: key i is cross-fitting fold i (`crossfit`): a training clip from the encoder of the fold that left it
-    out, a held-out clip from the full encoder. Identity folds (nested cross-fitting): a key is the tuple of identity
-    folds left out (folds.encoder_keys: each fold, each pair; subfolders `fold1`, `fold0-2`); the stage holds each
-    clip's value from the encoder without its own fold (the encoders' own evaluation), and fold k's models read
-    fold_stage(stage, k) (outer_routes, write_fold_stages)."""
-    clips = store.clips()
-    if n_folds(cfg) == 2:  # fold j's training clips under outer fold k: an encoder trained on neither j nor k
-        raise ValueError(
-            "data.identity_folds.folds is 2: nested cross-fitting of a trained encoder's stage needs at least 3 "
-            "identity folds (the encoder that writes fold j's training clips for fold k's models leaves out both)"
-        )
-    if n_folds(cfg):
-        fold_of = identity_folds(cfg, clips)
-        fold_of_clip = {c: fold_of[i] for c, i in zip(clips["clip_id"], clips["identity"])}
-        folds, keys = {c: encoder_key(f, None) for c, f in fold_of_clip.items()}, encoder_keys(n_folds(cfg))
-        how = {"folds": n_folds(cfg), "unit": "identity", "seed": cfg["data"]["identity_folds"]["seed"]}
-        how |= {
-            "of": "identities",
-            "nested": "per outer fold k: fold k's clips from the encoder without fold k, a "
-            "clip of fold j from the encoder without folds j and k (stages <stage>.fold<k>)",
-        }
-    else:
-        folds, unit = crossfit_folds(clips, cfg["crossfit"])
-        fold_of_clip, keys, how = folds, sorted(set(folds.values())), {**cfg["crossfit"], "unit": unit}
-    models = {None: ensure((), None)}
-    for i, key in enumerate(keys):
-        out = set(key) if isinstance(key, tuple) else {key}
-        log(f"cross-fitting: encoder {i + 1} of {len(keys)}, without fold(s) {sorted(out)}")
-        sub = key_name(key) if isinstance(key, tuple) else f"fold{key}"
-        models[key] = ensure({c for c, f in fold_of_clip.items() if f in out}, sub)
-    prov = {
-        "crossfit": {**how, "clips_out_of_fold": len(folds)},
-        "values": "every clip from the encoder trained without its identity's fold (data.identity_folds); fold k's "
-        "models read <stage>.fold<k> (nested: no value from an encoder that saw fold k)"
-        if n_folds(cfg)
-        else "training clips: the encoder of the fold that left them out; held-out clips: the encoder of all "
-        "training clips"
-        if folds
-        else "every clip from the encoder of all training clips (no cross-fitting: training clips are in-sample)",
-    }
-    return models, folds, prov
-
-
-def key_label(key) -> str:
-    """An encoder's key in provenance: None (every training clip), a cross-fitting fold, or folds.key_name."""
-    return key_name(key) if isinstance(key, tuple) else str(key)
-
-
-def outer_routes(cfg, folds: dict) -> dict:
-    """{outer fold k: {clip: the key of the encoder whose value of it fold k's models read}} (nested cross-fitting,
-    folds.encoder_key) from fold_models' `folds`; {} in the closed set."""
-    if not n_folds(cfg):
-        return {}
-    return {k: {c: encoder_key(key[0], k) for c, key in folds.items()} for k in range(n_folds(cfg))}
-
-
-def fold_stage_provenance(route: dict, metas: dict, outer: int) -> dict:
-    """What fold `outer`'s stage was made from: every encoder it reads (its model hash, the identity folds it was
-    trained without and the identities it was trained on) and which encoder wrote the clips of each identity fold."""
-    used = sorted(set(route.values()))
-    return {
-        "outer_fold": outer,
-        "encoders": {
-            key_name(k): {
-                "without_folds": list(k),
-                "model_hash": metas[k]["model_hash"],
-                "train_identities": metas[k].get("train_identities"),
-            }
-            for k in used
-        },
-        # a clip of identity fold j: the encoder without folds j and `outer` (fold `outer`'s own: without it alone)
-        "values_of_fold": {str((set(k) - {outer} or {outer}).pop()): key_name(k) for k in used},
-    }
-
-
-def write_fold_stages(cfg, store, stage, models, folds, meta_of, predict_with, inputs, summary, prov, log) -> dict:
-    """Nested cross-fitting's stages: for every outer fold k, fold_stage(stage, k) holds each clip's value from the
-    encoder outer_routes names (`predict_with(k, key, ids)` computes them), with fold_stage_provenance. Shared by
-    notebooks 06 and 07; {k: fill_stage summary}, {} in the closed set."""
-    metas = {k: meta_of(m) for k, m in models.items()}
-    out = {}
-    for k, route in outer_routes(cfg, folds).items():
-        h = params_hash(
-            {
-                "stage": summary,
-                "outer": k,
-                "models": {key_label(c): metas[c]["model_hash"] for c in set(route.values())},
-                "routes": {c: key_label(v) for c, v in route.items()},
-            }
-        )
-
-        def compute(ids, k=k, route=route):
-            return routed(ids, route, lambda key, part: predict_with(k, key, part))
-
-        p = {**prov, **fold_stage_provenance(route, metas, k)}
-        out[k] = fill_stage(store, fold_stage(stage, k), h, inputs, compute, summary, p, log)
-    return out
-
-
-def routed(ids, folds: dict, predict_with) -> np.ndarray:
-    """Rows of `ids` in order, each computed by `predict_with(fold, ids of that fold)` (fold None: held-out or not
-    cross-fitted)."""
-    groups = {}
-    for i, c in enumerate(ids):
-        groups.setdefault(folds.get(c), []).append(i)
-    out = [None] * len(ids)
-    for f, idx in groups.items():
-        for i, row in zip(idx, predict_with(f, [ids[i] for i in idx])):
-            out[i] = row
-    return np.stack(out)
+    return S.ensure_model(mdir, key, ids, idents, load_model, fresh, hashed_params(ve), ve["backend"], SYSTEM, log)
 
 
 def run_predictions(cfg, store: Store, models: dict, folds: dict, crossfit: dict, log=print) -> dict:
     """The `voice_face_embedding` stage for every clip with the encoder's inputs, train and test, where it is missing
-    or was made by other models (`models`, `folds`: fold_models). Returns a summary (params_hash, computed, done)."""
+    or was made by other models (`models`, `folds`: encoder_stage.fold_models), and its nested fold stages. Returns a
+    summary (params_hash, computed, done, fold_stages)."""
     ve = cfg["speech2face"]["voice_encoder"]
     stages = input_stages(ve)
-    meta = models[None][2]
-    hashes = {key_label(f): m[2]["model_hash"] for f, m in models.items()}
-    h = params_hash({"model": hashes, "folds": folds, "inputs": {s: _input_hash(store, s) for s in stages}})
+    meta = models[None][1]
+    hashes = {S.key_label(f): m[1]["model_hash"] for f, m in models.items()}
+    inputs = {s: S.input_hash(store, s) for s in stages}
+    h = params_hash({"model": hashes, "folds": folds, "inputs": inputs})
 
-    def compute(ids):
-        def with_fold(f, part):
-            model, featurize, m = models[f][:3]
-            return scaled(predict(model, make_inputs(store, part, ve, featurize), ve["batch_size"]), m["scale"])
-
-        return routed(ids, folds, with_fold)
+    def with_fold(f, part):
+        model, m = models[f][:2]
+        return scaled(S.predict(model, make_inputs(store, part, ve, model), ve["batch_size"]), m["scale"])
 
     summary = {"model_hash": meta["model_hash"], "fold_model_hashes": hashes, "embedding_dim": meta["out_dim"]}
     prov = {"backend": ve["backend"], "train_hash": meta["train_hash"], "scale": meta["scale"], **crossfit}
-    out = fill_stage(store, VOICE_STAGE, h, stages, compute, summary, prov, log)
-
-    def with_key(outer, key, part):
-        model, featurize, m = models[key][:3]
-        return scaled(predict(model, make_inputs(store, part, ve, featurize), ve["batch_size"]), m["scale"])
-
-    fold_summary = {**summary, "inputs": {s: _input_hash(store, s) for s in stages}}
-    args = (models, folds, lambda m: m[2], with_key, stages, fold_summary, prov, log)
-    out["fold_stages"] = write_fold_stages(cfg, store, VOICE_STAGE, *args)
+    out = S.fill_stage(store, VOICE_STAGE, h, stages, lambda ids: S.routed(ids, folds, with_fold), summary, prov, log)
+    args = (models, folds, lambda outer, key, part: with_fold(key, part), stages, {**summary, "inputs": inputs})
+    out["fold_stages"] = S.write_fold_stages(cfg, store, VOICE_STAGE, *args, prov, log)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(cfg, store: Store, face_hash: str, voice_hash: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Embedding-space retrieval of each split (see the module's docstring): (metrics, hits), with a `split`
-    column beside the tables' columns (tables.METRIC_COLUMNS)."""
-    ev = recognisers.eval_params(cfg)
-    metric = cfg["speech2face"]["voice_encoder"]["metric"]
-    ks, boot, seed = ev["ks"], ev["bootstrap"], ev["seed"]
-    faces, voices = store.done(FACE_STAGE, face_hash), store.done(VOICE_STAGE, voice_hash)
-    rows, hit_frames = [], []
-    for split in SPLITS:
-        g = store.clips(split=split)
-        g = g[g["clip_id"].isin(faces)]
-        if g.empty:
-            continue
-        ids, idents = g["clip_id"].tolist(), g["identity"].tolist()
-        gallery = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"]
-        q = [c for c in ids if c in voices]
-        queries = store.load_stacked(VOICE_STAGE, q, keys=["embedding"])["embedding"] if q else np.zeros((0, 1))
-        own = retrieval.own_entries(q, ids)
-        groups = retrieval.gallery_groups(cfg, store, idents)  # per-fold galleries, as notebook 04's
-        hits = retrieval.protocol_hits(queries, own, gallery, idents, ks, metric, groups)
-        r = tables.recall_rows(SYSTEM, np.nan, hits, boot, seed, idents)
-        r += tables.chance_rows(SYSTEM, idents, ks, groups=groups)
-        cos = np.full(len(ids), np.nan)
-        if q:
-            a, b = queries, gallery[own]
-            cos[own] = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-        r.append(tables.metric_row(SYSTEM, np.nan, "cosine_to_own_face", cos, boot, seed, clusters=idents))
-        r.append(tables.constant_row(SYSTEM, "n_unsampled", float(len(ids) - len(q)), len(ids)))
-        ceiling = retrieval.protocol_hits(gallery, np.arange(len(ids)), gallery, idents, ks, metric, groups)
-        r += tables.recall_rows(CEILING, np.nan, ceiling, boot, seed, idents)
-        rows += [{**x, "split": split} for x in r]
-        for system, h in ((SYSTEM, hits), (CEILING, ceiling)):
-            hit_frames.append(tables.hit_frame(system, np.nan, ids, idents, h).assign(split=split))
-    metrics = pd.DataFrame(rows, columns=METRICS_COLUMNS)
-    hits = pd.concat(hit_frames, ignore_index=True) if hit_frames else pd.DataFrame(columns=tables.HIT_COLUMNS)
-    return metrics, hits
+    """Embedding-space retrieval of each split (see the module's docstring, encoder_stage.evaluate): (metrics, hits),
+    with a `split` column beside the tables' columns (tables.METRIC_COLUMNS)."""
+
+    def gallery(ids, idents):  # the real faces' embeddings, per-fold galleries as notebook 04's
+        faces = store.load_stacked(FACE_STAGE, ids, keys=["embedding"])["embedding"]
+        return faces, retrieval.gallery_groups(cfg, store, idents)
+
+    faces, metric = store.done(FACE_STAGE, face_hash), cfg["speech2face"]["voice_encoder"]["metric"]
+    return S.evaluate(cfg, store, SYSTEM, CEILING, VOICE_STAGE, voice_hash, faces, gallery, metric)
 
 
 def recall_table(metrics: pd.DataFrame) -> pd.DataFrame:
     """Notebook 06's view: per split and protocol, recall@k value [95 % CI], chance@1, the ceiling's recall@1 (the
     real face's own embedding as the query: under `paper` always 1, under `identity` what the recogniser itself
     gives), the mean cosine of a prediction to its own face's embedding, and the number of gallery clips."""
-
-    def cell(r):
-        return f"{r['value']:.3f}" + (f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]" if pd.notna(r["ci_low"]) else "")
-
     out = []
-    for split in (s for s in SPLITS if s in set(metrics["split"])):
+    for split in (s for s in S.SPLITS if s in set(metrics["split"])):
         m = metrics[metrics["split"] == split]
         for p in retrieval.PROTOCOLS:
             view = tables.at_protocol(m[m["system"] == SYSTEM], p).set_index("metric")
             ceiling = m[(m["system"] == CEILING) & (m["protocol"] == p)].set_index("metric")
-            row = {"split": split, "protocol": p}
-            row.update({k: cell(view.loc[k]) for k in view.index if k.startswith("recall@")})
-            row["chance@1"] = round(float(view.loc["chance@1", "value"]), 3)
-            row["ceiling@1"] = cell(ceiling.loc["recall@1"])
-            row["cosine_to_own_face"] = cell(view.loc["cosine_to_own_face"])
-            row["n"] = int(view.loc["chance@1", "n"])
-            out.append(row)
+            out.append({"split": split, "protocol": p, **S.recall_row(view, ceiling)})
     return pd.DataFrame(out)
-
-
-def _fmt(row) -> str:
-    return f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
 
 
 # ---------------------------------------------------------------------------------------------- notebook 06
@@ -926,50 +551,23 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     model_dir}."""
     t0 = time.time()
     store = store if exists(store) else open_store(cfg)
-    ve = cfg["speech2face"]["voice_encoder"]
+    ve, mdir = cfg["speech2face"]["voice_encoder"], S.model_dir(cfg, SYSTEM)
     check_loss(ve)
     faces = run_face_embeddings(cfg, store, log)
-    models, folds, crossfit = fold_models(
+    models, folds, crossfit = S.fold_models(
         cfg,
         store,
-        lambda exclude, sub: ensure_model(
-            cfg, store, faces["params_hash"], log, exclude, model_dir(cfg) / sub if sub else None
-        ),
+        lambda exclude, sub: ensure_model(cfg, store, faces["params_hash"], log, exclude, mdir / sub if sub else None),
         log,
     )
-    _, _, meta, history, trained = models[None]
+    _, meta, history, trained = models[None]
     predictions = run_predictions(cfg, store, models, folds, crossfit, log)
     metrics, hits = evaluate(cfg, store, faces["params_hash"], predictions["params_hash"])
-    out = out_dir(cfg)
-    atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
-    atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
-    ev = recognisers.eval_params(cfg)
-    prov = {
-        "system": SYSTEM,
-        "face_embeddings": faces,
-        "predictions": predictions,
-        "model": meta,
-        "retrieval": {
-            "metric": ve["metric"],
-            "ks": ev["ks"],
-            "gallery": "real-face embeddings of the split's clips"
-            + (", each query ranked among its own identity fold's" if per_fold_gallery(cfg) else ""),
-        },
-        "ci": f"95 % percentile bootstrap over identities, {ev['bootstrap']} resamples, seed {ev['seed']}",
-        "seconds": round(time.time() - t0, 1),
-    }
-    atomic_write_json(out / "provenance.json", provenance(prov))
-    for split in SPLITS:
-        mine = metrics[(metrics["split"] == split) & (metrics["system"] == SYSTEM)]
-        r1 = mine[mine["metric"] == "recall@1"].set_index("protocol")
-        if len(r1):
-            chance = mine[mine["metric"] == "chance@1"]["value"].iloc[0]
-            ceiling = metrics[(metrics["split"] == split) & (metrics["system"] == CEILING)]
-            ceiling = ceiling[(ceiling["metric"] == "recall@1") & (ceiling["protocol"] == "identity")].iloc[0]
-            log(
-                f"{SYSTEM}: {split} recall@1 identity {_fmt(r1.loc['identity'])}, paper {_fmt(r1.loc['paper'])} "
-                f"(chance {chance:.3f}; real faces, identity protocol: {ceiling['value']:.3f})"
-            )
+    gallery = "real-face embeddings of the split's clips"
+    gallery += ", each query ranked among its own identity fold's" if per_fold_gallery(cfg) else ""
+    retrieval_ = {"metric": ve["metric"], "ks": recognisers.eval_params(cfg)["ks"], "gallery": gallery}
+    prov = {"face_embeddings": faces, "predictions": predictions, "model": meta, "retrieval": retrieval_}
+    S.write_results(cfg, SYSTEM, metrics, hits, prov, t0, log, ceiling=CEILING)
     return {
         "metrics": metrics,
         "table": recall_table(metrics),
@@ -978,7 +576,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
         "predictions": predictions,
         "model": meta,
         "trained": trained,
-        "model_dir": str(model_dir(cfg)),
+        "model_dir": str(mdir),
     }
 
 
@@ -988,11 +586,9 @@ def plot_training(result: dict):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
-    loss = result["loss"]
-    ax = axes[0]
+    loss, ax = result["loss"], axes[0]
     if len(loss):
-        ax.plot(loss["step"], loss["loss"], color="0.75", lw=0.8, label="per step")
-        ax.plot(loss["step"], loss["loss"].rolling(max(1, len(loss) // 50), min_periods=1).mean(), label="mean")
+        S.plot_loss(ax, loss)
     ax.set(title=f"voice encoder ({result['model']['backend']}) training loss", xlabel="step", ylabel="loss")
     if len(loss) and (loss["loss"] > 0).all():
         ax.set_yscale("log")
@@ -1000,21 +596,11 @@ def plot_training(result: dict):
     m = tables.at_protocol(result["metrics"], "identity")
     ceiling, m = m[m["system"] == CEILING], m[m["system"] == SYSTEM]
     ax = axes[1]
-    for i, split in enumerate(s for s in SPLITS if s in set(m["split"])):
-        r = m[(m["split"] == split) & m["metric"].str.startswith("recall@")]
-        ks = r["metric"].str.removeprefix("recall@").astype(int).to_numpy()
-        err = np.stack([r["value"] - r["ci_low"], r["ci_high"] - r["value"]])
-        ax.errorbar(ks + 0.1 * i, r["value"], yerr=err, marker="o", capsize=3, label=split)
+    for i, split in enumerate(s for s in S.SPLITS if s in set(m["split"])):
+        S.plot_recall(ax, m[(m["split"] == split) & m["metric"].str.startswith("recall@")], i, label=split)
         c = m[(m["split"] == split) & m["metric"].str.startswith("chance@")]
-        ax.plot(c["metric"].str.removeprefix("chance@").astype(int), c["value"], ":", color=f"C{i}")
+        ax.plot(S.at_k(c, "chance@"), c["value"], ":", color=f"C{i}")
         c = ceiling[ceiling["split"] == split]
-        ax.plot(c["metric"].str.removeprefix("recall@").astype(int), c["value"], "--", color=f"C{i}", lw=0.8)
-    ax.set(
-        title="recall@k, identity protocol\n(dashed: real faces as queries, dotted: chance)",
-        xlabel="k",
-        ylabel="recall",
-        ylim=(0, 1.05),
-    )
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.plot(S.at_k(c, "recall@"), c["value"], "--", color=f"C{i}", lw=0.8)
+    S.finish_recall(ax, "recall@k, identity protocol\n(dashed: real faces as queries, dotted: chance)")
     return fig

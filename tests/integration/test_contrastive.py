@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from slf_utils import contrastive as C
+from slf_utils import encoder_stage as S
 from slf_utils import grid, layout
 from slf_utils import voice_encoder as V
 from slf_utils.basics import ROOT, ParamsError
@@ -173,7 +174,7 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path):
         torch.manual_seed(0)
         return C.build_pair(meta)
 
-    class Killed(C.VectorInputs):
+    class Killed(S.VectorInputs):
         calls = 0
 
         def batch(self, idx, rng=None):
@@ -184,12 +185,12 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path):
 
     quiet, ck = (lambda *a: None), tmp_path / "checkpoint.pt"
     whole = fresh()
-    expected = C.train_pair(whole, C.VectorInputs(xs), C.VectorInputs(xf), idents, ct, quiet)
+    expected = C.train_pair(whole, S.VectorInputs(xs), S.VectorInputs(xf), idents, ct, quiet)
     with pytest.raises(KeyboardInterrupt):
-        C.train_pair(fresh(), Killed(xs), C.VectorInputs(xf), idents, ct, quiet, checkpoint=ck, key="a")
+        C.train_pair(fresh(), Killed(xs), S.VectorInputs(xf), idents, ct, quiet, checkpoint=ck, key="a")
     assert torch.load(ck, weights_only=False)["step"] == 20
     said, resumed = [], fresh()
-    history = C.train_pair(resumed, C.VectorInputs(xs), C.VectorInputs(xf), idents, ct, said.append, ck, "a")
+    history = C.train_pair(resumed, S.VectorInputs(xs), S.VectorInputs(xf), idents, ct, said.append, ck, "a")
     assert any("resuming training at step 20" in s for s in said)
     pd.testing.assert_frame_equal(history, expected)
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):

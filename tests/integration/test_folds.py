@@ -30,6 +30,7 @@ from slf_utils import (
     summary,
     tables,
 )
+from slf_utils import encoder_stage as S
 from slf_utils import voice_encoder as V
 from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
@@ -468,7 +469,7 @@ def test_nested_crossfitting_needs_three_folds(tmp_path):
     cfg = load_params(write_params(tmp_path, folds=2))
     synthetic_store(tmp_path / "results" / "store", n_identities=4, clips_per_identity=2, face_size=32)
     with pytest.raises(ValueError, match="folds is 2: nested cross-fitting .* at least 3"):
-        V.fold_models(cfg, open_store(cfg), lambda exclude, sub: None)
+        S.fold_models(cfg, open_store(cfg), lambda exclude, sub: None)
 
 
 # ------------------------------------------------------------------------------------------------ caches

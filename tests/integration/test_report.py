@@ -736,7 +736,8 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
     Super-Resolution made to keep everything, as Full Input does), differences.md still lists how the two trained
     systems differ, while the edited file alone would resolve them to the same recipe."""
     from slf_utils import diffusion, recipe
-    from slf_utils.config import ROOT, load_params
+    from slf_utils.basics import ROOT
+    from slf_utils.config import load_params
     from slf_utils.layout import Layout
     from slf_utils.synthetic import synthetic_store
 

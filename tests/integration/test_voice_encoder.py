@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from slf_utils import encoder_stage as S
 from slf_utils import recognisers
 from slf_utils import voice_encoder as V
 from slf_utils.basics import ParamsError
@@ -219,7 +220,7 @@ def test_cross_fitted_training_predictions_are_as_far_from_the_truth_as_test_one
     assert prov["crossfit"]["folds"] == 4 and prov["crossfit"]["clips_out_of_fold"] == 8
     assert set(prov["fold_model_hashes"]) == {"None", "0", "1", "2", "3"}
     # each training clip was left out of exactly the fold model that predicts it
-    folds, unit = V.crossfit_folds(store.clips(), {"folds": 4, "unit": "auto", "seed": 0})
+    folds, unit = S.crossfit_folds(store.clips(), {"folds": 4, "unit": "auto", "seed": 0})
     assert unit == "clip" and sorted(folds.values()) == [0, 0, 1, 1, 2, 2, 3, 3]
     for f in range(4):
         meta = json.loads((Path(res["model_dir"]) / f"fold{f}" / "meta.json").read_text())
@@ -239,7 +240,7 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path):
         torch.manual_seed(0)
         return V.MLPEncoder(5, 3, hidden=16, dropout=0.2)
 
-    class Killed(V.VectorInputs):
+    class Killed(S.VectorInputs):
         calls = 0
 
         def batch(self, idx, rng=None):
@@ -250,19 +251,19 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path):
 
     quiet, ck = (lambda *a: None), tmp_path / "checkpoint.pt"
     whole = fresh()
-    expected = V.train_encoder(whole, V.VectorInputs(x), y, ve, quiet)
+    expected = V.train_encoder(whole, S.VectorInputs(x), y, ve, quiet)
     with pytest.raises(KeyboardInterrupt):
         V.train_encoder(fresh(), Killed(x), y, ve, quiet, checkpoint=ck, key="a")
     assert torch.load(ck, weights_only=False)["step"] == 20
     said = []
     resumed = fresh()
-    history = V.train_encoder(resumed, V.VectorInputs(x), y, ve, said.append, checkpoint=ck, key="a")
+    history = V.train_encoder(resumed, S.VectorInputs(x), y, ve, said.append, checkpoint=ck, key="a")
     assert any("resuming training at step 20" in s for s in said)
     pd.testing.assert_frame_equal(history, expected)
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b)
     said.clear()
-    V.train_encoder(fresh(), V.VectorInputs(x), y, ve, said.append, checkpoint=ck, key="b")
+    V.train_encoder(fresh(), S.VectorInputs(x), y, ve, said.append, checkpoint=ck, key="b")
     assert not any("resuming" in s for s in said)
 
 
@@ -306,9 +307,9 @@ def test_ast_backend_loads_a_local_random_model_and_predicts_n_by_d(tmp_path):
     ASTForAudioClassification(config).save_pretrained(tmp_path / "ast")
     cfg = synthetic_cfg(tmp_path, backend="ast", ast_source=str(tmp_path / "ast"), seconds=0.5, steps=3)
     store = distinct_store(Path(cfg["results"]) / "store", audio=True)
-    model, featurize, meta = V.new_encoder(cfg["speech2face"]["voice_encoder"], out_dim=7)
+    model, meta = V.new_encoder(cfg["speech2face"]["voice_encoder"], out_dim=7)
     ids = store.clips()["clip_id"].tolist()
-    out = V.predict(model, V.AudioInputs(store, ids, 0.5, featurize), batch_size=5)
+    out = S.predict(model, V.AudioInputs(store, ids, 0.5, model.featurize), batch_size=5)
     assert out.shape == (16, 7) and np.isfinite(out).all()
     assert meta["ast_config"]["hidden_size"] == 32 and meta["ast_features"]["max_length"] == 64
 
@@ -316,8 +317,8 @@ def test_ast_backend_loads_a_local_random_model_and_predicts_n_by_d(tmp_path):
     d = res["face_embeddings"]["embedding_dim"]
     assert res["predictions"]["done"] == 16
     assert store.load_stacked(V.VOICE_STAGE, ids)["embedding"].shape == (16, d)
-    reloaded, featurize, meta = V.load_model(res["model_dir"])  # from the saved config: no source needed
-    again = V.predict(reloaded, V.AudioInputs(store, ids, 0.5, featurize))
+    reloaded, meta = V.load_model(res["model_dir"])  # from the saved config: no source needed
+    again = S.predict(reloaded, V.AudioInputs(store, ids, 0.5, reloaded.featurize))
     stored = store.load_stacked(V.VOICE_STAGE, ids)["embedding"]
     np.testing.assert_allclose(V.scaled(again, meta["scale"]), stored, rtol=1e-4, atol=1e-5)
     with pytest.raises(RuntimeError, match="ast_source"):
