@@ -223,13 +223,18 @@ def encode_labels(c: Constituent, values) -> np.ndarray:
     return out
 
 
-def parse_constituent(name, spec, where, max_rows, max_cols) -> Constituent:
-    key = f"{where}: constituents.{name}"
+def check_entry(spec, key: str, known) -> None:
+    """One entry of the layout or systems file: a mapping of known keys only, refused naming `key` otherwise."""
     if not isinstance(spec, dict):
         raise ParamsError(f"{key} must be a mapping")
-    extra = set(spec) - _CONSTITUENT_KEYS
+    extra = set(spec) - set(known)
     if extra:
-        raise ParamsError(f"{key}: unknown key(s) {sorted(extra)} (known: {', '.join(sorted(_CONSTITUENT_KEYS))})")
+        raise ParamsError(f"{key}: unknown key(s) {sorted(extra)} (known: {', '.join(sorted(known))})")
+
+
+def parse_constituent(name, spec, where, max_rows, max_cols) -> Constituent:
+    key = f"{where}: constituents.{name}"
+    check_entry(spec, key, _CONSTITUENT_KEYS)
     enc = spec.get("encoder")
     if enc not in ENCODERS:
         raise ParamsError(f"{key}.encoder must be one of {', '.join(ENCODERS)}, got {enc!r}")

@@ -17,6 +17,7 @@ import numpy as np
 
 from slf_utils.basics import ParamsError, default, exists, params_hash, read_yaml, resolve
 from slf_utils.constituents import (
+    check_entry,
     check_overlaps,
     encode_labels,
     frames,
@@ -315,11 +316,7 @@ def load_systems(path, layout: Layout) -> dict[str, System]:
     out = {}
     for name, spec in raw.items():
         key = f"{path}: {name}"
-        if not isinstance(spec, dict):
-            raise ParamsError(f"{key} must be a mapping")
-        extra = set(spec) - _SYSTEM_KEYS
-        if extra:
-            raise ParamsError(f"{key}: unknown key(s) {sorted(extra)} (known: {', '.join(sorted(_SYSTEM_KEYS))})")
+        check_entry(spec, key, _SYSTEM_KEYS)
         mode = spec.get("mode")
         if mode not in MODES:
             raise ParamsError(f"{key}.mode must be one of {', '.join(MODES)}, got {mode!r}")

@@ -313,13 +313,23 @@ def test_report_with_nothing_evaluated(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ notebooks
 @pytest.mark.slow
-def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
-    """papermill runs 03 (train, tiny preset), 04 and 05 on the synthetic store; the report figures appear."""
-    import papermill as pm
-
+def _tiny_grid(tmp_path, grid: dict):
+    """The grid file `grid` written in tmp_path and loaded, over a 4-identity synthetic store of 32 px faces."""
     from slf_utils.config import load_params
     from slf_utils.layout import Layout
     from slf_utils.synthetic import synthetic_store
+
+    p = tmp_path / "grid.yaml"
+    p.write_text(yaml.safe_dump(grid))
+    cfg = load_params(p)
+    layout = Layout.load(cfg["layout"])
+    synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4, layout=layout, face_size=32)
+    return p, cfg
+
+
+def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
+    """papermill runs 03 (train, tiny preset), 04 and 05 on the synthetic store; the report figures appear."""
+    import papermill as pm
 
     grid = {
         "name": "nbtest",
@@ -336,16 +346,7 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
         },
         "report": {"chosen_scale": 2},
     }
-    p = tmp_path / "grid.yaml"
-    p.write_text(yaml.safe_dump(grid))
-    cfg = load_params(p)
-    synthetic_store(
-        Path(cfg["results"]) / "store",
-        n_identities=4,
-        clips_per_identity=4,
-        layout=Layout.load(cfg["layout"]),
-        face_size=32,
-    )
+    p, cfg = _tiny_grid(tmp_path, grid)
     from slf_utils import diffusion
 
     diffusion.train(cfg, "full_input")
@@ -738,8 +739,6 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
     from slf_utils import diffusion, recipe
     from slf_utils.basics import ROOT
     from slf_utils.config import load_params
-    from slf_utils.layout import Layout
-    from slf_utils.synthetic import synthetic_store
 
     systems = tmp_path / "systems.yaml"
     systems.write_text((ROOT / "params" / "systems.yaml").read_text())
@@ -751,16 +750,7 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
         "model": {"preset": "tiny"},
         "train": {"steps": 1, "batch_size": 4, "checkpoint_every": 1},
     }
-    p = tmp_path / "grid.yaml"
-    p.write_text(yaml.safe_dump(grid))
-    cfg = load_params(p)
-    synthetic_store(
-        Path(cfg["results"]) / "store",
-        n_identities=4,
-        clips_per_identity=4,
-        layout=Layout.load(cfg["layout"]),
-        face_size=32,
-    )
+    p, cfg = _tiny_grid(tmp_path, grid)
     for s in ("full_input", "pure_sr"):
         diffusion.train(cfg, s)
         saved = recipe.read_recipe(Path(cfg["results"]) / s / "model")
