@@ -261,11 +261,12 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     Returns samples."""
     ev = eval_params(cfg)
     out = Path(out) if exists(out) else eval_dir(cfg, system_name)
-    system = recipe.resolve_recipe(cfg, system_name).system
-    if system.mode not in ("generation", "super_resolution"):
-        raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
     samples = _existing_samples(out)
     for model_dir, part, fold in model_parts(cfg, system_name, store, clips):
+        r = recipe.trained_recipe(cfg, system_name, model_dir, fold)  # the system as this model was trained
+        system = r.system
+        if system.mode not in ("generation", "super_resolution"):
+            raise ValueError(f"{system_name}: mode {system.mode} has no model to sample")
         ids = part["clip_id"].tolist()
         sample_hash = params_hash(
             {
@@ -281,7 +282,7 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
         )
         todo = [s for s in default(scales, ev["scales"]) if not _scale_done(samples, out, s, ids, sample_hash)]
         if todo:
-            sampler = load_sampler(cfg, system_name, system, model_dir, part, fold, store)
+            sampler = load_sampler(r, model_dir, part, store)
         for group in [todo] if ev["batch_scales"] and todo else [[s] for s in todo]:
             t = time.time()
             images = sample_faces(sampler, part, group if len(group) > 1 else group[0], ev)
@@ -300,20 +301,19 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     return samples
 
 
-def load_sampler(cfg, system_name, system, model_dir: Path, part: pd.DataFrame, fold, store) -> tuple:
+def load_sampler(r: recipe.Recipe, model_dir: Path, part: pd.DataFrame, store) -> tuple:
     """(imagen, feature matrix, guides or None) of one model (model_parts) and the clips `part` it answers, as
-    generate samples them: the model loaded, its constituents checked against the system's, the features built
-    with the layout of its fold and the statistics it was trained with."""
-    lay = recipe.resolve_recipe(cfg, system_name, fold).layout  # as that model was trained: its fold's stages
-    ids = part["clip_id"].tolist()
+    generate samples them: the model loaded, the features built as its recipe `r` says (recipe.trained_recipe: the
+    layout of its fold, the constituents it kept) with the statistics it was trained with."""
+    system, ids = r.system, part["clip_id"].tolist()
     imagen, meta = sampling.load_model(model_dir)
     if set(meta.get("keep", system.keep)) != set(system.keep):
         raise ValueError(
-            f"{model_dir}: trained with constituents {sorted(meta['keep'])} but {cfg['systems_file']} now "
-            f"says {system_name} keeps {sorted(system.keep)}: retrain (notebook 03) or restore the systems file"
+            f"{model_dir}: its checkpoint keeps constituents {sorted(meta['keep'])} but its recipe "
+            f"{sorted(system.keep)}: the folder mixes two trainings; retrain {r.who} (notebook 03)"
         )
     stats = meta.get("stats") or load_norm_stats(model_dir)
-    x = lay.build(store, ids, system.keep, stats)
+    x = r.layout.build(store, ids, system.keep, stats)
     sr = system.mode == "super_resolution"
     guides = store.load_stacked("preprocess", ids, keys=["guide"])["guide"] if sr else None
     return imagen, x, guides

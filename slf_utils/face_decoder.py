@@ -58,7 +58,7 @@ from slf_utils.config import system_dir
 from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
 from slf_utils.preprocessing import resize, to_rgb
-from slf_utils.recipe import resolve_preset, resolve_recipe, write_recipe
+from slf_utils.recipe import resolve_preset, resolve_recipe, trained_recipe, write_recipe
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -416,16 +416,16 @@ def decode(
     """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04), by
     the decoder in `directory` (default the system's model dir; a fold's with identity folds, `fold` its index: the
     constituent is then read from that fold's stages, folds.fold_stage)."""
-    r = _recipe(cfg, system_name, fold)
+    directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)
+    r = trained_recipe(cfg, system_name, directory, fold)  # the system as this decoder was trained
     layout, system = r.layout, r.system
     store = store if exists(store) else open_store(cfg)
-    directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)
     model, meta, stats = load_model(directory)
     name = system.keep[0]
     if meta["train_on"] != system.train_on:
         raise ValueError(
-            f"{directory}: trained on {meta['train_on']} but {cfg['systems_file']} now says "
-            f"{system.train_on}: retrain (notebook 03)"
+            f"{directory}: its weights were trained on {meta['train_on']} but its recipe says {system.train_on}: "
+            f"the folder mixes two trainings; retrain {r.who} (notebook 03)"
         )
     stats = stats_for(stats, system.train_on, name)
     x = vectors(layout, store, clip_ids, name, stats, meta["in_dim"])

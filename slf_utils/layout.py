@@ -69,6 +69,7 @@ class Layout:
         self.attribute_dropout = attribute_dropout
         self.path = path
         self.raw = raw or {}
+        self.redirects = {}  # {declared stage: stage read instead} (with_stages)
 
     def __repr__(self):
         return f"Layout({', '.join(self.constituents)}; {self.rows}x{self.cols})"
@@ -96,6 +97,13 @@ class Layout:
             raw = {**raw, "constituents": {k: v for k, v in raw["constituents"].items() if k not in drop}}
             raw["groups"] = {g: [m for m in ms or [] if m not in drop] for g, ms in (raw.get("groups") or {}).items()}
             raw["dropped"] = sorted(drop)
+        return cls.from_raw(raw, path)
+
+    @classmethod
+    def from_raw(cls, raw: dict, path=None) -> Layout:
+        """The layout of a parsed declaration `raw` (a layout file's contents, or the copy a recipe.json keeps),
+        validated; errors name `path`."""
+        where = str(path)
         rows, cols = int(raw.get("rows", 256)), int(raw.get("cols", 768))
         if rows > 256 or cols > 768 or rows < 1 or cols < 1:
             raise ParamsError(f"{where}: the matrix is at most 256 x 768, got rows={rows}, cols={cols}")
@@ -139,7 +147,11 @@ class Layout:
             n: replace(c, source={**c.source, "stage": stages[c.stage]}) if c.stage in stages else c
             for n, c in self.constituents.items()
         }
-        return Layout(cons, self.groups, self.rows, self.cols, self.clip, self.attribute_dropout, self.path, self.raw)
+        out = Layout(cons, self.groups, self.rows, self.cols, self.clip, self.attribute_dropout, self.path, self.raw)
+        declared = {n: c.stage for n, c in self.constituents.items()}
+        out.redirects = self.redirects | {self.redirects.get(declared[n], declared[n]): cons[n].stage for n in cons}
+        out.redirects = {a: b for a, b in out.redirects.items() if a != b}
+        return out
 
     @property
     def dropout_constituents(self) -> tuple:

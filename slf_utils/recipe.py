@@ -9,7 +9,7 @@ system of a grid file (resolve_recipe), which training, evaluation, the report a
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from slf_utils import autoencoder
@@ -255,10 +255,44 @@ def _override_model(cfg, system) -> dict:
 RECIPE = "recipe.json"  # beside each trained model: the recipe it was trained from, read back instead of re-resolved
 
 
+def _reads(cfg) -> dict:
+    """The parts of a grid file a Recipe reads beyond its own (flat: the encoders' sections, the identity folds;
+    training: the data section), as nested dicts: what recipe.json keeps so that a loaded recipe is the same."""
+    out = {"data": cfg["data"]}
+    for section in {s for sections in ENCODER_SECTIONS.values() for s in sections}:
+        value = _get(cfg, section)
+        node = out
+        *parents, last = section.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    return out
+
+
 def write_recipe(r: Recipe, model_dir) -> None:
-    """Save the recipe a model is trained from beside it (nanoGPT keeps the config in its checkpoint): the report
-    then describes the systems that trained, not what today's systems.yaml would resolve to."""
-    atomic_write_json(Path(model_dir) / RECIPE, {"system": r.name, "fold": r.fold, "hash": r.hash, "flat": r.flat()})
+    """Save the recipe a model is trained from beside it (nanoGPT keeps the config in its checkpoint): evaluation
+    samples the model as it was trained (load_recipe) and the report describes the systems that trained, not what
+    today's systems.yaml would resolve to."""
+    saved = {
+        "system": r.name,
+        "fold": r.fold,
+        "hash": r.hash,
+        "flat": r.flat(),
+        "resolved": {
+            "system": asdict(r.system),
+            # the file's constituent order is the layout's order (a JSON object's keys are written sorted)
+            "layout": {
+                "raw": r.layout.raw,
+                "order": r.layout.names,
+                "path": str(r.layout.path),
+                "redirects": r.layout.redirects,
+            },
+            "preset": r.preset,
+            "train": r.train,
+            "reads": _reads(r.cfg),
+        },
+    }
+    atomic_write_json(Path(model_dir) / RECIPE, saved)
 
 
 def read_recipe(model_dir) -> dict | None:
@@ -266,3 +300,32 @@ def read_recipe(model_dir) -> dict | None:
     before recipes were saved)."""
     path = Path(model_dir) / RECIPE
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_recipe(model_dir) -> Recipe | None:
+    """The Recipe a model in `model_dir` was trained from, rebuilt from its recipe.json and nothing else (no grid
+    file, no systems.yaml, no layout file), None where there is none or it predates the full save. Its hash is the
+    saved one: checked, so that a hand-edited recipe.json is refused with its path rather than sampled."""
+    saved = read_recipe(model_dir)
+    if not saved or "resolved" not in saved:
+        return None
+    res = saved["resolved"]
+    system = System(**{**res["system"], "keep": tuple(res["system"]["keep"])})
+    raw = res["layout"]["raw"]
+    raw = raw | {"constituents": {n: raw["constituents"][n] for n in res["layout"]["order"]}}
+    lay = Layout.from_raw(raw, res["layout"]["path"])
+    if res["layout"]["redirects"]:
+        lay = lay.with_stages(res["layout"]["redirects"])
+    r = Recipe(saved["system"], system, lay, res["preset"], res["train"], saved["fold"], res["reads"])
+    if r.hash != saved["hash"]:
+        raise ParamsError(
+            f"{Path(model_dir) / RECIPE}: its contents do not match its hash ({saved['hash']}): the file was edited "
+            "after training; retrain the model (notebook 03) rather than edit its recipe"
+        )
+    return r
+
+
+def trained_recipe(cfg, system_name: str, model_dir, fold: int | None = None) -> Recipe:
+    """The Recipe of the model in `model_dir` (load_recipe), which evaluation samples and decodes with; a model
+    trained before recipes were saved in full is resolved from the grid files, as it was then."""
+    return load_recipe(model_dir) or resolve_recipe(cfg, system_name, fold)

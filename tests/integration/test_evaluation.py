@@ -459,7 +459,7 @@ def fake_recipe(monkeypatch):
     training resolves it: real."""
     mod = types.ModuleType("slf_utils.recipe")
     mod.resolve_preset = lambda model_cfg: {"super_resolution": {"image_sizes": [8, 32]}}
-    mod.resolve_recipe = recipe.resolve_recipe
+    mod.resolve_recipe, mod.trained_recipe, mod.Recipe = recipe.resolve_recipe, recipe.trained_recipe, recipe.Recipe
     monkeypatch.setattr(ev, "recipe", mod)
 
 

@@ -1,6 +1,7 @@
 """Report: significance (Eq. 3/4) by hand, best scales, tables and figures from a synthetic set of results, and the
 notebooks 04/05 end to end on a tiny trained system."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -737,8 +738,9 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
     Super-Resolution made to keep everything, as Full Input does), differences.md still lists how the two trained
     systems differ, while the edited file alone would resolve them to the same recipe."""
     from slf_utils import diffusion, recipe
-    from slf_utils.basics import ROOT
+    from slf_utils.basics import ROOT, ParamsError
     from slf_utils.config import load_params
+    from slf_utils.store import open_store
 
     systems = tmp_path / "systems.yaml"
     systems.write_text((ROOT / "params" / "systems.yaml").read_text())
@@ -749,6 +751,7 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
         "systems": ["full_input", "pure_sr"],
         "model": {"preset": "tiny"},
         "train": {"steps": 1, "batch_size": 4, "checkpoint_every": 1},
+        "evaluate": {"sampling_steps": 2, "scales": [0], "face_model": "eigenfaces", "attributes": "none"},
     }
     p, cfg = _tiny_grid(tmp_path, grid)
     for s in ("full_input", "pure_sr"):
@@ -769,3 +772,19 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
     rd = report.recipe_differences(edited, pair)
     assert set(rd["key"]) == {"keep", "stages", "train_on"}  # the trained recipes, not the edited file
     assert rd.set_index("key").loc["keep", "value_b"] == ""
+
+    # evaluation samples each model as its recipe.json says (no features for Pure Super-Resolution), where the edited
+    # file would feed it every constituent
+    model = Path(cfg["results"]) / "pure_sr" / "model"
+    loaded = recipe.load_recipe(model)
+    assert loaded.system.keep == () and loaded.hash == recipe.read_recipe(model)["hash"]
+    store = open_store(edited)
+    clips = ev.eval_clips(store)
+    samples = ev.generate(edited, "pure_sr", clips, store, log=lambda *a: None)
+    assert sorted(samples["clip_id"]) == sorted(clips["clip_id"]) and set(samples["scale"]) == {0}
+    # a recipe.json edited by hand is refused with its path, not sampled
+    saved = json.loads((model / recipe.RECIPE).read_text())
+    saved["resolved"]["train"]["steps"] = 2
+    (model / recipe.RECIPE).write_text(json.dumps(saved))
+    with pytest.raises(ParamsError, match=r"pure_sr/model/recipe.json: its contents do not match its hash"):
+        ev.generate(edited, "pure_sr", clips, store, log=lambda *a: None)
