@@ -36,6 +36,7 @@ from slf_utils import features as F  # noqa: E402
 from slf_utils import preprocessing as P  # noqa: E402
 from slf_utils import speech_models  # noqa: E402
 from slf_utils.config import load_params  # noqa: E402
+from slf_utils.results import Results  # noqa: E402
 
 ALL = ("speaker", "speaker_windows", "pyaudio", "mel")
 
@@ -90,7 +91,7 @@ def run_pipeline(name, cfg, paths, threads):
 
     torch.set_num_threads(threads)
     f = cfg["features"]
-    store_root = Path(cfg["results"]) / "store"
+    store_root = Results.of(cfg).store
     backend = F.models({"features": f, "stages": ["speaker"]}, store_root)["speaker"]
     fn = ours if name == "ours" else reference
     first = fn(paths[0], cfg, backend)  # warm-up: imports, JIT, first-call allocations

@@ -326,14 +326,6 @@ def seed_overrides(seed: int) -> dict:
     return {"train": {"seed": int(seed)}, "face_decoder": {"seed": int(seed)}, "evaluate": {"seed": int(seed)}}
 
 
-def system_dir(cfg, system: str) -> Path:
-    """Where one run of a system lives: results/<system>/, or results/<system>/seed<s>/ for a train.seed that is not
-    the first of grid.seeds (so a one-seed grid's folders are a many-seed grid's first seed)."""
-    base = Path(cfg["results"]) / system
-    seeds, seed = cfg["grid"].get("seeds"), int(cfg["train"]["seed"])
-    return base if not seeds or seed == int(seeds[0]) else base / f"seed{seed}"
-
-
 def parse_set(pairs: list[str]) -> dict:
     """`--set train.steps=100 --set evaluate.scales=[0,3]` -> nested overrides (values parsed as YAML)."""
     out: dict = {}

@@ -38,9 +38,8 @@ embeddings of a split's clips (read back from the stage), the gallery the face e
 the split with a face; with identity folds each fold's queries are ranked among its own clips' faces, embedded by the
 pair that never saw the fold (the space its queries are in). Ceiling rows (system `contrastive_face`): each face's
 own embedding as the query. `recall_table` puts these rows beside the voice encoder's (`voice_encoder/metrics.csv`,
-notebook 06) in one tidy table with a `method` column. The galleries differ (the contrastive face encoder's space,
-the recogniser's space): both rank the same test clips' faces, so chance and N are the same, but each method is
-scored in its own space.
+notebook 06) in one tidy table with a `method` column. The galleries differ (the contrastive face encoder's space, the
+recogniser's space): both rank the same test clips' faces (same chance and N), each scored in its own space.
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ from slf_utils import voice_encoder as V
 from slf_utils.basics import exists, params_hash
 from slf_utils.folds import identity_folds, n_folds
 from slf_utils.folds import training_clips as training_split  # this module's training_clips adds the pair's inputs
+from slf_utils.results import Results
 from slf_utils.store import Store, open_store
 
 STAGE = "contrastive_speech"
@@ -344,7 +344,7 @@ def ensure_model(cfg, store: Store, face_hash: str | None = None, log=print, exc
         )
     stages = [*speech_stages(ct), face_stage(ct)]
     key = params_hash({"pair": hashed_params(ct), "data": S.data_fingerprint(store, stages, ids)})
-    mdir = Path(mdir) if exists(mdir) else S.model_dir(cfg, SYSTEM)
+    mdir = Path(mdir) if exists(mdir) else Results.of(cfg).encoder_model(SYSTEM)
 
     def fresh():
         speech = speech_inputs(store, ids, ct)
@@ -506,7 +506,7 @@ def recall_table(cfg, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
     are absent and `table.attrs['missing']` says so (nothing is computed for it here)."""
     space = {"cnn": "contrastive face encoder (CNN)", "recogniser": "contrastive projection of the recogniser"}
     ct = cfg["contrastive"]
-    path = S.out_dir(cfg, SYSTEM) / "metrics.csv"
+    path = Results.of(cfg).encoder(SYSTEM) / "metrics.csv"
     if metrics is None:
         metrics = pd.read_csv(path) if path.exists() else pd.DataFrame(columns=S.METRICS_COLUMNS)
     parts, missing = [], []
@@ -514,7 +514,7 @@ def recall_table(cfg, metrics: pd.DataFrame | None = None) -> pd.DataFrame:
         parts.append(_tidy(metrics, SYSTEM, CEILING, space[ct["face_encoder"]]))
     else:
         missing.append(f"contrastive: {path} not found (run notebook 07)")
-    ve = S.out_dir(cfg, V.SYSTEM) / "metrics.csv"
+    ve = Results.of(cfg).encoder(V.SYSTEM) / "metrics.csv"
     if ve.exists():
         prov = ve.with_name("provenance.json")
         face_model = cfg["speech2face"]["face_model"]
@@ -557,7 +557,7 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     metric, difference, ci_low, ci_high, n. `hits`: the contrastive hits (default: `contrastive/hits.csv`). Empty
     where either method's hits are missing."""
     cols = ["split", "protocol", "metric", "difference", "ci_low", "ci_high", "n"]
-    ve_path, ct_path = S.out_dir(cfg, V.SYSTEM) / "hits.csv", S.out_dir(cfg, SYSTEM) / "hits.csv"
+    ve_path, ct_path = Results.of(cfg).encoder(V.SYSTEM) / "hits.csv", Results.of(cfg).encoder(SYSTEM) / "hits.csv"
     if hits is None and ct_path.exists():
         hits = pd.read_csv(ct_path)
     if hits is None or not ve_path.exists():
@@ -587,7 +587,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     ct = cfg["contrastive"]
     faces = V.run_face_embeddings(cfg, store, log) if ct["face_encoder"] == "recogniser" else None
     face_hash = faces["params_hash"] if faces else None
-    mdir = S.model_dir(cfg, SYSTEM)
+    mdir = Results.of(cfg).encoder_model(SYSTEM)
     models, folds, crossfit = S.fold_models(
         cfg,
         store,

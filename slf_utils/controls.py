@@ -41,6 +41,7 @@ from slf_utils.differences import differences_table
 from slf_utils.figures import save_figure
 from slf_utils.references import FLOOR, corpus_link_strength
 from slf_utils.report_tables import REPORT_EXTRAS, combine_seeds
+from slf_utils.results import Results
 from slf_utils.stats import binomial_interval
 from slf_utils.tables import _at, at_protocol, at_split, hits_at, markdown_table
 
@@ -288,7 +289,7 @@ def write_report(cfg, log=print) -> Path | None:
     view = grid_view(cfg)
     if view["metrics"].empty:
         return None
-    out = report.report_dir(cfg)
+    out = Results.of(cfg).report
     checks, power = control_checks(view), power_table(view)
     lines = verdict_lines(view, checks)
     atomic_write_text(out / "controls.csv", checks.to_csv(index=False))

@@ -41,10 +41,11 @@ from slf_utils.basics import (
     params_hash,
     provenance,
 )
-from slf_utils.config import load_params, system_dir
+from slf_utils.config import load_params
 from slf_utils.folds import n_folds
 from slf_utils.imagen_trainer import _processes, compiles, make_trainer
 from slf_utils.recipe import Recipe, resolve_recipe, write_recipe
+from slf_utils.results import Results
 from slf_utils.store import open_store
 from slf_utils.training_data import FacePrior, _Batches, load_faces, train_clip_ids
 
@@ -149,7 +150,7 @@ def train(cfg, system_name, out_dir=None, unets=None) -> dict:
     per unet, resuming from checkpoint.pt where present. `unets`: unet numbers to train (default all). With identity
     folds (data.identity_folds: unseen speakers) one model per fold in `fold<k>/`, each trained on the other folds'
     identities; the result is the last fold's, with every fold's under `folds`."""
-    out = Path(out_dir) if exists(out_dir) else system_dir(cfg, system_name) / "model"
+    out = Path(out_dir) if exists(out_dir) else Results.of(cfg).model(system_name)
     if not n_folds(cfg):
         return _train(cfg, system_name, out, unets, None)
     folds = [_train(cfg, system_name, out / f"fold{k}", unets, k) for k in range(n_folds(cfg))]

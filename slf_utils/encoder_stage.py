@@ -35,19 +35,12 @@ from slf_utils.folds import (
     n_folds,
     seeded_folds,
 )
+from slf_utils.results import Results
 from slf_utils.store import AUDIO_STAGE, Store
 
 SPLITS = ("test", "train")
 CHUNK = 256  # clips read, embedded and written at a time
 METRICS_COLUMNS = tables.METRIC_COLUMNS  # its `split`: train or test
-
-
-def out_dir(cfg, system: str) -> Path:
-    return Path(cfg["results"]) / system
-
-
-def model_dir(cfg, system: str) -> Path:
-    return out_dir(cfg, system) / "model"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -443,7 +436,7 @@ def recall_row(view: pd.DataFrame, ceiling: pd.DataFrame) -> dict:
 def write_results(cfg, system: str, metrics, hits, prov: dict, t0: float, log=print, what="", ceiling=None):
     """`<system>/` metrics.csv, hits.csv and provenance.json (`prov` between the system and the intervals), and a
     line a split: recall@1 under both protocols, chance and (with `ceiling`) the ceiling's under `identity`."""
-    out = out_dir(cfg, system)
+    out = Results.of(cfg).encoder(system)
     atomic_write_text(out / "metrics.csv", metrics.to_csv(index=False))
     atomic_write_text(out / "hits.csv", hits.to_csv(index=False))
     ev = recognisers.eval_params(cfg)

@@ -42,7 +42,6 @@ from slf_utils.basics import (
     params_hash,
     provenance,
 )
-from slf_utils.config import system_dir
 from slf_utils.folds import HELD_OUT, fold_roles, identity_folds, n_folds, roles_line
 from slf_utils.image_metrics import guide_consistency, psnr, ssim
 from slf_utils.preprocessing import read_image, resize, to_rgb
@@ -55,6 +54,7 @@ from slf_utils.recognisers import (
     make_embedder,
 )
 from slf_utils.references import oracle_inputs, reference_images, reference_kind
+from slf_utils.results import Results
 from slf_utils.retrieval import (
     KS,
     PROTOCOLS,
@@ -73,7 +73,6 @@ from slf_utils.tables import (
     METRIC_COLUMNS,
     chance_rows,
     constant_row,
-    eval_dir,
     hit_frame,
     metric_row,
     recall_rows,
@@ -246,7 +245,7 @@ def model_parts(cfg, system_name, store, clips: pd.DataFrame) -> list[tuple[Path
     """(model folder, the clips it answers, its identity fold): the system's one model for every clip (fold None),
     or with identity folds (data.identity_folds) each fold's model for its own identities' clips, which it never
     trained on."""
-    model_dir = system_dir(cfg, system_name) / "model"
+    model_dir = Results.of(cfg).model(system_name)
     fold_of = identity_folds(cfg, store.clips())
     if not fold_of:
         return [(model_dir, clips, None)]
@@ -260,7 +259,7 @@ def generate(cfg, system_name, clips: pd.DataFrame, store, scales=None, log=prin
     (default the system's eval folder). Scales whose images exist for the same sampling parameters are skipped.
     Returns samples."""
     ev = eval_params(cfg)
-    out = Path(out) if exists(out) else eval_dir(cfg, system_name)
+    out = Path(out) if exists(out) else Results.of(cfg).eval(system_name)
     samples = _existing_samples(out)
     for model_dir, part, fold in model_parts(cfg, system_name, store, clips):
         r = recipe.trained_recipe(cfg, system_name, model_dir, fold)  # the system as this model was trained
@@ -423,7 +422,7 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     metrics.csv, hits.csv, provenance.json). Returns the metrics table."""
     t0 = time.time()
     ev = eval_params(cfg)
-    out = eval_dir(cfg, system_name)
+    out = Results.of(cfg).eval(system_name)
     store = open_store(cfg)
     lay = layout.load_layout(cfg)
     systems = layout.load_systems(cfg["systems_file"], lay)

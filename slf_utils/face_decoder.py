@@ -54,11 +54,11 @@ from slf_utils.basics import (
     params_hash,
     provenance,
 )
-from slf_utils.config import system_dir
 from slf_utils.folds import n_folds, training_ids
 from slf_utils.layout import Layout, System
 from slf_utils.preprocessing import resize, to_rgb
 from slf_utils.recipe import resolve_preset, resolve_recipe, trained_recipe, write_recipe
+from slf_utils.results import Results
 from slf_utils.store import Store, open_store
 
 MODEL = "decoder.pt"
@@ -197,10 +197,6 @@ def _recipe(cfg, system_name, fold=None):
     return r
 
 
-def model_dir(cfg, system_name) -> Path:
-    return system_dir(cfg, system_name) / "model"
-
-
 def train_hash(r, store: Store, ids, size: int) -> str:
     """What the decoder of recipe `r` depends on: its parameters, the training constituent's layout entry, the output
     size and the training data (clip ids and the stages' parameter hashes)."""
@@ -231,7 +227,7 @@ def _sibling(cfg, mine: Path, key: str, fold=None) -> Path | None:
     """Another system's model dir of this grid (the same fold's) holding a finished decoder with the same
     train_hash."""
     sub = "" if fold is None else f"/fold{fold}"
-    for d in sorted([*Path(cfg["results"]).glob(f"*/model{sub}"), *Path(cfg["results"]).glob(f"*/seed*/model{sub}")]):
+    for d in Results.of(cfg).models(sub):
         if d != mine and _finished(d, key):
             return d
     return None
@@ -298,7 +294,7 @@ def train(cfg, system_name, out_dir=None, log=print) -> dict:
     identity folds (data.identity_folds) one per fold in `model/fold<k>/`, each on the other folds' identities.
     Returns what notebook 03 shows (model_dir, steps, final_loss, seconds_per_step, device, checkpoint_bytes, ...;
     with folds the last fold's, and every fold's under `folds`)."""
-    out = Path(out_dir) if exists(out_dir) else model_dir(cfg, system_name)
+    out = Path(out_dir) if exists(out_dir) else Results.of(cfg).model(system_name)
     if not n_folds(cfg):
         return _train(cfg, system_name, out, out_dir is None, None, log)
     folds = [_train(cfg, system_name, out / f"fold{k}", out_dir is None, k, log) for k in range(n_folds(cfg))]
@@ -416,7 +412,7 @@ def decode(
     """(N, size, size, 3) uint8 faces of `clip_ids` from the system's kept constituent (evaluation, notebook 04), by
     the decoder in `directory` (default the system's model dir; a fold's with identity folds, `fold` its index: the
     constituent is then read from that fold's stages, folds.fold_stage)."""
-    directory = Path(directory) if exists(directory) else model_dir(cfg, system_name)
+    directory = Path(directory) if exists(directory) else Results.of(cfg).model(system_name)
     r = trained_recipe(cfg, system_name, directory, fold)  # the system as this decoder was trained
     layout, system = r.layout, r.system
     store = store if exists(store) else open_store(cfg)

@@ -16,9 +16,10 @@ from PIL import Image
 from slf_utils.basics import atomic_write, exists
 from slf_utils.preprocessing import read_image
 from slf_utils.references import REFERENCES
+from slf_utils.results import Results
 from slf_utils.retrieval import PROTOCOLS
 from slf_utils.store import open_store
-from slf_utils.tables import _scale_is, at_protocol, eval_dir, scale_label
+from slf_utils.tables import _scale_is, at_protocol, scale_label
 
 
 def save_figure(fig, out_dir: Path, stem: str) -> list[Path]:
@@ -140,7 +141,7 @@ def _grid_figure(rows: list[list], col_titles: list[str], row_titles: list[str],
 
 
 def _samples(cfg, system) -> pd.DataFrame | None:
-    p = eval_dir(cfg, system) / "samples.csv"
+    p = Results.of(cfg).eval(system) / "samples.csv"
     return pd.read_csv(p, dtype={"clip_id": str, "identity": str}) if p.exists() else None
 
 
@@ -170,7 +171,7 @@ def _real_and_guides(cfg, clip_ids):
 
 def _image_at(cfg, system, samples, clip_id, scale):
     r = samples[(samples["clip_id"] == clip_id) & _scale_is(samples["scale"], scale)]
-    return read_image(eval_dir(cfg, system) / r["image"].iloc[0]) if len(r) else None
+    return read_image(Results.of(cfg).eval(system) / r["image"].iloc[0]) if len(r) else None
 
 
 def plot_sample_grid(cfg, best: dict, titles: dict | None = None, n: int = 6):

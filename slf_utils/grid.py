@@ -37,10 +37,11 @@ import numpy as np
 import pandas as pd
 
 from slf_utils.basics import ROOT, _get, atomic_write_json, deep_merge, default, exists, flat, params_hash, resolve
-from slf_utils.config import corpus_builder, load_params, parse_set, seed_overrides, seeds_of, system_dir
+from slf_utils.config import corpus_builder, load_params, parse_set, seed_overrides, seeds_of
 from slf_utils.layout import load_layout, load_systems
 from slf_utils.locks import WriterLock
 from slf_utils.notebook_run import kernel_environ, run_notebook
+from slf_utils.results import Results
 
 NOTEBOOKS = ROOT / "notebooks"
 NOTEBOOK = {
@@ -173,7 +174,7 @@ def _why(step: Step, rec: dict) -> str:
 def plan(params_file, overrides: dict | None = None, only: str | None = None) -> tuple[dict, list[Step]]:
     """The steps of a grid in dependency order (each after the steps it needs)."""
     cfg = load_params(params_file, overrides)
-    results = Path(cfg["results"])
+    results = Results.of(cfg)
     systems = list(cfg["systems"])
     if exists(only):
         if only not in systems:
@@ -182,18 +183,18 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
     specs = _system_specs(cfg)
     untrained = _untrained_systems(cfg, specs)
     speech2face = voice_encoder_systems(cfg, specs, systems)
-    pre = _step("preprocess", None, cfg, [], results / "runs")
-    feat = _step("features", None, cfg, [pre], results / "runs")
+    pre = _step("preprocess", None, cfg, [], results.steps)
+    feat = _step("features", None, cfg, [pre], results.steps)
     steps, evals = [pre, feat], []
     if speech2face:
-        ve = _step("voice_encoder", None, cfg, [feat], results / "voice_encoder" / "runs")
+        ve = _step("voice_encoder", None, cfg, [feat], results.encoder("voice_encoder") / "runs")
         ve.priority = VOICE_ENCODER_PRIORITY
         steps.append(ve)
     contrastive = contrastive_systems(cfg, specs, systems)
     if contrastive:
         # the recogniser face encoder reads the face_embedding stage: after notebook 06 where it runs too
         ct_up = [feat, ve] if speech2face and cfg["contrastive"]["face_encoder"] == "recogniser" else [feat]
-        ct = _step("contrastive", None, cfg, ct_up, results / "contrastive" / "runs", contrastive_reads(cfg))
+        ct = _step("contrastive", None, cfg, ct_up, results.encoder("contrastive") / "runs", contrastive_reads(cfg))
         ct.priority = VOICE_ENCODER_PRIORITY
         steps.append(ct)
     decoders = {}  # (train_on, face_decoder section) -> the train step of the first direct system with them
@@ -208,7 +209,7 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         runs += [(s, None if i == 0 else x, deep_merge(base, seed_overrides(x))) for i, x in enumerate(seeds)]
     for s, seed, sys_over in runs:
         scfg = load_params(params_file, sys_over)
-        run_dir = system_dir(scfg, s) / "runs"
+        run_dir = Results.of(scfg).runs(s)
         up = [feat, *([ve] if s in speech2face else []), *([ct] if s in contrastive else [])]
         direct = s in specs and specs[s].decoder == "direct"
         tr = _step(
@@ -235,9 +236,9 @@ def plan(params_file, overrides: dict | None = None, only: str | None = None) ->
         steps += [ev] if s in untrained else [tr, ev]
         evals.append(ev)
     if not exists(only):
-        steps.append(_step("report", None, cfg, evals, results / "runs"))
+        steps.append(_step("report", None, cfg, evals, results.steps))
     for st in steps:
-        st.results, st.reuse = results, tuple(cfg["grid"]["reuse"])
+        st.results, st.reuse = results.root, tuple(cfg["grid"]["reuse"])
     return cfg, steps
 
 
@@ -495,7 +496,7 @@ def run(
         return status_table(steps)
     # one grid run per results folder (released when run returns or the process dies); the notebooks it runs take
     # the store's stage locks themselves, so this lock never refuses the grid's own kernels
-    lock = WriterLock(Path(cfg["results"]) / ".grid.lock", f"grid run {cfg['params_file']}").acquire()  # noqa: F841
+    lock = WriterLock(Results.of(cfg).lock, f"grid run {cfg['params_file']}").acquire()  # noqa: F841
     params_file = str(cfg["params_file"])
     if scheduler == "sequential" and client is None:
         ok, started = {}, time.time()
@@ -579,7 +580,7 @@ def main(argv=None):
         print(table.to_string(index=False))
         return 0
     cfg = load_params(a.params_file, overrides)
-    report = Path(cfg["results"]) / "report"
+    report = Results.of(cfg).report
     for title, path in (
         ("Identity protocol, with the reference rows", report / "headline.md"),
         ("Does each system learn?", report / "learning_checks.md"),

@@ -201,7 +201,7 @@ PARAMETERS = {
     # the same hash (same parameters, upstream steps and notebook) is copied instead of run (slf_utils.grid)
     # seeds: train and evaluate every trained system once per seed (train.seed, face_decoder.seed and evaluate.seed
     # set to it: initial weights, data order, training and sampling noise), the first in results/<system>/, the others
-    # in results/<system>/seed<s>/ (system_dir); None: one run at train.seed. Per system: system_overrides.<s>.grid
+    # in results/<system>/seed<s>/ (Results.system); None: one run at train.seed. Per system: system_overrides.<s>.grid
     "grid": {
         "scheduler": P(None, str),
         "workers": P(None, (int, ">= 1")),

@@ -22,7 +22,7 @@ import pandas as pd
 
 from slf_utils import findings, layout, recipe
 from slf_utils.basics import atomic_write_json, atomic_write_text, deep_merge, default, exists, provenance
-from slf_utils.config import FACTORS, seed_overrides, seeds_of, system_dir
+from slf_utils.config import FACTORS, seed_overrides, seeds_of
 from slf_utils.differences import (
     difference_pairs,
     differences_table,
@@ -45,6 +45,7 @@ from slf_utils.report_tables import (
     protocol_tables,
     seed_table,
 )
+from slf_utils.results import Results
 from slf_utils.retrieval import PROTOCOLS
 from slf_utils.significance import (
     INPUTS,
@@ -62,7 +63,6 @@ from slf_utils.tables import (
     METRIC_COLUMNS,
     at_protocol,
     at_split,
-    eval_dir,
     hits_at,
     load_metrics,
     markdown_table,
@@ -75,7 +75,7 @@ def system_runs(cfg, system) -> list[tuple[int, Path]]:
     """(seed, eval folder) of every run of a system: one per seed of grid.seeds (its system_overrides merged), or
     the one run at train.seed."""
     scfg = deep_merge(cfg, (cfg.get("system_overrides") or {}).get(system) or {})
-    return [(x, eval_dir(deep_merge(scfg, seed_overrides(x)), system)) for x in seeds_of(scfg)]
+    return [(x, Results.of(deep_merge(scfg, seed_overrides(x))).eval(system)) for x in seeds_of(scfg)]
 
 
 def load_all(cfg) -> pd.DataFrame:
@@ -161,7 +161,7 @@ def trained_recipe(cfg, system: str) -> dict:
     identity folds: the folds differ only in `fold`); resolved from the grid files only where nothing trained (a
     reference row) or the model predates saved recipes."""
     fold = 0 if n_folds(cfg) else None
-    model = system_dir(cfg, system) / "model"
+    model = Results.of(cfg).model(system)
     saved = recipe.read_recipe(model if fold is None else model / f"fold{fold}")
     return saved["flat"] if saved else recipe.resolve_recipe(cfg, system, fold).flat()
 
@@ -237,10 +237,6 @@ def significance_table(
     return pd.DataFrame(rows)
 
 
-def report_dir(cfg) -> Path:
-    return Path(cfg["results"]) / "report"
-
-
 def _write_table(out: Path, stem: str, table: pd.DataFrame, pretty: pd.DataFrame) -> dict:
     atomic_write_text(out / f"{stem}.csv", table.to_csv(index=False))
     atomic_write_text(out / f"{stem}.md", markdown_table(pretty))
@@ -253,7 +249,7 @@ def run(cfg, log=print) -> dict:
     'differences', 'tables': {name: (table, pretty)}, 'significance': {...}, 'figures': {name: [paths]},
     'summary': path}."""
     rep = {**REPORT_EXTRAS, **cfg["report"]}
-    out = report_dir(cfg)
+    out = Results.of(cfg).report
     per_seed = load_all(cfg)
     hits = {s: load_hits(cfg, s) for s in dict.fromkeys(per_seed["system"])}
     # a system of several seeds enters every table as the mean over seeds, with intervals over identities and seeds

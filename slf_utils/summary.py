@@ -15,6 +15,7 @@ from slf_utils.differences import pretty_differences, pretty_seed_differences
 from slf_utils.folds import n_folds, roles_line
 from slf_utils.references import REFERENCES
 from slf_utils.report_tables import REPORT_EXTRAS, pretty_checks, pretty_headline, pretty_seeds
+from slf_utils.results import Results
 from slf_utils.retrieval import PROTOCOLS
 from slf_utils.significance import describe_weights, pretty_significance
 from slf_utils.store import open_store
@@ -69,7 +70,7 @@ def _choice_line(result) -> str:
 
 def _unseen_line(cfg) -> str:
     k = n_folds(cfg)
-    store = Path(cfg["results"]) / "store" / "store.sqlite"
+    store = Results.of(cfg).store / "store.sqlite"
     roles = roles_line(cfg, open_store(cfg).clips()) if store.exists() else ""  # folds.fold_roles: who is what
     chosen = "; scales chosen on validation speakers, never reported" if cfg["data"]["validation"]["identities"] else ""
     return (

@@ -9,13 +9,10 @@ consistency) carry protocol `both`, once: a protocol's view of the table is its 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
 from slf_utils.basics import exists
-from slf_utils.config import system_dir
 from slf_utils.folds import HELD_OUT
 from slf_utils.retrieval import KS, chance_hits
 from slf_utils.stats import bootstrap_ci
@@ -25,10 +22,6 @@ BOTH = "both"  # the protocol of rows that do not depend on it
 METRIC_COLUMNS = ["system", "scale", "protocol", "split", "metric", "value", "ci_low", "ci_high", "n"]
 
 HIT_COLUMNS = ["system", "scale", "protocol", "split", "clip_id", "identity", "k", "hit"]
-
-
-def eval_dir(cfg, system_name) -> Path:
-    return system_dir(cfg, system_name) / "eval"
 
 
 def metric_row(

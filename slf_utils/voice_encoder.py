@@ -72,6 +72,7 @@ from slf_utils import recognisers, retrieval, tables
 from slf_utils.basics import default, exists, params_hash, provenance, resolve
 from slf_utils.folds import per_fold_gallery, training_clips
 from slf_utils.preprocessing import SAMPLE_RATE
+from slf_utils.results import Results
 from slf_utils.store import AUDIO_STAGE, Store, open_store
 
 FACE_STAGE = "face_embedding"
@@ -460,7 +461,7 @@ def ensure_model(cfg, store: Store, face_hash: str, log=print, exclude=(), mdir=
     stages = input_stages(ve)
     faces = store.done(FACE_STAGE, face_hash)
     usable = S.clips_with(store, stages)
-    mdir = Path(default(mdir, S.model_dir(cfg, SYSTEM)))
+    mdir = Path(default(mdir, Results.of(cfg).encoder_model(SYSTEM)))
     train = training_clips(store, who=f"{SYSTEM} ({mdir.name})")  # the train split: never a gallery clip
     exclude = set(exclude)
     ids = [c for c in train["clip_id"] if c in faces and c in usable and c not in exclude]
@@ -551,7 +552,7 @@ def run(cfg, store: Store | None = None, log=print) -> dict:
     model_dir}."""
     t0 = time.time()
     store = store if exists(store) else open_store(cfg)
-    ve, mdir = cfg["speech2face"]["voice_encoder"], S.model_dir(cfg, SYSTEM)
+    ve, mdir = cfg["speech2face"]["voice_encoder"], Results.of(cfg).encoder_model(SYSTEM)
     check_loss(ve)
     faces = run_face_embeddings(cfg, store, log)
     models, folds, crossfit = S.fold_models(

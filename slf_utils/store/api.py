@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from slf_utils.results import Results
 from slf_utils.store.check import Checks
 from slf_utils.store.labels import Labels
 
@@ -16,4 +15,4 @@ class Store(Labels, Checks):
 
 
 def open_store(cfg) -> Store:
-    return Store(Path(cfg["results"]) / "store", journal_mode=cfg.get("store", {}).get("journal_mode", "wal"))
+    return Store(Results.of(cfg).store, journal_mode=cfg.get("store", {}).get("journal_mode", "wal"))

@@ -20,6 +20,7 @@ from slf_utils import voice_encoder as V
 from slf_utils.basics import ROOT, ParamsError
 from slf_utils.config import load_params
 from slf_utils.parameters import DEFAULTS
+from slf_utils.results import Results
 from slf_utils.synthetic import synthetic_store
 
 QUIET = dict(log=lambda *a: None)
@@ -100,7 +101,7 @@ def test_encoders_separate_four_identities_and_the_stage_is_rewritten_only_for_a
     vector for every clip, train and test, which the layout puts in row 240; a rerun trains and writes nothing;
     other steps retrain and rewrite every clip."""
     cfg = small_cfg(tmp_path)
-    store = synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4)
+    store = synthetic_store(Results.of(cfg).store, n_identities=4, clips_per_identity=4)
     res = C.run(cfg, store, **QUIET)
     m = res["metrics"]
     assert recall(m, "train", "paper") == 1.0 and recall(m, "train", "identity") == 1.0
@@ -146,7 +147,7 @@ def test_mel_conv_and_recogniser_encoders_separate_four_identities(tmp_path):
     """The other two encoders: temporal convolutions on the stored mel frames, and a projection head on the frozen
     face_embedding stage (synthetic_store writes it under the hash `synthetic`)."""
     cfg = small_cfg(tmp_path, speech_encoder="mel_conv", face_encoder="recogniser", steps=150)
-    store = synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4)
+    store = synthetic_store(Results.of(cfg).store, n_identities=4, clips_per_identity=4)
     model, meta, history, trained = C.ensure_model(cfg, store, "synthetic", **QUIET)
     assert trained and meta["n_speech_in"] == 128 and meta["n_face_in"] == 128
     assert history["loss"].iloc[-10:].mean() < history["loss"].iloc[:10].mean()
@@ -310,7 +311,7 @@ def test_cross_fitted_contrastive_stage_is_out_of_fold_and_in_the_full_pairs_spa
     out = {}
     for folds in (0, 4):
         cfg = small_cfg(tmp_path, f"ct{folds}", folds=folds)
-        store = synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4)
+        store = synthetic_store(Results.of(cfg).store, n_identities=4, clips_per_identity=4)
         m = C.run(cfg, store, **QUIET)["metrics"]
         out[folds] = m[m["metric"] == "cosine_to_own_face"].set_index("split")["value"]
     assert out[0]["train"] - out[0]["test"] > 0.1  # in-sample: fitted

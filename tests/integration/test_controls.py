@@ -1,12 +1,11 @@
 """The known-answer bench (issue 26): the oracle reference row, the controls, the dose-response and the power."""
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from slf_utils import retrieval, tables
+from slf_utils.results import Results
 
 
 def _hand_ranking(v, faces, s, candidates):
@@ -101,7 +100,7 @@ def write_grid(tmp_path, name, strength, recall, systems):
             h = {"identity": both, "paper": both}
             rows += tables.recall_rows(system, scale, h, 200, 0, idents, splits)
             frames.append(tables.hit_frame(system, scale, ids, idents, h, splits))
-        out = tables.eval_dir(cfg, system)
+        out = Results.of(cfg).eval(system)
         out.mkdir(parents=True)
         pd.DataFrame(rows, columns=tables.METRIC_COLUMNS).to_csv(out / "metrics.csv", index=False)
         pd.concat(frames).to_csv(out / "hits.csv", index=False)
@@ -232,14 +231,14 @@ def test_the_bench_runs_end_to_end_on_a_small_known_answer_corpus(ka_small, ka_c
     assert (table["status"] == "done").all(), table
 
     cfg = load_params(grid_file)
-    m = pd.read_csv(tables.eval_dir(cfg, "oracle") / "metrics.csv")
+    m = pd.read_csv(Results.of(cfg).eval("oracle") / "metrics.csv")
     m = m[(m["split"] == "test") & (m["protocol"] == "identity")].set_index("metric")
     chance = m.loc["chance@1", "value"]
     assert 0 < chance < 0.05  # 60 held-out clips of 30 identities, the query's own left out
     assert m.loc["recall@1", "value"] > 5 * chance and m.loc["recall@1", "ci_low"] > 2 * chance, m  # 0.65 vs 0.017
     assert m.loc["recall@10", "ci_low"] > m.loc["chance@10", "value"]
 
-    out = Path(cfg["results"]) / "report"
+    out = Results.of(cfg).report
     checks = pd.read_csv(out / "controls.csv")
     judged = checks[checks["judged"]]
     sens = judged[(judged["system"] == "speaker_embeddings_only") & (judged["control"] == "sensitivity")]

@@ -449,14 +449,17 @@ def test_two_seeds_give_different_weights_and_one_seed_twice_the_same(project, t
     same = all(torch.equal(w, weights["s0again"][k]) for k, w in weights["s0"].items())
     differ = any(not torch.allclose(w, weights["s1"][k]) for k, w in weights["s0"].items())
     assert same and differ
-    from slf_utils.config import seed_overrides, system_dir
+    from slf_utils.config import seed_overrides
+    from slf_utils.results import Results
 
     path = write_params(project, name="seeds")
     base = Path(load_params(path)["results"]) / "x"
-    assert system_dir(load_params(path), "x") == base  # no grid.seeds: one run, the system's folder
+    assert Results.of(load_params(path)).system("x") == base  # no grid.seeds: one run, the system's folder
     many = {"grid": {"seeds": [3, 5]}}
-    assert system_dir(load_params(path, {**many, **seed_overrides(3)}), "x") == base  # the first seed
-    assert system_dir(load_params(path, {**many, **seed_overrides(5)}), "x") == base / "seed5"
+    assert Results.of(load_params(path, {**many, **seed_overrides(3)})).system("x") == base  # the first seed
+    fifth = Results.of(load_params(path, {**many, **seed_overrides(5)}))
+    assert fifth.system("x") == base / "seed5" and fifth.model("x", 2) == base / "seed5" / "model" / "fold2"
+    assert fifth.encoder("x") == base and fifth.eval("x") == base / "seed5" / "eval"  # an encoder: one per grid
 
 
 def test_precision_auto_is_bf16_on_a_bf16_cuda_device_and_fp32_elsewhere(monkeypatch):

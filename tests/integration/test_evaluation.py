@@ -11,6 +11,7 @@ import yaml
 
 from slf_utils import evaluation as ev
 from slf_utils import image_metrics, recipe, recognisers, references, retrieval, stats, tables
+from slf_utils.results import Results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -397,7 +398,7 @@ def synthetic(tmp_path):
 
     cfg = tiny_cfg(tmp_path)
     store = synthetic_store(
-        Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
+        Results.of(cfg).store, n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
     )
     return cfg, store
 
@@ -405,7 +406,7 @@ def synthetic(tmp_path):
 def test_run_random_selection_writes_chance_rows_only(synthetic):
     cfg, _ = synthetic
     m = ev.run(cfg, "random", log=lambda *a: None)
-    out = tables.eval_dir(cfg, "random")
+    out = Results.of(cfg).eval("random")
     assert (out / "metrics.csv").exists() and (out / "provenance.json").exists() and (out / "hits.csv").exists()
     assert not (out / "images").exists()
     assert list(m.columns) == tables.METRIC_COLUMNS and m["scale"].isna().all()
@@ -479,7 +480,7 @@ def test_run_samples_scores_and_resumes(synthetic, monkeypatch):
     atomic_save_npz(model_dir / "norm_stats.npz", **Layout.load(cfg["layout"]).fit(store, train_ids))
 
     m = ev.run(cfg, "full_input", log=lambda *a: None)
-    out = tables.eval_dir(cfg, "full_input")
+    out = Results.of(cfg).eval("full_input")
     assert [c["scale"] for c in calls] == [0.0, 2.0] and all(c["guides"] and c["n"] == 12 for c in calls)
     assert len(list((out / "images").glob("*.png"))) == 24
     samples = pd.read_csv(out / "samples.csv")
@@ -540,7 +541,7 @@ def test_bicubic_and_identity_mean_rows_on_a_synthetic_store(synthetic):
     assert size == 16  # the demo preset's super-resolution output
     for name in ("bicubic", "identity_mean"):
         m = ev.run(cfg, name, log=lambda *a: None)
-        out = tables.eval_dir(cfg, name)
+        out = Results.of(cfg).eval(name)
         samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
         assert list(samples["clip_id"]) == test["clip_id"].tolist() and samples["scale"].isna().all()
         assert m["scale"].isna().all() and set(m["protocol"]) == {"paper", "identity", "both"}
@@ -567,7 +568,7 @@ def test_real_face_row_is_the_query_itself(synthetic):
     (at full size), the identity protocol's leaves it out."""
     cfg, store = synthetic
     m = ev.run(cfg, "real_face", log=lambda *a: None)
-    out = tables.eval_dir(cfg, "real_face")
+    out = Results.of(cfg).eval("real_face")
     samples = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
     test = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
     assert list(samples["clip_id"]) == test and samples["scale"].isna().all()
@@ -590,9 +591,9 @@ def test_identity_mean_skips_test_identities_without_training_faces(synthetic):
     m = ev.run(cfg, "identity_mean", log=logs.append)
     at = m.set_index("metric")
     assert at.loc["n_unsampled", "value"] == 2 and (m.loc[m["metric"] == "recall@1", "n"] == 12).all()
-    hits = tables.load_hits(tables.eval_dir(cfg, "identity_mean") / "hits.csv")
+    hits = tables.load_hits(Results.of(cfg).eval("identity_mean") / "hits.csv")
     assert not hits.loc[hits["identity"] == "id00005", "hit"].any()
-    prov = json.loads((tables.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    prov = json.loads((Results.of(cfg).eval("identity_mean") / "provenance.json").read_text())
     assert prov["n_unsampled"] == 2 and any("without training faces" in n for n in prov["notes"])
     assert any("without training faces" in line for line in logs)
 
@@ -604,7 +605,7 @@ def test_identity_mean_skips_test_identities_without_training_faces(synthetic):
         store.update_labels(c, split="dev")  # test identities 3-5 are unseen, training faces of 0-2 remain
     m = ev.run(cfg, "identity_mean", log=lambda *a: None)
     assert "recall@1" not in set(m["metric"]) and m.set_index("metric").loc["n_unsampled", "value"] == 6
-    prov = json.loads((tables.eval_dir(cfg, "identity_mean") / "provenance.json").read_text())
+    prov = json.loads((Results.of(cfg).eval("identity_mean") / "provenance.json").read_text())
     assert any("skipped" in n for n in prov["notes"])
 
 
@@ -624,7 +625,7 @@ def test_one_gallery_for_every_system_of_a_grid(synthetic, monkeypatch):
         assert (r["n"] == 12).all(), s
         chance = m.loc[(m["metric"] == "chance@1") & (m["protocol"] == "paper"), ["value", "n"]].iloc[0]
         assert chance["value"] == pytest.approx(1 / 6) and chance["n"] == 12
-        hits = tables.load_hits(tables.eval_dir(cfg, s) / "hits.csv")
+        hits = tables.load_hits(Results.of(cfg).eval(s) / "hits.csv")
         hit_clips[s] = sorted(set(hits["clip_id"]))
     assert hit_clips["full_input"] == hit_clips["bicubic"] == hit_clips["random"] == sorted(test_ids)
     fi = metrics["full_input"]

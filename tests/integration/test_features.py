@@ -15,6 +15,7 @@ from slf_utils import preprocessing as P
 from slf_utils import speech_models as SM
 from slf_utils.basics import ROOT, params_hash
 from slf_utils.config import load_params
+from slf_utils.results import Results
 from slf_utils.store import Store
 
 SR = 16000
@@ -211,7 +212,7 @@ def feature_run(tmp_path_factory):
     cfg = make_cfg(tmp, manifest)
     P.run(cfg)
     F.run(cfg)
-    return cfg, Store(Path(cfg["results"]) / "store")
+    return cfg, Store(Results.of(cfg).store)
 
 
 def test_shapes_and_dtypes_of_every_constituent(feature_run):
@@ -444,7 +445,7 @@ def test_dask_run_gives_the_same_features(feature_run, tmp_path):
 
     cfg, store = feature_run
     other_root = tmp_path / "results"
-    shutil.copytree(Path(cfg["results"]) / "store", other_root / "store")
+    shutil.copytree(Results.of(cfg).store, other_root / "store")
     other = Store(other_root / "store")
     for s in ("speaker", "speaker_windows", "pyaudio", "mel"):
         other.clear_stage(s)
@@ -489,4 +490,4 @@ def test_papermill_runs_of_01_and_02_populate_the_store(demo_corpus_small, tmp_p
     for s in ("speaker", "speaker_windows", "pyaudio", "mel"):
         assert set(store.clips(stage=s).clip_id) == done, s
     cfg = load_params("params/demo.yaml", overrides)
-    assert store.root == Path(cfg["results"]) / "store"
+    assert store.root == Results.of(cfg).store

@@ -46,6 +46,7 @@ from slf_utils.folds import (
     training_ids,
 )
 from slf_utils.preprocessing import assign_validation
+from slf_utils.results import Results
 from slf_utils.store import Store, open_store
 from slf_utils.synthetic import synthetic_store
 
@@ -279,9 +280,9 @@ def test_each_fold_model_answers_its_own_identities_and_identity_mean_is_skipped
     metrics = evaluation.run(cfg, "no_image_guide", **QUIET)
     store = open_store(cfg)
     n = len(evaluation.eval_clips(store))
-    samples = evaluation._existing_samples(tables.eval_dir(cfg, "no_image_guide"))
+    samples = evaluation._existing_samples(Results.of(cfg).eval("no_image_guide"))
     assert len(samples) == n and samples["clip_id"].is_unique
-    prov = json.loads((tables.eval_dir(cfg, "no_image_guide") / "provenance.json").read_text())
+    prov = json.loads((Results.of(cfg).eval("no_image_guide") / "provenance.json").read_text())
     fold_of = identity_folds(cfg, store.clips())
     assert [p["split"]["fold"] for p in prov["model_provenance"]] == [0, 1, 2]
     for p, k in zip(prov["model_provenance"], range(FOLDS)):  # the other identities' training clips (2 each) only
@@ -493,7 +494,7 @@ def test_retraining_one_fold_changes_the_scored_embeddings(project, monkeypatch)
     ids, before = scored[-1]
     fold = np.array([fold_of[c.split("/")[0]] for c in ids])
     k = next(f for f in range(FOLDS) if f != fold[0])
-    model = evaluation.system_dir(cfg, system) / "model"
+    model = evaluation.Results.of(cfg).model(system)
     shutil.rmtree(model / f"fold{k}")
     seed1 = load_params(cfg["params_file"], {"train": {"seed": 1}})
     diffusion._train(seed1, system, model / f"fold{k}", None, k)  # fold k retrained, the others untouched
@@ -502,7 +503,7 @@ def test_retraining_one_fold_changes_the_scored_embeddings(project, monkeypatch)
     assert ids2 == ids
     assert not np.allclose(after[fold == k], before[fold == k])  # its new faces are scored
     np.testing.assert_allclose(after[fold != k], before[fold != k])
-    out = tables.eval_dir(cfg, system)
+    out = Results.of(cfg).eval(system)
     samples = evaluation._existing_samples(out).set_index("clip_id").loc[ids]
     images = [evaluation.read_image(out / p) for p in samples["image"]]
     np.testing.assert_allclose(after, recognisers.make_embedder(cfg, store).embed(images)[0], rtol=1e-4, atol=1e-4)
@@ -516,7 +517,7 @@ def test_a_direct_decoder_trains_and_decodes_per_fold(project):
     metrics = evaluation.run(cfg, "face_to_face_direct", log=lambda *_: None)
     store = open_store(cfg)
     queries = evaluation.eval_clips(store)
-    samples = evaluation._existing_samples(tables.eval_dir(cfg, "face_to_face_direct"))
+    samples = evaluation._existing_samples(Results.of(cfg).eval("face_to_face_direct"))
     assert samples["clip_id"].tolist() == queries["clip_id"].tolist()  # the queries' order, whatever the folds
     # each query's face is its own fold's decoder's
     fold_of = identity_folds(cfg, store.clips())
@@ -526,7 +527,7 @@ def test_a_direct_decoder_trains_and_decodes_per_fold(project):
         cfg, "face_to_face_direct", [q["clip_id"]], store, directory=result["folds"][k]["model_dir"], fold=k
     )[0]
     np.testing.assert_array_equal(
-        own, evaluation.read_image(tables.eval_dir(cfg, "face_to_face_direct") / samples["image"].iloc[0])
+        own, evaluation.read_image(Results.of(cfg).eval("face_to_face_direct") / samples["image"].iloc[0])
     )
     assert metrics["metric"].eq("recall@1").any()
 

@@ -17,6 +17,7 @@ from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
 from slf_utils.recognisers import face_code_of, face_embedder, load_code_basis
 from slf_utils.references import read_codes
+from slf_utils.results import Results
 from slf_utils.store import Store
 
 
@@ -195,7 +196,7 @@ def test_manifest_passes_the_workbook_loaders_and_a_preprocessing_run(ka_small, 
     cfg = load_params(grid_file)
     first = sorted(clips.clip_id)[:6]
     P.run(cfg, clip_ids=first)
-    store = Store(Path(cfg["results"]) / "store")
+    store = Store(Results.of(cfg).store)
     assert store.rejects().empty
     done = store.clips(stage="preprocess")
     assert sorted(done.clip_id) == first

@@ -18,6 +18,7 @@ import soundfile as sf
 from slf_utils import preprocessing as P
 from slf_utils.basics import ParamsError, params_hash
 from slf_utils.config import load_params
+from slf_utils.results import Results
 from slf_utils.store import Store
 
 SR = 16000
@@ -181,7 +182,7 @@ def done_run(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
     cfg = make_cfg(tmp, corpus)
     P.run(cfg)
-    return cfg, Store(Path(cfg["results"]) / "store")
+    return cfg, Store(Results.of(cfg).store)
 
 
 def test_bad_input_rejected_with_reasons_and_others_complete(done_run):
@@ -400,7 +401,7 @@ def test_killed_run_resumes_without_recomputing(corpus, tmp_path, monkeypatch):
         timeout=300,
     )
     assert proc.returncode == 17, proc.stderr[-2000:]
-    store = Store(Path(cfg["results"]) / "store")
+    store = Store(Results.of(cfg).store)
     h = params_hash(P.stage_params(cfg))
     first = store.finished("preprocess", h)
     assert len(first) == 4 and store.check() == []
@@ -463,7 +464,7 @@ def test_voxceleb_tree_and_test_list(corpus, tmp_path):
     ]
     assert clips.split.tolist() == ["train"] * 3 + ["test"] * 2
     P.run(cfg)
-    store = Store(Path(cfg["results"]) / "store")
+    store = Store(Results.of(cfg).store)
     rej = store.rejects().set_index("clip_id")
     assert list(rej.index) == ["id00009/missing/00001"] and "file not found" in rej.reason.iloc[0]
     assert len(store.clips(split="train", stage="preprocess")) == 3

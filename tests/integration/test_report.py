@@ -11,6 +11,7 @@ import yaml
 
 from slf_utils import differences, figures, report, report_tables, retrieval, significance, stats, tables
 from slf_utils import evaluation as ev
+from slf_utils.results import Results
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -116,7 +117,7 @@ def write_synthetic_results(cfg, store):
     faces = store.load_stacked("preprocess", ids)["face"]
     rng = np.random.default_rng(0)
     for system in SYSTEMS:
-        out = tables.eval_dir(cfg, system)
+        out = Results.of(cfg).eval(system)
         out.mkdir(parents=True, exist_ok=True)
         rows = tables.chance_rows(system, idents) + [tables.constant_row(system, "n_unsampled", 0.0, len(ids))]
         hit_frames, samples = [], []
@@ -160,7 +161,7 @@ def synthetic_results(tmp_path):
     p.write_text(yaml.safe_dump(grid))
     cfg = load_params(p)
     store = synthetic_store(
-        Path(cfg["results"]) / "store", n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
+        Results.of(cfg).store, n_identities=6, clips_per_identity=4, layout=Layout.load(cfg["layout"])
     )
     write_synthetic_results(cfg, store)
     return cfg
@@ -181,7 +182,7 @@ def test_report_from_synthetic_results(synthetic_results):
     cfg = synthetic_results
     logs = []
     res = report.run(cfg, log=logs.append)
-    out = report.report_dir(cfg)
+    out = Results.of(cfg).report
     for stem in ("recall_vs_scale", "samples_systems", "samples_scales"):
         for ext in ("png", "pdf"):
             assert (out / f"{stem}.{ext}").stat().st_size > 1000, stem
@@ -324,7 +325,7 @@ def _tiny_grid(tmp_path, grid: dict):
     p.write_text(yaml.safe_dump(grid))
     cfg = load_params(p)
     layout = Layout.load(cfg["layout"])
-    synthetic_store(Path(cfg["results"]) / "store", n_identities=4, clips_per_identity=4, layout=layout, face_size=32)
+    synthetic_store(Results.of(cfg).store, n_identities=4, clips_per_identity=4, layout=layout, face_size=32)
     return p, cfg
 
 
@@ -369,10 +370,10 @@ def test_notebooks_04_and_05_on_a_tiny_trained_system(tmp_path):
         kernel_name="python3",
         progress_bar=False,
     )
-    out = report.report_dir(cfg)
+    out = Results.of(cfg).report
     for stem in ("recall_vs_scale", "samples_systems", "samples_scales"):
         assert (out / f"{stem}.png").exists() and (out / f"{stem}.pdf").exists()
-    m = pd.read_csv(tables.eval_dir(cfg, "full_input") / "metrics.csv")
+    m = pd.read_csv(Results.of(cfg).eval("full_input") / "metrics.csv")
     assert set(m["scale"].dropna()) == {0, 2} and {"guide_top1", "n_unsampled"} <= set(m["metric"])
     headline = (out / "headline.md").read_text()
     assert "Bicubic upscaling" in headline and "Random selection" in headline and "reference" in headline
@@ -415,7 +416,7 @@ def test_best_scales_are_chosen_on_validation_clips_only(synthetic_results):
     validation rows peak at scale 4, so every table reports the test clips at scale 4, and the optimistic column
     shows what choosing on the test clips would have claimed."""
     cfg = synthetic_results
-    path = tables.eval_dir(cfg, "full_input") / "metrics.csv"
+    path = Results.of(cfg).eval("full_input") / "metrics.csv"
     test = tables.load_metrics(path)
     recall = test["metric"].str.startswith("recall@")
     planted = test.copy()
@@ -430,7 +431,7 @@ def test_best_scales_are_chosen_on_validation_clips_only(synthetic_results):
     at4 = planted[(planted["metric"] == "recall@1") & (planted["protocol"] == "identity") & (planted["scale"] == 4)]
     assert head["recall@1"] == pytest.approx(at4["value"].iloc[0])  # the test clips, at the validation's scale
     assert head["best_on_test_scale"] == 8.0 and head["best_on_test@1"] == 1.0
-    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    summary = (Results.of(cfg).report / "summary.md").read_text()
     assert "chosen on the" in summary and "validation clips" in summary and "optimistic" in summary
 
 
@@ -446,7 +447,7 @@ def test_differences_list_every_way_a_pair_differs_and_flag_a_two_factor_pair(sy
     assert rd.loc[("full_input", "pure_sr"), "one_factor"].all()
     two = rd.loc[[("full_input", "no_image_guide")]]
     assert set(two["key"]) == {"mode"} and not two["one_factor"].any()
-    text = (report.report_dir(cfg) / "differences.md").read_text()
+    text = (Results.of(cfg).report / "differences.md").read_text()
     assert "FLAG: differs in more than inputs**: `mode`" in text
     assert "No Image Guide" in text and "'super_resolution' vs 'generation'" in text
     diff = res["differences"]
@@ -507,7 +508,7 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
 
     cfg = synthetic_results
     cfg["grid"]["seeds"] = [0, 1]
-    src = tables.eval_dir(cfg, "full_input")
+    src = Results.of(cfg).eval("full_input")
     dst = src.parent / "seed1" / "eval"
     shutil.copytree(src, dst)
     hits = tables.load_hits(dst / "hits.csv")
@@ -528,7 +529,7 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
     head = res["headline"].set_index("system")
     assert head.loc["full_input", "recall@1"] == pytest.approx(fi["mean"])
     assert seeds.loc["bicubic", "seeds"] == 1
-    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    summary = (Results.of(cfg).report / "summary.md").read_text()
     assert "## Training seeds" in summary and "identities and seeds" in summary
     # full_input - bicubic: both seeds against the one run, the seed mean, each seed's difference in seeds.md
     diff = res["differences"].set_index(["scales", "protocol", "a", "b", "k"])
@@ -537,9 +538,9 @@ def test_seeds_enter_every_table_as_their_mean_with_intervals_over_identities_an
     assert d["difference"] == pytest.approx(fi["mean"] - head.loc["bicubic", "recall@1"], abs=1e-3)
     per = [float(x) for x in d["per_seed"].split(", ")]
     assert per == pytest.approx([a - head.loc["bicubic", "recall@1"], b - head.loc["bicubic", "recall@1"]], abs=1e-3)
-    md = (report.report_dir(cfg) / "seeds.md").read_text()
+    md = (Results.of(cfg).report / "seeds.md").read_text()
     assert "Full Input − Bicubic upscaling" in md and d["per_seed"] in md and "each pair of runs" in md
-    assert "| 2, 1 |" in (report.report_dir(cfg) / "differences.md").read_text()
+    assert "| 2, 1 |" in (Results.of(cfg).report / "differences.md").read_text()
 
 
 def test_a_test_set_of_one_clip_per_speaker_has_no_identity_protocol_chance_and_the_report_says_so():
@@ -686,7 +687,7 @@ def write_one_clip_test_list(cfg):
         "bicubic": {np.nan: hits(1)},
     }
     for system, by_scale in runs.items():
-        out = tables.eval_dir(cfg, system)
+        out = Results.of(cfg).eval(system)
         out.mkdir(parents=True, exist_ok=True)
         rows, frames = tables.chance_rows(system, ids, ks, splits), []
         for scale, h in by_scale.items():
@@ -728,7 +729,7 @@ def test_a_one_clip_per_speaker_test_list_leads_with_paper_but_checks_learning_o
         tables.at_protocol(val, "paper"), {"pure_sr": 2.0}, {"pure_sr": "super_resolution"}
     )
     assert paper["recall@1"].iloc[0] == 1.0 and paper["passes"].iloc[0]
-    summary = (report.report_dir(cfg) / "summary.md").read_text()
+    summary = (Results.of(cfg).report / "summary.md").read_text()
     assert "Led by the paper protocol" in summary and "learning checks read the identity protocol of the val" in summary
     assert "(identity protocol, val clips)" in summary
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 import yaml
 
-from slf_utils import evaluation, face_decoder, figures, grid, report, report_tables, tables
+from slf_utils import evaluation, face_decoder, figures, grid, report, report_tables
 from slf_utils.basics import ROOT, ParamsError
 from slf_utils.config import load_params
 from slf_utils.layout import Layout, load_systems
 from slf_utils.preprocessing import guide_of
+from slf_utils.results import Results
 from slf_utils.synthetic import synthetic_store
 
 LAYOUT = ROOT / "params" / "layout.yaml"
@@ -236,7 +237,7 @@ def test_face_to_face_beats_speech_to_face(compared):
     cfg, metrics, _ = compared
     f2f, s2f = recall1(metrics["face_to_face_direct"]), recall1(metrics["speech_to_face_direct"])
     assert f2f >= 0.75 and f2f > s2f + 0.4, (f2f, s2f)  # measured: 1.0 against 0.25 (chance 1/6)
-    out = tables.eval_dir(cfg, "face_to_face_direct")
+    out = Results.of(cfg).eval("face_to_face_direct")
     samples = pd.read_csv(out / "samples.csv")
     assert len(samples) == 12 and samples["scale"].isna().all() and (out / samples["image"].iloc[0]).exists()
     prov = json.loads((out / "provenance.json").read_text())
@@ -245,7 +246,7 @@ def test_face_to_face_beats_speech_to_face(compared):
 
 def test_report_draws_direct_decoders_as_one_point_and_says_face_to_face_sees_the_answer(compared):
     cfg, _, res = compared
-    out = report.report_dir(cfg)
+    out = Results.of(cfg).report
     headline = (out / "headline.md").read_text()
     assert "Face to Face (direct decoder, true embedding) †" in headline and "no scale" in headline
     assert "sees the answer" in headline and "sees the answer" in (out / "summary.md").read_text()

@@ -18,6 +18,7 @@ from slf_utils.basics import ParamsError
 from slf_utils.config import load_params
 from slf_utils.parameters import DEFAULTS
 from slf_utils.preprocessing import SAMPLE_RATE, guide_of
+from slf_utils.results import Results
 from slf_utils.synthetic import synthetic_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,7 +170,7 @@ def test_mlp_encoder_overfits_four_identities_and_reruns_nothing(tmp_path):
     protocols; every clip gets a (D,) prediction; a rerun reuses the model and writes nothing; other steps retrain
     and rewrite the predictions."""
     cfg = synthetic_cfg(tmp_path)
-    store = distinct_store(Path(cfg["results"]) / "store")
+    store = distinct_store(Results.of(cfg).store)
     res = V.run(cfg, store, log=lambda *a: None)
     m = res["metrics"]
     assert recall(m, "train", "paper") == 1.0 and recall(m, "train", "identity") == 1.0
@@ -278,7 +279,7 @@ def test_ve_conv_encoder_overfits_four_identities(tmp_path):
         seconds=0.5,
         steps=150,
     )
-    store = distinct_store(Path(cfg["results"]) / "store", audio=True)
+    store = distinct_store(Results.of(cfg).store, audio=True)
     res = V.run(cfg, store, log=lambda *a: None)
     assert recall(res["metrics"], "train", "paper") == 1.0 and recall(res["metrics"], "train", "identity") == 1.0
     assert res["predictions"]["done"] == 16
@@ -306,7 +307,7 @@ def test_ast_backend_loads_a_local_random_model_and_predicts_n_by_d(tmp_path):
     )
     ASTForAudioClassification(config).save_pretrained(tmp_path / "ast")
     cfg = synthetic_cfg(tmp_path, backend="ast", ast_source=str(tmp_path / "ast"), seconds=0.5, steps=3)
-    store = distinct_store(Path(cfg["results"]) / "store", audio=True)
+    store = distinct_store(Results.of(cfg).store, audio=True)
     model, meta = V.new_encoder(cfg["speech2face"]["voice_encoder"], out_dim=7)
     ids = store.clips()["clip_id"].tolist()
     out = S.predict(model, V.AudioInputs(store, ids, 0.5, model.featurize), batch_size=5)

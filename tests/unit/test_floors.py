@@ -12,9 +12,10 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[2] / "slf_utils"
 MAX_LINES = 650
 # what the scoring floor may import: configuration, folds, the store and preprocessing (and what these stand on)
-BASE = {"env", "locks", "basics", "parameters", "config", "folds", "store", "preprocessing"}
-# the configuration floor: basics (imports nothing of the project) <- parameters <- config (grid files, the CLI)
-CONFIG = {"basics": set(), "parameters": {"basics"}, "config": {"basics", "parameters"}}
+BASE = {"env", "locks", "basics", "results", "parameters", "config", "folds", "store", "preprocessing"}
+# the configuration floor: basics and results (the results layout; both import nothing of the project) <- parameters
+# <- config (grid files, the CLI)
+CONFIG = {"basics": set(), "results": set(), "parameters": {"basics"}, "config": {"basics", "parameters"}}
 SCORING = {
     "retrieval",
     "stats",
