@@ -51,6 +51,15 @@ def _demote(text: str) -> str:
     return re.sub(r"^(#+) ", lambda m: "#" + m.group(1) + " ", text, flags=re.M)
 
 
+def _shown(results: Path) -> Path:
+    """The results folder as a reader types it: relative to the working directory, or results/<grid> where it is
+    elsewhere (a clone's absolute path means nothing on the page)."""
+    try:
+        return results.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return Path("results") / results.name
+
+
 def generated_block(results: Path) -> str:
     report = results / "report"
     if not (report / "summary.md").exists():
@@ -67,7 +76,8 @@ def generated_block(results: Path) -> str:
     lines = [
         BEGIN,
         "",
-        f"Generated on {time.strftime('%Y-%m-%d')} by `python -m slf_utils.report findings {results}` from the report "
+        f"Generated on {time.strftime('%Y-%m-%d')} by `python -m slf_utils.report findings {_shown(results)}` from the "
+        "report "
         f"of `params/{grid_file}`"
         + (f" (finished {time.strftime('%Y-%m-%d %H:%M', time.localtime(ended))})" if ended else "")
         + f", produced by `python -m slf_utils.grid run params/{grid_file}`. Commits: {where}.",

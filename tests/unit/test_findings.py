@@ -33,6 +33,7 @@ def test_a_finding_carries_its_commits_command_and_the_reports_tables(tmp_path):
     assert page.startswith("# Findings: g\n")
     assert "python -m slf_utils.grid run params/g.yaml" in page and "report at abc1234" in page
     assert "evaluations at def5678" in page
+    assert "findings results/g` from" in page and str(tmp_path) not in page  # not the clone's absolute path
     assert "| Full Input | 0.512 |" in page and "### Headline" in page  # the report's headings one level down
     assert page.index("Headline") < page.index("sensitivity: passes")  # summary first, then the controls
 
