@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from slf_utils import face_decoder, layout, recipe, sampling
+from slf_utils import face_decoder, recipe, sampling
 from slf_utils.basics import (
     atomic_save_npz,
     atomic_write,
@@ -424,11 +424,10 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     ev = eval_params(cfg)
     out = Results.of(cfg).eval(system_name)
     store = open_store(cfg)
-    lay = layout.load_layout(cfg)
-    systems = layout.load_systems(cfg["systems_file"], lay)
-    if system_name not in systems:
-        raise KeyError(f"{cfg['systems_file']}: unknown system {system_name!r} (known: {', '.join(systems)})")
-    system = systems[system_name]
+    # the system as the grid resolves it (its kind, the clips it answers); a trained model is sampled as its own
+    # recipe.json says (generate)
+    planned = recipe.resolve_recipe(cfg, system_name)
+    lay, system = planned.layout, planned.system
     kind = reference_kind(system)
     clips = eval_clips(store)  # the gallery: the same clips for every system of the grid
     ids, idents, splits = clips["clip_id"].tolist(), clips["identity"].tolist(), clips["split"].to_numpy()
