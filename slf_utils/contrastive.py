@@ -557,7 +557,7 @@ def differences(cfg, hits: pd.DataFrame | None = None) -> pd.DataFrame:
     metric, difference, ci_low, ci_high, n. `hits`: the contrastive hits (default: `contrastive/hits.csv`). Empty
     where either method's hits are missing."""
     cols = ["split", "protocol", "metric", "difference", "ci_low", "ci_high", "n"]
-    ve_path, ct_path = Results.of(cfg).encoder(V.SYSTEM) / "hits.csv", Results.of(cfg).encoder(SYSTEM) / "hits.csv"
+    ve_path, ct_path = (Results.of(cfg).encoder(s) / "hits.csv" for s in (V.SYSTEM, SYSTEM))
     if hits is None and ct_path.exists():
         hits = pd.read_csv(ct_path)
     if hits is None or not ve_path.exists():

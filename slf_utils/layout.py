@@ -148,9 +148,8 @@ class Layout:
             for n, c in self.constituents.items()
         }
         out = Layout(cons, self.groups, self.rows, self.cols, self.clip, self.attribute_dropout, self.path, self.raw)
-        declared = {n: c.stage for n, c in self.constituents.items()}
-        out.redirects = self.redirects | {self.redirects.get(declared[n], declared[n]): cons[n].stage for n in cons}
-        out.redirects = {a: b for a, b in out.redirects.items() if a != b}
+        used = {c.stage for c in self.constituents.values()}
+        out.redirects = self.redirects | {a: b for a, b in stages.items() if a in used and a != b}
         return out
 
     @property

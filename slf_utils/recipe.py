@@ -325,6 +325,14 @@ def load_recipe(model_dir) -> Recipe | None:
     return r
 
 
+def trained_flat(cfg, system_name: str, model_dir, fold: int | None = None) -> dict:
+    """Recipe.flat of the model in `model_dir` as saved (any recipe.json, also one from before the full save, which
+    keeps only `flat`): what the report's differences describe; resolved from the grid files only where nothing
+    trained (a reference row) or the model predates saved recipes."""
+    saved = read_recipe(model_dir)
+    return saved["flat"] if saved else resolve_recipe(cfg, system_name, fold).flat()
+
+
 def trained_recipe(cfg, system_name: str, model_dir, fold: int | None = None) -> Recipe:
     """The Recipe of the model in `model_dir` (load_recipe), which evaluation samples and decodes with; a model
     trained before recipes were saved in full is resolved from the grid files, as it was then."""

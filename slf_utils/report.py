@@ -156,16 +156,6 @@ def lead_protocol(metrics: pd.DataFrame) -> str:
     return PROTOCOLS[0] if chance.empty or chance.max() > 0 else PROTOCOLS[1]
 
 
-def trained_recipe(cfg, system: str) -> dict:
-    """Recipe.flat of a system as it was trained: the recipe.json saved beside its model (its first fold's with
-    identity folds: the folds differ only in `fold`); resolved from the grid files only where nothing trained (a
-    reference row) or the model predates saved recipes."""
-    fold = 0 if n_folds(cfg) else None
-    model = Results.of(cfg).model(system)
-    saved = recipe.read_recipe(model if fold is None else model / f"fold{fold}")
-    return saved["flat"] if saved else recipe.resolve_recipe(cfg, system, fold).flat()
-
-
 def recipe_differences(cfg, pairs) -> pd.DataFrame:
     """Every way the two systems of each pair differ (recipe.Recipe.flat), with the factor the pair names and whether
     the pair differs in more than it (`one_factor` False: a flag). Columns a, b, factor, key, value_a, value_b,
@@ -175,7 +165,8 @@ def recipe_differences(cfg, pairs) -> pd.DataFrame:
     for a, b, factor in pairs:
         for s in (a, b):
             if s not in recipes:
-                recipes[s] = trained_recipe(cfg, s)
+                fold = 0 if n_folds(cfg) else None  # with identity folds the first's: folds differ only in `fold`
+                recipes[s] = recipe.trained_flat(cfg, s, Results.of(cfg).model(s, fold), fold)
         ra, rb = recipes[a], recipes[b]
         allowed = FACTORS.get(factor, ())
         diff = [k for k in dict.fromkeys([*ra, *rb]) if str(ra.get(k)) != str(rb.get(k))]

@@ -97,3 +97,23 @@ def test_a_compiled_unet_trains_to_the_recorded_first_losses(project, tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-4)
     assert r["compiled"] is True
     assert json.loads((tmp_path / "compiled" / "provenance.json").read_text())["compiled"] is True
+
+
+@pytest.mark.parametrize("system, fold", [("full_input", None), ("full_input", 2), ("speech_to_face_direct", 1)])
+def test_a_saved_recipe_loads_back_as_the_same_recipe_with_its_folds_stages(tmp_path, system, fold):
+    """recipe.json alone rebuilds the Recipe evaluation samples with: the same hash, system and layout order, and a
+    fold's model reads its fold's encoder stages (folds.fold_stage), as it was trained."""
+    cfg = load_params("params/demo-open.yaml")
+    r = recipe.resolve_recipe(cfg, system, fold)
+    recipe.write_recipe(r, tmp_path)
+    back = recipe.load_recipe(tmp_path)
+    assert back.hash == r.hash and back.system == r.system and back.layout.names == r.layout.names
+    assert [c.stage for c in back.layout.constituents.values()] == [c.stage for c in r.layout.constituents.values()]
+    assert back.layout.redirects == (
+        {}
+        if fold is None
+        else {
+            "voice_face_embedding": f"voice_face_embedding.fold{fold}",
+            "contrastive_speech": f"contrastive_speech.fold{fold}",
+        }
+    )
