@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils import contrastive, layout, report, voice_encoder
+from slf_utils import contrastive, recipe, report, voice_encoder
 from slf_utils.basics import atomic_write_text
 from slf_utils.config import load_params
 from slf_utils.differences import differences_table
@@ -63,9 +63,9 @@ def roles(cfg) -> dict[str, list]:
     """The grid's systems by what the controls ask of them: `speech_only` (generation from speech-derived rows
     only), `super_resolution`, `voice_free` (their answer does not depend on the voice: the same at every strength
     of one seed's corpora; the oracle excepted)."""
-    lay = layout.load_layout(cfg)
-    systems = layout.load_systems(cfg["systems_file"], lay)
-    speech = set(lay.groups["speech"]) | set(SPEECH_STAGES)
+    scored = recipe.scored_recipes(cfg)  # as evaluation scored them
+    systems = {k: r.system for k, r in scored.items()}
+    speech = {c for r in scored.values() for c in r.layout.groups["speech"]} | set(SPEECH_STAGES)
     mine = [s for s in cfg["systems"] if s in systems]
     return {
         "speech_only": [

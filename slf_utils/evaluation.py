@@ -87,12 +87,6 @@ from slf_utils.tables import (
 SAMPLE_COLUMNS = ["clip_id", "identity", "scale", "image", "sample_hash"]
 
 
-def output_size(cfg) -> int:
-    """Side of the faces the grid's super-resolution models produce (the last image size of its model preset): the
-    reference images are drawn at it, so PSNR, SSIM and the face recogniser compare like with like."""
-    return int(recipe.resolve_preset(cfg["model"])["super_resolution"]["image_sizes"][-1])
-
-
 @dataclass
 class Gallery:
     """The real test faces once: embeddings, identities, guides and attribute references."""
@@ -376,7 +370,7 @@ def _scales_of(out: Path, samples: pd.DataFrame, scales, ids):
 def _reference_scale(cfg, kind: str, store, gallery: Gallery, out: Path) -> tuple[list, list]:
     """(clip ids, [(NaN, images, embedding-cache key)]) of an image reference row, its images and samples.csv
     written like a trained system's (the report's sample grid shows them)."""
-    ids, images = reference_images(kind, store, gallery, output_size(cfg), cfg)
+    ids, images = reference_images(kind, store, gallery, recipe.output_size(cfg), cfg)
     # the images are cheap to remake and their bytes are the cache key: a changed store or size is noticed
     key = hashlib.sha1(np.stack(images).tobytes()).hexdigest()[:12] if ids else None
     ident = dict(zip(gallery.clip_ids, gallery.identities))
@@ -511,7 +505,7 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
         prov["gallery_face_detected"] = float(gallery.detected.mean())
         if kind:
             sampled, scales = _reference_scale(cfg, kind, store, gallery, out)
-            prov["output_size"] = output_size(cfg)
+            prov["output_size"] = recipe.output_size(cfg)
             if not sampled:
                 unseen = " (identity folds: every test identity is unseen in training)" if n_folds(cfg) else ""
                 note(f"no test identity has training faces{unseen}: the {kind} row is skipped")
@@ -570,5 +564,6 @@ def run(cfg, system_name, log=print) -> pd.DataFrame:
     _write_csv(out / "hits.csv", hits[HIT_COLUMNS])
     _write_csv(out / "metrics.csv", metrics)
     prov["seconds"] = round(time.time() - t0, 1)
+    recipe.write_recipe(planned, out)  # what was scored, for the report and the controls (recipe.scored_recipes)
     atomic_write_json(out / "provenance.json", provenance(prov))
     return metrics

@@ -55,9 +55,9 @@ from slf_utils.basics import (
     provenance,
 )
 from slf_utils.folds import n_folds, training_ids
-from slf_utils.layout import Layout, System
+from slf_utils.layout import Layout
 from slf_utils.preprocessing import resize, to_rgb
-from slf_utils.recipe import resolve_preset, resolve_recipe, trained_recipe, write_recipe
+from slf_utils.recipe import output_size, resolve_recipe, trained_recipe, write_recipe
 from slf_utils.results import Results
 from slf_utils.store import Store, open_store
 
@@ -147,12 +147,6 @@ class Perceptual(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def output_size(cfg, system: System) -> int:
-    """The side of the faces the grid's model preset produces in the system's mode (what its diffusion systems
-    draw, so every system is scored at the same size)."""
-    return int(max(resolve_preset(cfg["model"])[system.mode]["image_sizes"]))
-
-
 def input_dim(layout: Layout, name: str, stats: dict) -> int:
     """Entries of the constituent's vector the decoder reads: the fitted statistics' length (`standard`), else the
     whole block (rows x width, zero-padded)."""
@@ -306,7 +300,7 @@ def _train(cfg, system_name, out: Path, share: bool, fold, log) -> dict:
     r = _recipe(cfg, system_name, fold)
     layout, system, fd = r.layout, r.system, r.train
     store = open_store(cfg)
-    size = output_size(cfg, system)
+    size = output_size(cfg, system.mode)
     ids = training_ids(store, layout.stages([system.train_on]), cfg, fold, r.who)
     if not ids:
         raise ValueError(

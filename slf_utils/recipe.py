@@ -16,6 +16,7 @@ from slf_utils import autoencoder
 from slf_utils.basics import ParamsError, _get, atomic_write_json, deep_merge, params_hash, read_yaml, resolve
 from slf_utils.folds import fold_stage, n_folds
 from slf_utils.layout import Layout, System, load_layout, load_systems
+from slf_utils.results import Results
 
 PRESET_KEYS = {
     "unets",
@@ -80,6 +81,13 @@ def resolve_preset(model_cfg: dict) -> dict:
         )
     _check_model_options(preset, f"{path}: model/preset '{name}'")
     return preset
+
+
+def output_size(cfg, mode: str = "super_resolution") -> int:
+    """Side of the faces the grid's model preset draws in `mode` (its largest image size): every system of the grid,
+    references and direct decoders included, is scored at it, so PSNR, SSIM and the recogniser compare like with
+    like."""
+    return int(max(resolve_preset(cfg["model"])[mode]["image_sizes"]))
 
 
 def _check_model_options(preset: dict, where: str):
@@ -337,3 +345,17 @@ def trained_recipe(cfg, system_name: str, model_dir, fold: int | None = None) ->
     """The Recipe of the model in `model_dir` (load_recipe), which evaluation samples and decodes with; a model
     trained before recipes were saved in full is resolved from the grid files, as it was then."""
     return load_recipe(model_dir) or resolve_recipe(cfg, system_name, fold)
+
+
+def scored_recipes(cfg) -> dict[str, Recipe]:
+    """{system: Recipe} of the grid's systems as notebook 04 scored them (the recipe.json evaluation writes beside
+    its outputs), so the report and the controls describe what ran, not what today's systems.yaml says. A system
+    scored before evaluation saved its recipe is resolved from the grid files; one that no longer resolves is left
+    out (its rows keep their name)."""
+    out = {}
+    for name in cfg["systems"]:
+        try:
+            out[name] = load_recipe(Results.of(cfg).eval(name)) or resolve_recipe(cfg, name)
+        except ParamsError:
+            continue
+    return out

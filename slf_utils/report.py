@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from slf_utils import findings, layout, recipe
+from slf_utils import findings, recipe
 from slf_utils.basics import atomic_write_json, atomic_write_text, deep_merge, default, exists, provenance
 from slf_utils.config import FACTORS, seed_overrides, seeds_of
 from slf_utils.differences import (
@@ -101,7 +101,8 @@ def load_hits(cfg, system) -> pd.DataFrame | None:
 
 
 def _systems(cfg) -> dict:
-    return layout.load_systems(cfg["systems_file"], layout.load_layout(cfg))
+    """{system: System} as evaluation scored it (recipe.scored_recipes)."""
+    return {k: r.system for k, r in recipe.scored_recipes(cfg).items()}
 
 
 def system_titles(cfg) -> dict:
@@ -116,7 +117,7 @@ def system_modes(cfg) -> dict:
 
 
 def system_notes(cfg) -> dict:
-    """{system: note} of the systems whose systems.yaml entry has a `note` (a caveat the report must print)."""
+    """{system: note} of the systems whose resolved entry has a `note` (a caveat the report must print)."""
     try:
         return {k: v.note for k, v in _systems(cfg).items() if v.note}
     except Exception:  # noqa: BLE001  (notes, like titles, need the systems file; a report from metrics alone works)

@@ -761,10 +761,11 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
         assert saved["hash"] == recipe.resolve_recipe(cfg, s).hash
     pair = [("full_input", "pure_sr", "inputs")]
     assert set(report.recipe_differences(cfg, pair)["key"]) == {"keep", "stages", "train_on"}
+    ev.run(cfg, "pure_sr", log=lambda *a: None)  # notebook 04 saves the recipe it scored beside its outputs
 
     text = systems.read_text().replace(
         "pure_sr:\n  title: Pure Super-Resolution\n  mode: super_resolution\n  keep: []",
-        "pure_sr:\n  title: Pure Super-Resolution\n  mode: super_resolution\n  keep: [all]",
+        "pure_sr:\n  title: Renamed\n  mode: super_resolution\n  keep: [all]",
     )
     assert text != systems.read_text()
     systems.write_text(text)
@@ -773,6 +774,9 @@ def test_differences_describe_the_recipes_that_trained_not_an_edited_systems_fil
     rd = report.recipe_differences(edited, pair)
     assert set(rd["key"]) == {"keep", "stages", "train_on"}  # the trained recipes, not the edited file
     assert rd.set_index("key").loc["keep", "value_b"] == ""
+    # the report's titles are the scored system's; one not yet scored resolves from today's files
+    assert report.system_titles(edited) == {"pure_sr": "Pure Super-Resolution", "full_input": "Full Input"}
+    assert recipe.scored_recipes(edited)["pure_sr"].system.keep == ()
 
     # evaluation samples each model as its recipe.json says (no features for Pure Super-Resolution), where the edited
     # file would feed it every constituent
