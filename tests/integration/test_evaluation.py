@@ -537,7 +537,7 @@ def test_bicubic_and_identity_mean_rows_on_a_synthetic_store(synthetic):
 
     cfg, store = synthetic
     test = store.clips(split="test", stage="preprocess")
-    size = ev.output_size(cfg)
+    size = recipe.output_size(cfg)
     assert size == 16  # the demo preset's super-resolution output
     for name in ("bicubic", "identity_mean"):
         m = ev.run(cfg, name, log=lambda *a: None)
@@ -573,7 +573,7 @@ def test_real_face_row_is_the_query_itself(synthetic):
     test = store.clips(split="test", stage="preprocess")["clip_id"].tolist()
     assert list(samples["clip_id"]) == test and samples["scale"].isna().all()
     for cid, path in zip(samples["clip_id"], samples["image"]):
-        want = ev.resize(ev.to_rgb(store.get(cid, "preprocess")["face"]), ev.output_size(cfg))
+        want = ev.resize(ev.to_rgb(store.get(cid, "preprocess")["face"]), recipe.output_size(cfg))
         np.testing.assert_array_equal(ev.read_image(out / path), want, err_msg=cid)
     r1 = m[m["metric"] == "recall@1"].set_index("protocol")["value"]
     assert r1["paper"] > r1["identity"] + 0.2  # its own (full-size) image is in the paper protocol's gallery
