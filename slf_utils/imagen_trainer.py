@@ -5,6 +5,8 @@ process's place among the processes `accelerate launch` started."""
 from __future__ import annotations
 
 import shutil
+import sysconfig
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -66,11 +68,11 @@ def make_trainer(imagen, k: int, preset: dict, t_cfg: dict) -> ImagenTrainer:
 
 
 def compiles(requested, device, steps: int) -> bool:
-    """model.trainer.compile -> whether the unet is compiled. `auto`: on a CUDA device, and on a CPU with a C++
-    compiler (inductor writes C++ there) for a training of at least AUTO_COMPILE_STEPS steps. Measured on the demo's
-    unets (benchmarks/train_speed.py, a loaded machine): a compiled CPU step takes ~0.55x an eager one, after a
-    first step that compiles for minutes with an empty inductor cache and ~20 s with a filled one; so a compiled
-    training with an empty cache pays back after ~3,000 steps, with a filled one after a few hundred."""
+    """model.trainer.compile -> whether the unet is compiled. `auto`: on a CUDA device, and on a CPU where inductor
+    can build its C++ kernels (a C++ compiler and the Python headers) for a training of at least AUTO_COMPILE_STEPS
+    steps. Measured in `make demo` (docs/timings.md, training speed): a compiled step takes ~0.7x an eager one; the
+    first step compiles for ~2.5 min with an empty inductor cache and ~12 s from a filled one (the grid's later
+    processes read it), so a 3,000-step training is 1.05x faster cold and 1.46x warm."""
     if requested is False:
         return False
     if torch.device(device).type == "cuda":
@@ -83,7 +85,9 @@ def compiles(requested, device, steps: int) -> bool:
             f"model.trainer.compile: true on a CPU needs a C++ compiler (inductor writes C++; none of {compilers} "
             "found): install one (g++), or set compile: auto, which trains eager without one"
         )
-    return requested is True or (steps >= AUTO_COMPILE_STEPS and any(shutil.which(c) for c in compilers))
+    # without Python.h inductor's CPU kernels fail to build mid-training (a system Python without its -dev package)
+    headers = (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+    return requested is True or (steps >= AUTO_COMPILE_STEPS and headers and any(shutil.which(c) for c in compilers))
 
 
 def _compile_unet(unet):

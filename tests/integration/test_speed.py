@@ -102,12 +102,15 @@ def test_all_scales_in_one_pass_give_the_faces_of_one_call_per_scale(mode):
     assert sampling.ip.torch is torch and getattr(sampling._ROWS, "scales", None) is None  # patches undone
 
 
-def test_compile_auto_compiles_on_cuda_and_on_a_cpu_with_a_compiler_for_a_long_training(monkeypatch):
+def test_compile_auto_compiles_on_cuda_and_on_a_cpu_with_a_compiler_for_a_long_training(monkeypatch, tmp_path):
     long, short = imagen_trainer.AUTO_COMPILE_STEPS, imagen_trainer.AUTO_COMPILE_STEPS - 1
     assert imagen_trainer.compiles(True, "cpu", 1) and not imagen_trainer.compiles(False, "cuda", 10**6)
     assert imagen_trainer.compiles("auto", "cuda", 1)
     monkeypatch.setattr(imagen_trainer.shutil, "which", lambda name: f"/usr/bin/{name}")
     assert imagen_trainer.compiles("auto", "cpu", long) and not imagen_trainer.compiles("auto", "cpu", short)
+    with monkeypatch.context() as m:  # a compiler but no Python.h (a system Python without -dev): trains eager
+        m.setattr(imagen_trainer.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+        assert not imagen_trainer.compiles("auto", "cpu", long)
     monkeypatch.setattr(imagen_trainer.shutil, "which", lambda name: None)  # no C++ compiler: inductor cannot build
     assert not imagen_trainer.compiles("auto", "cpu", long)
     with pytest.raises(RuntimeError, match="model.trainer.compile: true on a CPU needs a C\\+\\+ compiler"):
