@@ -100,7 +100,8 @@ def grid_view(cfg, k: int = CONTROL_K) -> dict:
         "metrics": metrics,
         "hits": hits,
         "scales": scales,
-        "titles": report.system_titles(cfg),
+        # the systems a control asks for are named by title also where the grid lacks them ("not evaluated")
+        "titles": report.system_titles(cfg, [*cfg["systems"], *POSITIVE, DECODER_BOUND, FLOOR]),
         "roles": roles(cfg),
         "k": k,
         "n_boot": int(rep["bootstrap"]),

@@ -347,13 +347,13 @@ def trained_recipe(cfg, system_name: str, model_dir, fold: int | None = None) ->
     return load_recipe(model_dir) or resolve_recipe(cfg, system_name, fold)
 
 
-def scored_recipes(cfg) -> dict[str, Recipe]:
-    """{system: Recipe} of the grid's systems as notebook 04 scored them (the recipe.json evaluation writes beside
-    its outputs), so the report and the controls describe what ran, not what today's systems.yaml says. A system
-    scored before evaluation saved its recipe is resolved from the grid files; one that no longer resolves is left
-    out (its rows keep their name)."""
+def scored_recipes(cfg, names=None) -> dict[str, Recipe]:
+    """{system: Recipe} of the grid's systems (or `names`) as notebook 04 scored them (the recipe.json evaluation
+    writes beside its outputs), so the report and the controls describe what ran, not what today's systems.yaml
+    says. A system not scored (or scored before evaluation saved its recipe) is resolved from the grid files; one
+    that does not resolve is left out (its rows keep their name)."""
     out = {}
-    for name in cfg["systems"]:
+    for name in dict.fromkeys(cfg["systems"] if names is None else names):
         try:
             out[name] = load_recipe(Results.of(cfg).eval(name)) or resolve_recipe(cfg, name)
         except ParamsError:

@@ -100,14 +100,14 @@ def load_hits(cfg, system) -> pd.DataFrame | None:
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def _systems(cfg) -> dict:
-    """{system: System} as evaluation scored it (recipe.scored_recipes)."""
-    return {k: r.system for k, r in recipe.scored_recipes(cfg).items()}
+def _systems(cfg, names=None) -> dict:
+    """{system: System} as evaluation scored it (recipe.scored_recipes): the grid's systems, or `names`."""
+    return {k: r.system for k, r in recipe.scored_recipes(cfg, names).items()}
 
 
-def system_titles(cfg) -> dict:
+def system_titles(cfg, names=None) -> dict:
     try:
-        return {k: v.title for k, v in _systems(cfg).items()}
+        return {k: v.title for k, v in _systems(cfg, names).items()}
     except Exception:  # noqa: BLE001  (titles are cosmetic: a report from metrics alone still works)
         return {}
 

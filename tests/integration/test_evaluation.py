@@ -459,8 +459,9 @@ def fake_recipe(monkeypatch):
     """Evaluation's slf_utils.recipe with the output size of the reference rows the fake's 32 px; the system as
     training resolves it: real."""
     mod = types.ModuleType("slf_utils.recipe")
-    mod.resolve_preset = lambda model_cfg: {"super_resolution": {"image_sizes": [8, 32]}}
+    mod.output_size = lambda cfg, mode="super_resolution": 32
     mod.resolve_recipe, mod.trained_recipe, mod.Recipe = recipe.resolve_recipe, recipe.trained_recipe, recipe.Recipe
+    mod.write_recipe = recipe.write_recipe
     monkeypatch.setattr(ev, "recipe", mod)
 
 

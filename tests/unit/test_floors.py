@@ -30,9 +30,9 @@ SCORING = {
     "summary",
 }
 REPORT = {"report", "report_tables", "differences", "figures", "summary", "significance"}
-# the known-answer controls read finished grids: the report and the scoring floor, the layout and the encoders' stage
-# names (which rows are speech), never the evaluation protocol
-CONTROLS = {"controls": BASE | SCORING | REPORT | {"layout", "voice_encoder", "contrastive"}}
+# the known-answer controls read finished grids: the report and the scoring floor, the recipes evaluation scored
+# (recipe: which rows are speech) and the encoders' stage names, never the evaluation protocol
+CONTROLS = {"controls": BASE | SCORING | REPORT | {"recipe", "voice_encoder", "contrastive"}}
 ENCODERS = {"encoder_stage", "voice_encoder", "contrastive"}  # the trained-encoder stages and their shared skeleton
 WITHOUT_EVALUATION = ENCODERS | REPORT | set(CONTROLS)
 # the modules created or split by the scoring floor's move: under MAX_LINES, no in-function project import, on no
