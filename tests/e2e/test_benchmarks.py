@@ -3,6 +3,7 @@
 import importlib.util
 import math
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -136,3 +137,46 @@ def test_train_speed_compares_levers_side_by_side_on_the_trainer_training_builds
         assert r["projected_train_s"] == pytest.approx(
             3500 * eager["seconds_per_step"] / r["eager_over_lever"] + max(r["first_step_extra_s"], 0)
         )
+
+
+@pytest.mark.slow
+def test_floor_headroom_scores_as_evaluation_does(tmp_path):
+    """`benchmarks/floor_headroom.py` (issue 26) on a tiny trained Full Input: its bicubic, real-face and per-scale
+    rows equal what notebook 04 scored for the same clips, and the mean of two scales' draws is scored beside them."""
+    from slf_utils import diffusion
+    from slf_utils import evaluation as ev
+    from slf_utils.config import load_params
+    from slf_utils.layout import Layout
+    from slf_utils.results import Results
+    from slf_utils.synthetic import synthetic_store
+
+    p = tmp_path / "grid.yaml"
+    spec = {
+        "name": "headroom",
+        "results": str(tmp_path / "results"),
+        "systems": ["full_input", "bicubic", "real_face"],
+        "model": {"preset": "tiny"},
+        "train": {"steps": 4, "batch_size": 4, "lr": 3e-3, "seed": 0, "checkpoint_every": 4},
+        "evaluate": {"face_model": "eigenfaces", "bootstrap": 100, "scales": [0, 1], "sampling_steps": 3},
+    }
+    p.write_text(yaml.safe_dump(spec))
+    cfg = load_params(p)
+    lay = Layout.load(cfg["layout"])
+    synthetic_store(tmp_path / "results" / "store", n_identities=4, clips_per_identity=4, face_size=16, layout=lay)
+    diffusion.train(cfg, "full_input")
+    scored = {}
+    for s in spec["systems"]:
+        m = ev.run(cfg, s, log=lambda *a: None)
+        m = m[(m["split"] == "test") & (m["protocol"] == "identity") & (m["metric"] == "recall@1")]
+        scored |= {(s, None if pd.isna(x) else int(x)): v for x, v in zip(m["scale"], m["value"])}
+
+    rows = load_benchmark("floor_headroom").main([str(p), "--system", "full_input", "--scales", "0,1"])
+    got = {r["row"]: r for r in rows}
+    draws = {f"full_input scale {x}" for x in (0, 1)} | {"full_input mean of scales 0,1"}
+    assert set(got) == {"real_face", "bicubic"} | draws
+    assert got["bicubic"]["recall@1"] == pytest.approx(scored["bicubic", None], abs=1e-4)
+    assert got["real_face"]["recall@1"] == pytest.approx(scored["real_face", None], abs=1e-4)
+    for x in (0, 1):
+        assert got[f"full_input scale {x}"]["recall@1"] == pytest.approx(scored["full_input", x], abs=1e-4)
+    assert 0 <= got["full_input mean of scales 0,1"]["recall@10"] <= 1
+    assert (Results.of(cfg).eval("full_input") / "recipe.json").exists()  # what was scored, saved beside it
