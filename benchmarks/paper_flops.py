@@ -83,7 +83,7 @@ def time_unet(
 
     from imagen_pytorch import ImagenTrainer
 
-    from slf_utils import diffusion
+    from slf_utils import diffusion, imagen_trainer
 
     torch.manual_seed(0)
     imagen = diffusion.build_imagen(mode, preset)
@@ -95,7 +95,7 @@ def time_unet(
         use_ema=ema,
         lr=lr,
         verbose=False,
-        **{**preset.get("trainer", {}), **mixed},
+        **{**imagen_trainer.trainer_options(preset), **mixed},  # the speed levers (compile, ...) are not its arguments
     )
     dev = trainer.device
     cuda = dev.type == "cuda"
