@@ -27,14 +27,15 @@ from slf_utils.recognisers import make_embedder
 from slf_utils.references import reference_images
 from slf_utils.results import Results
 from slf_utils.store import open_store
+from slf_utils.tables import _scale_is, at_protocol, at_split
 
 
 def recall(name, images, gallery, embedder, cfg, ks, clip_ids=None) -> dict:
     rows, _, _ = ev.score_scale(
         name, 0, images, gallery, embedder, ks, metric=cfg["evaluate"]["metric"], n_boot=200, clip_ids=clip_ids
     )
-    r = pd.DataFrame(rows)
-    r = r[(r["split"] == "test") & (r["protocol"] == "identity") & r["metric"].str.startswith("recall@")]
+    r = at_protocol(at_split(pd.DataFrame(rows), "test"), "identity")
+    r = r[r["metric"].str.startswith("recall@")]
     return {m: round(float(v), 4) for m, v in zip(r["metric"], r["value"])}
 
 
@@ -42,13 +43,15 @@ def saved_samples(cfg, system: str, scale, clip_ids) -> list:
     """The images notebook 04 saved for `system` at `scale`, in the order of clip_ids."""
     out = Results.of(cfg).eval(system)
     s = pd.read_csv(out / "samples.csv", dtype={"clip_id": str})
-    s = s[np.isclose(s["scale"].astype(float), float(scale))].set_index("clip_id")
+    s = s[_scale_is(s["scale"], scale)].set_index("clip_id")
     return [np.asarray(Image.open(out / s.loc[c, "image"]).convert("RGB")) for c in clip_ids]
 
 
 def headroom(cfg, sizes, recognisers, system=None, scales=(), ks=(1, 10), log=print) -> list[dict]:
     store = open_store(cfg)
     clips = ev.eval_clips(store)
+    order = clips["clip_id"].tolist()  # the gallery's order (prepare_gallery keeps it)
+    draws = [saved_samples(cfg, system, x, order) for x in scales] if system else []
     rows = []
     for face_model in recognisers:
         for size in sizes:
@@ -59,19 +62,18 @@ def headroom(cfg, sizes, recognisers, system=None, scales=(), ks=(1, 10), log=pr
             gallery = ev.prepare_gallery(c, store, embedder, None, clips)
             sets = {}
             for kind in ("real_face", "bicubic"):
-                ids, images = reference_images(kind, store, gallery, size, c)
-                sets[kind] = (images, ids)
-            if system:  # saved samples are at the grid's own output size: scored where the size matches
-                draws = [saved_samples(cfg, system, x, gallery.clip_ids) for x in scales]
-                if draws and draws[0][0].shape[0] == size:
-                    for x, d in zip(scales, draws):
-                        sets[f"{system} scale {x}"] = (d, None)
-                    if len(draws) > 1:
-                        mean = [np.stack(d).astype(np.float32).mean(0).round().astype(np.uint8) for d in zip(*draws)]
-                        sets[f"{system} mean of scales {','.join(map(str, scales))}"] = (mean, None)
-            for name, (images, ids) in sets.items():
+                ref_ids, images = reference_images(kind, store, gallery, size, c)
+                sets[kind] = (images, ref_ids)
+            assert list(gallery.clip_ids) == order, "the saved draws are in the gallery's order"
+            if draws and draws[0][0].shape[0] == size:  # saved at the grid's own output size: scored at that size
+                for x, d in zip(scales, draws):
+                    sets[f"{system} scale {x}"] = (d, None)
+                if len(draws) > 1:
+                    mean = [np.stack(d).astype(np.float32).mean(0).round().astype(np.uint8) for d in zip(*draws)]
+                    sets[f"{system} mean of scales {','.join(map(str, scales))}"] = (mean, None)
+            for name, (images, clip_ids) in sets.items():
                 row = {"recogniser": face_model, "size": size, "row": name}
-                row |= recall(name, images, gallery, embedder, c, ks, ids)
+                row |= recall(name, images, gallery, embedder, c, ks, clip_ids)
                 log(json.dumps(row))
                 rows.append(row)
     return rows

@@ -352,10 +352,10 @@ def scored_recipes(cfg, names=None) -> dict[str, Recipe]:
     writes beside its outputs), so the report and the controls describe what ran, not what today's systems.yaml
     says. A system not scored (or scored before evaluation saved its recipe) is resolved from the grid files; one
     that does not resolve is left out (its rows keep their name)."""
-    out = {}
+    out, results = {}, Results.of(cfg)
     for name in dict.fromkeys(cfg["systems"] if names is None else names):
         try:
-            out[name] = load_recipe(Results.of(cfg).eval(name)) or resolve_recipe(cfg, name)
+            out[name] = load_recipe(results.eval(name)) or resolve_recipe(cfg, name)
         except ParamsError:
             continue
     return out
