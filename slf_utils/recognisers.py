@@ -140,7 +140,10 @@ def fit_fisherfaces(train_faces, identities, size=32, components=80, crop=0.6, s
     z = z @ pca["basis"].T
     names, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     if (counts >= 2).sum() < 2:
-        raise ValueError("fisherfaces needs at least 2 identities with 2 or more training faces each")
+        raise ValueError(
+            "fisherfaces needs at least 2 identities with 2 or more training faces each (a corpus with one training"
+            " face an identity: use evaluate.face_model: eigenfaces)"
+        )
     means = np.stack([z[inverse == i].mean(0) for i in range(len(names))])
     within = z - means[inverse]
     keep = counts[inverse] >= 2
