@@ -127,11 +127,11 @@ def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: floa
 
 
 def fit_fisherfaces(train_faces, identities, size=32, components=80, crop=0.6, shrink=0.1) -> dict:
-    """Eigenfaces followed by Fisher's discriminant (Belhumeur et al. 1997): the PCA coefficients whitened by the
-    within-identity scatter of the training faces (shrunk by `shrink` towards its mean variance: 3 images an identity
-    estimate it poorly), so that a distance counts what tells identities apart and not what varies within one (pose,
-    lighting, expression). Needs identities with at least 2 training faces. The fit's `basis` maps a standardised face
-    straight to the embedding."""
+    """Eigenfaces whitened as in Fisher's discriminant (Belhumeur et al. 1997, every dimension kept): the PCA
+    coefficients whitened by the within-identity scatter of the training faces (shrunk by `shrink` towards its mean
+    variance: 3 images an identity estimate it poorly), so that a distance counts what tells identities apart and not
+    what varies within one (pose, lighting, expression). Needs identities with at least 2 training faces. The fit's
+    `basis` maps a standardised face straight to the embedding."""
     ids = np.asarray(identities)
     if len(ids) != len(train_faces):
         raise ValueError(f"fisherfaces: {len(train_faces)} training faces but {len(ids)} identities")
