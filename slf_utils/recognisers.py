@@ -45,6 +45,9 @@ EVAL_EXTRAS = {
 }
 
 
+FITTED = ("eigenfaces", "fisherfaces")  # fitted on the store's real training faces, not deepface models
+
+
 def eval_params(cfg) -> dict:
     ev = {**EVAL_EXTRAS, **cfg["evaluate"]}
     ev["ks"] = [int(k) for k in ev["ks"]]
@@ -117,7 +120,10 @@ def gray_face(img, size, crop=1.0):
 def fit_eigenfaces(train_faces, size: int = 32, components: int = 80, crop: float = 0.6) -> dict:
     """PCA basis of real training faces (central `crop` fraction, grayscale, `size` px, standardised):
     {'mean', 'basis' (C, size*size), 'singular_values', 'size', 'crop'}."""
-    x = np.stack([gray_face(f, size, crop) for f in train_faces])
+    return _pca(np.stack([gray_face(f, size, crop) for f in train_faces]), size, components, crop)
+
+
+def _pca(x, size, components, crop) -> dict:
     if len(x) < 2:
         raise ValueError("eigenfaces needs at least 2 training faces")
     mean = x.mean(0)
@@ -135,9 +141,9 @@ def fit_fisherfaces(train_faces, identities, size=32, components=80, crop=0.6, s
     ids = np.asarray(identities)
     if len(ids) != len(train_faces):
         raise ValueError(f"fisherfaces: {len(train_faces)} training faces but {len(ids)} identities")
-    pca = fit_eigenfaces(train_faces, size, components, crop)
-    z = np.stack([gray_face(f, size, crop) for f in train_faces]) - pca["mean"]
-    z = z @ pca["basis"].T
+    x = np.stack([gray_face(f, size, crop) for f in train_faces])
+    pca = _pca(x, size, components, crop)
+    z = (x - pca["mean"]) @ pca["basis"].T
     names, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
     if (counts >= 2).sum() < 2:
         raise ValueError(
@@ -196,7 +202,7 @@ def face_embedder(
     `fisherfaces` (also their `train_identities`) or any deepface model name (`Dlib`, `VGG-Face`, `Facenet512`, ...).
     deepface runs with detection + alignment and `enforce_detection=False`; faces smaller than `upscale_to` px are
     upscaled before detection."""
-    if name in ("eigenfaces", "fisherfaces"):
+    if name in FITTED:
         if not exists(train_faces) or len(train_faces) < 2:
             raise ValueError(f"face_model '{name}' needs the real training faces (train_faces)")
         if name == "eigenfaces":
@@ -228,10 +234,11 @@ def face_embedder(
 
 
 def make_embedder(cfg, store=None) -> FaceEmbedder:
-    """The embedder of `evaluate.face_model`; eigenfaces are fitted on the real training faces of the store."""
+    """The embedder of `evaluate.face_model`; eigenfaces and fisherfaces are fitted on the real training faces of the
+    store (and their identities)."""
     ev = eval_params(cfg)
     train_faces = train_identities = None
-    if ev["face_model"] in ("eigenfaces", "fisherfaces"):
+    if ev["face_model"] in FITTED:
         train = training_clips(store, who=f"the {ev['face_model']} recogniser")
         train_faces = store.load_stacked("preprocess", train["clip_id"].tolist(), keys=["face"])["face"]
         train_identities = train["identity"].tolist()

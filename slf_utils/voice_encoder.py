@@ -110,9 +110,7 @@ def face_embedding_params(store: Store, embedder: recognisers.FaceEmbedder) -> d
     """What the stage's arrays depend on: the recogniser (name, detector, upscaling, deepface version; the eigenfaces
     fit) and the stored faces (the preprocess stage's parameter hash)."""
     recogniser = {k: v for k, v in embedder.describe().items() if k != "embedding_dim"}
-    recogniser["deepface_version"] = (
-        _version("deepface") if embedder.name not in ("eigenfaces", "fisherfaces") else None
-    )
+    recogniser["deepface_version"] = _version("deepface") if embedder.name not in recognisers.FITTED else None
     return {"recogniser": recogniser, "preprocess": store.provenance("preprocess").get("params_hash")}
 
 
